@@ -1,0 +1,36 @@
+"""Models: building blocks (MLPs, expert banks, gates, towers) and the registered multi-task models.
+
+Every model is built from a typed config through one registry::
+
+    from mtlkit.models import build_model
+    model = build_model("mmoe", input_dim=100, tasks=["y1", "y2"], num_experts=8)
+"""
+
+from mtlkit.models.base import ModelConfig, MultiTaskModel
+from mtlkit.models.budget import count_model_parameters, match_parameter_budget
+from mtlkit.models.experts import ExpertBank
+from mtlkit.models.gates import GateBank, mix_experts
+from mtlkit.models.layers import MLP, StackedLinear, StackedMLP
+from mtlkit.models.mixture_of_experts import (
+    MixtureOfExpertsConfig,
+    MultiGateMixtureOfExperts,
+    OneGateMixtureOfExperts,
+)
+from mtlkit.models.progressive_layered_extraction import (
+    CGCConfig,
+    CustomizedGateControl,
+    PLEConfig,
+    ProgressiveLayeredExtraction,
+)
+from mtlkit.models.registry import build_model, get_model_class, list_models, model_config, register_model
+from mtlkit.models.shared_bottom import SharedBottomConfig, SharedBottomModel
+from mtlkit.models.single_task import SingleTaskConfig, SingleTaskModel
+
+__all__ = [
+    "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "mix_experts",
+    "ModelConfig", "MultiTaskModel", "register_model", "build_model", "list_models", "get_model_class",
+    "model_config", "count_model_parameters", "match_parameter_budget",
+    "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",
+    "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
+    "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
+]

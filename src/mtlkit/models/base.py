@@ -1,0 +1,174 @@
+"""Typed model configurations and the common base class of all multi-task models."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mtlkit.errors import ConfigError
+from mtlkit.models.gates import GateBank
+from mtlkit.models.layers import ACTIVATIONS, NORMS
+from mtlkit.tasks import TaskSpec, validate_tasks
+
+__all__ = ["ModelConfig", "MultiTaskModel", "check_sizes"]
+
+
+def check_sizes(value: Any, key: str, allow_empty: bool = True) -> tuple[int, ...]:
+    """Validate a list of layer widths, naming ``key`` in the error."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        sizes = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{key}: expected a list of layer widths, got {value!r}") from None
+    if not allow_empty and not sizes:
+        raise ConfigError(f"{key}: needs at least one layer, got an empty list")
+    for size in sizes:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"{key}: every layer width must be an integer >= 1, got {list(sizes)}")
+    return sizes
+
+
+def check_count(value: Any, key: str, minimum: int) -> int:
+    """Validate an integer count, naming ``key`` in the error."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass
+class ModelConfig:
+    """Fields every model shares.
+
+    Args:
+        input_dim: width of the input vector ``x`` (for tables: the feature encoder's output width).
+        tasks: the tasks, as :class:`TaskSpec`, dicts or plain names (binary by default).
+        tower_hidden: hidden widths of each task's tower (the output head is added after them).
+        activation: hidden activation (see ``mtlkit.models.layers.ACTIVATIONS``).
+        dropout: dropout after hidden activations, in [0, 1).
+        norm: ``None``, ``"batch"`` or ``"layer"`` normalisation in hidden layers.
+    """
+
+    input_dim: int
+    tasks: Sequence[TaskSpec]
+    tower_hidden: Sequence[int] = (8,)
+    activation: str = "relu"
+    dropout: float = 0.0
+    norm: str | None = None
+
+    def __post_init__(self) -> None:
+        check_count(self.input_dim, "input_dim", 1)
+        self.tasks = validate_tasks(self.tasks)
+        self.tower_hidden = check_sizes(self.tower_hidden, "tower_hidden")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation: unknown {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ConfigError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm: unknown {self.norm!r}; expected one of {list(NORMS)}")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from plain data; an unknown key is an error naming it and the allowed keys."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; allowed keys: {cls.field_names()}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(f"{cls.__name__}: missing required key(s) {missing}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (tasks as dicts, tuples as lists); ``from_dict`` inverts it."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "tasks":
+                value = [t.to_dict() for t in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with some fields changed."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: ``model(x) -> {task_name: raw output (B, output_dim)}``.
+
+    Subclasses are registered with :func:`mtlkit.models.register_model` and built from their typed
+    config by :func:`mtlkit.models.build_model`. Outputs are logits (binary) or values (regression);
+    probabilities only come from :meth:`predict`.
+    """
+
+    registry_name: str = ""
+    config_class: type[ModelConfig] = ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tasks: tuple[TaskSpec, ...] = tuple(config.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def count_parameters(self, trainable_only: bool = True) -> int:
+        """Number of (trainable) parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @torch.no_grad()
+    def predict(self, x: Any) -> dict[str, torch.Tensor]:
+        """Predictions per task (probabilities for binary tasks), in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = self(x)
+            return {t.name: t.task_type.predict(outputs[t.name]) for t in self.tasks}
+        finally:
+            self.train(was_training)
+
+    def gate_banks(self) -> dict[str, GateBank]:
+        """All gate banks of the model, by module path."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, GateBank)}
+
+    @contextlib.contextmanager
+    def recording_gates(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Context manager: gate weights of every forward inside it are kept.
+
+        Yields a dict that is filled on exit with ``{gate path: weights (B, G, E)}`` of the last forward.
+        """
+        banks = self.gate_banks()
+        result: dict[str, torch.Tensor] = {}
+        for bank in banks.values():
+            bank.record = True
+        try:
+            yield result
+        finally:
+            for name, bank in banks.items():
+                bank.record = False
+                if bank.last_weights is not None:
+                    result[name] = bank.last_weights
+                bank.last_weights = None
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.task_names}"

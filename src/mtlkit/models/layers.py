@@ -1,0 +1,236 @@
+"""Dense building blocks: activations, a plain :class:`MLP`, and :class:`StackedLinear`.
+
+``StackedLinear`` holds ``S`` independent linear maps as one weight tensor so that ``S`` experts,
+gates or towers run as one matmul (shared input) or one batched matmul (one input per stack).
+Everything else in ``mtlkit.models`` is assembled from these two.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from mtlkit.errors import ConfigError
+
+__all__ = ["ACTIVATIONS", "NORMS", "MLP", "StackedLinear", "StackedMLP", "get_activation"]
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "identity": nn.Identity,
+}
+NORMS = (None, "batch", "layer")
+
+
+def get_activation(name: str) -> nn.Module:
+    """Instantiate an activation by name (one of ``ACTIVATIONS``)."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"activation: unknown {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _check_sizes(hidden_sizes: Sequence[int], key: str) -> tuple[int, ...]:
+    sizes = tuple(hidden_sizes)
+    for size in sizes:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"{key}: every layer size must be an integer >= 1, got {list(sizes)}")
+    return sizes
+
+
+class MLP(nn.Module):
+    """Fully connected stack: ``(Linear -> [norm] -> activation -> [dropout]) x len(hidden_sizes)``.
+
+    Args:
+        input_dim: width of the input.
+        hidden_sizes: width of each layer; the output width is ``hidden_sizes[-1]``.
+        activation: name from ``ACTIVATIONS``.
+        dropout: dropout probability after every activation.
+        norm: ``None``, ``"batch"`` or ``"layer"``.
+
+    Shape: ``(B, input_dim) -> (B, hidden_sizes[-1])`` (``(B, input_dim)`` when empty).
+
+    Example::
+
+        >>> MLP(100, (16,))(torch.zeros(4, 100)).shape
+        torch.Size([4, 16])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_sizes: Sequence[int],
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm: str | None = None,
+    ) -> None:
+        super().__init__()
+        sizes = _check_sizes(hidden_sizes, "hidden_sizes")
+        if norm not in NORMS:
+            raise ConfigError(f"norm: unknown {norm!r}; expected one of {list(NORMS)}")
+        layers: list[nn.Module] = []
+        width = input_dim
+        for size in sizes:
+            layers.append(nn.Linear(width, size))
+            if norm == "batch":
+                layers.append(nn.BatchNorm1d(size))
+            elif norm == "layer":
+                layers.append(nn.LayerNorm(size))
+            layers.append(get_activation(activation))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        self.layers = nn.Sequential(*layers)
+        self.output_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class StackedLinear(nn.Module):
+    """``num_stacks`` independent linear maps evaluated together.
+
+    With ``shared_input=True`` the weights are stored as one ``[in, S * out]`` matrix, so all stacks
+    are a single matmul of the common input; otherwise as ``[S, in, out]`` applied by one batched
+    matmul to a per-stack input. Each stack is initialised like ``nn.Linear`` (uniform in
+    ``+-1/sqrt(in)``) and independently, so experts differ from step 0.
+
+    Shape: ``(B, in)`` (shared) or ``(B, S, in)`` (per stack) ``-> (B, S, out)``.
+    """
+
+    def __init__(self, num_stacks: int, in_features: int, out_features: int, shared_input: bool) -> None:
+        super().__init__()
+        self.num_stacks, self.in_features, self.out_features = num_stacks, in_features, out_features
+        self.shared_input = shared_input
+        shape = (in_features, num_stacks * out_features) if shared_input else (num_stacks, in_features, out_features)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(num_stacks, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def stack_weight(self, index: int) -> torch.Tensor:
+        """The ``[in, out]`` weight of one stack (a view)."""
+        if self.shared_input:
+            return self.weight.view(self.in_features, self.num_stacks, self.out_features)[:, index]
+        return self.weight[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input:
+            out = torch.addmm(self.bias.view(1, -1), x, self.weight)
+            return out.view(x.shape[0], self.num_stacks, self.out_features)
+        # [B, S, in] -> [S, B, in] so each stack is one GEMM of the batched matmul.
+        out = torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight)
+        return out.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_stacks={self.num_stacks}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, shared_input={self.shared_input}"
+        )
+
+
+class _StackedNorm(nn.Module):
+    """Batch or layer norm applied to each stack separately. Shape ``(B, S, D) -> (B, S, D)``."""
+
+    def __init__(self, kind: str, num_stacks: int, width: int) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "batch":
+            self.norm = nn.BatchNorm1d(num_stacks * width)
+        else:
+            self.weight = nn.Parameter(torch.ones(num_stacks, width))
+            self.bias = nn.Parameter(torch.zeros(num_stacks, width))
+        self.width = width
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "batch":
+            return self.norm(h.reshape(h.shape[0], -1)).view_as(h)
+        return F.layer_norm(h, (self.width,)) * self.weight + self.bias
+
+
+class StackedMLP(nn.Module):
+    """``num_stacks`` MLPs of identical shape computed as batched tensor ops.
+
+    The first layer is one matmul when the input is shared (``x`` of shape ``(B, in)``); deeper layers
+    are one batched matmul each. No Python loop over stacks.
+
+    Args:
+        num_stacks: number of independent MLPs (experts, towers, single-task networks).
+        input_dim: input width.
+        hidden_sizes: layer widths (activation after every layer unless ``activate_last=False``).
+        shared_input: whether all stacks read the same ``(B, in)`` input, or each its own ``(B, S, in)``.
+        activation, dropout, norm: as in :class:`MLP`.
+        activate_last: apply norm/activation/dropout after the last layer (True for experts, False for
+            output heads).
+
+    Shape: ``(B, in)`` or ``(B, S, in)`` ``-> (B, S, hidden_sizes[-1])``.
+    """
+
+    def __init__(
+        self,
+        num_stacks: int,
+        input_dim: int,
+        hidden_sizes: Sequence[int],
+        shared_input: bool = True,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm: str | None = None,
+        activate_last: bool = True,
+    ) -> None:
+        super().__init__()
+        sizes = _check_sizes(hidden_sizes, "hidden_sizes")
+        if not sizes:
+            raise ConfigError("hidden_sizes: a stacked MLP needs at least one layer")
+        if num_stacks < 1:
+            raise ConfigError(f"num_stacks must be >= 1, got {num_stacks}")
+        if norm not in NORMS:
+            raise ConfigError(f"norm: unknown {norm!r}; expected one of {list(NORMS)}")
+        self.num_stacks = num_stacks
+        self.linears = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        width = input_dim
+        for i, size in enumerate(sizes):
+            self.linears.append(StackedLinear(num_stacks, width, size, shared_input=shared_input and i == 0))
+            last = i == len(sizes) - 1
+            self.norms.append(_StackedNorm(norm, num_stacks, size) if norm and (activate_last or not last) else nn.Identity())
+            width = size
+        self.activation = get_activation(activation)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.activate_last = activate_last
+        self.output_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        last = len(self.linears) - 1
+        for i, (linear, norm) in enumerate(zip(self.linears, self.norms)):
+            h = linear(h)
+            if i < last or self.activate_last:
+                h = self.dropout(self.activation(norm(h)))
+        return h
+
+    @torch.no_grad()
+    def load_from_mlps(self, mlps: Sequence[nn.Module]) -> None:
+        """Copy the weights of ``num_stacks`` separate models made of ``nn.Linear`` layers (e.g. :class:`MLP`).
+
+        Used to check that the batched form equals the loop it replaces.
+        """
+        if len(mlps) != self.num_stacks:
+            raise ValueError(f"expected {self.num_stacks} modules, got {len(mlps)}")
+        for s, mlp in enumerate(mlps):
+            linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+            if len(linears) != len(self.linears):
+                raise ValueError("layer counts differ")
+            for stacked, linear in zip(self.linears, linears):
+                stacked.stack_weight(s).copy_(linear.weight.T)
+                stacked.bias[s].copy_(linear.bias)

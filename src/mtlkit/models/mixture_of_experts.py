@@ -1,0 +1,79 @@
+"""One-gate (OMoE) and multi-gate (MMoE, Ma et al., KDD 2018) mixtures of experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from mtlkit.errors import ConfigError
+from mtlkit.models.base import ModelConfig, MultiTaskModel, check_count, check_sizes
+from mtlkit.models.experts import ExpertBank
+from mtlkit.models.gates import GateBank, mix_experts
+from mtlkit.models.registry import register_model
+from mtlkit.models.towers import TaskTowers
+
+__all__ = ["MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts"]
+
+
+@dataclass
+class MixtureOfExpertsConfig(ModelConfig):
+    """Config of OMoE and MMoE.
+
+    Args:
+        num_experts: number of experts (>= 1); the MMoE paper's synthetic set-up uses 8.
+        expert_hidden: layer widths of each expert (paper: ``(16,)``).
+        gate_temperature: softmax temperature of the gates (> 0; 1 is the paper's gate).
+    """
+
+    num_experts: int = 8
+    expert_hidden: Sequence[int] = (16,)
+    gate_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.num_experts, "num_experts", 1)
+        self.expert_hidden = check_sizes(self.expert_hidden, "expert_hidden", allow_empty=False)
+        if not (isinstance(self.gate_temperature, (int, float)) and self.gate_temperature > 0):
+            raise ConfigError(f"gate_temperature: expected a number > 0, got {self.gate_temperature!r}")
+
+
+class _MixtureOfExperts(MultiTaskModel):
+    config_class = MixtureOfExpertsConfig
+    num_gates_per_model: int | None = None  # None: one gate per task
+
+    def __init__(self, config: MixtureOfExpertsConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.experts = ExpertBank(c.num_experts, c.input_dim, c.expert_hidden,
+                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
+        self.one_gate = self.num_gates_per_model == 1
+        num_gates = 1 if self.one_gate else c.num_tasks
+        self.gates = GateBank(num_gates, c.input_dim, c.num_experts, shared_input=True, temperature=c.gate_temperature)
+        self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
+                                 activation=c.activation, dropout=c.dropout, norm=c.norm)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mixed = mix_experts(self.gates(x), self.experts(x))  # [B, G, D]
+        return self.towers(mixed[:, 0] if self.one_gate else mixed)
+
+
+@register_model("omoe")
+class OneGateMixtureOfExperts(_MixtureOfExperts):
+    """OMoE: experts combined by one gate shared by all tasks, then a tower per task.
+
+    Shape: ``(B, input_dim) -> {task: (B, output_dim)}``.
+    """
+
+    num_gates_per_model = 1
+
+
+@register_model("mmoe")
+class MultiGateMixtureOfExperts(_MixtureOfExperts):
+    """MMoE: shared experts, one softmax gate per task, then a tower per task.
+
+    Shape: ``(B, input_dim) -> {task: (B, output_dim)}``.
+    """
+
+    num_gates_per_model = None

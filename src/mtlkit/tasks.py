@@ -1,0 +1,201 @@
+"""Task descriptions and the task-type registry.
+
+A :class:`TaskSpec` is the single source of truth for one prediction target: heads, losses,
+metrics, predictions and report columns are all keyed by ``TaskSpec.name``, never by position.
+
+A :class:`TaskType` says what a task's head emits and how it is scored. New types (for example
+``multiclass``) are added with :func:`register_task_type`; models never need to change because they
+only ask a task type for its ``output_dim``.
+
+This module sits below every layer (data, features, models, objectives, training) and imports
+none of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mtlkit.errors import ConfigError, DataError
+
+__all__ = [
+    "TaskSpec",
+    "TaskType",
+    "register_task_type",
+    "get_task_type",
+    "list_task_types",
+    "validate_tasks",
+]
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """How one kind of target is predicted and scored.
+
+    Attributes:
+        name: registry key, e.g. ``"binary"``.
+        output_dim: width of the head's raw output for one sample.
+        loss: ``(output [B, output_dim], label [B]) -> per-sample loss [B]``. Takes raw model
+            output (logits), never probabilities.
+        predict: ``output [B, output_dim] -> prediction [B]`` (or ``[B, C]``), e.g. a sigmoid.
+        check_labels: raises :class:`DataError` when finite labels are outside the allowed range.
+        metrics: metric names (see ``mtlkit.training.metrics``) reported for this type; the first
+            is the one early stopping and reports treat as primary.
+        higher_is_better: for the primary metric.
+    """
+
+    name: str
+    output_dim: int
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    check_labels: Callable[[torch.Tensor, str], None]
+    metrics: tuple[str, ...]
+    higher_is_better: bool
+
+
+_TASK_TYPES: dict[str, TaskType] = {}
+
+
+def register_task_type(task_type: TaskType) -> TaskType:
+    """Add a task type to the registry (overwriting one of the same name is an error)."""
+    if task_type.name in _TASK_TYPES:
+        raise ValueError(f"task type {task_type.name!r} is already registered")
+    _TASK_TYPES[task_type.name] = task_type
+    return task_type
+
+
+def get_task_type(name: str) -> TaskType:
+    """Look up a task type by name; unknown names raise a :class:`ConfigError` listing the known ones."""
+    try:
+        return _TASK_TYPES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown task type {name!r}; expected one of {sorted(_TASK_TYPES)}"
+        ) from None
+
+
+def list_task_types() -> list[str]:
+    """Names of all registered task types."""
+    return sorted(_TASK_TYPES)
+
+
+def _binary_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(output[:, 0], label, reduction="none")
+
+
+def _check_binary(label: torch.Tensor, where: str) -> None:
+    finite = label[torch.isfinite(label)]
+    bad = (finite != 0) & (finite != 1)
+    if bool(bad.any()):
+        example = finite[bad][:3].tolist()
+        raise DataError(f"{where}: a binary task needs labels in {{0, 1}}, found {example}")
+
+
+def _regression_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return (output[:, 0] - label) ** 2
+
+
+def _check_nothing(label: torch.Tensor, where: str) -> None:
+    return None
+
+
+register_task_type(
+    TaskType(
+        name="binary",
+        output_dim=1,
+        loss=_binary_loss,
+        predict=lambda output: torch.sigmoid(output[:, 0]),
+        check_labels=_check_binary,
+        metrics=("auc", "logloss"),
+        higher_is_better=True,
+    )
+)
+register_task_type(
+    TaskType(
+        name="regression",
+        output_dim=1,
+        loss=_regression_loss,
+        predict=lambda output: output[:, 0],
+        check_labels=_check_nothing,
+        metrics=("mse", "mae"),
+        higher_is_better=False,
+    )
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One prediction target.
+
+    Args:
+        name: unique task name; model outputs, losses and metrics are keyed by it.
+        type: a registered task type (``"binary"``, ``"regression"``, ...).
+        label: the label column in a table (defaults to ``name``).
+        weight: fixed weight of this task's loss in the joint objective (>= 0).
+    """
+
+    name: str
+    type: str = "binary"
+    label: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"task name must be a non-empty string, got {self.name!r}")
+        get_task_type(self.type)
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
+            raise ConfigError(f"task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}")
+
+    @property
+    def label_column(self) -> str:
+        """The table column holding this task's label."""
+        return self.label or self.name
+
+    @property
+    def task_type(self) -> TaskType:
+        """The registered :class:`TaskType` of this task."""
+        return get_task_type(self.type)
+
+    @property
+    def output_dim(self) -> int:
+        """Width of this task's raw model output."""
+        return self.task_type.output_dim
+
+    def to_dict(self) -> dict:
+        """Plain-data form, for configs and checkpoints."""
+        return {"name": self.name, "type": self.type, "label": self.label, "weight": self.weight}
+
+    @classmethod
+    def from_dict(cls, data: dict | "TaskSpec") -> "TaskSpec":
+        """Build from plain data; unknown keys are an error that names them."""
+        if isinstance(data, TaskSpec):
+            return data
+        if not isinstance(data, dict):
+            raise ConfigError(f"a task must be a mapping with keys name/type/label/weight, got {data!r}")
+        unknown = set(data) - {"name", "type", "label", "weight"}
+        if unknown:
+            raise ConfigError(
+                f"task {data.get('name')!r}: unknown key(s) {sorted(unknown)}; "
+                "expected name, type, label, weight"
+            )
+        if "name" not in data:
+            raise ConfigError(f"task {data!r} is missing the key 'name'")
+        return cls(**data)
+
+
+def validate_tasks(tasks) -> tuple[TaskSpec, ...]:
+    """Normalise a sequence of tasks (specs, dicts or names) and check that names are unique."""
+    if isinstance(tasks, (str, TaskSpec, dict)):
+        tasks = [tasks]
+    specs = tuple(TaskSpec(name=t) if isinstance(t, str) else TaskSpec.from_dict(t) for t in tasks)
+    if not specs:
+        raise ConfigError("tasks: at least one task is required")
+    names = [t.name for t in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"tasks: task names must be unique, repeated: {duplicates}")
+    return specs
