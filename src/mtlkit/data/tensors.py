@@ -1,0 +1,155 @@
+"""In-memory multi-task datasets held as tensors; batches are slices, never per-row Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence, Union
+
+import torch
+
+from mtlkit.errors import DataError
+
+__all__ = ["Inputs", "Batch", "MultiTaskTensors", "map_inputs"]
+
+# A model input: one float tensor, or named tensors (e.g. "dense" floats and "categorical" codes)
+# that all have the same number of rows.
+Inputs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def map_inputs(inputs: Inputs, fn) -> Inputs:
+    """Apply ``fn`` to every tensor of ``inputs``, keeping its structure."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    return {key: fn(value) for key, value in inputs.items()}
+
+
+def _num_rows(inputs: Inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    sizes = {key: value.shape[0] for key, value in inputs.items()}
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"inputs: every input tensor needs the same number of rows, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+@dataclass
+class Batch:
+    """One mini-batch.
+
+    Attributes:
+        inputs: model input (tensor ``(B, d)`` or named tensors with ``B`` rows).
+        labels: ``(B, K)`` float; NaN where a task's label is missing.
+        label_mask: ``(B, K)`` bool, True where the label is present.
+        sample_weight: ``(B,)`` float or None.
+    """
+
+    inputs: Inputs
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    sample_weight: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(map_inputs(self.inputs, move), move(self.labels), move(self.label_mask),
+                     None if self.sample_weight is None else move(self.sample_weight))
+
+
+class MultiTaskTensors:
+    """A dataset of ``N`` rows: inputs, a ``(N, K)`` label matrix and optional sample weights.
+
+    Missing labels are NaN and are excluded from that task's loss and metrics (``label_mask``).
+    Inputs must be finite; labels may be NaN (missing) but never infinite.
+
+    Args:
+        inputs: ``(N, d)`` float tensor or a mapping of tensors with ``N`` rows.
+        labels: ``(N, K)`` (or ``(N,)`` for one task) float tensor.
+        task_names: one name per label column.
+        sample_weight: optional ``(N,)`` non-negative weights.
+    """
+
+    def __init__(self, inputs: Inputs, labels: torch.Tensor, task_names: Sequence[str],
+                 sample_weight: torch.Tensor | None = None, validate: bool = True) -> None:
+        labels = torch.as_tensor(labels)
+        if labels.ndim == 1:
+            labels = labels.unsqueeze(1)
+        self.inputs = inputs
+        self.labels = labels.float()
+        self.task_names = list(task_names)
+        self.sample_weight = None if sample_weight is None else torch.as_tensor(sample_weight).float()
+        if validate:
+            self.validate()
+        self.label_mask = ~torch.isnan(self.labels)
+
+    def validate(self) -> None:
+        """Check shapes and values; raise :class:`DataError` naming what is wrong."""
+        n = _num_rows(self.inputs)
+        if n == 0:
+            raise DataError("dataset is empty: 0 rows")
+        if self.labels.ndim != 2 or self.labels.shape[0] != n:
+            raise DataError(f"labels: expected shape ({n}, {len(self.task_names)}), got {tuple(self.labels.shape)}")
+        if self.labels.shape[1] != len(self.task_names):
+            raise DataError(
+                f"labels: {self.labels.shape[1]} label columns but {len(self.task_names)} task names {self.task_names}"
+            )
+        items = {"inputs": self.inputs} if isinstance(self.inputs, torch.Tensor) else dict(self.inputs)
+        for key, tensor in items.items():
+            if tensor.is_floating_point():
+                bad = ~torch.isfinite(tensor)
+                if bool(bad.any()):
+                    row, *col = bad.nonzero()[0].tolist()
+                    raise DataError(f"{key}: non-finite value (NaN or inf) at row {row}, column {col}; inputs must be finite")
+        infinite = torch.isinf(self.labels)
+        if bool(infinite.any()):
+            row, col = infinite.nonzero()[0].tolist()
+            raise DataError(f"labels of task {self.task_names[col]!r}: infinite value at row {row}; "
+                            "labels must be finite numbers (NaN marks a missing label)")
+        if self.sample_weight is not None:
+            w = self.sample_weight
+            if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise DataError(f"sample_weight: expected {n} finite values >= 0")
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.labels.shape[1]
+
+    def subset(self, index: torch.Tensor | slice) -> "MultiTaskTensors":
+        """Rows ``index`` (a slice gives views; an index tensor one gather per tensor)."""
+        take = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
+        out = MultiTaskTensors.__new__(MultiTaskTensors)
+        out.inputs = map_inputs(self.inputs, take)
+        out.labels = take(self.labels)
+        out.label_mask = take(self.label_mask)
+        out.task_names = self.task_names
+        out.sample_weight = None if self.sample_weight is None else take(self.sample_weight)
+        return out
+
+    def split(self, fractions: Sequence[float], seed: int = 0) -> list["MultiTaskTensors"]:
+        """Random disjoint splits with the given fractions of the rows (they must sum to <= 1)."""
+        if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+            raise ValueError(f"fractions must be >= 0 and sum to <= 1, got {list(fractions)}")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        parts, start = [], 0
+        for fraction in fractions:
+            stop = start + int(round(fraction * len(self)))
+            parts.append(self.subset(order[start:stop]))
+            start = stop
+        return parts
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[Batch]:
+        """Mini-batches as slices. With ``shuffle``, the rows are permuted once (one gather per tensor)
+        and then sliced, which is far cheaper than gathering every batch."""
+        data = self.subset(torch.randperm(len(self), generator=generator)) if shuffle else self
+        n = len(data)
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            part = slice(start, min(start + batch_size, n))
+            yield Batch(
+                map_inputs(data.inputs, lambda t: t[part]),
+                data.labels[part],
+                data.label_mask[part],
+                None if data.sample_weight is None else data.sample_weight[part],
+            )

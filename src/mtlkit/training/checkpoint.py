@@ -1,0 +1,68 @@
+"""Checkpoints that rebuild a model without the training script and load without unpickling objects.
+
+A checkpoint is a plain dict of strings, numbers, lists, dicts and tensors, so
+``torch.load(path, weights_only=True)`` reads it. It stores the registry name and the resolved model
+config, so :func:`load_checkpoint` rebuilds the model by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtlkit.errors import DataError
+from mtlkit.models import MultiTaskModel, build_model
+
+__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "atomic_write"]
+
+CHECKPOINT_FORMAT = "mtlkit-checkpoint/1"
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so no half-written file is ever left at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: MultiTaskModel, metadata: dict[str, Any] | None = None,
+                    extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (name, config, weights) plus JSON-like ``metadata`` and tensors ``extra_state``."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model.registry_name,
+        "model_config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": metadata or {},
+        "extra_state": extra_state or {},
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[MultiTaskModel, dict[str, Any]]:
+    """Rebuild the model stored at ``path``; returns ``(model, payload)``. Uses ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint: no file at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a corrupt or foreign file
+        raise DataError(f"checkpoint {path}: not a readable mtlkit checkpoint ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"checkpoint {path}: expected format {CHECKPOINT_FORMAT!r}")
+    model = build_model(payload["model_name"], payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    return model, payload

@@ -1,0 +1,322 @@
+"""The training loop: K tasks, Adam, masked per-task losses, evaluation, early stopping.
+
+One loop serves CPU, one GPU and ``torchrun`` (DDP): under an initialised process group each rank
+trains on its shard of every epoch's permutation, gradients are averaged by DDP, and only rank 0
+shows progress. Every rank evaluates the full validation set, so all ranks take the same
+early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtlkit.data.tensors import MultiTaskTensors, map_inputs
+from mtlkit.errors import ConfigError, DataError
+from mtlkit.objectives import LossWeighting, build_weighting, task_losses
+from mtlkit.tasks import TaskSpec
+from mtlkit.training.metrics import task_metrics
+from mtlkit.training.progress import progress_bar
+
+__all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate"]
+
+
+@dataclass
+class TrainerConfig:
+    """Training options, validated on creation.
+
+    Args:
+        learning_rate: Adam's learning rate (> 0).
+        weight_decay: Adam's L2 weight decay (>= 0).
+        batch_size: training rows per step.
+        max_steps: stop after this many optimizer steps (None: no limit).
+        max_epochs: stop after this many passes over the training rows (None: no limit). At least one
+            of ``max_steps`` and ``max_epochs`` is required.
+        eval_every: evaluate every this many steps (None: once per epoch).
+        patience: stop after this many evaluations without improvement (None: never stop early).
+        monitor: ``"loss"`` (task-weighted mean validation loss) or ``"TASK/METRIC"`` (e.g. ``"income/auc"``).
+        min_delta: smallest change that counts as an improvement.
+        restore_best: load the best evaluated weights at the end.
+        eval_batch_size: rows per forward during evaluation.
+        seed: seeds initialisation-independent randomness of training (shuffling, dropout).
+        progress: show a progress bar.
+        gradient_clip: clip the global gradient norm to this value (None: off).
+        weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
+        weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    """
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_steps: int | None = None
+    max_epochs: int | None = 10
+    eval_every: int | None = None
+    patience: int | None = 5
+    monitor: str = "loss"
+    min_delta: float = 0.0
+    restore_best: bool = True
+    eval_batch_size: int = 16384
+    seed: int = 0
+    progress: bool = True
+    gradient_clip: float | None = None
+    weighting: str = "fixed"
+    weighting_options: dict = field(default_factory=dict)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        def positive_int(key: str, value: Any, optional: bool = False) -> None:
+            if optional and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"training.{key}: expected an integer >= 1{' or null' if optional else ''}, got {value!r}")
+
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"training.learning_rate: expected a number > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"training.weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        positive_int("batch_size", self.batch_size)
+        positive_int("eval_batch_size", self.eval_batch_size)
+        positive_int("max_steps", self.max_steps, optional=True)
+        positive_int("max_epochs", self.max_epochs, optional=True)
+        positive_int("eval_every", self.eval_every, optional=True)
+        positive_int("patience", self.patience, optional=True)
+        if self.max_steps is None and self.max_epochs is None:
+            raise ConfigError("training: set max_steps or max_epochs (both are null)")
+        if self.gradient_clip is not None and not self.gradient_clip > 0:
+            raise ConfigError(f"training.gradient_clip: expected a number > 0 or null, got {self.gradient_clip!r}")
+        if not isinstance(self.monitor, str) or (self.monitor != "loss" and self.monitor.count("/") != 1):
+            raise ConfigError(f"training.monitor: expected 'loss' or 'TASK/METRIC', got {self.monitor!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"training: unknown key(s) {unknown}; allowed keys: {names}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        history: one row per (evaluation step, split, task): ``step, epoch, split, task, loss`` and the
+            task type's metrics. Split ``train`` holds the mean training loss since the last evaluation.
+        best_step: step of the best monitored value (the restored weights, with ``restore_best``).
+        best_value: that value.
+        steps: optimizer steps taken.
+        stopped_early: whether patience ran out.
+        seconds: wall time of the loop.
+    """
+
+    history: list[dict[str, Any]]
+    best_step: int
+    best_value: float
+    steps: int
+    stopped_early: bool
+    seconds: float
+
+    def final(self, split: str) -> dict[str, dict[str, float]]:
+        """The metrics of ``split`` at the best step, keyed by task."""
+        rows = [r for r in self.history if r["split"] == split and r["step"] == self.best_step]
+        return {r["task"]: {k: v for k, v in r.items() if k not in ("step", "epoch", "split", "task")} for r in rows}
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            rank = int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
+            return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"training.device: unknown device {name!r}; expected 'auto', 'cpu' or 'cuda[:N]'") from None
+
+
+def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str) -> None:
+    model_names = [t.name for t in tasks]
+    if data.task_names != model_names:
+        raise DataError(
+            f"{split} data has tasks {data.task_names} but the model has {model_names}; "
+            f"the number and order of label columns must match the model's tasks (K={len(model_names)})"
+        )
+    for k, task in enumerate(tasks):
+        task.task_type.check_labels(data.labels[:, k], f"{split} labels of task {task.name!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...],
+             batch_size: int = 16384, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+    """Loss and metrics of every task on ``data`` (exact over all labelled rows, not batch means).
+
+    Returns ``{task: {"loss": ..., metric: ..., "count": ...}}``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        chunks: dict[str, list[torch.Tensor]] = {t.name: [] for t in tasks}
+        for batch in data.batches(batch_size):
+            outputs = model(map_inputs(batch.inputs, lambda t: t.to(device)))
+            for name in chunks:
+                chunks[name].append(outputs[name].float().cpu())
+        outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
+        losses = task_losses(outputs, data.labels, data.label_mask, tasks, data.sample_weight)
+        metrics = task_metrics(outputs, data.labels, data.label_mask, tasks)
+        return {t.name: {"loss": float(losses[t.name]), **metrics[t.name]} for t in tasks}
+    finally:
+        model.train(was_training)
+
+
+class Trainer:
+    """Trains a multi-task model on :class:`MultiTaskTensors`.
+
+    Args:
+        model: any :class:`~mtlkit.models.MultiTaskModel` (or a module with ``tasks`` and the same
+            ``model(inputs) -> {task: output}`` contract).
+        config: :class:`TrainerConfig` (or a dict of its fields).
+        weighting: a :class:`LossWeighting`; built from ``config.weighting`` when omitted.
+
+    Example::
+
+        trainer = Trainer(model, TrainerConfig(max_steps=1000, eval_every=100))
+        result = trainer.fit(train, valid)
+    """
+
+    def __init__(self, model: nn.Module, config: TrainerConfig | Mapping[str, Any] | None = None,
+                 weighting: LossWeighting | None = None) -> None:
+        self.config = config if isinstance(config, TrainerConfig) else TrainerConfig.from_dict(dict(config or {}))
+        self.tasks: tuple[TaskSpec, ...] = tuple(model.tasks)
+        self.device = _resolve_device(self.config.device)
+        self.model = model.to(self.device)
+        self.weighting = weighting or build_weighting(self.config.weighting, self.tasks, **self.config.weighting_options)
+        self.weighting.to(self.device)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.train_module: nn.Module = self.model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
+        parameters = list(self.model.parameters()) + list(self.weighting.parameters())
+        self.optimizer = torch.optim.Adam(
+            parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay,
+            foreach=True,
+        )
+        spec_weights = {t.name: t.weight for t in self.tasks}
+        total = sum(spec_weights.values())
+        self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
+
+    @property
+    def _higher_is_better(self) -> bool:
+        return self.config.monitor.endswith("/auc")
+
+    def _monitored(self, scores: dict[str, dict[str, float]]) -> float:
+        """The monitored value of one evaluation."""
+        if self.config.monitor == "loss":
+            return sum(self._monitor_weights[n] * scores[n]["loss"] for n in scores)
+        task, metric = self.config.monitor.split("/")
+        if task not in scores or metric not in scores[task]:
+            available = {n: sorted(v) for n, v in scores.items()}
+            raise ConfigError(f"training.monitor: {self.config.monitor!r} is not reported; available: {available}")
+        return scores[task][metric]
+
+    def fit(self, train: MultiTaskTensors, valid: MultiTaskTensors | None = None,
+            extra_eval: Mapping[str, MultiTaskTensors] | None = None) -> FitResult:
+        """Train; evaluate on ``valid`` (early stopping, best-weight restore) and on ``extra_eval`` sets
+        (recorded in the history only, never used for decisions)."""
+        c = self.config
+        _check_tasks(self.tasks, train, "train")
+        if valid is not None:
+            _check_tasks(self.tasks, valid, "valid")
+        for name, data in (extra_eval or {}).items():
+            _check_tasks(self.tasks, data, name)
+        torch.manual_seed(c.seed + self.rank)
+        generator = torch.Generator().manual_seed(c.seed)  # same permutation on every rank, then sharded
+
+        rows_per_epoch = len(train) // self.world_size
+        steps_per_epoch = max(1, math.ceil(rows_per_epoch / c.batch_size))
+        limits = [s for s in (c.max_steps, c.max_epochs and c.max_epochs * steps_per_epoch) if s]
+        total_steps = min(limits)
+        eval_every = c.eval_every or steps_per_epoch
+
+        history: list[dict[str, Any]] = []
+        best_value = -math.inf if self._higher_is_better else math.inf
+        best_step, best_state = 0, None
+        stale, stopped_early, step, epoch = 0, False, 0, 0
+        running = torch.zeros(len(self.tasks), device=self.device)
+        running_steps = 0
+        start = time.perf_counter()
+        self.train_module.train()
+
+        def record(split: str, scores: dict[str, dict[str, float]]) -> None:
+            for name, values in scores.items():
+                history.append({"step": step, "epoch": epoch, "split": split, "task": name, **values})
+
+        with progress_bar(total_steps, "training", enabled=c.progress and self.rank == 0) as advance:
+            while step < total_steps and not stopped_early:
+                shard = train
+                if self.world_size > 1:
+                    order = torch.randperm(len(train), generator=generator)
+                    shard = train.subset(order[self.rank::self.world_size][:rows_per_epoch])
+                for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
+                    batch = batch.to(self.device) if self.device.type != "cpu" else batch
+                    outputs = self.train_module(batch.inputs)
+                    losses = task_losses(outputs, batch.labels, batch.label_mask, self.tasks, batch.sample_weight)
+                    total, _ = self.weighting(losses)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    if c.gradient_clip is not None:
+                        nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
+                    self.optimizer.step()
+                    running += torch.stack([l.detach() for l in losses.values()])
+                    running_steps += 1
+                    step += 1
+                    advance(1)
+                    if step % eval_every == 0 or step == total_steps:
+                        # The only host sync: once per evaluation, never per step.
+                        means = (running / running_steps).tolist()
+                        record("train", {t.name: {"loss": v} for t, v in zip(self.tasks, means)})
+                        running.zero_()
+                        running_steps = 0
+                        if valid is not None:
+                            scores = evaluate(self.model, valid, self.tasks, c.eval_batch_size, self.device)
+                            record("valid", scores)
+                            value = self._monitored(scores)
+                            improved = (value > best_value + c.min_delta) if self._higher_is_better else (value < best_value - c.min_delta)
+                            if improved or best_step == 0:
+                                best_value, best_step, stale = value, step, 0
+                                if c.restore_best:
+                                    best_state = copy.deepcopy(self.model.state_dict())
+                            else:
+                                stale += 1
+                                if c.patience is not None and stale >= c.patience:
+                                    stopped_early = True
+                        for name, data in (extra_eval or {}).items():
+                            record(name, evaluate(self.model, data, self.tasks, c.eval_batch_size, self.device))
+                        self.train_module.train()
+                    if step >= total_steps or stopped_early:
+                        break
+                epoch += 1
+                self.weighting.on_epoch_end(epoch - 1)
+
+        if valid is None:
+            best_step, best_value = step, math.nan
+        elif best_state is not None:
+            self.model.load_state_dict(best_state)
+        return FitResult(history=history, best_step=best_step, best_value=best_value,
+                         steps=step, stopped_early=stopped_early, seconds=time.perf_counter() - start)
