@@ -25,7 +25,7 @@ def match_parameter_budget(
 ) -> ModelConfig:
     """Choose the first width of the layer-size field ``field`` so the model's size is closest to ``target``.
 
-    Parameter counts grow monotonically with a layer's width, so a binary search finds the width.
+    Parameter counts grow monotonically with a layer's width, so a doubling then binary search finds it.
     Example: a Shared-Bottom sized to an MMoE with 8 experts of 16 units on 100 inputs gets a bottom of
     about 113 units, as in the paper.
 
@@ -41,7 +41,11 @@ def match_parameter_budget(
     def size(width: int) -> int:
         return count_model_parameters(name, base.replace(**{field: (width,) + current[1:]}))
 
-    low, high = 1, max_width
+    # Grow the upper bound geometrically so no huge model is ever built, then bisect.
+    high = max(current[0], 1)
+    while size(high) < target and high < max_width:
+        high = min(high * 2, max_width)
+    low = 1
     while low < high:
         mid = (low + high) // 2
         if size(mid) < target:

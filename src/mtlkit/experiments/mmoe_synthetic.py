@@ -1,0 +1,303 @@
+"""Reproduction of the MMoE paper's synthetic experiment (Ma et al., KDD 2018, section 5, Figures 4 and 5).
+
+For every task correlation and seed, fresh data is generated (the seed varies data *and*
+initialisation, as in the paper's "independent runs") and every model is trained on it at an equal
+parameter budget. Each finished run is appended to ``runs.jsonl`` at once, so an interrupted sweep
+resumes where it stopped; the summary, history and figures are rebuilt from all runs at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+
+from mtlkit.data.synthetic import SyntheticConfig, make_synthetic
+from mtlkit.errors import ConfigError
+from mtlkit.files import atomic_write, write_json, write_text
+from mtlkit.models import build_model, match_parameter_budget, model_config
+from mtlkit.reports.plots import model_label, plot_final_loss_distribution, plot_loss_curves
+from mtlkit.training import Trainer, TrainerConfig
+
+__all__ = ["SyntheticSweepConfig", "PROFILES", "run_mmoe_synthetic", "model_configs_at_equal_budget"]
+
+# The paper's synthetic networks: 8 experts of one 16-unit layer, towers of 8 units, on 100 inputs.
+REFERENCE_MODEL = "mmoe"
+REFERENCE_CONFIG: dict[str, Any] = dict(num_experts=8, expert_hidden=(16,), tower_hidden=(8,))
+# How each model is brought to the reference budget: which layer-width field is sized, from what start.
+# OMoE keeps MMoE's experts exactly (the paper's comparison: the same experts, one gate fewer).
+MODEL_SIZING: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "single_task": ("bottom_hidden", dict(bottom_hidden=(16,), tower_hidden=(8,))),
+    "shared_bottom": ("bottom_hidden", dict(bottom_hidden=(113,), tower_hidden=(8,))),
+    "omoe": (None, REFERENCE_CONFIG),
+    "mmoe": (None, REFERENCE_CONFIG),
+    "cgc": ("expert_hidden", dict(num_shared_experts=4, num_task_experts=2, expert_hidden=(16,), tower_hidden=(8,))),
+    "ple": ("expert_hidden", dict(num_shared_experts=4, num_task_experts=2, num_levels=2, expert_hidden=(16,), tower_hidden=(8,))),
+}
+
+
+@dataclass
+class SyntheticSweepConfig:
+    """Settings of one sweep. ``PROFILES`` holds the named ones.
+
+    Args:
+        correlations: task correlations (cosine of the task weight vectors) to sweep.
+        models: registered model names.
+        seeds: independent runs per (model, correlation).
+        steps: training steps per run (Adam, no early stopping: the paper plots loss against steps).
+        batch_size, learning_rate: Adam settings.
+        eval_every: steps between test-loss evaluations (the curves' resolution).
+        train_rows: training rows per run; ``None`` (default) gives ``steps * batch_size``, so every
+            step sees fresh samples and the test loss measures what a model can represent, not how
+            much it overfits 10,000 rows (with 10,000 rows all models overfit and the comparison is noise).
+        valid_rows, test_rows: held-out rows per run.
+        generator: synthetic preset name (``"mmoe"``: d = 100).
+        first_seed: seed of the first run; run ``i`` uses ``first_seed + i``.
+    """
+
+    correlations: Sequence[float] = (1.0, 0.9, 0.5, 0.1)
+    models: Sequence[str] = ("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple")
+    seeds: int = 3
+    steps: int = 3000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    eval_every: int = 100
+    train_rows: int | None = None
+    valid_rows: int = 1_000
+    test_rows: int = 1_000
+    generator: str = "mmoe"
+    first_seed: int = 0
+    profile: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.correlations = tuple(float(c) for c in self.correlations)
+        self.models = tuple(self.models)
+        for corr in self.correlations:
+            if not -1.0 <= corr <= 1.0:
+                raise ConfigError(f"correlations: every correlation must lie in [-1, 1], got {corr}")
+        unknown = [m for m in self.models if m not in MODEL_SIZING]
+        if unknown:
+            raise ConfigError(f"models: unknown {unknown}; expected some of {sorted(MODEL_SIZING)}")
+        for key in ("seeds", "steps", "batch_size", "eval_every", "train_rows", "valid_rows", "test_rows"):
+            value = getattr(self, key)
+            if key == "train_rows" and value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key}: expected an integer >= 1, got {value!r}")
+
+    @property
+    def resolved_train_rows(self) -> int:
+        return self.train_rows if self.train_rows is not None else self.steps * self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+PROFILES: dict[str, SyntheticSweepConfig] = {
+    # Minutes on 2 CPU cores: enough steps for the models to separate, 3 seeds for a spread.
+    "quick": SyntheticSweepConfig(profile="quick", seeds=4),
+    # The paper: 10,000 steps, 200 independent runs per model and correlation (hours; resumable).
+    "paper": SyntheticSweepConfig(profile="paper", seeds=200, steps=10_000, eval_every=200),
+}
+
+
+def model_configs_at_equal_budget(models: Sequence[str], input_dim: int, tasks: Sequence[dict]) -> dict[str, Any]:
+    """Resolved configs of ``models`` sized to MMoE's parameter count (the paper's equal-budget rule)."""
+    reference = build_model(REFERENCE_MODEL, input_dim=input_dim, tasks=tasks, **REFERENCE_CONFIG)
+    budget = reference.count_parameters()
+    configs = {}
+    for name in models:
+        sized_field, start = MODEL_SIZING[name]
+        base = model_config(name, dict(input_dim=input_dim, tasks=tasks, **start))
+        configs[name] = match_parameter_budget(name, base, budget, sized_field) if sized_field else base
+    return configs
+
+
+def _run_group(config: SyntheticSweepConfig, correlation: float, seed: int, models: Sequence[str],
+               threads: int | None) -> list[dict[str, Any]]:
+    """Generate one dataset and train ``models`` on it (one unit of work; runs in a worker process)."""
+    if threads:
+        torch.set_num_threads(threads)
+    # The data seed does not depend on the correlation: seed i draws the same directions, sine
+    # parameters and inputs at every correlation, so only the task relatedness changes across panels.
+    generator = SyntheticConfig.preset(config.generator)
+    train_rows = config.resolved_train_rows
+    total_rows = train_rows + config.valid_rows + config.test_rows
+    data = make_synthetic(dataclasses.replace(generator, correlation=correlation, num_rows=total_rows, seed=seed))
+    tensors = data.to_tensors()
+    splits = (tensors.subset(slice(0, train_rows)),
+              tensors.subset(slice(train_rows, train_rows + config.valid_rows)),
+              tensors.subset(slice(train_rows + config.valid_rows, total_rows)))
+    configs = model_configs_at_equal_budget(models, data.inputs.shape[1], [t.to_dict() for t in data.tasks])
+    records = []
+    for model_name in models:
+        run = _run_one(config, model_name, configs[model_name], splits, seed)
+        records.append({"model": model_name, "correlation": correlation, "seed": seed,
+                        "label_correlation": float(data.label_correlation[0, -1]), **run})
+    return records
+
+
+def _run_one(config: SyntheticSweepConfig, model_name: str, model_cfg, splits, seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = build_model(model_name, model_cfg)
+    trainer = Trainer(model, TrainerConfig(
+        learning_rate=config.learning_rate, batch_size=config.batch_size, max_steps=config.steps,
+        max_epochs=None, eval_every=config.eval_every, patience=None, restore_best=False,
+        seed=seed, progress=False,
+    ))
+    train, valid, test = splits
+    result = trainer.fit(train, extra_eval={"valid": valid, "test": test})
+    final = {r["task"]: r["loss"] for r in result.history if r["split"] == "test" and r["step"] == result.steps}
+    return {
+        "parameters": model.count_parameters(),
+        "final_test_loss": final,
+        "seconds": result.seconds,
+        "history": [{k: r[k] for k in ("step", "split", "task", "loss")} for r in result.history],
+    }
+
+
+def _load_runs(path: Path) -> list[dict[str, Any]]:
+    runs = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError:  # a run interrupted mid-write; it is simply redone
+                continue
+    return runs
+
+
+def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: int = 1,
+                       on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep into ``out_dir``; returns the summary tables.
+
+    Args:
+        jobs: worker processes, one (data set, models) group each; each uses one thread, because these
+            small networks gain nothing from a second thread but two processes double throughput.
+
+    Writes ``sweep.json`` (the settings), ``runs.jsonl`` (one line per finished run, with its history),
+    ``summary.csv``, ``history.csv``, ``table.csv``/``table.md`` (mean and std of the final mean test loss
+    per model and correlation), ``loss_curves.png`` (Figure 4) and ``final_loss_distribution.png`` (Figure 5).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = config.to_dict()
+    sweep_file = out / "sweep.json"
+    free = ("seeds", "correlations", "models", "profile")  # growing the grid is a resume, not a conflict
+    if sweep_file.exists():
+        previous = {k: v for k, v in json.loads(sweep_file.read_text()).items() if k not in free}
+        current = {k: v for k, v in settings.items() if k not in free}
+        if previous != current:
+            changed = {k: (previous.get(k), current.get(k)) for k in current if previous.get(k) != current.get(k)}
+            raise ConfigError(f"{out} holds a sweep with other settings ({sweep_file}: {changed}); "
+                              "choose another --out or delete that folder")
+    write_json(sweep_file, settings)
+    runs_file = out / "runs.jsonl"
+    done = {(r["model"], r["correlation"], r["seed"]) for r in _load_runs(runs_file)}
+    groups = []
+    for corr in config.correlations:
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
+            missing = [m for m in config.models if (m, corr, seed) not in done]
+            if missing:
+                groups.append((corr, seed, missing))
+    total = len(config.correlations) * config.seeds * len(config.models)
+    finished = total - sum(len(g[2]) for g in groups)
+
+    with runs_file.open("a") as log:
+        def keep(records: list[dict[str, Any]]) -> None:
+            nonlocal finished
+            for record in records:
+                log.write(json.dumps(record) + "\n")
+                finished += 1
+            log.flush()
+            if on_progress and records:
+                r = records[-1]
+                on_progress(finished, total, f"corr={r['correlation']:g} seed={r['seed']}")
+
+        if on_progress:
+            on_progress(finished, total, "starting")
+        if jobs <= 1:
+            for corr, seed, missing in groups:
+                keep(_run_group(config, corr, seed, missing, threads=None))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = [pool.submit(_run_group, config, corr, seed, missing, 1) for corr, seed, missing in groups]
+                for future in as_completed(futures):
+                    keep(future.result())
+    return summarise(out, config)
+
+
+def summarise(out: Path, config: SyntheticSweepConfig) -> dict[str, Any]:
+    """Rebuild the CSV tables and the figures from ``runs.jsonl`` (only runs of this sweep's grid)."""
+    keep_models, keep_corr = set(config.models), set(config.correlations)
+    runs = [r for r in _load_runs(out / "runs.jsonl") if r["model"] in keep_models and r["correlation"] in keep_corr
+            and config.first_seed <= r["seed"] < config.first_seed + config.seeds]
+    if not runs:
+        raise ConfigError(f"no finished runs in {out}")
+    summary_rows, history_rows = [], []
+    for r in runs:
+        losses = r["final_test_loss"]
+        summary_rows.append({
+            "model": r["model"], "correlation": r["correlation"], "seed": r["seed"],
+            **{f"test_loss_{task}": value for task, value in losses.items()},
+            "mean_loss": sum(losses.values()) / len(losses),
+            "parameters": r["parameters"], "label_correlation": r["label_correlation"], "seconds": r["seconds"],
+        })
+        for h in r["history"]:
+            history_rows.append({"model": r["model"], "correlation": r["correlation"], "seed": r["seed"], **h})
+    summary = pd.DataFrame(summary_rows).sort_values(["correlation", "model", "seed"], ascending=[False, True, True])
+    history = pd.DataFrame(history_rows)
+    atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    atomic_write(out / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
+
+    table = (summary.groupby(["model", "correlation"])["mean_loss"].agg(["mean", "std", "count"]).reset_index())
+    atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_text(out / "table.md", _markdown_table(table, config))
+
+    test = history[history["split"] == "test"]
+    curves = test.groupby(["model", "correlation", "seed", "step"])["loss"].mean().reset_index()
+    plot_loss_curves(curves, out / "loss_curves.png",
+                     f"MMoE synthetic ({config.profile}): mean test loss over {config.seeds} seeds (band: interquartile range)")
+    plot_final_loss_distribution(summary, out / "final_loss_distribution.png",
+                                 f"Final test loss over {config.seeds} runs per model ({config.profile})")
+    return {"summary": summary, "table": table, "claims": check_claims(summary)}
+
+
+def check_claims(summary: pd.DataFrame) -> list[dict[str, Any]]:
+    """Paired comparison of MMoE with Shared-Bottom per correlation (same data and seed)."""
+    claims = []
+    if not {"mmoe", "shared_bottom"} <= set(summary["model"]):
+        return claims
+    wide = summary.pivot_table(index=["correlation", "seed"], columns="model", values="mean_loss")
+    for corr, part in wide.groupby(level=0):
+        diff = (part["shared_bottom"] - part["mmoe"]).dropna()
+        claims.append({
+            "correlation": corr, "runs": int(diff.size),
+            "mmoe_mean": float(part["mmoe"].mean()), "shared_bottom_mean": float(part["shared_bottom"].mean()),
+            "mmoe_wins": int((diff > 0).sum()), "mean_gap": float(diff.mean()),
+        })
+    return claims
+
+
+def _markdown_table(table: pd.DataFrame, config: SyntheticSweepConfig) -> str:
+    correlations = sorted(table["correlation"].unique(), reverse=True)
+    models = [m for m in MODEL_SIZING if m in set(table["model"])]
+    header = "| model | " + " | ".join(f"corr {c:g}" for c in correlations) + " |"
+    lines = [f"Final mean test loss (MSE), mean +- std over {config.seeds} seeds, {config.steps} steps.", "",
+             header, "|" + "---|" * (len(correlations) + 1)]
+    for m in models:
+        cells = []
+        for c in correlations:
+            row = table[(table["model"] == m) & (table["correlation"] == c)]
+            cells.append(f"{row['mean'].iloc[0]:.4f} +- {0 if pd.isna(row['std'].iloc[0]) else row['std'].iloc[0]:.4f}" if len(row) else "")
+        lines.append(f"| {model_label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

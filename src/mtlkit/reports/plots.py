@@ -1,0 +1,147 @@
+"""Figures for runs and paper reproductions (matplotlib, written atomically as PNG)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never require a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mtlkit.files import atomic_write  # noqa: E402
+
+__all__ = ["save_figure", "plot_loss_curves", "plot_final_loss_distribution", "plot_learning_curves", "plot_metric_bars"]
+
+MODEL_LABELS = {
+    "single_task": "Single-Task",
+    "shared_bottom": "Shared-Bottom",
+    "omoe": "OMoE",
+    "mmoe": "MMoE",
+    "cgc": "CGC",
+    "ple": "PLE",
+    "esmm": "ESMM",
+    "gbdt": "GBDT",
+}
+
+
+def model_label(name: str) -> str:
+    """Display name of a registered model."""
+    return MODEL_LABELS.get(name, name)
+
+
+def save_figure(figure: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save as PNG through a temporary file, then close the figure."""
+    try:
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(figure)
+
+
+def _model_order(names: Sequence[str]) -> list[str]:
+    known = list(MODEL_LABELS)
+    return sorted(set(names), key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+def plot_loss_curves(curves: pd.DataFrame, path: str | os.PathLike, title: str) -> Path:
+    """The MMoE paper's Figure 4: mean test loss against training steps, one panel per correlation.
+
+    Line: mean over seeds; band: the interquartile range over seeds. The y axis is logarithmic because
+    losses fall by orders of magnitude and the seeds' problems differ in difficulty.
+
+    Args:
+        curves: columns ``model, correlation, seed, step, loss`` (loss = mean over tasks).
+    """
+    correlations = sorted(curves["correlation"].unique(), reverse=True)
+    figure, axes = plt.subplots(1, len(correlations), figsize=(4.2 * len(correlations), 3.6), sharey=True, squeeze=False)
+    for ax, corr in zip(axes[0], correlations):
+        part = curves[curves["correlation"] == corr]
+        for model in _model_order(part["model"]):
+            by_step = part[part["model"] == model].groupby("step")["loss"]
+            mean, low, high = by_step.mean(), by_step.quantile(0.25), by_step.quantile(0.75)
+            line, = ax.plot(mean.index, mean, label=model_label(model), linewidth=1.6)
+            ax.fill_between(mean.index, low, high, color=line.get_color(), alpha=0.12)
+        ax.set_title(f"correlation = {corr:g}")
+        ax.set_xlabel("training step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("mean test loss (MSE)")
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def plot_final_loss_distribution(summary: pd.DataFrame, path: str | os.PathLike, title: str) -> Path:
+    """The MMoE paper's Figure 5 (trainability): the spread of final test losses over repeated runs.
+
+    One panel per correlation; per model a box plot with every run drawn as a dot.
+
+    Args:
+        summary: columns ``model, correlation, mean_loss``.
+    """
+    correlations = sorted(summary["correlation"].unique(), reverse=True)
+    models = _model_order(summary["model"])
+    figure, axes = plt.subplots(1, len(correlations), figsize=(4.2 * len(correlations), 3.8), sharey=True, squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, corr in zip(axes[0], correlations):
+        part = summary[summary["correlation"] == corr]
+        values = [part.loc[part["model"] == m, "mean_loss"].to_numpy() for m in models]
+        ax.boxplot(values, showfliers=False, widths=0.6)
+        for i, v in enumerate(values, start=1):
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=10, alpha=0.7)
+        ax.set_xticks(range(1, len(models) + 1), [model_label(m) for m in models], rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"correlation = {corr:g}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("final mean test loss")
+    figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike, title: str = "learning curves") -> Path:
+    """Per-task loss against steps for each split (train / valid / ...), one panel per task.
+
+    Args:
+        history: the trainer's history rows (columns ``step, split, task, loss``).
+    """
+    tasks = list(dict.fromkeys(history["task"]))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        part = history[history["task"] == task]
+        for split in dict.fromkeys(part["split"]):
+            rows = part[part["split"] == split]
+            ax.plot(rows["step"], rows["loss"], label=split)
+        ax.set_title(task)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def plot_metric_bars(table: pd.DataFrame, path: str | os.PathLike, title: str, metric_label: str = "test AUC") -> Path:
+    """Grouped bars of mean +- std per model, one panel per task.
+
+    Args:
+        table: columns ``model, task, mean, std``.
+    """
+    tasks = list(dict.fromkeys(table["task"]))
+    models = _model_order(table["model"])
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        part = table[table["task"] == task].set_index("model").reindex(models)
+        ax.bar(range(len(models)), part["mean"], yerr=part["std"].fillna(0), capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(models)), [model_label(m) for m in models], rotation=35, ha="right", fontsize=8)
+        low = float(np.nanmin(part["mean"] - part["std"].fillna(0)))
+        high = float(np.nanmax(part["mean"] + part["std"].fillna(0)))
+        pad = max((high - low) * 0.3, 1e-3)
+        ax.set_ylim(low - pad, high + pad)
+        ax.set_title(task)
+        ax.set_ylabel(metric_label)
+        ax.grid(alpha=0.3, axis="y")
+    figure.suptitle(title)
+    return save_figure(figure, path)
