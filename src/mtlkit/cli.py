@@ -83,7 +83,7 @@ def reproduce_mmoe_synthetic(
         for c in corrs:
             row = table[(table["model"] == model) & (table["correlation"] == c)]
             std = row["std"].iloc[0] if len(row) else float("nan")
-            cells.append(f"{row['mean'].iloc[0]:.4f} +- {0.0 if std != std else std:.4f}" if len(row) else "-")
+            cells.append(f"{row['mean'].iloc[0]:.4f}±{0.0 if std != std else std:.3f}" if len(row) else "-")
         view.add_row(model_label(model), *cells)
     console.print(view)
     for claim in result["claims"]:
@@ -101,23 +101,12 @@ def _parse_floats(text: str, option: str) -> list[float]:
 
 
 def main() -> None:
-    """Console entry point: user errors become one clear line and exit code 2."""
+    """Console entry point: user errors become one clear line and exit code 2 (usage errors too)."""
     try:
-        app(standalone_mode=False)
+        app()
     except MtlkitError as error:
-        console.print(f"[red]error:[/] {error}")
-        raise SystemExit(2)
-    except typer.Abort:
-        raise SystemExit(1)
-    except SystemExit:
-        raise
-    except Exception as error:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            raise SystemExit(error.exit_code)
-        raise
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file
     try:
         write(tmp)
         os.replace(tmp, path)

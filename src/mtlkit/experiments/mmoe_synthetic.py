@@ -212,6 +212,9 @@ def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: 
     finished = total - sum(len(g[2]) for g in groups)
 
     with runs_file.open("a") as log:
+        if runs_file.stat().st_size and not runs_file.read_bytes().endswith(b"\n"):
+            log.write("\n")  # an interrupted write left a partial line; start a fresh one
+
         def keep(records: list[dict[str, Any]]) -> None:
             nonlocal finished
             for record in records:

@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from mtlkit.configuration import check_count, check_sizes, from_mapping
 from mtlkit.errors import ConfigError
 from mtlkit.models.gates import GateBank
 from mtlkit.models.layers import ACTIVATIONS, NORMS
 from mtlkit.tasks import TaskSpec, validate_tasks
 
-__all__ = ["ModelConfig", "MultiTaskModel", "check_sizes"]
-
-
-def check_sizes(value: Any, key: str, allow_empty: bool = True) -> tuple[int, ...]:
-    """Validate a list of layer widths, naming ``key`` in the error."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    try:
-        sizes = tuple(value)
-    except TypeError:
-        raise ConfigError(f"{key}: expected a list of layer widths, got {value!r}") from None
-    if not allow_empty and not sizes:
-        raise ConfigError(f"{key}: needs at least one layer, got an empty list")
-    for size in sizes:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ConfigError(f"{key}: every layer width must be an integer >= 1, got {list(sizes)}")
-    return sizes
-
-
-def check_count(value: Any, key: str, minimum: int) -> int:
-    """Validate an integer count, naming ``key`` in the error."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
-    return value
+__all__ = ["ModelConfig", "MultiTaskModel"]
 
 
 @dataclass
@@ -84,16 +61,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Build from plain data; an unknown key is an error naming it and the allowed keys."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; allowed keys: {cls.field_names()}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in data]
-        if missing:
-            raise ConfigError(f"{cls.__name__}: missing required key(s) {missing}")
-        return cls(**data)
+        return from_mapping(cls, data, cls.__name__)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tasks as dicts, tuples as lists); ``from_dict`` inverts it."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from mtlkit.configuration import check_sizes
 from mtlkit.errors import ConfigError
 
 __all__ = ["ACTIVATIONS", "NORMS", "MLP", "StackedLinear", "StackedMLP", "get_activation"]
@@ -35,14 +36,6 @@ def get_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ConfigError(f"activation: unknown {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
-
-
-def _check_sizes(hidden_sizes: Sequence[int], key: str) -> tuple[int, ...]:
-    sizes = tuple(hidden_sizes)
-    for size in sizes:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ConfigError(f"{key}: every layer size must be an integer >= 1, got {list(sizes)}")
-    return sizes
 
 
 class MLP(nn.Module):
@@ -72,7 +65,7 @@ class MLP(nn.Module):
         norm: str | None = None,
     ) -> None:
         super().__init__()
-        sizes = _check_sizes(hidden_sizes, "hidden_sizes")
+        sizes = check_sizes(hidden_sizes, "hidden_sizes")
         if norm not in NORMS:
             raise ConfigError(f"norm: unknown {norm!r}; expected one of {list(NORMS)}")
         layers: list[nn.Module] = []
@@ -189,7 +182,7 @@ class StackedMLP(nn.Module):
         activate_last: bool = True,
     ) -> None:
         super().__init__()
-        sizes = _check_sizes(hidden_sizes, "hidden_sizes")
+        sizes = check_sizes(hidden_sizes, "hidden_sizes")
         if not sizes:
             raise ConfigError("hidden_sizes: a stacked MLP needs at least one layer")
         if num_stacks < 1:

@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from mtlkit.errors import ConfigError
-from mtlkit.models.base import ModelConfig, MultiTaskModel, check_count, check_sizes
+from mtlkit.configuration import check_count, check_sizes
+from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
 from mtlkit.models.registry import register_model

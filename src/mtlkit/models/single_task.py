@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 
-from mtlkit.models.base import ModelConfig, MultiTaskModel, check_sizes
+from mtlkit.configuration import check_sizes
+from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.layers import StackedMLP
 from mtlkit.models.registry import register_model
 from mtlkit.models.towers import TaskTowers

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
@@ -97,11 +98,7 @@ class TrainerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"training: unknown key(s) {unknown}; allowed keys: {names}")
-        return cls(**data)
+        return from_mapping(cls, data, "training")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,44 @@
+import itertools
+import math
+
+import pytest
+import torch
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from mtlkit.training.metrics import group_auc, log_loss, roc_auc
+
+
+def brute_force_auc(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y == 1]
+    neg = [s for s, y in zip(scores, labels) if y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_brute_force_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (300,), generator=g).float()  # many ties
+    labels = torch.randint(0, 2, (300,), generator=g).float()
+    expected = brute_force_auc(scores.tolist(), labels.tolist())
+    assert roc_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auc_is_nan_with_one_class():
+    assert math.isnan(roc_auc(torch.rand(10), torch.ones(10)))
+
+
+def test_log_loss_from_logits_matches_sklearn():
+    logits = torch.randn(200) * 3
+    labels = (torch.rand(200) < 0.3).float()
+    assert log_loss(logits, labels) == pytest.approx(sk_log_loss(labels, torch.sigmoid(logits.double())), abs=1e-9)
+
+
+def test_group_auc_weights_groups_by_size_and_skips_single_class_groups():
+    scores = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.3, 0.5, 0.5])
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1.0])
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    # group 0: AUC 1 (2 rows); group 1: pos 0.2 vs neg 0.8, 0.3 -> 0 (3 rows); group 2 single class.
+    assert group_auc(scores, labels, groups) == pytest.approx((1.0 * 2 + 0.0 * 3) / 5)

@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from mtlkit.errors import ConfigError
+from mtlkit.experiments.mmoe_synthetic import SyntheticSweepConfig, model_configs_at_equal_budget, run_mmoe_synthetic
+from mtlkit.models import build_model
+
+TINY = dict(correlations=(1.0, 0.1), models=("shared_bottom", "mmoe"), seeds=2, steps=40, eval_every=20,
+            train_rows=600, valid_rows=100, test_rows=100, profile="tiny")
+
+
+def test_sweep_writes_every_output_and_resumes(tmp_path):
+    config = SyntheticSweepConfig(**TINY)
+    result = run_mmoe_synthetic(config, tmp_path)
+    for name in ("sweep.json", "runs.jsonl", "summary.csv", "history.csv", "table.csv", "table.md",
+                 "loss_curves.png", "final_loss_distribution.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert len(summary) == 2 * 2 * 2
+    assert {"model", "correlation", "seed", "test_loss_y1", "test_loss_y2", "mean_loss", "parameters"} <= set(summary)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert set(history["split"]) == {"train", "valid", "test"} and set(history["step"]) == {20, 40}
+    assert len(result["claims"]) == 2
+
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    run_mmoe_synthetic(config, tmp_path)  # nothing left to do
+    assert (tmp_path / "runs.jsonl").read_text().splitlines() == lines
+
+    # An interrupted run (half-written last line) is redone; growing the seeds only adds runs.
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+    bigger = SyntheticSweepConfig(**{**TINY, "seeds": 3})
+    run_mmoe_synthetic(bigger, tmp_path, jobs=2)
+    runs = []
+    for line in (tmp_path / "runs.jsonl").read_text().splitlines():
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            assert line == lines[-1][:30]
+    assert len({(r["model"], r["correlation"], r["seed"]) for r in runs}) == 2 * 2 * 3
+
+
+def test_sweep_refuses_to_mix_settings(tmp_path):
+    run_mmoe_synthetic(SyntheticSweepConfig(**{**TINY, "correlations": (0.5,), "seeds": 1}), tmp_path)
+    with pytest.raises(ConfigError, match="steps"):
+        run_mmoe_synthetic(SyntheticSweepConfig(**{**TINY, "steps": 41}), tmp_path)
+
+
+def test_same_seed_same_sweep(tmp_path):
+    config = SyntheticSweepConfig(**{**TINY, "correlations": (0.5,), "seeds": 1})
+    a = run_mmoe_synthetic(config, tmp_path / "a")["summary"]
+    b = run_mmoe_synthetic(config, tmp_path / "b")["summary"]
+    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+
+
+def test_models_are_compared_at_equal_budget():
+    configs = model_configs_at_equal_budget(["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"], 100, ["y1", "y2"])
+    sizes = {name: build_model(name, cfg).count_parameters() for name, cfg in configs.items()}
+    for name in ("single_task", "shared_bottom", "cgc", "ple"):
+        assert abs(sizes[name] - sizes["mmoe"]) / sizes["mmoe"] < 0.03, (name, sizes)
+    assert configs["omoe"].expert_hidden == configs["mmoe"].expert_hidden  # same experts, one gate
+
+
+def test_invalid_sweep_settings():
+    with pytest.raises(ConfigError, match="correlations"):
+        SyntheticSweepConfig(correlations=(1.2,))
+    with pytest.raises(ConfigError, match="models"):
+        SyntheticSweepConfig(models=("mmoe", "transformer"))
+
+
+def test_cli_runs_a_tiny_sweep_and_reports_errors(tmp_path):
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "mtlkit.cli", "reproduce", "mmoe-synthetic", "--seeds", "1", "--steps", "20",
+               "--correlations", "0.5", "--models", "shared_bottom,mmoe", "--out", str(out), "--jobs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "MMoE" in done.stdout and (out / "loss_curves.png").exists()
+    bad = subprocess.run(command[:5] + ["--profile", "huge", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "quick" in bad.stdout
+    bad = subprocess.run(command[:5] + ["--correlations", "0.5,1.7", "--out", str(tmp_path / "y")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "correlation" in bad.stdout

@@ -1,0 +1,160 @@
+import math
+
+import pytest
+import torch
+
+from mtlkit import ConfigError, DataError, TaskSpec
+from mtlkit.data import MultiTaskTensors, make_synthetic
+from mtlkit.models import build_model
+from mtlkit.objectives import DynamicWeighting, UncertaintyWeighting, build_weighting, task_losses
+from mtlkit.training import Trainer, TrainerConfig, evaluate
+
+
+def synthetic_splits(rows=3000, seed=0, **kw):
+    data = make_synthetic(correlation=0.8, num_rows=rows, input_dim=20, num_sine_terms=2, seed=seed, **kw)
+    tensors = data.to_tensors()
+    return data.tasks, tensors.split([0.8, 0.2], seed=seed)
+
+
+def train_once(seed=0, steps=60, **config):
+    tasks, (train, valid) = synthetic_splits()
+    torch.manual_seed(seed)
+    model = build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4, dropout=0.1)
+    options = dict(max_steps=steps, max_epochs=None, eval_every=20, batch_size=64, seed=seed, progress=False)
+    options.update(config)
+    result = Trainer(model, TrainerConfig(**options)).fit(train, valid)
+    return model, result
+
+
+def test_same_seed_same_numbers():
+    model_a, result_a = train_once(seed=5)
+    model_b, result_b = train_once(seed=5)
+    assert result_a.history == result_b.history
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(a, b), name
+    _, result_c = train_once(seed=6)
+    assert result_c.history != result_a.history
+
+
+def test_training_reduces_the_validation_loss():
+    tasks, (train, valid) = synthetic_splits()
+    model = build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4)
+    before = evaluate(model, valid, model.tasks)
+    Trainer(model, TrainerConfig(max_epochs=15, batch_size=64, patience=None, progress=False, learning_rate=3e-3)).fit(train, valid)
+    after = evaluate(model, valid, model.tasks)
+    for task in before:
+        assert after[task]["loss"] < 0.5 * before[task]["loss"]
+
+
+def test_history_has_every_task_and_split():
+    _, result = train_once(steps=40)
+    splits = {(r["split"], r["task"]) for r in result.history}
+    assert splits == {(s, t) for s in ("train", "valid") for t in ("y1", "y2")}
+    assert sorted({r["step"] for r in result.history}) == [20, 40]
+
+
+def test_early_stopping_restores_the_best_weights():
+    tasks, (train, valid) = synthetic_splits()
+    model = build_model("shared_bottom", input_dim=20, tasks=tasks)
+    # A learning rate this large diverges after a few evaluations, so patience must trigger.
+    config = TrainerConfig(max_steps=2000, max_epochs=None, eval_every=10, patience=3, batch_size=32,
+                           learning_rate=0.3, progress=False)
+    result = Trainer(model, config).fit(train, valid)
+    valid_losses = {r["step"]: r for r in result.history if r["split"] == "valid"}
+    assert result.stopped_early and result.steps < 2000
+    best = min(valid_losses, key=lambda s: sum(r["loss"] for r in result.history if r["split"] == "valid" and r["step"] == s))
+    assert result.best_step == best
+    restored = evaluate(model, valid, model.tasks)
+    expected = result.final("valid")
+    for task in restored:
+        assert restored[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-6)
+
+
+def test_monitor_on_a_metric():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g)
+    y = torch.stack([(x[:, 0] > 0).float(), x[:, 1]], 1)
+    tasks = [TaskSpec("click", "binary"), TaskSpec("time", "regression")]
+    data = MultiTaskTensors(x, y, ["click", "time"])
+    train, valid = data.split([0.7, 0.3])
+    model = build_model("mmoe", input_dim=5, tasks=tasks, num_experts=2)
+    result = Trainer(model, TrainerConfig(max_epochs=5, monitor="click/auc", progress=False)).fit(train, valid)
+    assert 0.5 < result.best_value <= 1.0
+    assert result.final("valid")["click"]["auc"] == result.best_value
+    with pytest.raises(ConfigError, match="monitor"):
+        Trainer(model, TrainerConfig(max_epochs=1, monitor="click/ndcg", progress=False)).fit(train, valid)
+
+
+def test_missing_labels_are_excluded_from_loss():
+    outputs = {"a": torch.tensor([[0.0], [1.0], [2.0]]), "b": torch.tensor([[1.0], [1.0], [1.0]])}
+    labels = torch.tensor([[0.0, float("nan")], [float("nan"), float("nan")], [1.0, float("nan")]])
+    tasks = [TaskSpec("a", "regression"), TaskSpec("b", "regression")]
+    losses = task_losses(outputs, labels, ~torch.isnan(labels), tasks)
+    assert losses["a"].item() == pytest.approx((0.0 + 1.0) / 2)
+    assert losses["b"].item() == 0.0  # no labelled row: exactly zero, not NaN
+
+
+def test_trainer_handles_partially_labelled_tasks():
+    x = torch.randn(400, 6)
+    y = torch.stack([x[:, 0], x[:, 1]], 1)
+    y[::2, 1] = float("nan")  # task b labelled on half the rows
+    data = MultiTaskTensors(x, y, ["a", "b"])
+    model = build_model("mmoe", input_dim=6, tasks=[TaskSpec("a", "regression"), TaskSpec("b", "regression")])
+    result = Trainer(model, TrainerConfig(max_epochs=3, progress=False)).fit(data, data)
+    scores = result.final("valid")
+    assert scores["b"]["count"] == 200 and scores["a"]["count"] == 400
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+def test_task_count_mismatch_is_a_clear_error():
+    tasks, (train, valid) = synthetic_splits()
+    model = build_model("mmoe", input_dim=20, tasks=["y1", "y2", "y3"])
+    with pytest.raises(DataError, match=r"K=3"):
+        Trainer(model, TrainerConfig(max_epochs=1, progress=False)).fit(train, valid)
+
+
+def test_non_finite_inputs_and_labels_are_clear_errors():
+    x = torch.randn(10, 3)
+    x[4, 2] = float("nan")
+    with pytest.raises(DataError, match="row 4"):
+        MultiTaskTensors(x, torch.zeros(10, 1), ["a"])
+    y = torch.zeros(10, 1)
+    y[7, 0] = float("inf")
+    with pytest.raises(DataError, match="task 'a'.*row 7"):
+        MultiTaskTensors(torch.randn(10, 3), y, ["a"])
+
+
+def test_binary_labels_out_of_range():
+    data = MultiTaskTensors(torch.randn(10, 3), torch.full((10, 1), 2.0), ["click"])
+    model = build_model("shared_bottom", input_dim=3, tasks=[TaskSpec("click", "binary")])
+    with pytest.raises(DataError, match="click.*\\{0, 1\\}"):
+        Trainer(model, TrainerConfig(max_epochs=1, progress=False)).fit(data)
+
+
+@pytest.mark.parametrize("options, key", [
+    (dict(learning_rate=0), "learning_rate"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(max_steps=None, max_epochs=None), "max_steps"),
+    (dict(patience=0), "patience"),
+    (dict(monitor="auc"), "monitor"),
+])
+def test_bad_trainer_options(options, key):
+    with pytest.raises(ConfigError, match=key):
+        TrainerConfig(**options)
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainerConfig.from_dict({"learnin_rate": 1})
+
+
+def test_weightings():
+    tasks = [TaskSpec("a", weight=2.0), TaskSpec("b")]
+    losses = {"a": torch.tensor(1.0), "b": torch.tensor(3.0)}
+    total, weights = build_weighting("fixed", tasks)(losses)
+    assert total.item() == 5.0 and weights == {"a": 2.0, "b": 1.0}
+    dynamic = DynamicWeighting(tasks, gamma={"a": 0.5})
+    dynamic.on_epoch_end(0), dynamic.on_epoch_end(1)
+    assert dynamic.weights == {"a": 2.0 * 0.25, "b": 1.0}
+    uncertainty = UncertaintyWeighting(tasks)
+    assert sum(p.numel() for p in uncertainty.parameters()) == 2
+    assert uncertainty(losses)[0].item() == pytest.approx(4.0)
+    with pytest.raises(ConfigError, match="weighting"):
+        build_weighting("gradnorm", tasks)
