@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from mtlkit import ConfigError, TaskSpec
-from mtlkit.models import build_model, list_models, match_parameter_budget
+from mtlkit.models import build_model, esmm_tasks, get_model_class, list_models, match_parameter_budget
 from mtlkit.training import load_checkpoint, save_checkpoint
 
 ALL_MODELS = list_models()
+ANY_TASK_MODELS = [name for name in ALL_MODELS if get_model_class(name).any_number_of_tasks]
 
 
 def tasks(k):
@@ -15,11 +16,16 @@ def tasks(k):
     return [TaskSpec(name=f"task{i}", type=kinds[i % 2]) for i in range(k)]
 
 
+def example_tasks(name, k=3):
+    """Tasks a model accepts: any K for most, the fixed roles for ESMM."""
+    return tasks(k) if get_model_class(name).any_number_of_tasks else esmm_tasks()
+
+
 def test_registry_has_the_core_models():
-    assert {"single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"} <= set(ALL_MODELS)
+    assert {"single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm"} <= set(ALL_MODELS)
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ANY_TASK_MODELS)
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_output_shapes_for_any_number_of_tasks(name, k):
     model = build_model(name, input_dim=13, tasks=tasks(k))
@@ -33,7 +39,7 @@ def test_output_shapes_for_any_number_of_tasks(name, k):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_every_parameter_receives_a_gradient(name):
-    model = build_model(name, input_dim=9, tasks=tasks(3))
+    model = build_model(name, input_dim=9, tasks=example_tasks(name))
     loss = sum(o.pow(2).mean() for o in model(torch.randn(16, 9)).values())
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
@@ -43,7 +49,7 @@ def test_every_parameter_receives_a_gradient(name):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_state_dict_and_checkpoint_round_trip(name, tmp_path):
-    model = build_model(name, input_dim=6, tasks=tasks(2), dropout=0.0)
+    model = build_model(name, input_dim=6, tasks=example_tasks(name), dropout=0.0)
     path = save_checkpoint(tmp_path / "model.pt", model, metadata={"note": "x"})
     raw = torch.load(path, weights_only=True)  # no arbitrary unpickling needed
     assert raw["model_name"] == name

@@ -7,6 +7,7 @@ Every model is built from a typed config through one registry::
 """
 
 from mtlkit.models.base import ModelConfig, MultiTaskModel
+from mtlkit.models.esmm import ESMMConfig, EntireSpaceMultiTaskModel, esmm_tasks
 from mtlkit.models.budget import count_model_parameters, match_parameter_budget
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
@@ -25,6 +26,7 @@ from mtlkit.models.progressive_layered_extraction import (
 from mtlkit.models.registry import build_model, get_model_class, list_models, model_config, register_model
 from mtlkit.models.shared_bottom import SharedBottomConfig, SharedBottomModel
 from mtlkit.models.single_task import SingleTaskConfig, SingleTaskModel
+from mtlkit.models.tabular import TabularMultiTaskModel
 
 __all__ = [
     "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "mix_experts",
@@ -33,4 +35,5 @@ __all__ = [
     "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
+    "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel",
 ]

@@ -90,6 +90,8 @@ class MultiTaskModel(nn.Module):
 
     registry_name: str = ""
     config_class: type[ModelConfig] = ModelConfig
+    # False for models whose tasks are fixed roles (ESMM: ctr, cvr, ctcvr) rather than any K >= 1.
+    any_number_of_tasks: bool = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -1,8 +1,9 @@
 """Checkpoints that rebuild a model without the training script and load without unpickling objects.
 
 A checkpoint is a plain dict of strings, numbers, lists, dicts and tensors, so
-``torch.load(path, weights_only=True)`` reads it. It stores the registry name and the resolved model
-config, so :func:`load_checkpoint` rebuilds the model by itself.
+``torch.load(path, weights_only=True)`` reads it. It stores the registry name, the resolved model
+config and (for table models) the feature encoder's sizes, so :func:`load_checkpoint` rebuilds the
+model by itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from mtlkit.errors import DataError
 from mtlkit.files import atomic_write
-from mtlkit.models import MultiTaskModel, build_model
+from mtlkit.features import EncoderConfig, FeatureEncoder
+from mtlkit.models import MultiTaskModel, TabularMultiTaskModel, build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
 
@@ -26,10 +28,12 @@ def save_checkpoint(path: str | os.PathLike, model: MultiTaskModel, metadata: di
                     extra_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (name, config, weights) plus JSON-like ``metadata`` and tensors ``extra_state``."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    encoder = getattr(model, "encoder", None)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model_name": model.registry_name,
         "model_config": model.config.to_dict(),
+        "encoder_config": encoder.config.to_dict() if encoder is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": metadata or {},
         "extra_state": extra_state or {},
@@ -49,5 +53,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"checkpoint {path}: expected format {CHECKPOINT_FORMAT!r}")
     model = build_model(payload["model_name"], payload["model_config"])
+    if payload.get("encoder_config"):
+        model = TabularMultiTaskModel(FeatureEncoder(EncoderConfig.from_dict(payload["encoder_config"])), model)
     model.load_state_dict(payload["state_dict"])
     return model, payload

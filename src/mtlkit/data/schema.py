@@ -1,0 +1,208 @@
+"""Declaring a tabular multi-task dataset once: feature columns, label columns, weights and groups.
+
+A schema is plain data (``to_dict``/``from_dict`` round-trip through YAML, TOML or JSON) and is
+validated when built, with errors that name the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+
+from mtlkit.configuration import check_count, from_mapping, to_plain
+from mtlkit.errors import ConfigError
+from mtlkit.tasks import TaskSpec, validate_tasks
+
+__all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema", "infer_schema"]
+
+NORMALIZATIONS = ("standard", "minmax", "none")
+POOLINGS = ("mean", "sum")
+
+
+@dataclass
+class DenseColumn:
+    """A numeric feature.
+
+    Args:
+        name: column name.
+        normalization: ``standard`` (zero mean, unit variance), ``minmax`` (to [0, 1]) or ``none``;
+            statistics come from the training split only.
+        log: apply ``sign(x) * log1p(|x|)`` first (for heavy-tailed columns such as amounts or counts).
+        fill_value: value for missing entries (before the log and normalisation); ``None`` uses the
+            training mean.
+    """
+
+    name: str
+    normalization: str = "standard"
+    log: bool = False
+    fill_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"dense column {self.name!r}: normalization must be one of {list(NORMALIZATIONS)}, "
+                              f"got {self.normalization!r}")
+
+
+@dataclass
+class CategoricalColumn:
+    """A categorical feature, embedded.
+
+    Args:
+        name: column name (values are read as strings).
+        embedding_dim: embedding width (``None``: the schema's ``default_embedding_dim``).
+        min_frequency: training count below which a value goes to the out-of-vocabulary bucket.
+    """
+
+    name: str
+    embedding_dim: int | None = None
+    min_frequency: int = 1
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim is not None:
+            check_count(self.embedding_dim, f"categorical column {self.name!r}: embedding_dim", 1)
+        check_count(self.min_frequency, f"categorical column {self.name!r}: min_frequency", 1)
+
+
+@dataclass
+class MultiValuedColumn(CategoricalColumn):
+    """A list of categorical values per row (e.g. recent item ids), embedded and pooled.
+
+    Args:
+        separator: separator between values inside a cell.
+        max_length: values kept per row (the first ones).
+        pooling: ``mean`` or ``sum`` of the value embeddings.
+    """
+
+    separator: str = "|"
+    max_length: int = 16
+    pooling: str = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(self.max_length, f"multi-valued column {self.name!r}: max_length", 1)
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"multi-valued column {self.name!r}: pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if not self.separator:
+            raise ConfigError(f"multi-valued column {self.name!r}: separator must be a non-empty string")
+
+
+def _columns(cls, items: Any, key: str) -> tuple:
+    if items is None:
+        return ()
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"schema.{key}: expected a list of columns, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        out.append(cls(name=item) if isinstance(item, str) else from_mapping(cls, item, f"schema.{key}[{i}]"))
+    return tuple(out)
+
+
+@dataclass
+class TableSchema:
+    """Everything mtlkit needs to know about a table.
+
+    Args:
+        tasks: the tasks; each reads its label from ``TaskSpec.label`` (default: the task name).
+            Empty or NaN labels are missing: that row is left out of that task's loss and metrics.
+        dense: numeric feature columns (names or :class:`DenseColumn` mappings).
+        categorical: categorical feature columns.
+        multi_valued: list-valued categorical columns.
+        weight_column: optional per-row sample weight (never a feature).
+        group_column: optional user/group id for group AUC (never a feature).
+        default_embedding_dim: embedding width of categorical columns that do not set one.
+        missing_values: cell values that mean "missing" (besides empty cells and NaN). Missing
+            categorical values become one explicit ``<missing>`` category.
+    """
+
+    tasks: Sequence[TaskSpec]
+    dense: Sequence[DenseColumn] = ()
+    categorical: Sequence[CategoricalColumn] = ()
+    multi_valued: Sequence[MultiValuedColumn] = ()
+    weight_column: str | None = None
+    group_column: str | None = None
+    default_embedding_dim: int = 8
+    missing_values: Sequence[str] = field(default_factory=lambda: ("",))
+
+    def __post_init__(self) -> None:
+        self.tasks = validate_tasks(self.tasks)
+        self.dense = _columns(DenseColumn, self.dense, "dense")
+        self.categorical = _columns(CategoricalColumn, self.categorical, "categorical")
+        self.multi_valued = _columns(MultiValuedColumn, self.multi_valued, "multi_valued")
+        self.missing_values = tuple(str(v) for v in self.missing_values)
+        check_count(self.default_embedding_dim, "schema.default_embedding_dim", 1)
+        if not (self.dense or self.categorical or self.multi_valued):
+            raise ConfigError("schema: declare at least one feature column (dense, categorical or multi_valued)")
+        features = self.feature_names
+        repeated = sorted({n for n in features if features.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"schema: columns declared more than once: {repeated}")
+        labels = {t.label_column for t in self.tasks}
+        special = {c for c in (self.weight_column, self.group_column) if c}
+        clash = sorted((labels | special) & set(features))
+        if clash:
+            raise ConfigError(f"schema: label, weight and group columns cannot also be features: {clash}")
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [c.name for c in (*self.dense, *self.categorical, *self.multi_valued)]
+
+    @property
+    def required_columns(self) -> list[str]:
+        """Every column a training table must have."""
+        extra = [c for c in (self.weight_column, self.group_column) if c]
+        return list(dict.fromkeys(self.feature_names + [t.label_column for t in self.tasks] + extra))
+
+    def embedding_dim(self, column: CategoricalColumn) -> int:
+        return column.embedding_dim or self.default_embedding_dim
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TableSchema":
+        if isinstance(data, TableSchema):
+            return data
+        return from_mapping(cls, data, "schema")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": [t.to_dict() for t in self.tasks],
+            "dense": to_plain(list(self.dense)),
+            "categorical": to_plain(list(self.categorical)),
+            "multi_valued": to_plain(list(self.multi_valued)),
+            "weight_column": self.weight_column,
+            "group_column": self.group_column,
+            "default_embedding_dim": self.default_embedding_dim,
+            "missing_values": list(self.missing_values),
+        }
+
+
+def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_numeric: int = 20,
+                 ignore: Sequence[str] = ()) -> TableSchema:
+    """A starting schema for a table, for the user to edit.
+
+    Label columns become tasks: ``binary`` when their non-missing values are all 0/1, else
+    ``regression``. Numeric columns with more than ``max_categories_for_numeric`` distinct values are
+    dense (with ``log`` when they are non-negative and heavy-tailed); other columns are categorical.
+    Columns in ``ignore`` are left out.
+    """
+    missing = [c for c in labels if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"labels: column(s) {missing} not in the table; columns are {list(frame.columns)}")
+    tasks = []
+    for name in labels:
+        values = pd.to_numeric(frame[name], errors="coerce").dropna()
+        kind = "binary" if len(values) and values.isin([0, 1]).all() else "regression"
+        tasks.append(TaskSpec(name=name, type=kind))
+    dense, categorical = [], []
+    for column in frame.columns:
+        if column in labels or column in ignore:
+            continue
+        series = frame[column]
+        numeric = pd.to_numeric(series, errors="coerce")
+        is_numeric = numeric.notna().sum() >= 0.99 * series.notna().sum() and numeric.notna().any()
+        if is_numeric and numeric.nunique() > max_categories_for_numeric:
+            heavy = bool(numeric.min() >= 0 and numeric.quantile(0.99) > 10 * max(numeric.median(), 1.0))
+            dense.append(DenseColumn(name=column, log=heavy))
+        else:
+            categorical.append(CategoricalColumn(name=column))
+    return TableSchema(tasks=tasks, dense=dense, categorical=categorical)

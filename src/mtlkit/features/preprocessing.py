@@ -1,0 +1,284 @@
+"""Preprocessing fitted on the training split only: vocabularies, dense normalisation, labels.
+
+The fitted state is plain JSON (vocabularies as lists of strings, statistics as numbers), saved
+beside the model and reloaded exactly for evaluation and prediction; no pickle anywhere.
+
+Encoding conventions:
+- categorical code 0 is the out-of-vocabulary bucket (values unseen in training or rarer than
+  ``min_frequency``); known values are 1.. in order of training frequency;
+- missing categorical cells become the explicit value ``<missing>``;
+- multi-valued cells are padded with -1 up to ``max_length``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtlkit.data.readers import check_columns
+from mtlkit.data.schema import CategoricalColumn, DenseColumn, MultiValuedColumn, TableSchema
+from mtlkit.data.tensors import MultiTaskTensors
+from mtlkit.errors import DataError
+from mtlkit.features.encoder import EncoderConfig
+from mtlkit.files import write_json
+
+__all__ = ["MISSING_TOKEN", "EncodedTable", "TablePreprocessor"]
+
+MISSING_TOKEN = "<missing>"
+FORMAT = "mtlkit-preprocessor/1"
+
+
+@dataclass
+class EncodedTable:
+    """A table turned into tensors.
+
+    Attributes:
+        tensors: inputs (``dense`` ``(N, D)`` float32, ``categorical`` ``(N, C)`` int64, ``multi_valued``
+            ``(N, M, L)`` int64; absent keys when a kind has no column), labels ``(N, K)`` and weights.
+        groups: ``(N,)`` int64 group ids (from ``group_column``) or None.
+        out_of_vocabulary: rows per categorical column that fell into the OOV bucket.
+    """
+
+    tensors: MultiTaskTensors
+    groups: torch.Tensor | None = None
+    out_of_vocabulary: dict[str, int] = field(default_factory=dict)
+
+
+def _as_text(series: pd.Series, missing_values: tuple[str, ...]) -> pd.Series:
+    """Cells as strings, with missing cells (NaN, None, listed tokens) as ``<missing>``."""
+    text = series.astype("string").fillna(MISSING_TOKEN)
+    if missing_values:
+        text = text.mask(text.isin(missing_values), MISSING_TOKEN)
+    return text.astype(object)
+
+
+def _as_number(series: pd.Series, column: str, source: str, missing_values: tuple[str, ...]) -> np.ndarray:
+    """Numeric values (NaN where missing); a non-numeric cell is an error naming the column."""
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        text = series.astype("string")
+        missing = text.isna() | text.isin(missing_values) | (text.str.strip() == "")
+        values = pd.to_numeric(text.mask(missing, None), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = np.isnan(values) & ~missing.to_numpy()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{source}: column {column!r} must be numeric; row {row} holds {text.iloc[row]!r}")
+    if np.isinf(values).any():
+        row = int(np.flatnonzero(np.isinf(values))[0])
+        raise DataError(f"{source}: column {column!r} holds an infinite value at row {row}; expected finite numbers")
+    return values
+
+
+def _signed_log(values: np.ndarray) -> np.ndarray:
+    return np.sign(values) * np.log1p(np.abs(values))
+
+
+class TablePreprocessor:
+    """Turns tables into tensors for a :class:`TableSchema`; fit once on the training split.
+
+    Example::
+
+        pre = TablePreprocessor(schema).fit(train_frame)
+        train = pre.transform(train_frame, source="train.csv").tensors
+        pre.save("run/preprocessing.json")
+    """
+
+    def __init__(self, schema: TableSchema) -> None:
+        self.schema = schema
+        self.vocabularies: dict[str, list[str]] = {}
+        self.dense_statistics: dict[str, dict[str, float]] = {}
+
+    # ----------------------------------------------------------------------------------- fitting
+    @property
+    def fitted(self) -> bool:
+        return bool(self.vocabularies or self.dense_statistics)
+
+    def fit(self, frames: pd.DataFrame | Iterable[pd.DataFrame], source: str = "training table") -> "TablePreprocessor":
+        """Learn vocabularies and statistics from the training rows (a frame or an iterable of chunks)."""
+        schema = self.schema
+        if isinstance(frames, pd.DataFrame):
+            frames = [frames]
+        counts: dict[str, pd.Series] = {}
+        moments = {c.name: np.zeros(4) for c in schema.dense}  # count, sum of raw, sum and sum of squares of transformed
+        extremes = {c.name: [math.inf, -math.inf] for c in schema.dense}
+        rows = 0
+        for frame in frames:
+            check_columns(frame, schema.required_columns, source)
+            rows += len(frame)
+            for column in schema.categorical:
+                counted = _as_text(frame[column.name], schema.missing_values).value_counts()
+                counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
+            for column in schema.multi_valued:
+                values = self._split(frame[column.name], column).explode().dropna()
+                counted = values.value_counts()
+                counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
+            for column in schema.dense:
+                raw = _as_number(frame[column.name], column.name, source, schema.missing_values)
+                raw = raw[~np.isnan(raw)]
+                transformed = _signed_log(raw) if column.log else raw
+                m = moments[column.name]
+                m[0] += raw.size
+                m[1] += raw.sum()
+                m[2] += transformed.sum()
+                m[3] += np.square(transformed).sum()
+                if raw.size:
+                    extremes[column.name][0] = min(extremes[column.name][0], float(transformed.min()))
+                    extremes[column.name][1] = max(extremes[column.name][1], float(transformed.max()))
+        if rows == 0:
+            raise DataError(f"{source}: no rows to fit the preprocessing on")
+        self.vocabularies = {}
+        for column in (*schema.categorical, *schema.multi_valued):
+            counted = counts.get(column.name, pd.Series(dtype=float))
+            kept = counted[counted >= column.min_frequency]
+            # Most frequent first; ties broken by the value so the order never depends on the chunks.
+            ordered = sorted(kept.items(), key=lambda item: (-item[1], str(item[0])))
+            self.vocabularies[column.name] = [str(value) for value, _ in ordered]
+        self.dense_statistics = {}
+        for column in schema.dense:
+            n, raw_sum, t_sum, t_sq = moments[column.name]
+            if n == 0:
+                raise DataError(f"{source}: dense column {column.name!r} has no value in the training rows")
+            fill = column.fill_value if column.fill_value is not None else raw_sum / n
+            mean = t_sum / n
+            std = math.sqrt(max(t_sq / n - mean * mean, 0.0))
+            low, high = extremes[column.name]
+            self.dense_statistics[column.name] = {"fill": float(fill), "mean": mean, "std": std, "min": low, "max": high}
+        return self
+
+    # ------------------------------------------------------------------------------ transforming
+    @staticmethod
+    def _split(series: pd.Series, column: MultiValuedColumn) -> pd.Series:
+        text = series.astype("string").fillna("")
+        return text.map(lambda cell: [v for v in cell.split(column.separator) if v][: column.max_length])
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("the preprocessor is not fitted; call fit() on the training rows first")
+
+    def transform(self, frame: pd.DataFrame, source: str = "table", with_labels: bool = True) -> EncodedTable:
+        """Encode a table. Unseen categories go to the OOV bucket and are counted, never an error.
+
+        Args:
+            frame: the rows.
+            source: file name used in error messages.
+            with_labels: read (and check) the label columns; False for prediction.
+        """
+        self._check_fitted()
+        schema = self.schema
+        required = schema.feature_names + ([t.label_column for t in schema.tasks] if with_labels else [])
+        required += [c for c in (schema.weight_column, schema.group_column) if c and (with_labels or c == schema.group_column)]
+        check_columns(frame, required, source)
+        if len(frame) == 0:
+            raise DataError(f"{source}: the table has no rows")
+        inputs: dict[str, torch.Tensor] = {}
+        oov: dict[str, int] = {}
+        if schema.dense:
+            inputs["dense"] = torch.from_numpy(np.stack([self._dense(frame, c, source) for c in schema.dense], 1).astype(np.float32))
+        if schema.categorical:
+            codes = []
+            for column in schema.categorical:
+                code = self._codes(_as_text(frame[column.name], schema.missing_values), column)
+                oov[column.name] = int((code == 0).sum())
+                codes.append(code)
+            inputs["categorical"] = torch.from_numpy(np.stack(codes, 1))
+        if schema.multi_valued:
+            inputs["multi_valued"] = torch.from_numpy(
+                np.stack([self._multi_codes(frame[c.name], c, oov) for c in schema.multi_valued], 1))
+        if with_labels:
+            labels = np.stack([_as_number(frame[t.label_column], t.label_column, source, schema.missing_values)
+                               for t in schema.tasks], 1)
+            labels_tensor = torch.from_numpy(labels.astype(np.float32))
+            for k, task in enumerate(schema.tasks):
+                task.task_type.check_labels(labels_tensor[:, k], f"{source}: label column {task.label_column!r} (task {task.name!r})")
+            weight = None
+            if schema.weight_column:
+                w = _as_number(frame[schema.weight_column], schema.weight_column, source, schema.missing_values)
+                if np.isnan(w).any() or (w < 0).any():
+                    raise DataError(f"{source}: weight column {schema.weight_column!r} needs a number >= 0 in every row")
+                weight = torch.from_numpy(w.astype(np.float32))
+        else:
+            labels_tensor = torch.full((len(frame), len(schema.tasks)), float("nan"))
+            weight = None
+        groups = None
+        if schema.group_column:
+            groups = torch.from_numpy(pd.factorize(frame[schema.group_column].astype("string"))[0].astype(np.int64))
+        tensors = MultiTaskTensors(inputs, labels_tensor, [t.name for t in schema.tasks], weight)
+        return EncodedTable(tensors=tensors, groups=groups, out_of_vocabulary=oov)
+
+    def _dense(self, frame: pd.DataFrame, column: DenseColumn, source: str) -> np.ndarray:
+        stats = self.dense_statistics[column.name]
+        values = _as_number(frame[column.name], column.name, source, self.schema.missing_values)
+        values = np.where(np.isnan(values), stats["fill"], values)
+        if column.log:
+            values = _signed_log(values)
+        if column.normalization == "standard":
+            values = (values - stats["mean"]) / (stats["std"] if stats["std"] > 0 else 1.0)
+        elif column.normalization == "minmax":
+            span = stats["max"] - stats["min"]
+            values = (values - stats["min"]) / (span if span > 0 else 1.0)
+        return values
+
+    def _codes(self, text: pd.Series, column: CategoricalColumn) -> np.ndarray:
+        index = pd.Index(self.vocabularies[column.name])
+        return (index.get_indexer(text) + 1).astype(np.int64)  # -1 (unknown) becomes 0, the OOV bucket
+
+    def _multi_codes(self, series: pd.Series, column: MultiValuedColumn, oov: dict[str, int]) -> np.ndarray:
+        lists = self._split(series, column)
+        lengths = lists.map(len).to_numpy()
+        flat = pd.Series([v for cell in lists for v in cell], dtype=object)
+        codes = self._codes(flat, column) if len(flat) else np.zeros(0, dtype=np.int64)
+        oov[column.name] = int((codes == 0).sum())
+        out = np.full((len(series), column.max_length), -1, dtype=np.int64)
+        rows = np.repeat(np.arange(len(series)), lengths)
+        positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, positions] = codes
+        return out
+
+    # ------------------------------------------------------------------------------- model input
+    def encoder_config(self) -> EncoderConfig:
+        """Sizes of the feature encoder that reads this preprocessor's tensors."""
+        self._check_fitted()
+        schema = self.schema
+        return EncoderConfig(
+            num_dense=len(schema.dense),
+            categorical_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in schema.categorical],
+            categorical_embedding_dims=[schema.embedding_dim(c) for c in schema.categorical],
+            multi_valued_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in schema.multi_valued],
+            multi_valued_embedding_dims=[schema.embedding_dim(c) for c in schema.multi_valued],
+            multi_valued_pooling=[c.pooling for c in schema.multi_valued],
+        )
+
+    # ------------------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"format": FORMAT, "schema": self.schema.to_dict(), "vocabularies": self.vocabularies,
+                "dense_statistics": self.dense_statistics}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TablePreprocessor":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise DataError(f"preprocessing: expected a mapping with format {FORMAT!r}")
+        out = cls(TableSchema.from_dict(data["schema"]))
+        out.vocabularies = {k: list(v) for k, v in data["vocabularies"].items()}
+        out.dense_statistics = {k: dict(v) for k, v in data["dense_statistics"].items()}
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TablePreprocessor":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise DataError(f"{path}: not a readable preprocessing file ({error})") from None
+        return cls.from_dict(data)
