@@ -93,6 +93,82 @@ def reproduce_mmoe_synthetic(
     console.print(f"wrote {out}/summary.csv, history.csv, table.md, loss_curves.png, final_loss_distribution.png")
 
 
+@app.command("train")
+def train_command(
+    config: Path = typer.Option(..., "--config", help="Run config (YAML or TOML): data, schema, model, training."),
+    out: Optional[Path] = typer.Option(None, help="Run folder to create (default: runs/<config name>)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+) -> None:
+    """Train a model on your own table and write a run folder."""
+    import json
+
+    from mtlkit.experiments.tabular_run import load_run_config, train_run
+
+    run_config = load_run_config(config)
+    folder = train_run(run_config, out or Path("runs") / config.stem, overwrite=overwrite)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    _print_scores(metrics.get("test") or metrics["valid"], "test" if "test" in metrics else "valid")
+    console.print(f"wrote {folder}/ (config.yaml, preprocessing.json, model.pt, metrics.json, learning_curves.png, report.md)")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),
+    data: Path = typer.Option(..., "--data", help="A labelled table (CSV, CSV.gz or Parquet)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the metrics as JSON here."),
+) -> None:
+    """Score a trained run on a labelled table."""
+    from mtlkit.experiments.tabular_run import evaluate_run
+    from mtlkit.files import write_json
+
+    result = evaluate_run(run, data)
+    _print_scores(result["metrics"], str(data))
+    unseen = {k: v for k, v in result["out_of_vocabulary"].items() if v}
+    if unseen:
+        console.print(f"out-of-vocabulary values (mapped to the OOV bucket): {unseen}")
+    if out:
+        write_json(out, result)
+
+
+@app.command("predict")
+def predict_command(
+    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),
+    data: Path = typer.Option(..., "--data", help="A table with the feature columns (labels not needed)."),
+    out: Path = typer.Option(..., "--out", help="Output table, CSV or Parquet by its name: one column per task."),
+    keep: Optional[str] = typer.Option(None, help="Comma-separated input columns to copy into the output (e.g. an id)."),
+) -> None:
+    """Predict every task for every row, streaming the table in chunks."""
+    from mtlkit.experiments.tabular_run import predict_run
+
+    keep_columns = tuple(c.strip() for c in keep.split(",") if c.strip()) if keep else ()
+    result = predict_run(run, data, out, keep_columns)
+    unseen = {k: v for k, v in result["out_of_vocabulary"].items() if v}
+    console.print(f"wrote {result['rows']} rows to {out}" + (f"; out-of-vocabulary values: {unseen}" if unseen else ""))
+
+
+@app.command("init-config")
+def init_config_command(
+    data: Path = typer.Option(..., "--data", help="A table to infer the schema from."),
+    labels: str = typer.Option(..., help="Comma-separated label columns (one task each)."),
+    out: Path = typer.Option(Path("run.yaml"), help="Where to write the starting config."),
+) -> None:
+    """Write a starting run config with a schema inferred from a table, for you to edit."""
+    from mtlkit.experiments.tabular_run import dump_config, initial_config
+
+    if out.exists():
+        raise MtlkitError(f"{out} already exists; choose another --out")
+    dump_config(initial_config(data, [c.strip() for c in labels.split(",") if c.strip()]), out)
+    console.print(f"wrote {out}; review the schema (dense vs categorical, task types), then: mtlkit train --config {out}")
+
+
+def _print_scores(scores: dict, title: str) -> None:
+    names = sorted({m for s in scores.values() for m in s if m != "count"})
+    table = Table("task", *names, "labelled rows", title=title)
+    for task, values in scores.items():
+        table.add_row(task, *[f"{values[m]:.4f}" if m in values else "" for m in names], str(int(values["count"])))
+    console.print(table)
+
+
 def _parse_floats(text: str, option: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]

@@ -136,12 +136,16 @@ class TaskSpec:
         type: a registered task type (``"binary"``, ``"regression"``, ...).
         label: the label column in a table (defaults to ``name``).
         weight: fixed weight of this task's loss in the joint objective (>= 0).
+        sample_space: optional column marking the rows where this task is defined (value 1); other
+            rows count as unlabelled for it (the PLE paper's per-task sample space; ESMM's CVR task is
+            defined on clicked rows: ``sample_space="click"``).
     """
 
     name: str
     type: str = "binary"
     label: str | None = None
     weight: float = 1.0
+    sample_space: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -167,7 +171,8 @@ class TaskSpec:
 
     def to_dict(self) -> dict:
         """Plain-data form, for configs and checkpoints."""
-        return {"name": self.name, "type": self.type, "label": self.label, "weight": self.weight}
+        return {"name": self.name, "type": self.type, "label": self.label, "weight": self.weight,
+                "sample_space": self.sample_space}
 
     @classmethod
     def from_dict(cls, data: dict | "TaskSpec") -> "TaskSpec":
@@ -175,12 +180,12 @@ class TaskSpec:
         if isinstance(data, TaskSpec):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"a task must be a mapping with keys name/type/label/weight, got {data!r}")
-        unknown = set(data) - {"name", "type", "label", "weight"}
+            raise ConfigError(f"a task must be a mapping with keys name/type/label/weight/sample_space, got {data!r}")
+        unknown = set(data) - {"name", "type", "label", "weight", "sample_space"}
         if unknown:
             raise ConfigError(
                 f"task {data.get('name')!r}: unknown key(s) {sorted(unknown)}; "
-                "expected name, type, label, weight"
+                "expected name, type, label, weight, sample_space"
             )
         if "name" not in data:
             raise ConfigError(f"task {data!r} is missing the key 'name'")

@@ -138,7 +138,7 @@ class TableSchema:
         repeated = sorted({n for n in features if features.count(n) > 1})
         if repeated:
             raise ConfigError(f"schema: columns declared more than once: {repeated}")
-        labels = {t.label_column for t in self.tasks}
+        labels = {t.label_column for t in self.tasks} | {t.sample_space for t in self.tasks if t.sample_space}
         special = {c for c in (self.weight_column, self.group_column) if c}
         clash = sorted((labels | special) & set(features))
         if clash:
@@ -151,8 +151,14 @@ class TableSchema:
     @property
     def required_columns(self) -> list[str]:
         """Every column a training table must have."""
-        extra = [c for c in (self.weight_column, self.group_column) if c]
-        return list(dict.fromkeys(self.feature_names + [t.label_column for t in self.tasks] + extra))
+        return list(dict.fromkeys(self.feature_names + self.label_columns))
+
+    @property
+    def label_columns(self) -> list[str]:
+        """Label, sample-space, weight and group columns (what training and evaluation read besides features)."""
+        columns = [t.label_column for t in self.tasks] + [t.sample_space for t in self.tasks if t.sample_space]
+        columns += [c for c in (self.weight_column, self.group_column) if c]
+        return list(dict.fromkeys(columns))
 
     def embedding_dim(self, column: CategoricalColumn) -> int:
         return column.embedding_dim or self.default_embedding_dim
@@ -166,14 +172,21 @@ class TableSchema:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tasks": [t.to_dict() for t in self.tasks],
-            "dense": to_plain(list(self.dense)),
-            "categorical": to_plain(list(self.categorical)),
-            "multi_valued": to_plain(list(self.multi_valued)),
+            "dense": [_compact(c) for c in self.dense],
+            "categorical": [_compact(c) for c in self.categorical],
+            "multi_valued": [_compact(c) for c in self.multi_valued],
             "weight_column": self.weight_column,
             "group_column": self.group_column,
             "default_embedding_dim": self.default_embedding_dim,
             "missing_values": list(self.missing_values),
         }
+
+
+def _compact(column) -> str | dict[str, Any]:
+    """A column as its bare name when every option is the default, else only the options that differ."""
+    defaults = type(column)(name=column.name)
+    changed = {k: v for k, v in to_plain(column).items() if k == "name" or v != getattr(defaults, k)}
+    return column.name if len(changed) == 1 else changed
 
 
 def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_numeric: int = 20,

@@ -174,8 +174,7 @@ class TablePreprocessor:
         """
         self._check_fitted()
         schema = self.schema
-        required = schema.feature_names + ([t.label_column for t in schema.tasks] if with_labels else [])
-        required += [c for c in (schema.weight_column, schema.group_column) if c and (with_labels or c == schema.group_column)]
+        required = schema.required_columns if with_labels else schema.feature_names + [c for c in [schema.group_column] if c]
         check_columns(frame, required, source)
         if len(frame) == 0:
             raise DataError(f"{source}: the table has no rows")
@@ -196,6 +195,10 @@ class TablePreprocessor:
         if with_labels:
             labels = np.stack([_as_number(frame[t.label_column], t.label_column, source, schema.missing_values)
                                for t in schema.tasks], 1)
+            for k, task in enumerate(schema.tasks):
+                if task.sample_space:
+                    inside = _as_number(frame[task.sample_space], task.sample_space, source, schema.missing_values) == 1
+                    labels[~inside, k] = np.nan
             labels_tensor = torch.from_numpy(labels.astype(np.float32))
             for k, task in enumerate(schema.tasks):
                 task.task_type.check_labels(labels_tensor[:, k], f"{source}: label column {task.label_column!r} (task {task.name!r})")

@@ -1,0 +1,334 @@
+"""Train, evaluate and predict on one's own tables, with everything of a run kept in one folder.
+
+A run folder holds: ``config.yaml`` (the resolved config), ``preprocessing.json`` (the fitted
+preprocessing), ``model.pt`` (the best checkpoint), ``metrics.json``, ``history.csv``,
+``learning_curves.png`` and ``report.md``. It is written into a temporary folder and renamed at the
+end, so a failed run leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+import yaml
+
+from mtlkit.configuration import from_mapping
+from mtlkit.data.readers import iter_table, read_table, table_format
+from mtlkit.data.schema import TableSchema, infer_schema
+from mtlkit.errors import ConfigError, DataError
+from mtlkit.features import FeatureEncoder, TablePreprocessor
+from mtlkit.files import atomic_write, write_json, write_text
+from mtlkit.models import TabularMultiTaskModel, build_model, model_config
+from mtlkit.reports.plots import plot_learning_curves
+from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
+from mtlkit.training.metrics import group_auc
+
+__all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
+           "dump_config", "LoadedRun", "load_run"]
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from (paths relative to the config file).
+
+    Args:
+        train: training table (CSV, CSV.gz or Parquet).
+        valid: validation table; when absent, ``valid_fraction`` of the training rows (seeded).
+        test: optional test table, scored once with the best weights.
+        valid_fraction: share of training rows held out when ``valid`` is absent.
+        chunk_rows: rows per chunk when reading and predicting.
+    """
+
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    valid_fraction: float = 0.1
+    chunk_rows: int = 250_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.valid_fraction < 1:
+            raise ConfigError(f"data.valid_fraction: expected a number in (0, 1), got {self.valid_fraction!r}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, schema, model (``name`` plus its config fields) and training options."""
+
+    data: DataConfig
+    schema: TableSchema
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "mmoe"})
+    training: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.data = from_mapping(DataConfig, self.data, "data")
+        self.schema = TableSchema.from_dict(self.schema)
+        self.training = self.training if isinstance(self.training, TrainerConfig) else TrainerConfig.from_dict(self.training or {})
+        if not isinstance(self.model, Mapping) or "name" not in self.model:
+            raise ConfigError("model: expected a mapping with a 'name' (one of the registered models) and its options")
+        name = self.model["name"]
+        reserved = sorted({"input_dim", "tasks"} & set(self.model))
+        if reserved:
+            raise ConfigError(f"model: {reserved} come from the schema and the encoder; remove them from the model section")
+        # Validate the options now, before any data is read (input_dim is a placeholder here).
+        model_config(name, {"input_dim": 1, "tasks": self.schema.tasks, **self.model_options})
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "name"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": dict(self.data.__dict__), "schema": self.schema.to_dict(), "model": dict(self.model),
+                "training": self.training.to_dict(), "seed": self.seed}
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        data = yaml.safe_load(text)
+    except Exception as error:  # YAML and TOML parsers raise their own types
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'YAML'} ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """Read and validate a YAML or TOML run config; data paths become relative to its folder."""
+    path = Path(path)
+    data = _read_mapping(path)
+    config = from_mapping(RunConfig, data, str(path))
+    for key in ("train", "valid", "test"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).is_absolute():
+            setattr(config.data, key, str((path.parent / value).resolve()))
+    return config
+
+
+def _scores_with_group_auc(model, encoded, tasks, batch_size: int) -> dict[str, dict[str, float]]:
+    scores = evaluate(model, encoded.tensors, tasks, batch_size)
+    if encoded.groups is not None:
+        with torch.no_grad():
+            model.eval()
+            outputs = {t.name: [] for t in tasks}
+            for batch in encoded.tensors.batches(batch_size):
+                for name, value in model(batch.inputs).items():
+                    outputs[name].append(value[:, 0])
+        for k, task in enumerate(tasks):
+            if task.type == "binary":
+                mask = encoded.tensors.label_mask[:, k]
+                scores[task.name]["gauc"] = group_auc(torch.cat(outputs[task.name])[mask],
+                                                      encoded.tensors.labels[mask, k], encoded.groups[mask])
+    return scores
+
+
+def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
+    """Fit the preprocessing, train, score and write the run folder ``out_dir``; returns its path."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    started = time.perf_counter()
+    schema = config.schema
+    columns = schema.required_columns
+    train_frame = read_table(config.data.train, columns)
+    if config.data.valid:
+        valid_frame = read_table(config.data.valid, columns)
+    else:
+        shuffled = train_frame.sample(frac=1.0, random_state=config.seed).reset_index(drop=True)
+        cut = int(round(len(shuffled) * config.data.valid_fraction))
+        if cut == 0 or cut == len(shuffled):
+            raise DataError(f"{config.data.train}: too few rows ({len(shuffled)}) to hold out a validation split")
+        valid_frame, train_frame = shuffled.iloc[:cut], shuffled.iloc[cut:]
+    test_frame = read_table(config.data.test, columns) if config.data.test else None
+
+    # All checks on the data happen here, before any training starts.
+    preprocessor = TablePreprocessor(schema).fit(train_frame, source=config.data.train)
+    train = preprocessor.transform(train_frame, source=config.data.train)
+    valid = preprocessor.transform(valid_frame, source=config.data.valid or f"{config.data.train} (held out)")
+    test = preprocessor.transform(test_frame, source=config.data.test) if test_frame is not None else None
+
+    torch.manual_seed(config.seed)
+    encoder = FeatureEncoder(preprocessor.encoder_config())
+    backbone = build_model(config.model["name"], {"input_dim": encoder.output_dim, "tasks": schema.tasks,
+                                                  **config.model_options})
+    model = TabularMultiTaskModel(encoder, backbone)
+    training = TrainerConfig.from_dict({**config.training.to_dict(), "progress": progress and config.training.progress})
+    result = Trainer(model, training).fit(train.tensors, valid.tensors)
+
+    batch = training.eval_batch_size
+    metrics: dict[str, Any] = {
+        "model": config.model["name"],
+        "parameters": model.count_parameters(),
+        "best_step": result.best_step, "steps": result.steps, "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 2),
+        "rows": {"train": len(train.tensors), "valid": len(valid.tensors), **({"test": len(test.tensors)} if test else {})},
+        "valid": _scores_with_group_auc(model, valid, model.tasks, batch),
+        "out_of_vocabulary": {"valid": valid.out_of_vocabulary, **({"test": test.out_of_vocabulary} if test else {})},
+    }
+    if test is not None:
+        metrics["test"] = _scores_with_group_auc(model, test, model.tasks, batch)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_text(staging / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        preprocessor.save(staging / "preprocessing.json")
+        save_checkpoint(staging / "model.pt", model, metadata={"best_step": result.best_step})
+        write_json(staging / "metrics.json", metrics)
+        history = pd.DataFrame(result.history)
+        history.to_csv(staging / "history.csv", index=False)
+        plot_learning_curves(history, staging / "learning_curves.png", f"{config.model['name']}: loss per task")
+        metrics["seconds"] = round(time.perf_counter() - started, 2)
+        write_text(staging / "report.md", _report(config, metrics))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _report(config: RunConfig, metrics: dict[str, Any]) -> str:
+    lines = [f"# mtlkit run: {config.model['name']}", "",
+             f"- training rows {metrics['rows']['train']}, validation rows {metrics['rows']['valid']}"
+             + (f", test rows {metrics['rows']['test']}" if "test" in metrics["rows"] else ""),
+             f"- parameters {metrics['parameters']:,}; best step {metrics['best_step']} of {metrics['steps']}"
+             f"{' (stopped early)' if metrics['stopped_early'] else ''}; {metrics['train_seconds']} s of training", ""]
+    for split in ("valid", "test"):
+        if split not in metrics:
+            continue
+        scores = metrics[split]
+        names = sorted({m for s in scores.values() for m in s if m != "count"})
+        lines += [f"## {split}", "", "| task | " + " | ".join(names) + " | labelled rows |",
+                  "|" + "---|" * (len(names) + 2)]
+        for task, values in scores.items():
+            cells = [f"{values[m]:.4f}" if m in values else "" for m in names]
+            lines.append(f"| {task} | " + " | ".join(cells) + f" | {int(values['count'])} |")
+        lines.append("")
+    unseen = {k: v for k, v in metrics["out_of_vocabulary"].get("valid", {}).items() if v}
+    lines.append(f"Out-of-vocabulary values in validation: {unseen or 'none'}.")
+    lines += ["", "![learning curves](learning_curves.png)", ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its config, fitted preprocessing and model (in eval mode)."""
+
+    config: RunConfig
+    preprocessor: TablePreprocessor
+    model: TabularMultiTaskModel
+
+
+def load_run(run_dir: str | os.PathLike) -> LoadedRun:
+    """Load a run folder, checking that the preprocessing and the checkpoint belong together."""
+    run = Path(run_dir)
+    for name in ("config.yaml", "preprocessing.json", "model.pt"):
+        if not (run / name).is_file():
+            raise DataError(f"{run}: not a run folder (no {name})")
+    config = from_mapping(RunConfig, yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    preprocessor = TablePreprocessor.load(run / "preprocessing.json")
+    model, payload = load_checkpoint(run / "model.pt")
+    expected = preprocessor.encoder_config().to_dict()
+    if payload.get("encoder_config") != expected:
+        raise DataError(f"{run}: the checkpoint's feature sizes {payload.get('encoder_config')} do not match "
+                        f"preprocessing.json {expected}; the files come from different runs")
+    if [t.name for t in model.tasks] != [t.name for t in preprocessor.schema.tasks]:
+        raise DataError(f"{run}: the checkpoint's tasks {[t.name for t in model.tasks]} do not match the schema's "
+                        f"{[t.name for t in preprocessor.schema.tasks]}")
+    model.eval()
+    return LoadedRun(config, preprocessor, model)
+
+
+def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, Any]:
+    """Metrics of a trained run on a labelled table (plus its out-of-vocabulary counts)."""
+    run = load_run(run_dir)
+    schema = run.preprocessor.schema
+    frame = read_table(data_file, schema.required_columns)
+    encoded = run.preprocessor.transform(frame, source=str(data_file))
+    scores = _scores_with_group_auc(run.model, encoded, run.model.tasks, run.config.training.eval_batch_size)
+    return {"data": str(data_file), "rows": len(frame), "metrics": scores, "out_of_vocabulary": encoded.out_of_vocabulary}
+
+
+def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,
+                keep_columns: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Write one prediction column per task (probability for binary, value for regression), chunk by chunk.
+
+    Labels are not needed. ``keep_columns`` are copied through (e.g. an id). The output is written to a
+    temporary file and renamed, so an error midway leaves no partial file.
+    """
+    run = load_run(run_dir)
+    schema = run.preprocessor.schema
+    columns = list(dict.fromkeys(schema.feature_names + ([schema.group_column] if schema.group_column else []) + list(keep_columns)))
+    kind = table_format(out_file)
+    out_file = Path(out_file)
+    rows, unseen = 0, {}
+
+    def write(tmp: str) -> None:
+        nonlocal rows
+        writer = None
+        try:
+            for i, chunk in enumerate(iter_table(data_file, columns, run.config.data.chunk_rows)):
+                encoded = run.preprocessor.transform(chunk, source=str(data_file), with_labels=False)
+                for key, count in encoded.out_of_vocabulary.items():
+                    unseen[key] = unseen.get(key, 0) + count
+                predictions = {}
+                for batch in encoded.tensors.batches(run.config.training.eval_batch_size):
+                    for name, value in run.model.predict(batch.inputs).items():
+                        predictions.setdefault(name, []).append(value)
+                table = pd.DataFrame({name: torch.cat(parts).numpy() for name, parts in predictions.items()})
+                for column in reversed(keep_columns):
+                    table.insert(0, column, chunk[column].to_numpy())
+                rows += len(table)
+                if kind == "parquet":
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
+
+                    batch_table = pa.Table.from_pandas(table, preserve_index=False)
+                    writer = writer or pq.ParquetWriter(tmp, batch_table.schema)
+                    writer.write_table(batch_table)
+                else:
+                    table.to_csv(tmp, mode="w" if i == 0 else "a", header=i == 0, index=False,
+                                 compression="gzip" if out_file.name.endswith(".gz") else None)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    atomic_write(out_file, write)
+    return {"rows": rows, "out": str(out_file), "out_of_vocabulary": unseen}
+
+
+def initial_config(data_file: str | os.PathLike, labels: list[str], sample_rows: int = 100_000) -> dict[str, Any]:
+    """A starting run config (as plain data) with a schema inferred from the first rows of ``data_file``."""
+    frame = next(iter_table(data_file, chunk_rows=sample_rows))
+    schema = infer_schema(frame, labels)
+    return {
+        "data": {"train": str(Path(data_file).resolve()), "valid": None, "test": None, "valid_fraction": 0.1},
+        "schema": schema.to_dict(),
+        "model": {"name": "mmoe", "num_experts": 8, "expert_hidden": [64], "tower_hidden": [32]},
+        "training": TrainerConfig(max_epochs=10, batch_size=1024, patience=3).to_dict(),
+        "seed": 0,
+    }
+
+
+def dump_config(data: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a config as YAML, or as TOML when the name ends in ``.toml``."""
+    path = Path(path)
+    if path.suffix.lower() == ".toml":
+        raise ConfigError(f"{path}: writing TOML is not supported; write .yaml (TOML configs can be read)")
+    return write_text(path, yaml.safe_dump(data, sort_keys=False))
