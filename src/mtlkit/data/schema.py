@@ -32,14 +32,19 @@ class DenseColumn:
         log: apply ``sign(x) * log1p(|x|)`` first (for heavy-tailed columns such as amounts or counts).
         fill_value: value for missing entries (before the log and normalisation); ``None`` uses the
             training mean.
+        embed_values: when > 0, the column's exact values seen at least this many times in training
+            are also embedded like a categorical column (rarer values share the OOV bucket). This lets
+            a network treat ages, counts or round amounts non-linearly, as trees do; 0 turns it off.
     """
 
     name: str
     normalization: str = "standard"
     log: bool = False
     fill_value: float | None = None
+    embed_values: int = 0
 
     def __post_init__(self) -> None:
+        check_count(self.embed_values, f"dense column {self.name!r}: embed_values", 0)
         if self.normalization not in NORMALIZATIONS:
             raise ConfigError(f"dense column {self.name!r}: normalization must be one of {list(NORMALIZATIONS)}, "
                               f"got {self.normalization!r}")
@@ -147,6 +152,12 @@ class TableSchema:
     @property
     def feature_names(self) -> list[str]:
         return [c.name for c in (*self.dense, *self.categorical, *self.multi_valued)]
+
+    @property
+    def value_embedded(self) -> list[CategoricalColumn]:
+        """Dense columns whose values are also embedded, as the categorical columns they become
+        (named ``<column>#value``; they follow the declared categorical columns)."""
+        return [CategoricalColumn(name=f"{c.name}#value", min_frequency=c.embed_values) for c in self.dense if c.embed_values]
 
     @property
     def required_columns(self) -> list[str]:

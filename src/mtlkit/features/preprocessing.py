@@ -7,7 +7,9 @@ Encoding conventions:
 - categorical code 0 is the out-of-vocabulary bucket (values unseen in training or rarer than
   ``min_frequency``); known values are 1.. in order of training frequency;
 - missing categorical cells become the explicit value ``<missing>``;
-- multi-valued cells are padded with -1 up to ``max_length``.
+- multi-valued cells are padded with -1 up to ``max_length``;
+- dense columns with ``embed_values`` also give a categorical code of their exact value, placed after
+  the declared categorical columns.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def _as_number(series: pd.Series, column: str, source: str, missing_values: tupl
     return values
 
 
+def _value_text(series: pd.Series, column: str, source: str, missing_values: tuple[str, ...]) -> pd.Series:
+    """A dense column's values as canonical text ("39.0"), so CSV and Parquet inputs agree."""
+    values = _as_number(series, column, source, missing_values)
+    return pd.Series(values.astype(str), dtype=object).mask(np.isnan(values), MISSING_TOKEN)
+
+
 def _signed_log(values: np.ndarray) -> np.ndarray:
     return np.sign(values) * np.log1p(np.abs(values))
 
@@ -117,6 +125,10 @@ class TablePreprocessor:
             for column in schema.categorical:
                 counted = _as_text(frame[column.name], schema.missing_values).value_counts()
                 counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
+            for column in schema.value_embedded:
+                dense_name = column.name.split("#")[0]
+                counted = _value_text(frame[dense_name], dense_name, source, schema.missing_values).value_counts()
+                counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
             for column in schema.multi_valued:
                 values = self._split(frame[column.name], column).explode().dropna()
                 counted = values.value_counts()
@@ -136,7 +148,7 @@ class TablePreprocessor:
         if rows == 0:
             raise DataError(f"{source}: no rows to fit the preprocessing on")
         self.vocabularies = {}
-        for column in (*schema.categorical, *schema.multi_valued):
+        for column in (*schema.categorical, *schema.value_embedded, *schema.multi_valued):
             counted = counts.get(column.name, pd.Series(dtype=float))
             kept = counted[counted >= column.min_frequency]
             # Most frequent first; ties broken by the value so the order never depends on the chunks.
@@ -182,12 +194,15 @@ class TablePreprocessor:
         oov: dict[str, int] = {}
         if schema.dense:
             inputs["dense"] = torch.from_numpy(np.stack([self._dense(frame, c, source) for c in schema.dense], 1).astype(np.float32))
-        if schema.categorical:
-            codes = []
-            for column in schema.categorical:
-                code = self._codes(_as_text(frame[column.name], schema.missing_values), column)
-                oov[column.name] = int((code == 0).sum())
-                codes.append(code)
+        codes = []
+        for column in schema.categorical:
+            code = self._codes(_as_text(frame[column.name], schema.missing_values), column)
+            oov[column.name] = int((code == 0).sum())
+            codes.append(code)
+        for column in schema.value_embedded:
+            dense_name = column.name.split("#")[0]
+            codes.append(self._codes(_value_text(frame[dense_name], dense_name, source, schema.missing_values), column))
+        if codes:
             inputs["categorical"] = torch.from_numpy(np.stack(codes, 1))
         if schema.multi_valued:
             inputs["multi_valued"] = torch.from_numpy(
@@ -251,10 +266,11 @@ class TablePreprocessor:
         """Sizes of the feature encoder that reads this preprocessor's tensors."""
         self._check_fitted()
         schema = self.schema
+        categorical = [*schema.categorical, *schema.value_embedded]
         return EncoderConfig(
             num_dense=len(schema.dense),
-            categorical_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in schema.categorical],
-            categorical_embedding_dims=[schema.embedding_dim(c) for c in schema.categorical],
+            categorical_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in categorical],
+            categorical_embedding_dims=[schema.embedding_dim(c) for c in categorical],
             multi_valued_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in schema.multi_valued],
             multi_valued_embedding_dims=[schema.embedding_dim(c) for c in schema.multi_valued],
             multi_valued_pooling=[c.pooling for c in schema.multi_valued],
