@@ -77,8 +77,9 @@ def iter_table(path: str | os.PathLike, columns: Sequence[str] | None = None,
                          chunksize=chunk_rows)
     empty = True
     for chunk in reader:
-        empty = False
-        yield chunk
+        if len(chunk):
+            empty = False
+            yield chunk
     if empty:
         raise DataError(f"{path}: the table has a header but no rows")
 

@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtlkit import ConfigError
+from mtlkit.experiments.tabular_run import RunConfig, train_run
+from mtlkit.models import build_model, esmm_tasks
+from mtlkit.models.esmm import probability_product_logit
+
+
+def test_ctcvr_logit_is_the_product_of_probabilities():
+    a = torch.linspace(-30, 30, 121, dtype=torch.float64)
+    a, b = torch.meshgrid(a, a.flip(0), indexing="ij")
+    logit = probability_product_logit(a, b)
+    assert torch.isfinite(logit).all()
+    expected = torch.sigmoid(a) * torch.sigmoid(b)
+    torch.testing.assert_close(torch.sigmoid(logit), expected.clamp(max=1 - 1e-7), atol=1e-7, rtol=1e-6)
+
+
+def test_bce_on_the_ctcvr_logit_equals_bce_on_the_product():
+    a, b = torch.randn(100, dtype=torch.float64) * 3, torch.randn(100, dtype=torch.float64) * 3
+    y = (torch.rand(100) < 0.2).double()
+    ours = F.binary_cross_entropy_with_logits(probability_product_logit(a, b), y)
+    reference = F.binary_cross_entropy(torch.sigmoid(a) * torch.sigmoid(b), y)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_esmm_outputs_and_no_direct_cvr_loss():
+    model = build_model("esmm", input_dim=12, tasks=esmm_tasks())
+    out = model(torch.randn(5, 12))
+    assert set(out) == {"ctr", "cvr", "ctcvr"} and all(v.shape == (5, 1) for v in out.values())
+    assert {t.name: t.weight for t in model.tasks} == {"ctr": 1.0, "cvr": 0.0, "ctcvr": 1.0}
+    with pytest.raises(ConfigError, match="exactly"):
+        build_model("esmm", input_dim=12, tasks=["ctr", "cvr"])
+    with pytest.raises(ConfigError, match="binary"):
+        build_model("esmm", input_dim=12, tasks=[{"name": "ctr"}, {"name": "cvr", "type": "regression"}, {"name": "ctcvr"}])
+
+
+def _ali_ccp_config(shared_data, model):
+    folder = shared_data / "ali_ccp_sample"
+    categorical = ["101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210",
+                   "216", "508", "509", "702", "853", "301", "109_14", "110_14", "127_14", "150_14"]
+    return RunConfig(
+        data={"train": str(folder / "ali_ccp_train_sample.csv"), "valid": str(folder / "ali_ccp_val_sample.csv"),
+              "test": str(folder / "ali_ccp_test_sample.csv")},
+        schema={"tasks": [{"name": "ctr", "label": "click"},
+                          {"name": "cvr", "label": "purchase", "weight": 0.0, "sample_space": "click"},
+                          {"name": "ctcvr", "label": "purchase"}],
+                "dense": ["D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853"],
+                "categorical": categorical, "default_embedding_dim": 18},
+        model=model, training={"max_epochs": 3, "batch_size": 32, "progress": False})
+
+
+def test_esmm_on_the_ali_ccp_sample(shared_data, tmp_path):
+    import json
+
+    run = train_run(_ali_ccp_config(shared_data, {"name": "esmm", "tower_hidden": [64, 32]}), tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    # CVR is scored on clicked rows only (2 clicks in the test file); CTR and CTCVR on all 50.
+    assert metrics["test"]["cvr"]["count"] == 2
+    assert metrics["test"]["ctr"]["count"] == metrics["test"]["ctcvr"]["count"] == 50
+    assert 0.0 <= metrics["test"]["ctr"]["auc"] <= 1.0
+
+
+def test_mmoe_on_the_aliexpress_sample(shared_data, tmp_path):
+    import json
+
+    folder = shared_data / "aliexpress_sample"
+    config = RunConfig(
+        data={"train": str(folder / "aliexpress_train_sample.csv"), "test": str(folder / "aliexpress_test_sample.csv"),
+              "valid_fraction": 0.2},
+        schema={"tasks": ["click", "conversion"], "dense": [f"numerical_{i}" for i in range(1, 64)],
+                "categorical": [f"categorical_{i}" for i in range(1, 17)], "group_column": "search_id"},
+        model={"name": "mmoe", "num_experts": 4, "expert_hidden": [32]},
+        training={"max_epochs": 3, "batch_size": 16, "progress": False})
+    run = train_run(config, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rows"] == {"train": 80, "valid": 20, "test": 20}
+    assert "gauc" in metrics["test"]["click"]  # grouped by search_id

@@ -1,0 +1,140 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mtlkit import ConfigError, DataError
+from mtlkit.experiments.tabular_run import evaluate_run, load_run, load_run_config, predict_run, train_run
+
+from tables import SCHEMA, make_table
+
+
+def mtlkit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mtlkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def files(tmp_path):
+    make_table(800, seed=0).to_csv(tmp_path / "train.csv", index=False)
+    make_table(200, seed=1).to_parquet(tmp_path / "test.parquet", index=False)
+    config = {"data": {"train": "train.csv", "test": "test.parquet", "valid_fraction": 0.2, "chunk_rows": 64},
+              "schema": SCHEMA,
+              "model": {"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
+              "training": {"max_epochs": 4, "batch_size": 64, "progress": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_train_evaluate_predict_from_the_command_line(files):
+    done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = files / "run"
+    for name in ("config.yaml", "preprocessing.json", "model.pt", "metrics.json", "history.csv", "learning_curves.png", "report.md"):
+        assert (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"click", "buy", "watch"} and "mse" in metrics["test"]["watch"]
+    assert metrics["test"]["click"]["auc"] > 0.6  # the table has real signal for clicks
+
+    evaluated = evaluate_run(run, files / "test.parquet")
+    assert evaluated["metrics"]["click"]["auc"] == pytest.approx(metrics["test"]["click"]["auc"])
+    done = mtlkit("evaluate", str(run), "--data", str(files / "test.parquet"))
+    assert done.returncode == 0 and "click" in done.stdout
+
+    done = mtlkit("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "p.csv"), "--keep", "user")
+    assert done.returncode == 0, done.stdout + done.stderr
+    predictions = pd.read_csv(files / "p.csv")
+    assert list(predictions.columns) == ["user", "click", "buy", "watch"] and len(predictions) == 200
+    assert predictions["click"].between(0, 1).all()
+    # Streaming in chunks of 64 rows gives the same numbers as one forward over all rows.
+    loaded = load_run(run)
+    encoded = loaded.preprocessor.transform(pd.read_parquet(files / "test.parquet"), with_labels=False)
+    direct = loaded.model.predict(encoded.tensors.inputs)
+    torch.testing.assert_close(torch.tensor(predictions["click"].to_numpy(), dtype=torch.float32), direct["click"], atol=1e-6, rtol=0)
+    predict_run(run, files / "test.parquet", files / "p.parquet")
+    assert pd.read_parquet(files / "p.parquet")["watch"].notna().all()
+
+
+def test_init_config_then_train(files):
+    done = mtlkit("init-config", "--data", str(files / "train.csv"), "--labels", "click,buy", "--out", str(files / "start.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = load_run_config(files / "start.yaml")
+    assert [t.name for t in config.schema.tasks] == ["click", "buy"]
+    config.training.max_epochs, config.training.progress = 1, False
+    assert (train_run(config, files / "from-init") / "model.pt").exists()
+    again = mtlkit("init-config", "--data", str(files / "train.csv"), "--labels", "click", "--out", str(files / "start.yaml"))
+    assert again.returncode == 2 and "exists" in again.stdout
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["training"].update(learnin_rate=0.1), "learnin_rate"),
+    (lambda c: c["model"].update(num_experts=0), "num_experts"),
+    (lambda c: c["model"].update(name="transformer"), "transformer"),
+    (lambda c: c["schema"]["dense"].append("colour"), r"missing column.*colour"),
+    (lambda c: c.update(optimiser="sgd"), "optimiser"),
+    (lambda c: c["data"].update(train="nowhere.csv"), "no such file"),
+])
+def test_bad_configs_fail_before_training_and_leave_nothing(files, edit, message):
+    config = yaml.safe_load((files / "run.yaml").read_text())
+    edit(config)
+    (files / "bad.yaml").write_text(yaml.safe_dump(config))
+    done = mtlkit("train", "--config", str(files / "bad.yaml"), "--out", str(files / "bad-run"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error" in done.stdout and __import__("re").search(message, done.stdout.replace("\n", ""))
+    assert not (files / "bad-run").exists()
+    assert not [p for p in files.iterdir() if p.name.startswith(".bad-run")]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.assign(click=f["click"].replace(0, 3)), "'click'.*{0, 1}"),
+    (lambda f: f.assign(age=f["age"].astype(str).str.replace("4", "four")), "'age' must be numeric"),
+    (lambda f: f.iloc[:0], "no rows"),
+])
+def test_bad_training_tables(files, mutate, message):
+    mutate(make_table(300)).to_csv(files / "train.csv", index=False)
+    config = load_run_config(files / "run.yaml")
+    with pytest.raises(DataError, match=message):
+        train_run(config, files / "run")
+    assert not (files / "run").exists()
+
+
+def test_empty_config_file_and_bad_yaml(files):
+    (files / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_run_config(files / "empty.yaml")
+    (files / "broken.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid"):
+        load_run_config(files / "broken.yaml")
+
+
+def test_toml_configs_are_read(files):
+    (files / "run.toml").write_text(
+        '[data]\ntrain = "train.csv"\n[schema]\ntasks = ["click"]\ndense = ["age"]\n'
+        '[model]\nname = "shared_bottom"\nbottom_hidden = [8]\n[training]\nmax_epochs = 1\nprogress = false\n')
+    config = load_run_config(files / "run.toml")
+    assert config.model["name"] == "shared_bottom" and config.data.train.endswith("train.csv")
+
+
+def test_mismatched_run_files_and_prediction_errors(files):
+    config = load_run_config(files / "run.yaml")
+    config.training.max_epochs = 1
+    run = train_run(config, files / "run")
+    with pytest.raises(ConfigError, match="exists"):
+        train_run(config, files / "run")
+    # A preprocessing file from another run (a different vocabulary) must not pair with this model.
+    pre = json.loads((run / "preprocessing.json").read_text())
+    pre["vocabularies"]["city"].append("berlin")
+    (run / "preprocessing.json").write_text(json.dumps(pre))
+    with pytest.raises(DataError, match="different runs"):
+        load_run(run)
+    pre["vocabularies"]["city"].pop()
+    (run / "preprocessing.json").write_text(json.dumps(pre))
+    bad = make_table(50).drop(columns=["price"])
+    bad.to_csv(files / "nofeature.csv", index=False)
+    with pytest.raises(DataError, match="price"):
+        predict_run(run, files / "nofeature.csv", files / "out.csv")
+    assert not (files / "out.csv").exists()
+    assert not [p for p in files.iterdir() if p.name.startswith(".out.csv")]

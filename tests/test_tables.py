@@ -1,0 +1,219 @@
+import gzip
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mtlkit import ConfigError, DataError
+from mtlkit.data.readers import iter_table, read_table
+from mtlkit.data.schema import TableSchema, infer_schema
+from mtlkit.features import MISSING_TOKEN, FeatureEncoder, TablePreprocessor
+from mtlkit.models import TabularMultiTaskModel, build_model
+from mtlkit.training import load_checkpoint, save_checkpoint
+
+from tables import SCHEMA, make_table
+
+
+@pytest.fixture
+def frame():
+    return make_table()
+
+
+@pytest.fixture
+def schema():
+    return TableSchema.from_dict(SCHEMA)
+
+
+def test_schema_round_trip_and_required_columns(schema):
+    again = TableSchema.from_dict(schema.to_dict())
+    assert again.to_dict() == schema.to_dict()
+    assert schema.required_columns == ["price", "age", "city", "user", "tags", "click", "buy", "watch_time"]
+    assert schema.to_dict()["categorical"][0] == "city"  # defaults are written as a bare name
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dense": [{"name": "price", "normalisation": "standard"}]}, r"schema.dense\[0\].*normalisation"),
+    ({"dense": [{"name": "price", "normalization": "zscore"}]}, "normalization"),
+    ({"categorical": ["city", "city"]}, "more than once"),
+    ({"categorical": ["click"]}, "cannot also be features"),
+    ({"categorical": [{"name": "city", "embedding_dim": 0}]}, "embedding_dim"),
+    ({"multi_valued": [{"name": "tags", "pooling": "max"}]}, "pooling"),
+    ({"colour": 1}, "colour"),
+    ({"dense": [], "categorical": [], "multi_valued": []}, "at least one feature"),
+])
+def test_bad_schemas_name_the_key(change, message):
+    with pytest.raises(ConfigError, match=message):
+        TableSchema.from_dict({**SCHEMA, **change})
+
+
+def test_infer_schema(frame):
+    schema = infer_schema(frame, ["click", "watch_time"])
+    assert [(t.name, t.type) for t in schema.tasks] == [("click", "binary"), ("watch_time", "regression")]
+    dense = {c.name: c for c in schema.dense}
+    assert {"price", "age"} <= set(dense)  # numeric with many distinct values
+    assert dense["price"].log and not dense["age"].log
+    assert {c.name for c in schema.categorical} >= {"city", "tags", "buy"}
+    with pytest.raises(ConfigError, match="nope"):
+        infer_schema(frame, ["nope"])
+
+
+def test_csv_gzip_and_parquet_read_the_same(frame, schema, tmp_path):
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with gzip.open(tmp_path / "t.csv.gz", "wt") as f:
+        frame.to_csv(f, index=False)
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    encoded = {}
+    for name in ("t.csv", "t.csv.gz", "t.parquet"):
+        table = read_table(tmp_path / name, schema.required_columns)
+        pre = TablePreprocessor(schema).fit(table)
+        encoded[name] = pre.transform(table).tensors
+    for name in ("t.csv.gz", "t.parquet"):
+        for key in encoded["t.csv"].inputs:
+            torch.testing.assert_close(encoded[name].inputs[key], encoded["t.csv"].inputs[key])
+        torch.testing.assert_close(encoded[name].labels, encoded["t.csv"].labels, equal_nan=True)
+
+
+def test_chunked_fit_equals_whole_fit(frame, schema, tmp_path):
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    whole = TablePreprocessor(schema).fit(read_table(tmp_path / "t.csv"))
+    chunked = TablePreprocessor(schema).fit(iter_table(tmp_path / "t.csv", chunk_rows=97))
+    assert chunked.vocabularies == whole.vocabularies
+    for column, stats in whole.dense_statistics.items():
+        for key, value in stats.items():
+            assert chunked.dense_statistics[column][key] == pytest.approx(value, rel=1e-9)
+
+
+def test_preprocessing_values(frame, schema):
+    pre = TablePreprocessor(schema).fit(frame)
+    out = pre.transform(frame)
+    dense = out.tensors.inputs["dense"].double()
+    logged = np.sign(frame["price"]) * np.log1p(frame["price"].abs())
+    expected_price = (logged - logged.mean()) / logged.std(ddof=0)
+    np.testing.assert_allclose(dense[:, 0].numpy(), expected_price, atol=1e-5)
+    assert dense[:, 1].min().item() == pytest.approx(0.0) and dense[:, 1].max().item() == pytest.approx(1.0)
+    # "NA" is a value, not a missing cell; vocabularies are most frequent first with 0 as OOV.
+    assert pre.vocabularies["city"][0] == "paris" and "NA" in pre.vocabularies["city"]
+    codes = out.tensors.inputs["categorical"]
+    assert (codes[:, 0] == 1).sum().item() == (frame["city"] == "paris").sum()
+    # Watch time is missing where there was no click: those rows are unlabelled for that task only.
+    assert out.tensors.label_mask[:, 2].sum().item() == frame["click"].sum()
+    assert out.tensors.label_mask[:, :2].all()
+
+
+def test_rare_values_and_unseen_values_go_to_the_oov_bucket(frame, schema):
+    pre = TablePreprocessor(schema).fit(frame)
+    counts = frame["user"].astype(str).value_counts()
+    assert set(pre.vocabularies["user"]) == set(counts[counts >= 2].index)
+    new = frame.head(5).copy()
+    new["city"] = ["tokyo", "paris", "", "lyon", "tokyo"]
+    out = pre.transform(new, source="new.csv")
+    assert out.out_of_vocabulary["city"] == 3  # two unseen cities and one missing (never seen missing)
+    assert out.tensors.inputs["categorical"][[0, 2, 4], 0].tolist() == [0, 0, 0]
+
+
+def test_missing_values(schema):
+    frame = make_table(200)
+    frame.loc[:9, "city"] = ""
+    frame.loc[:4, "price"] = np.nan
+    pre = TablePreprocessor(schema).fit(frame)
+    assert MISSING_TOKEN in pre.vocabularies["city"]
+    fill = pre.dense_statistics["price"]["fill"]
+    assert fill == pytest.approx(frame["price"].mean())
+    out = pre.transform(frame)
+    assert torch.isfinite(out.tensors.inputs["dense"]).all()
+
+
+def test_multi_valued_columns_are_padded_lists(frame, schema):
+    pre = TablePreprocessor(schema).fit(frame)
+    codes = pre.transform(frame).tensors.inputs["multi_valued"]
+    assert codes.shape == (len(frame), 1, 16)
+    lengths = (codes[:, 0] >= 0).sum(1)
+    expected = frame["tags"].map(lambda cell: len([v for v in cell.split("|") if v]))
+    assert lengths.tolist() == expected.tolist()
+
+
+def test_preprocessing_save_and_load_reproduce_the_transform(frame, schema, tmp_path):
+    pre = TablePreprocessor(schema).fit(frame)
+    pre.save(tmp_path / "pre.json")
+    again = TablePreprocessor.load(tmp_path / "pre.json")
+    a, b = pre.transform(frame).tensors, again.transform(frame).tensors
+    for key in a.inputs:
+        assert torch.equal(a.inputs[key], b.inputs[key])
+
+
+def test_embedded_values_of_dense_columns(frame):
+    schema = TableSchema.from_dict({**SCHEMA, "dense": [{"name": "age", "embed_values": 5}]})
+    pre = TablePreprocessor(schema).fit(frame)
+    counts = frame["age"].value_counts()
+    assert len(pre.vocabularies["age#value"]) == (counts >= 5).sum()
+    codes = pre.transform(frame).tensors.inputs["categorical"]
+    assert codes.shape[1] == 3  # city, user, then age's value
+    assert pre.encoder_config().categorical_cardinalities[-1] == (counts >= 5).sum() + 1
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.drop(columns=["city"]), r"train.csv.*missing column.*city"),
+    (lambda f: f.assign(age=["x"] + list(f["age"][1:])), r"column 'age' must be numeric; row 0 holds 'x'"),
+    (lambda f: f.assign(click=[2] + list(f["click"][1:])), r"label column 'click'.*\{0, 1\}"),
+    (lambda f: f.assign(price=[np.inf] + list(f["price"][1:])), r"'price'.*infinite"),
+])
+def test_bad_tables_are_clear_errors(frame, schema, tmp_path, mutate, message):
+    path = tmp_path / "train.csv"
+    mutate(frame).to_csv(path, index=False)
+    with pytest.raises(DataError, match=message):
+        table = read_table(path)
+        TablePreprocessor(schema).fit(table, source=str(path))
+        TablePreprocessor(schema).fit(make_table()).transform(table, source=str(path))
+
+
+def test_empty_files(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="no rows"):
+        read_table(tmp_path / "header.csv")
+    with pytest.raises(DataError, match="unknown table format"):
+        (tmp_path / "t.xlsx").write_text("x")
+        read_table(tmp_path / "t.xlsx")
+
+
+def test_fused_embedding_lookup_equals_per_column_lookups(frame, schema):
+    pre = TablePreprocessor(schema).fit(frame)
+    inputs = pre.transform(frame).tensors.inputs
+    encoder = FeatureEncoder(pre.encoder_config())
+    out = encoder(inputs)
+    assert out.shape == (len(frame), encoder.output_dim)
+    assert encoder.output_dim == 2 + 8 + 4 + 3
+    # Rebuild each column's embedding from its slice of the fused tables.
+    config = pre.encoder_config()
+    expected = [inputs["dense"]]
+    for width in sorted(set(config.categorical_embedding_dims)):
+        g = sorted(set(config.categorical_embedding_dims)).index(width)
+        table = encoder.groups[g].weight
+        offset = 0
+        for column, (card, dim) in enumerate(zip(config.categorical_cardinalities, config.categorical_embedding_dims)):
+            if dim != width:
+                continue
+            expected.append(table[offset:offset + card][inputs["categorical"][:, column]])
+            offset += card
+    codes = inputs["multi_valued"][:, 0]
+    weight = encoder.multi_valued[0].weight
+    pooled = torch.stack([weight[row[row >= 0]].mean(0) if (row >= 0).any() else torch.zeros(3) for row in codes])
+    expected.append(pooled)
+    torch.testing.assert_close(out, torch.cat(expected, 1))
+
+
+def test_tabular_model_checkpoint_round_trip(frame, schema, tmp_path):
+    pre = TablePreprocessor(schema).fit(frame)
+    inputs = pre.transform(frame).tensors.inputs
+    encoder = FeatureEncoder(pre.encoder_config())
+    model = TabularMultiTaskModel(encoder, build_model("ple", input_dim=encoder.output_dim, tasks=schema.tasks))
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded, payload = load_checkpoint(tmp_path / "m.pt")
+    assert payload["encoder_config"] == pre.encoder_config().to_dict()
+    model.eval(), loaded.eval()
+    for key, value in model(inputs).items():
+        torch.testing.assert_close(loaded(inputs)[key], value)
