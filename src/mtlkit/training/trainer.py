@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,15 @@ class FitResult:
         return {r["task"]: {k: v for k, v in r.items() if k not in ("step", "epoch", "split", "task")} for r in rows}
 
 
+def _adam(parameters: list[nn.Parameter], learning_rate: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one kernel for all parameters), or the multi-tensor one where the
+    fused kernel is unavailable; the update is the same."""
+    try:
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -210,10 +219,7 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
-        self.optimizer = torch.optim.Adam(
-            parameters, lr=self.config.learning_rate, weight_decay=self.config.weight_decay,
-            foreach=True,
-        )
+        self.optimizer = _adam(parameters, self.config.learning_rate, self.config.weight_decay)
         spec_weights = {t.name: t.weight for t in self.tasks}
         total = sum(spec_weights.values())
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
@@ -233,9 +239,11 @@ class Trainer:
         return scores[task][metric]
 
     def fit(self, train: MultiTaskTensors, valid: MultiTaskTensors | None = None,
-            extra_eval: Mapping[str, MultiTaskTensors] | None = None) -> FitResult:
+            extra_eval: Mapping[str, MultiTaskTensors] | None = None,
+            step_callback: Callable[[int], None] | None = None) -> FitResult:
         """Train; evaluate on ``valid`` (early stopping, best-weight restore) and on ``extra_eval`` sets
-        (recorded in the history only, never used for decisions)."""
+        (recorded in the history only, never used for decisions). ``step_callback(step)`` is called
+        after every optimizer step (benchmarks time windows of steps with it)."""
         c = self.config
         _check_tasks(self.tasks, train, "train")
         if valid is not None:
@@ -284,6 +292,8 @@ class Trainer:
                     running_steps += 1
                     step += 1
                     advance(1)
+                    if step_callback is not None:
+                        step_callback(step)
                     if step % eval_every == 0 or step == total_steps:
                         # The only host sync: once per evaluation, never per step.
                         means = (running / running_steps).tolist()

@@ -1,0 +1,287 @@
+"""One adapter per library: build the workload's model the library's own way and time it.
+
+Every adapter returns throughputs (samples/s) for windows of steps:
+- ``train``: through the library's own trainer and data path (what a user gets);
+- ``model``: forward + loss + backward + Adam step on one fixed batch (the model alone);
+- ``infer``: forward only, in inference mode.
+"""
+
+from __future__ import annotations
+
+import io
+import contextlib
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.workloads import Workload, WorkloadData, torch_inputs
+
+LIBRARIES = ("mtlkit", "torch_rechub", "deepctr_torch")
+
+
+def available(library: str) -> bool:
+    if library == "mtlkit":
+        return True
+    try:
+        __import__(library)
+        return True
+    except ImportError:
+        return False
+
+
+def _windows(run_step: Callable[[], None], batch: int, windows: int, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        run_step()
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return rates
+
+
+# --------------------------------------------------------------------------------------------- mtlkit
+def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
+    """mtlkit's model for the workload, its tasks and the data as :class:`MultiTaskTensors`."""
+    from mtlkit import TaskSpec
+    from mtlkit.data import MultiTaskTensors
+    from mtlkit.features import EncoderConfig, FeatureEncoder
+    from mtlkit.models import TabularMultiTaskModel, build_model, esmm_tasks
+
+    labels = torch.from_numpy(data.labels)
+    if model_name == "esmm":
+        tasks = esmm_tasks()
+        cvr = torch.where(labels[:, 0] == 1, labels[:, 1], torch.full_like(labels[:, 1], float("nan")))
+        labels = torch.stack([labels[:, 0], cvr, labels[:, 1]], 1)
+    else:
+        tasks = [TaskSpec(f"task{k}", workload.task_type) for k in range(2)]
+    torch.manual_seed(0)
+    if workload.vocab_sizes:
+        num_dense = 0 if model_name == "esmm" else workload.num_dense
+        encoder = FeatureEncoder(EncoderConfig(num_dense=num_dense, categorical_cardinalities=workload.vocab_sizes,
+                                               categorical_embedding_dims=[workload.embedding_dim] * len(workload.vocab_sizes)))
+        model = TabularMultiTaskModel(encoder, build_model(model_name, input_dim=encoder.output_dim, tasks=tasks,
+                                                           **workload.model_options(model_name)))
+    else:
+        model = build_model(model_name, input_dim=workload.num_dense, tasks=tasks, **workload.model_options(model_name))
+    dataset = MultiTaskTensors(torch_inputs(workload, data, model_name), labels, [t.name for t in tasks])
+    return model, tasks, dataset
+
+
+def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
+                   compile_model: bool = False) -> dict[str, list[float]]:
+    from mtlkit.objectives import FixedWeighting, task_losses
+    from mtlkit.training import Trainer, TrainerConfig
+    from mtlkit.training.trainer import _adam
+
+    batch = workload.batch_size
+    model, tasks, dataset = build_mtlkit(workload, model_name, data)
+    if compile_model:
+        compiled = torch.compile(model)
+        compiled.tasks = tasks  # the trainer reads the tasks from the module it is given
+        model = compiled
+
+    # Through the trainer: time windows of optimizer steps with its step callback.
+    marks: list[float] = []
+    total = warmup + windows * steps
+
+    def on_step(step: int) -> None:
+        if step >= warmup and (step - warmup) % steps == 0:
+            marks.append(time.perf_counter())
+
+    trainer = Trainer(model, TrainerConfig(batch_size=batch, max_steps=total, max_epochs=None, eval_every=total,
+                                           patience=None, progress=False))
+    trainer.fit(dataset, step_callback=on_step)
+    train = [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
+
+    # The model alone: the same step on one fixed batch, no data path.
+    fixed = dataset.subset(slice(0, batch))
+    weighting = FixedWeighting(tasks)
+    optimizer = _adam(list(model.parameters()), 1e-3, 0.0)
+
+    def model_step() -> None:
+        losses = task_losses(model(fixed.inputs), fixed.labels, fixed.label_mask, tasks)
+        total_loss, _ = weighting(losses)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        optimizer.step()
+
+    model.train()
+    alone = _windows(model_step, batch, windows, steps, warmup)
+    model.eval()
+
+    def infer_step() -> None:
+        with torch.inference_mode():
+            model(fixed.inputs)
+
+    infer = _windows(infer_step, batch, windows, steps, warmup)
+    return {"trainer": train, "model_alone": alone, "inference": infer}
+
+
+# ------------------------------------------------------------------------------------------ references
+def _quiet():
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
+                   warmup: int) -> dict[str, list[float]]:
+    from torch_rechub.basic.features import DenseFeature, SparseFeature
+    from torch_rechub.models.multi_task import ESMM, MMOE, PLE, SharedBottom
+    from torch_rechub.trainers import MTLTrainer
+    from torch_rechub.utils.data import DataGenerator
+
+    if model_name == "omoe":
+        raise NotImplementedError("torch-rechub has no OMoE")
+    batch = workload.batch_size
+    task_type = "regression" if workload.task_type == "regression" else "classification"
+    sparse = [SparseFeature(f"c{i}", vocab_size=v, embed_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)]
+    if workload.vocab_sizes:
+        dense = [DenseFeature(f"d{j}") for j in range(workload.num_dense)]
+        x = {f"d{j}": data.dense[:, j] for j in range(workload.num_dense)}
+        x.update({f"c{i}": data.categorical[:, i] for i in range(len(workload.vocab_sizes))})
+    else:
+        dense = [DenseFeature("x", embed_dim=workload.num_dense)]
+        x = {"x": data.dense}
+    features = dense + sparse
+    towers = [{"dims": list(workload.tower_hidden)}] * 2
+    expert = {"dims": list(workload.expert_hidden)}
+    torch.manual_seed(0)
+    if model_name == "shared_bottom":
+        model = SharedBottom(features, [task_type] * 2, bottom_params=expert, tower_params_list=towers)
+    elif model_name == "mmoe":
+        model = MMOE(features, [task_type] * 2, n_expert=workload.num_experts, expert_params=expert, tower_params_list=towers)
+    elif model_name in ("cgc", "ple"):
+        model = PLE(features, [task_type] * 2, n_level=1 if model_name == "cgc" else workload.num_levels,
+                    n_expert_specific=workload.num_task_experts, n_expert_shared=workload.num_shared_experts,
+                    expert_params=expert, tower_params_list=towers)
+    elif model_name == "esmm":
+        half = len(sparse) // 2
+        model = ESMM(sparse[:half], sparse[half:], cvr_params=expert, ctr_params=expert)
+        x = {f"c{i}": data.categorical[:, i] for i in range(len(workload.vocab_sizes))}
+    else:
+        raise KeyError(model_name)
+    y = data.labels
+    rows = steps * batch
+    x_window = {k: v[:rows] for k, v in x.items()}
+    x_val = {k: v[:batch] for k, v in x.items()}
+    loaders = DataGenerator(x_window, y[:rows]).generate_dataloader(x_val=x_val, y_val=y[:batch], x_test=x_val,
+                                                                    y_test=y[:batch], batch_size=batch)
+    folder = tempfile.mkdtemp(prefix="rechub-bench-")
+    trainer = MTLTrainer(model, task_types=[task_type] * 2, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
+                         n_epoch=1, earlystop_patience=10_000, device="cpu", model_path=folder)
+
+    def one_window() -> None:
+        with _quiet():
+            trainer.fit(loaders[0], loaders[1])
+
+    one_window()  # warm-up
+    train = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        one_window()
+        train.append(rows / (time.perf_counter() - start))
+
+    fixed_x = {k: torch.as_tensor(v[:batch]) for k, v in x.items()}
+    fixed_y = torch.as_tensor(y[:batch])
+    loss_fn = F.mse_loss if task_type == "regression" else F.binary_cross_entropy
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def model_step() -> None:
+        out = model(fixed_x)
+        loss = sum(loss_fn(out[:, k], fixed_y[:, k]) for k in range(2)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    alone = _windows(model_step, batch, windows, steps, warmup)
+    model.eval()
+
+    def infer_step() -> None:
+        with torch.inference_mode():
+            model(fixed_x)
+
+    return {"trainer": train, "model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup)}
+
+
+def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
+                    warmup: int) -> dict[str, list[float]]:
+    from deepctr_torch.inputs import DenseFeat, SparseFeat
+    from deepctr_torch.models import ESMM, MMOE, PLE, SharedBottom
+
+    if model_name == "omoe":
+        raise NotImplementedError("deepctr-torch has no OMoE")
+    batch = workload.batch_size
+    sparse = [SparseFeat(f"c{i}", vocabulary_size=v, embedding_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)]
+    if workload.vocab_sizes:
+        dense = [DenseFeat(f"d{j}", 1) for j in range(workload.num_dense)]
+        x = {f"d{j}": data.dense[:, j] for j in range(workload.num_dense)}
+        x.update({f"c{i}": data.categorical[:, i] for i in range(len(workload.vocab_sizes))})
+    else:
+        dense = [DenseFeat("x", workload.num_dense)]
+        x = {"x": data.dense}
+    columns = sparse + dense
+    common = dict(task_types=(workload.task_type,) * 2, task_names=("task0", "task1"), l2_reg_linear=0.0,
+                  l2_reg_embedding=0.0, tower_dnn_hidden_units=workload.tower_hidden, seed=0)
+    if model_name == "shared_bottom":
+        model = SharedBottom(columns, bottom_dnn_hidden_units=workload.expert_hidden, **common)
+    elif model_name == "mmoe":
+        model = MMOE(columns, num_experts=workload.num_experts, expert_dnn_hidden_units=workload.expert_hidden,
+                     gate_dnn_hidden_units=(), **common)
+    elif model_name in ("cgc", "ple"):
+        model = PLE(columns, shared_expert_num=workload.num_shared_experts, specific_expert_num=workload.num_task_experts,
+                    num_levels=1 if model_name == "cgc" else workload.num_levels,
+                    expert_dnn_hidden_units=workload.expert_hidden, gate_dnn_hidden_units=(), **common)
+    elif model_name == "esmm":
+        common.pop("tower_dnn_hidden_units")
+        model = ESMM(sparse, tower_dnn_hidden_units=workload.expert_hidden, **common)
+        x = {f"c{i}": data.categorical[:, i] for i in range(len(workload.vocab_sizes))}
+    else:
+        raise KeyError(model_name)
+    loss = "mse" if workload.task_type == "regression" else "binary_crossentropy"
+    model.compile("adam", loss=[loss, loss])
+    y = data.labels
+    rows = steps * batch
+    x_window = {k: v[:rows] for k, v in x.items()}
+
+    def one_window() -> None:
+        model.fit(x_window, y[:rows], batch_size=batch, epochs=1, verbose=0)
+
+    one_window()  # warm-up
+    train = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        one_window()
+        train.append(rows / (time.perf_counter() - start))
+
+    # deepctr models take one concatenated float tensor in feature-index order.
+    fixed_x = torch.from_numpy(np.concatenate([np.asarray(x[name][:batch], dtype=np.float32).reshape(batch, -1)
+                                               for name in model.feature_index], axis=1))
+    fixed_y = torch.from_numpy(y[:batch])
+    loss_fn = F.mse_loss if workload.task_type == "regression" else F.binary_cross_entropy
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def model_step() -> None:
+        out = model(fixed_x)
+        total = sum(loss_fn(out[:, k], fixed_y[:, k]) for k in range(2))
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+
+    model.train()
+    alone = _windows(model_step, batch, windows, steps, warmup)
+    model.eval()
+
+    def infer_step() -> None:
+        with torch.inference_mode():
+            model(fixed_x)
+
+    return {"trainer": train, "model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup)}
+
+
+MEASURE = {"mtlkit": mtlkit_measure, "torch_rechub": rechub_measure, "deepctr_torch": deepctr_measure}

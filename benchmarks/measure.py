@@ -1,0 +1,44 @@
+"""One measurement in a fresh process (so peak RSS is this library's alone). Prints one JSON line.
+
+    python -m benchmarks.measure '{"library": "mtlkit", "workload": "W1", "model": "mmoe", ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import traceback
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 2))
+    from benchmarks.libraries import MEASURE
+    from benchmarks.workloads import WORKLOADS, make_data
+
+    workload = WORKLOADS[spec["workload"]]
+    if spec.get("batch_size"):
+        import dataclasses
+
+        workload = dataclasses.replace(workload, batch_size=spec["batch_size"])
+    rows = max(workload.rows if not spec.get("rows") else spec["rows"], workload.batch_size * spec["steps"])
+    data = make_data(workload, rows)
+    result = {"library": spec["library"], "workload": spec["workload"], "model": spec["model"]}
+    try:
+        kwargs = {"compile_model": True} if spec.get("compile") else {}
+        result.update(MEASURE[spec["library"]](workload, spec["model"], data, spec["windows"], spec["steps"],
+                                               spec["warmup"], **kwargs))
+    except NotImplementedError as error:
+        result["error"] = f"not available: {error}"
+    except Exception as error:  # a reference library crashing is a result, not a benchmark failure
+        result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        result["traceback"] = traceback.format_exc()[-2000:]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The benchmark suite: mtlkit against torch-rechub and deepctr-torch on workloads W1 and W2.
+
+    python -m benchmarks.run                      # everything installed, default sizes
+    python -m benchmarks.run --workloads W2 --models mmoe,ple --rounds 3
+    python -m benchmarks.run --tiny               # seconds: checks the suite end to end
+
+Each (library, workload, model) is measured in a fresh process (so its peak RSS is its own), and
+libraries alternate round by round (A B A B) so machine drift hits all of them alike. The same run
+measures this machine's matmul peak and, for every model, its FLOPs per sample and the time of its
+GEMMs alone, so results are also shown as a share of the roofline and of the GEMM-only bound.
+Results print as a table and are written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.libraries import LIBRARIES, available, build_mtlkit
+from benchmarks.machine import gemm_seconds, matmul_peak_gflops, step_profile
+from benchmarks.workloads import WORKLOADS, make_data
+
+console = Console(width=200)
+KINDS = ("trainer", "model_alone", "inference")
+
+
+def _measure(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {**spec, "error": f"process failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"}
+    return json.loads(lines[-1])
+
+
+def _roofline(workload_name: str, model_name: str, batch_size: int | None) -> dict:
+    """FLOPs per training sample and GEMM-only time of one mtlkit training step."""
+    import dataclasses
+
+    from mtlkit.objectives import FixedWeighting, task_losses
+
+    workload = WORKLOADS[workload_name]
+    if batch_size:
+        workload = dataclasses.replace(workload, batch_size=batch_size)
+    data = make_data(workload, workload.batch_size)
+    model, tasks, batch = build_mtlkit(workload, model_name, data)
+    weighting = FixedWeighting(tasks)
+
+    def step() -> None:
+        total, _ = weighting(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks))
+        total.backward()
+
+    flops, calls = step_profile(step)
+    captured = {}
+    captured["flops_per_sample"] = flops / workload.batch_size
+    captured["gemm_seconds_per_step"] = gemm_seconds(calls)
+    captured["gemm_bound_samples_per_s"] = workload.batch_size / captured["gemm_seconds_per_step"]
+    captured["gemm_calls_per_step"] = len(calls)
+    return captured
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="W1,W2")
+    parser.add_argument("--models", default=None, help="comma-separated (default: each workload's list)")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--rounds", type=int, default=2, help="A B A B rounds per (workload, model)")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per round")
+    parser.add_argument("--window-seconds", type=float, default=1.0, help="target length of one window")
+    parser.add_argument("--compile", action="store_true", help="also measure mtlkit under torch.compile")
+    parser.add_argument("--tiny", action="store_true", help="tiny batches and windows: an end-to-end check, not a measurement")
+    parser.add_argument("--out", default="benchmarks/results.json")
+    args = parser.parse_args(argv)
+
+    libraries = [lib for lib in args.libraries.split(",") if lib]
+    missing = [lib for lib in libraries if not available(lib)]
+    if missing:
+        console.print(f"[yellow]not installed, skipped:[/] {missing} (pip install -r benchmarks/requirements.txt)")
+    libraries = [lib for lib in libraries if lib not in missing]
+    variants = [(lib, False) for lib in libraries]
+    if args.compile:
+        variants.insert(1, ("mtlkit", True))
+
+    peak = matmul_peak_gflops()
+    console.print(f"matmul peak ([2048x512]@[512x2048], {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "matmul_peak_gflops": peak},
+              "settings": vars(args), "results": []}
+    started = time.perf_counter()
+    for workload_name in args.workloads.split(","):
+        workload = WORKLOADS[workload_name]
+        batch_size = 64 if args.tiny else None
+        models = args.models.split(",") if args.models else list(workload.models)
+        for model_name in [m for m in models if m in workload.models]:
+            roof = _roofline(workload_name, model_name, batch_size)
+            roof["roofline_samples_per_s"] = peak * 1e9 / roof["flops_per_sample"]
+            # Window length from the GEMM bound: about window_seconds at a third of it.
+            steps = 2 if args.tiny else max(5, int(args.window_seconds * roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size))
+            entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps, "libraries": {}}
+            for round_index in range(1 if args.tiny else args.rounds):
+                for library, compiled in variants:
+                    key = library + (" (compiled)" if compiled else "")
+                    spec = {"library": library, "workload": workload_name, "model": model_name, "steps": steps,
+                            "windows": 1 if args.tiny else args.windows, "warmup": 1 if args.tiny else 3,
+                            "compile": compiled, "batch_size": batch_size, "rows": 512 if args.tiny else None}
+                    result = _measure(spec)
+                    slot = entry["libraries"].setdefault(key, {k: [] for k in KINDS} | {"peak_rss_mb": []})
+                    if "error" in result:
+                        slot["error"] = result["error"]
+                        continue
+                    for kind in KINDS:
+                        slot[kind] += result[kind]
+                    slot["peak_rss_mb"].append(result["peak_rss_mb"])
+            _summarise_entry(entry)
+            report["results"].append(entry)
+            _print_entry(entry)
+    report["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out)
+    _print_summary(report)
+    console.print(f"wrote {out} ({report['seconds']:.0f} s)")
+    return report
+
+
+def _summarise_entry(entry: dict) -> None:
+    for slot in entry["libraries"].values():
+        if "error" in slot and not slot["trainer"]:
+            continue
+        for kind in KINDS:
+            values = slot[kind]
+            slot[f"{kind}_median"] = statistics.median(values)
+            slot[f"{kind}_min"], slot[f"{kind}_max"] = min(values), max(values)
+        slot["peak_rss_mb_max"] = max(slot["peak_rss_mb"])
+    ours = entry["libraries"].get("mtlkit", {})
+    if "trainer_median" in ours:
+        entry["trainer_share_of_roofline"] = ours["trainer_median"] / entry["roofline_samples_per_s"]
+        entry["trainer_share_of_gemm_bound"] = ours["trainer_median"] / entry["gemm_bound_samples_per_s"]
+        entry["trainer_share_of_model_alone"] = ours["trainer_median"] / ours["model_alone_median"]
+        for name, slot in entry["libraries"].items():
+            if name != "mtlkit" and "trainer_median" in slot:
+                entry[f"ratio_vs_{name}"] = {k: ours[f"{k}_median"] / slot[f"{k}_median"] for k in KINDS}
+                entry[f"ratio_vs_{name}"]["peak_rss"] = ours["peak_rss_mb_max"] / slot["peak_rss_mb_max"]
+
+
+def _print_entry(entry: dict) -> None:
+    table = Table(title=f"{entry['workload']} {entry['model']}: {entry['flops_per_sample'] / 1e3:.1f} kFLOP/sample (train), "
+                        f"roofline {entry['roofline_samples_per_s']:,.0f}/s, GEMM-only bound {entry['gemm_bound_samples_per_s']:,.0f}/s")
+    for column in ("library", "trainer samples/s (median, min-max)", "model alone", "inference", "peak RSS MB"):
+        table.add_column(column, justify="right" if column != "library" else "left")
+    for name, slot in entry["libraries"].items():
+        if "trainer_median" not in slot:
+            table.add_row(name, slot.get("error", "no result"), "", "", "")
+            continue
+        table.add_row(name, f"{slot['trainer_median']:,.0f} ({slot['trainer_min']:,.0f}-{slot['trainer_max']:,.0f})",
+                      f"{slot['model_alone_median']:,.0f}", f"{slot['inference_median']:,.0f}", f"{slot['peak_rss_mb_max']:.0f}")
+    console.print(table)
+
+
+def _print_summary(report: dict) -> None:
+    table = Table(title="mtlkit relative to the references (ratios of medians; RSS: lower is better)")
+    for column in ("workload", "model", "trainer /s", "% roofline", "% GEMM bound", "trainer/model alone",
+                   "train x rechub", "train x deepctr", "infer x best ref", "RSS / best ref"):
+        table.add_column(column, justify="right")
+    for e in report["results"]:
+        ours = e["libraries"].get("mtlkit", {})
+        if "trainer_median" not in ours:
+            continue
+        refs = {n: s for n, s in e["libraries"].items() if n in ("torch_rechub", "deepctr_torch") and "trainer_median" in s}
+        best_infer = max((s["inference_median"] for s in refs.values()), default=None)
+        best_rss = min((s["peak_rss_mb_max"] for s in refs.values()), default=None)
+        cell = lambda name: f"{e[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in e else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
+        table.add_row(e["workload"], e["model"], f"{ours['trainer_median']:,.0f}", f"{100 * e['trainer_share_of_roofline']:.0f}%",
+                      f"{100 * e['trainer_share_of_gemm_bound']:.0f}%", f"{100 * e['trainer_share_of_model_alone']:.0f}%",
+                      cell("torch_rechub"), cell("deepctr_torch"),
+                      f"{ours['inference_median'] / best_infer:.2f}x" if best_infer else "-",
+                      f"{ours['peak_rss_mb_max'] / best_rss:.2f}" if best_rss else "-")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
