@@ -87,3 +87,26 @@ def test_unreadable_census_files(tmp_path):
     (tmp_path / "bad.csv").write_text("1,2,3\n")
     with pytest.raises(DataError, match="42"):
         read_census_file(tmp_path / "bad.csv")
+
+
+def test_prepare_census_and_the_example_config(census, tmp_path):
+    from pathlib import Path
+
+    from mtlkit.data.census import export_census
+    from mtlkit.experiments.tabular_run import load_run_config, train_run
+
+    folder, _ = census
+    paths = export_census(folder, tmp_path / "data" / "census")
+    assert [p.name for p in paths] == ["train.parquet", "valid.parquet", "test.parquet"]
+    example = Path(__file__).resolve().parents[1] / "examples" / "census.yaml"
+    config = load_run_config(example)
+    assert [t.name for t in config.schema.tasks] == ["income", "marital"]
+    for key in ("train", "valid", "test"):  # point the example at this test's files
+        setattr(config.data, key, str(tmp_path / "data" / "census" / f"{key}.parquet"))
+    config.training.max_steps, config.training.max_epochs, config.training.progress = 20, None, False
+    run = train_run(config, tmp_path / "run")
+    import json
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rows"] == {"train": 199_523, "valid": 49_881, "test": 49_881}
+    assert metrics["test"]["marital"]["auc"] > 0.9  # 20 steps already learn the easy task

@@ -124,6 +124,19 @@ def reproduce_mmoe_census(
     console.print(f"wrote {out}/table.md, table.csv, table.json, results.csv, auc.png")
 
 
+@app.command("prepare-census")
+def prepare_census_command(
+    data: Path = typer.Option(..., "--data", help="Folder with the raw UCI census-income files."),
+    out: Path = typer.Option(Path("data/census"), help="Where to write train/valid/test.parquet."),
+    split_seed: int = typer.Option(1, help="Seed of the 1:1 validation/test split of the test file."),
+) -> None:
+    """Turn the raw census-income files into Parquet tables with 0/1 label columns (for mtlkit train)."""
+    from mtlkit.data.census import export_census
+
+    for path in export_census(data, out, split_seed):
+        console.print(f"wrote {path}")
+
+
 @app.command("train")
 def train_command(
     config: Path = typer.Option(..., "--config", help="Run config (YAML or TOML): data, schema, model, training."),

@@ -27,7 +27,7 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.tasks import TaskSpec
 
 __all__ = ["CENSUS_COLUMNS", "CENSUS_GROUPS", "CENSUS_PROTOCOLS", "CensusData", "read_census_file",
-           "add_census_labels", "census_schema", "load_census", "split_in_halves"]
+           "add_census_labels", "census_schema", "load_census", "split_in_halves", "export_census"]
 
 CENSUS_COLUMNS = [
     "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour", "hs_college",
@@ -127,3 +127,13 @@ def load_census(data_dir: str | os.PathLike, group: int = 1, protocol: str = "pa
     valid_rows, test_rows = split_in_halves(len(test_file), split_seed)
     return CensusData(train=train, valid=test_file.iloc[valid_rows].reset_index(drop=True),
                       test=test_file.iloc[test_rows].reset_index(drop=True), schema=schema)
+
+
+def export_census(data_dir: str | os.PathLike, out_dir: str | os.PathLike, split_seed: int = 1) -> list[Path]:
+    """Write ``train.parquet``, ``valid.parquet`` and ``test.parquet`` (header, 0/1 label columns
+    ``income``, ``marital``, ``education``), the input of ``mtlkit train --config examples/census.yaml``."""
+    from mtlkit.data.readers import write_table
+
+    data = load_census(data_dir, split_seed=split_seed)
+    out = Path(out_dir)
+    return [write_table(getattr(data, split), out / f"{split}.parquet") for split in ("train", "valid", "test")]

@@ -1,0 +1,44 @@
+"""Where the time of one training step goes: a torch.profiler table of mtlkit's trainer on a workload.
+
+    python -m benchmarks.profile_step --workload W1 --model mmoe --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.libraries import build_mtlkit
+from benchmarks.workloads import WORKLOADS, make_data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workload", default="W1")
+    parser.add_argument("--model", default="mmoe")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=None)
+    args = parser.parse_args()
+    from mtlkit.training import Trainer, TrainerConfig
+
+    workload = WORKLOADS[args.workload]
+    data = make_data(workload, args.rows or workload.batch_size * args.steps)
+    model, tasks, dataset = build_mtlkit(workload, args.model, data)
+    config = TrainerConfig(batch_size=workload.batch_size, max_steps=args.steps, max_epochs=None, eval_every=args.steps,
+                           patience=None, progress=False)
+    Trainer(model, config).fit(dataset)  # warm-up
+    start = time.perf_counter()
+    Trainer(model, config).fit(dataset)
+    seconds = time.perf_counter() - start
+    print(f"{args.workload} {args.model}: {args.steps * workload.batch_size / seconds:,.0f} samples/s through the trainer, "
+          f"{1e3 * seconds / args.steps:.3f} ms/step")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        Trainer(model, config).fit(dataset)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
