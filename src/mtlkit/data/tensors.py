@@ -41,17 +41,19 @@ class Batch:
         labels: ``(B, K)`` float; NaN where a task's label is missing.
         label_mask: ``(B, K)`` bool, True where the label is present.
         sample_weight: ``(B,)`` float or None.
+        all_labelled: True when the whole dataset has every label (lets losses skip masking).
     """
 
     inputs: Inputs
     labels: torch.Tensor
     label_mask: torch.Tensor
     sample_weight: torch.Tensor | None
+    all_labelled: bool = False
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(map_inputs(self.inputs, move), move(self.labels), move(self.label_mask),
-                     None if self.sample_weight is None else move(self.sample_weight))
+                     None if self.sample_weight is None else move(self.sample_weight), self.all_labelled)
 
 
 class MultiTaskTensors:
@@ -144,6 +146,7 @@ class MultiTaskTensors:
         and then sliced, which is far cheaper than gathering every batch."""
         data = self.subset(torch.randperm(len(self), generator=generator)) if shuffle else self
         n = len(data)
+        all_labelled = bool(self.label_mask.all())  # once per pass, not once per step
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             part = slice(start, min(start + batch_size, n))
@@ -152,4 +155,5 @@ class MultiTaskTensors:
                 data.labels[part],
                 data.label_mask[part],
                 None if data.sample_weight is None else data.sample_weight[part],
+                all_labelled,
             )

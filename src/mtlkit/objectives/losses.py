@@ -17,6 +17,7 @@ def task_losses(
     label_mask: torch.Tensor,
     tasks: Sequence[TaskSpec],
     sample_weight: torch.Tensor | None = None,
+    all_labelled: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean loss of each task over the rows where its label is present.
 
@@ -29,12 +30,15 @@ def task_losses(
         label_mask: ``(B, K)`` bool.
         tasks: task specs, in label-column order.
         sample_weight: optional ``(B,)`` weights.
+        all_labelled: whether every label is present (skips the masking); None checks ``label_mask``.
 
     Returns:
         ``{task: scalar loss}``.
     """
     losses: dict[str, torch.Tensor] = {}
-    all_present = bool(label_mask.all()) if sample_weight is None and not label_mask.is_cuda else False
+    if all_labelled is None:
+        all_labelled = bool(label_mask.all())
+    all_present = all_labelled and sample_weight is None
     for k, task in enumerate(tasks):
         label = labels[:, k]
         if all_present:

@@ -263,7 +263,7 @@ class Trainer:
         best_value = -math.inf if self._higher_is_better else math.inf
         best_step, best_state = 0, None
         stale, stopped_early, step, epoch = 0, False, 0, 0
-        running = torch.zeros(len(self.tasks), device=self.device)
+        running = [torch.zeros((), device=self.device) for _ in self.tasks]
         running_steps = 0
         start = time.perf_counter()
         self.train_module.train()
@@ -281,14 +281,15 @@ class Trainer:
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
                     batch = batch.to(self.device) if self.device.type != "cpu" else batch
                     outputs = self.train_module(batch.inputs)
-                    losses = task_losses(outputs, batch.labels, batch.label_mask, self.tasks, batch.sample_weight)
+                    losses = task_losses(outputs, batch.labels, batch.label_mask, self.tasks, batch.sample_weight,
+                                         batch.all_labelled)
                     total, _ = self.weighting(losses)
                     self.optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
                     self.optimizer.step()
-                    running += torch.stack([l.detach() for l in losses.values()])
+                    torch._foreach_add_(running, [l.detach() for l in losses.values()])
                     running_steps += 1
                     step += 1
                     advance(1)
@@ -296,9 +297,9 @@ class Trainer:
                         step_callback(step)
                     if step % eval_every == 0 or step == total_steps:
                         # The only host sync: once per evaluation, never per step.
-                        means = (running / running_steps).tolist()
+                        means = (torch.stack(running) / running_steps).tolist()
                         record("train", {t.name: {"loss": v} for t, v in zip(self.tasks, means)})
-                        running.zero_()
+                        torch._foreach_zero_(running)
                         running_steps = 0
                         if valid is not None:
                             scores = evaluate(self.model, valid, self.tasks, c.eval_batch_size, self.device)
