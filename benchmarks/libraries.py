@@ -128,6 +128,39 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+def _timed_trainer_windows(one_window: Callable[[], None], rows: int, windows: int) -> list[float]:
+    """Samples/s of whole calls of a reference trainer (each call is one epoch over ``rows``)."""
+    one_window()  # warm-up
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        one_window()
+        rates.append(rows / (time.perf_counter() - start))
+    return rates
+
+
+def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.Tensor, loss_fn, batch: int,
+                               windows: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """A reference model's own step (forward, mean of the task losses, backward, Adam) and its inference."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def model_step() -> None:
+        out = model(fixed_x)
+        loss = sum(loss_fn(out[:, k], fixed_y[:, k]) for k in range(fixed_y.shape[1])) / fixed_y.shape[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def infer_step() -> None:
+        with torch.inference_mode():
+            model(fixed_x)
+
+    model.train()
+    alone = _windows(model_step, batch, windows, steps, warmup)
+    model.eval()
+    return {"model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup)}
+
+
 def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
                    warmup: int) -> dict[str, list[float]]:
     from torch_rechub.basic.features import DenseFeature, SparseFeature
@@ -179,34 +212,11 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
         with _quiet():
             trainer.fit(loaders[0], loaders[1])
 
-    one_window()  # warm-up
-    train = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        one_window()
-        train.append(rows / (time.perf_counter() - start))
-
+    train = _timed_trainer_windows(one_window, rows, windows)
     fixed_x = {k: torch.as_tensor(v[:batch]) for k, v in x.items()}
-    fixed_y = torch.as_tensor(y[:batch])
     loss_fn = F.mse_loss if task_type == "regression" else F.binary_cross_entropy
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def model_step() -> None:
-        out = model(fixed_x)
-        loss = sum(loss_fn(out[:, k], fixed_y[:, k]) for k in range(2)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    alone = _windows(model_step, batch, windows, steps, warmup)
-    model.eval()
-
-    def infer_step() -> None:
-        with torch.inference_mode():
-            model(fixed_x)
-
-    return {"trainer": train, "model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup)}
+    return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.as_tensor(y[:batch]), loss_fn,
+                                                           batch, windows, steps, warmup)}
 
 
 def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
@@ -252,36 +262,13 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
     def one_window() -> None:
         model.fit(x_window, y[:rows], batch_size=batch, epochs=1, verbose=0)
 
-    one_window()  # warm-up
-    train = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        one_window()
-        train.append(rows / (time.perf_counter() - start))
-
+    train = _timed_trainer_windows(one_window, rows, windows)
     # deepctr models take one concatenated float tensor in feature-index order.
     fixed_x = torch.from_numpy(np.concatenate([np.asarray(x[name][:batch], dtype=np.float32).reshape(batch, -1)
                                                for name in model.feature_index], axis=1))
-    fixed_y = torch.from_numpy(y[:batch])
     loss_fn = F.mse_loss if workload.task_type == "regression" else F.binary_cross_entropy
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def model_step() -> None:
-        out = model(fixed_x)
-        total = sum(loss_fn(out[:, k], fixed_y[:, k]) for k in range(2))
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-
-    model.train()
-    alone = _windows(model_step, batch, windows, steps, warmup)
-    model.eval()
-
-    def infer_step() -> None:
-        with torch.inference_mode():
-            model(fixed_x)
-
-    return {"trainer": train, "model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup)}
+    return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.from_numpy(y[:batch]), loss_fn,
+                                                           batch, windows, steps, warmup)}
 
 
 MEASURE = {"mtlkit": mtlkit_measure, "torch_rechub": rechub_measure, "deepctr_torch": deepctr_measure}

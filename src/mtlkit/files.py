@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "write_text", "write_json"]
+__all__ = ["atomic_write", "write_text", "write_json", "read_json_lines"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -37,3 +37,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Atomically write JSON, indented."""
     return write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def read_json_lines(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines log; a line cut short by an interrupted write is skipped."""
+    path = Path(path)
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

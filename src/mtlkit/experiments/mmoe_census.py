@@ -25,7 +25,7 @@ import yaml
 from mtlkit.data.census import CENSUS_GROUPS, CENSUS_PROTOCOLS, load_census
 from mtlkit.errors import ConfigError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
-from mtlkit.files import atomic_write, write_json, write_text
+from mtlkit.files import atomic_write, read_json_lines, write_json, write_text
 from mtlkit.models import TabularMultiTaskModel, build_model, list_models
 from mtlkit.reports.plots import model_label, plot_metric_bars
 from mtlkit.training import Trainer, TrainerConfig, evaluate
@@ -128,17 +128,6 @@ def gbdt_baseline(train: pd.DataFrame, test: pd.DataFrame, preprocessor: TablePr
     return result
 
 
-def _load_runs(path: Path) -> list[dict[str, Any]]:
-    runs = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return runs
-
-
 def run_mmoe_census(config: CensusExperimentConfig, out_dir: str | Path,
                     on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Train every (model, seed) not yet in ``out_dir/runs.jsonl`` and write the tables and the chart."""
@@ -157,7 +146,7 @@ def run_mmoe_census(config: CensusExperimentConfig, out_dir: str | Path,
     data = load_census(config.data_dir, config.group, config.protocol, config.split_seed, hyper.get("embedding_dim", 8))
     tasks = [t.name for t in data.schema.tasks]
     runs_file = out / "runs.jsonl"
-    done = {(r["model"], r["seed"]) for r in _load_runs(runs_file)}
+    done = {(r["model"], r["seed"]) for r in read_json_lines(runs_file)}
     todo = [(m, s) for m in config.models for s in range(config.first_seed, config.first_seed + config.seeds) if (m, s) not in done]
     need_gbdt = config.gbdt and ("gbdt", 0) not in done
     total = len(todo) + int(need_gbdt)
@@ -203,7 +192,7 @@ def run_mmoe_census(config: CensusExperimentConfig, out_dir: str | Path,
 def summarise(out: Path, config: CensusExperimentConfig, tasks: Sequence[str]) -> dict[str, Any]:
     """Rebuild ``results.csv``, ``table.{md,csv,json}`` and ``auc.png`` from ``runs.jsonl``."""
     keep_models = set(config.models) | ({"gbdt"} if config.gbdt else set())
-    runs = [r for r in _load_runs(out / "runs.jsonl") if r["model"] in keep_models
+    runs = [r for r in read_json_lines(out / "runs.jsonl") if r["model"] in keep_models
             and (r["model"] == "gbdt" or config.first_seed <= r["seed"] < config.first_seed + config.seeds)]
     if not runs:
         raise ConfigError(f"no finished runs in {out}")

@@ -21,7 +21,7 @@ import torch
 
 from mtlkit.data.synthetic import SyntheticConfig, make_synthetic
 from mtlkit.errors import ConfigError
-from mtlkit.files import atomic_write, write_json, write_text
+from mtlkit.files import atomic_write, read_json_lines, write_json, write_text
 from mtlkit.models import build_model, match_parameter_budget, model_config
 from mtlkit.reports.plots import model_label, plot_final_loss_distribution, plot_loss_curves
 from mtlkit.training import Trainer, TrainerConfig
@@ -164,17 +164,6 @@ def _run_one(config: SyntheticSweepConfig, model_name: str, model_cfg, splits, s
     }
 
 
-def _load_runs(path: Path) -> list[dict[str, Any]]:
-    runs = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError:  # a run interrupted mid-write; it is simply redone
-                continue
-    return runs
-
-
 def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: int = 1,
                        on_progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep into ``out_dir``; returns the summary tables.
@@ -201,7 +190,7 @@ def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: 
                               "choose another --out or delete that folder")
     write_json(sweep_file, settings)
     runs_file = out / "runs.jsonl"
-    done = {(r["model"], r["correlation"], r["seed"]) for r in _load_runs(runs_file)}
+    done = {(r["model"], r["correlation"], r["seed"]) for r in read_json_lines(runs_file)}
     groups = []
     for corr in config.correlations:
         for seed in range(config.first_seed, config.first_seed + config.seeds):
@@ -242,7 +231,7 @@ def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: 
 def summarise(out: Path, config: SyntheticSweepConfig) -> dict[str, Any]:
     """Rebuild the CSV tables and the figures from ``runs.jsonl`` (only runs of this sweep's grid)."""
     keep_models, keep_corr = set(config.models), set(config.correlations)
-    runs = [r for r in _load_runs(out / "runs.jsonl") if r["model"] in keep_models and r["correlation"] in keep_corr
+    runs = [r for r in read_json_lines(out / "runs.jsonl") if r["model"] in keep_models and r["correlation"] in keep_corr
             and config.first_seed <= r["seed"] < config.first_seed + config.seeds]
     if not runs:
         raise ConfigError(f"no finished runs in {out}")
