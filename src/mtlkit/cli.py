@@ -147,9 +147,13 @@ def train_command(
     import json
 
     from mtlkit.experiments.tabular_run import load_run_config, train_run
+    from mtlkit.training.distributed import init_distributed, is_main_process
 
+    init_distributed()  # a no-op unless launched by torchrun
     run_config = load_run_config(config)
     folder = train_run(run_config, out or Path("runs") / config.stem, overwrite=overwrite)
+    if not is_main_process():
+        return
     metrics = json.loads((folder / "metrics.json").read_text())
     _print_scores(metrics.get("test") or metrics["valid"], "test" if "test" in metrics else "valid")
     console.print(f"wrote {folder}/ (config.yaml, preprocessing.json, model.pt, metrics.json, learning_curves.png, report.md)")

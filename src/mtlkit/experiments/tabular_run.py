@@ -29,6 +29,7 @@ from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import TabularMultiTaskModel, build_model, model_config
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
+from mtlkit.training.distributed import barrier, is_main_process
 from mtlkit.training.metrics import group_auc
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
@@ -182,6 +183,9 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     if test is not None:
         metrics["test"] = _scores_with_group_auc(model, test, model.tasks, batch)
 
+    if not is_main_process():  # under torchrun, rank 0 alone writes the run folder
+        barrier()
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -200,6 +204,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    barrier()
     return out
 
 

@@ -1,0 +1,23 @@
+"""Run under torchrun by test_distributed.py: two CPU processes train one model with DDP."""
+
+import sys
+
+import torch
+
+from mtlkit.data import make_synthetic
+from mtlkit.models import build_model
+from mtlkit.training import Trainer, TrainerConfig, evaluate
+from mtlkit.training.distributed import init_distributed
+
+assert init_distributed()
+rank = torch.distributed.get_rank()
+data = make_synthetic(correlation=0.5, num_rows=4000, input_dim=20, num_sine_terms=0, seed=0)
+train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
+torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
+model = build_model("mmoe", input_dim=20, tasks=data.tasks, num_experts=4)
+before = evaluate(model, valid, model.tasks)["y1"]["loss"]
+result = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None)).fit(train, valid)
+after = evaluate(model, valid, model.tasks)["y1"]["loss"]
+torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after},
+           f"{sys.argv[1]}/rank{rank}.pt")
+torch.distributed.destroy_process_group()
