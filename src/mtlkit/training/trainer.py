@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
@@ -52,6 +53,9 @@ class TrainerConfig:
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        compile: run the training forward through ``torch.compile``; falls back to eager (with a
+            warning) when compilation is unavailable or fails. Off by default: on 2 CPU cores it did
+            not pay for its compile time on the benchmark workloads (docs/performance.md).
     """
 
     learning_rate: float = 1e-3
@@ -71,6 +75,7 @@ class TrainerConfig:
     weighting: str = "fixed"
     weighting_options: dict = field(default_factory=dict)
     device: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(key: str, value: Any, optional: bool = False) -> None:
@@ -138,6 +143,32 @@ def _adam(parameters: list[nn.Parameter], learning_rate: float, weight_decay: fl
         return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, foreach=True)
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)`` that falls back to ``module`` itself if compiling fails on first use."""
+    try:
+        compiled = torch.compile(module)
+    except Exception as error:  # no compiler backend on this platform
+        warnings.warn(f"torch.compile unavailable ({error}); training eagerly")
+        return module
+
+    class _WithFallback(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = module
+            self._compiled = compiled
+
+        def forward(self, *args, **kwargs):
+            if self._compiled is not None:
+                try:
+                    return self._compiled(*args, **kwargs)
+                except Exception as error:  # a compiler error surfaces on the first call
+                    warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly")
+                    self._compiled = None
+            return self.module(*args, **kwargs)
+
+    return _WithFallback()
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -218,6 +249,8 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.config.compile:
+            self.train_module = _compiled(self.train_module)
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
         self.optimizer = _adam(parameters, self.config.learning_rate, self.config.weight_decay)
         spec_weights = {t.name: t.weight for t in self.tasks}
