@@ -174,3 +174,14 @@ def test_ple_without_shared_experts_or_without_task_experts():
     for shared, own in [(0, 2), (3, 0)]:
         model = build_model("ple", input_dim=5, tasks=tasks(2), num_shared_experts=shared, num_task_experts=own)
         assert model(torch.randn(3, 5))["task0"].shape == (3, 1)
+
+
+def test_cross_stitch_starts_near_separate_networks_and_learns_its_units():
+    model = build_model("cross_stitch", input_dim=6, tasks=tasks(3), bottom_hidden=[5, 4], self_weight=1.0)
+    # With self_weight 1 the units are the identity: each task sees only its own network.
+    torch.testing.assert_close(model.stitches[0], torch.eye(3))
+    x = torch.randn(8, 6)
+    sum(o.sum() for o in model(x).values()).backward()
+    assert model.stitches.grad is not None and model.stitches.grad.abs().sum() > 0
+    mixed = build_model("cross_stitch", input_dim=6, tasks=tasks(3), self_weight=0.9)
+    torch.testing.assert_close(mixed.stitches[0].sum(1), torch.ones(3))

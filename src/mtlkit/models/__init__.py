@@ -7,6 +7,7 @@ Every model is built from a typed config through one registry::
 """
 
 from mtlkit.models.base import ModelConfig, MultiTaskModel
+from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
 from mtlkit.models.esmm import ESMMConfig, EntireSpaceMultiTaskModel, esmm_tasks
 from mtlkit.models.budget import count_model_parameters, match_parameter_budget
 from mtlkit.models.experts import ExpertBank
@@ -36,4 +37,5 @@ __all__ = [
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
     "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel",
+    "CrossStitchConfig", "CrossStitchNetwork",
 ]

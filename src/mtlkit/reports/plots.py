@@ -20,6 +20,7 @@ __all__ = ["save_figure", "plot_loss_curves", "plot_final_loss_distribution", "p
 MODEL_LABELS = {
     "single_task": "Single-Task",
     "shared_bottom": "Shared-Bottom",
+    "cross_stitch": "Cross-Stitch",
     "omoe": "OMoE",
     "mmoe": "MMoE",
     "cgc": "CGC",
