@@ -139,11 +139,19 @@ def run_mmoe_census(config: CensusExperimentConfig, out_dir: str | Path,
     missing_hyper = [m for m in config.models if m not in hyper["models"]]
     if missing_hyper:
         raise ConfigError(f"hyperparameters: no settings for {missing_hyper}")
-    settings = {"group": config.group, "protocol": config.protocol, "split_seed": config.split_seed, "hyperparameters": hyper}
+    settings = {"group": config.group, "protocol": config.protocol, "split_seed": config.split_seed,
+                "embedding_dim": hyper.get("embedding_dim", 8), "training": hyper.get("training", {})}
     settings_file = out / "experiment.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        raise ConfigError(f"{out} holds results of other settings ({settings_file}); choose another --out")
+    if settings_file.exists():
+        previous = json.loads(settings_file.read_text())
+        previous = {k: previous.get(k) for k in settings}
+        if previous != settings:
+            raise ConfigError(f"{out} holds results of other settings ({settings_file}); choose another --out")
     write_json(settings_file, settings)
+    for record in read_json_lines(out / "runs.jsonl"):
+        used = record.get("hyperparameters")
+        if used is not None and record["model"] in config.models and used != hyper["models"][record["model"]]:
+            raise ConfigError(f"{out}: {record['model']} was run with other hyper-parameters ({used}); choose another --out")
 
     data = load_census(config.data_dir, config.group, config.protocol, config.split_seed, hyper.get("embedding_dim", 8))
     tasks = [t.name for t in data.schema.tasks]
@@ -183,7 +191,8 @@ def run_mmoe_census(config: CensusExperimentConfig, out_dir: str | Path,
                                                                   "progress": config.progress}))
                 result = trainer.fit(train, valid)
                 scores = evaluate(model, test, model.tasks)
-                keep({"model": model_name, "seed": seed, "parameters": model.count_parameters(),
+                keep({"model": model_name, "seed": seed, "hyperparameters": hyper["models"][model_name],
+                      "parameters": model.count_parameters(),
                       "test_auc": {t: scores[t]["auc"] for t in tasks},
                       "valid_auc": {t: v["auc"] for t, v in result.final("valid").items()},
                       "best_step": result.best_step, "steps": result.steps, "seconds": result.seconds,
