@@ -24,7 +24,9 @@ def main() -> None:
         import dataclasses
 
         workload = dataclasses.replace(workload, batch_size=spec["batch_size"])
-    rows = max(workload.rows if not spec.get("rows") else spec["rows"], workload.batch_size * spec["steps"])
+    # Every library gets the same rows: one window of steps is one pass over them (the references'
+    # trainers are timed one epoch per window), so data memory is equal in the RSS comparison.
+    rows = spec.get("rows") or workload.batch_size * spec["steps"]
     data = make_data(workload, rows)
     result = {"library": spec["library"], "workload": spec["workload"], "model": spec["model"]}
     try:

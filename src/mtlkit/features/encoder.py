@@ -101,8 +101,10 @@ class FeatureEncoder(nn.Module):
             codes = inputs["categorical"]
             for g, table in enumerate(self.groups):
                 group_codes = codes if self._all_columns_in_one_group else codes.index_select(1, getattr(self, f"columns_{g}"))
-                embedded = table(group_codes + getattr(self, f"offsets_{g}"))  # [B, C_g, width]
-                parts.append(embedded.flatten(1))
+                rows = (group_codes + getattr(self, f"offsets_{g}")).flatten()
+                # index_select's backward (index_add) is about 3x faster on CPU than embedding's
+                # dense backward for these small tables; the values are identical.
+                parts.append(table.weight.index_select(0, rows).view(codes.shape[0], -1))
         if self.multi_valued:
             codes = inputs["multi_valued"]
             for m, (table, pooling) in enumerate(zip(self.multi_valued, self.config.multi_valued_pooling)):

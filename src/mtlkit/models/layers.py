@@ -198,6 +198,8 @@ class StackedMLP(nn.Module):
             last = i == len(sizes) - 1
             self.norms.append(_StackedNorm(norm, num_stacks, size) if norm and (activate_last or not last) else nn.Identity())
             width = size
+        # Not in place: on the strided per-expert views an in-place ReLU measured 10-20 % slower
+        # (autograd has to rebase the views), see docs/performance.md.
         self.activation = get_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.activate_last = activate_last
