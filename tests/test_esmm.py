@@ -77,3 +77,21 @@ def test_mmoe_on_the_aliexpress_sample(shared_data, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["rows"] == {"train": 80, "valid": 20, "test": 20}
     assert "gauc" in metrics["test"]["click"]  # grouped by search_id
+
+
+def test_esmm_on_the_aliexpress_sample(shared_data, tmp_path):
+    import json
+
+    folder = shared_data / "aliexpress_sample"
+    config = RunConfig(
+        data={"train": str(folder / "aliexpress_train_sample.csv"), "test": str(folder / "aliexpress_test_sample.csv"),
+              "valid_fraction": 0.2},
+        schema={"tasks": [{"name": "ctr", "label": "click"},
+                          {"name": "cvr", "label": "conversion", "weight": 0.0, "sample_space": "click"},
+                          {"name": "ctcvr", "label": "conversion"}],
+                "dense": [f"numerical_{i}" for i in range(1, 64)],
+                "categorical": [f"categorical_{i}" for i in range(1, 17)]},
+        model={"name": "esmm", "tower_hidden": [32]}, training={"max_epochs": 2, "batch_size": 16, "progress": False})
+    metrics = json.loads((train_run(config, tmp_path / "run") / "metrics.json").read_text())
+    assert metrics["test"]["cvr"]["count"] == 10  # the 10 clicked rows of the 20 test rows
+    assert metrics["test"]["ctcvr"]["count"] == 20
