@@ -7,7 +7,7 @@ from typing import Any, Mapping, TypeVar
 
 from mtlkit.errors import ConfigError
 
-__all__ = ["from_mapping", "to_plain", "check_sizes", "check_count"]
+__all__ = ["from_mapping", "to_plain", "check_sizes", "check_count", "check_positive"]
 
 T = TypeVar("T")
 
@@ -69,4 +69,11 @@ def check_count(value: Any, key: str, minimum: int) -> int:
     """Validate an integer count, naming ``key`` in the error."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_positive(value: Any, key: str) -> float:
+    """Validate a number > 0, naming ``key`` in the error."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(f"{key}: expected a number > 0, got {value!r}")
     return value

@@ -30,7 +30,6 @@ from mtlkit.models import TabularMultiTaskModel, build_model, model_config
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
 from mtlkit.training.distributed import barrier, is_main_process
-from mtlkit.training.metrics import group_auc
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
            "dump_config", "LoadedRun", "load_run"]
@@ -120,23 +119,6 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     return config
 
 
-def _scores_with_group_auc(model, encoded, tasks, batch_size: int) -> dict[str, dict[str, float]]:
-    scores = evaluate(model, encoded.tensors, tasks, batch_size)
-    if encoded.groups is not None:
-        with torch.no_grad():
-            model.eval()
-            outputs = {t.name: [] for t in tasks}
-            for batch in encoded.tensors.batches(batch_size):
-                for name, value in model(batch.inputs).items():
-                    outputs[name].append(value[:, 0])
-        for k, task in enumerate(tasks):
-            if task.type == "binary":
-                mask = encoded.tensors.label_mask[:, k]
-                scores[task.name]["gauc"] = group_auc(torch.cat(outputs[task.name])[mask],
-                                                      encoded.tensors.labels[mask, k], encoded.groups[mask])
-    return scores
-
-
 def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
     """Fit the preprocessing, train, score and write the run folder ``out_dir``; returns its path."""
     out = Path(out_dir)
@@ -177,11 +159,11 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         "best_step": result.best_step, "steps": result.steps, "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 2),
         "rows": {"train": len(train.tensors), "valid": len(valid.tensors), **({"test": len(test.tensors)} if test else {})},
-        "valid": _scores_with_group_auc(model, valid, model.tasks, batch),
+        "valid": evaluate(model, valid.tensors, model.tasks, batch, groups=valid.groups),
         "out_of_vocabulary": {"valid": valid.out_of_vocabulary, **({"test": test.out_of_vocabulary} if test else {})},
     }
     if test is not None:
-        metrics["test"] = _scores_with_group_auc(model, test, model.tasks, batch)
+        metrics["test"] = evaluate(model, test.tensors, model.tasks, batch, groups=test.groups)
 
     if not is_main_process():  # under torchrun, rank 0 alone writes the run folder
         barrier()
@@ -266,7 +248,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> di
     schema = run.preprocessor.schema
     frame = read_table(data_file, schema.required_columns)
     encoded = run.preprocessor.transform(frame, source=str(data_file))
-    scores = _scores_with_group_auc(run.model, encoded, run.model.tasks, run.config.training.eval_batch_size)
+    scores = evaluate(run.model, encoded.tensors, run.model.tasks, run.config.training.eval_batch_size,
+                      groups=encoded.groups)
     return {"data": str(data_file), "rows": len(frame), "metrics": scores, "out_of_vocabulary": encoded.out_of_vocabulary}
 
 

@@ -7,8 +7,7 @@ from typing import Sequence
 
 import torch
 
-from mtlkit.errors import ConfigError
-from mtlkit.configuration import check_count, check_sizes
+from mtlkit.configuration import check_count, check_positive, check_sizes
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
@@ -36,8 +35,7 @@ class MixtureOfExpertsConfig(ModelConfig):
         super().__post_init__()
         check_count(self.num_experts, "num_experts", 1)
         self.expert_hidden = check_sizes(self.expert_hidden, "expert_hidden", allow_empty=False)
-        if not (isinstance(self.gate_temperature, (int, float)) and self.gate_temperature > 0):
-            raise ConfigError(f"gate_temperature: expected a number > 0, got {self.gate_temperature!r}")
+        check_positive(self.gate_temperature, "gate_temperature")
 
 
 class _MixtureOfExperts(MultiTaskModel):

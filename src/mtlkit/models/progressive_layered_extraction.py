@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from mtlkit.errors import ConfigError
-from mtlkit.configuration import check_count, check_sizes
+from mtlkit.configuration import check_count, check_positive, check_sizes
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
@@ -41,8 +41,7 @@ class CGCConfig(ModelConfig):
         if self.num_shared_experts + self.num_task_experts < 1:
             raise ConfigError("num_shared_experts + num_task_experts must be >= 1 (each task needs an expert), got 0")
         self.expert_hidden = check_sizes(self.expert_hidden, "expert_hidden", allow_empty=False)
-        if not (isinstance(self.gate_temperature, (int, float)) and self.gate_temperature > 0):
-            raise ConfigError(f"gate_temperature: expected a number > 0, got {self.gate_temperature!r}")
+        check_positive(self.gate_temperature, "gate_temperature")
 
     @property
     def levels(self) -> int:

@@ -24,7 +24,7 @@ from mtlkit.data.tensors import MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
-from mtlkit.training.metrics import task_metrics
+from mtlkit.training.metrics import group_auc, task_metrics
 from mtlkit.training.progress import progress_bar
 
 __all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate"]
@@ -196,8 +196,12 @@ def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...],
-             batch_size: int = 16384, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+             batch_size: int = 16384, device: torch.device | str = "cpu",
+             groups: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """Loss and metrics of every task on ``data`` (exact over all labelled rows, not batch means).
+
+    With ``groups`` (``(N,)`` group ids, e.g. users), binary tasks also get ``gauc`` from the same
+    forward pass.
 
     Returns ``{task: {"loss": ..., metric: ..., "count": ...}}``.
     """
@@ -212,6 +216,11 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
         outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
         losses = task_losses(outputs, data.labels, data.label_mask, tasks, data.sample_weight)
         metrics = task_metrics(outputs, data.labels, data.label_mask, tasks)
+        if groups is not None:
+            for k, task in enumerate(tasks):
+                if task.type == "binary":
+                    mask = data.label_mask[:, k]
+                    metrics[task.name]["gauc"] = group_auc(outputs[task.name][mask, 0], data.labels[mask, k], groups[mask])
         return {t.name: {"loss": float(losses[t.name]), **metrics[t.name]} for t in tasks}
     finally:
         model.train(was_training)
