@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mtlkit.configuration import check_sizes
 from mtlkit.errors import ConfigError
+from mtlkit.models.fused_mlp import stacked_relu_mlp
 
 __all__ = ["ACTIVATIONS", "NORMS", "MLP", "StackedLinear", "StackedMLP", "get_activation"]
 
@@ -204,8 +205,14 @@ class StackedMLP(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.activate_last = activate_last
         self.output_dim = width
+        # ReLU stacks without norm or dropout take the fused path (one autograd node, in-place ReLU,
+        # no layout copies); everything else the module-by-module one below.
+        self.fused = activation == "relu" and norm is None and dropout == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return stacked_relu_mlp(x, [lin.weight for lin in self.linears], [lin.bias for lin in self.linears],
+                                    shared_input=self.linears[0].shared_input, activate_last=self.activate_last)
         h = x
         last = len(self.linears) - 1
         for i, (linear, norm) in enumerate(zip(self.linears, self.norms)):
