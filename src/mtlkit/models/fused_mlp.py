@@ -31,6 +31,11 @@ def _relu_grad_(grad: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
 
 
+def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
+    """``[x, 1]``: the bias becomes one more row of the weight, so one GEMM does both."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+
+
 class _StackedReluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, shared_input: bool, activate_last: bool, *params: torch.Tensor) -> torch.Tensor:
@@ -38,56 +43,82 @@ class _StackedReluMLP(torch.autograd.Function):
         num_stacks = biases[0].shape[0]
         batch = x.shape[0]
         activations: list[torch.Tensor] = []  # [B, S, width] views, after the ReLU
+        first_operands: tuple[torch.Tensor, ...] = ()
         h = x
         for i, (weight, bias) in enumerate(zip(weights, biases)):
             if i == 0 and shared_input:
-                out = torch.addmm(bias.view(1, -1), x, weight).view(batch, num_stacks, -1)
+                # [x, 1] @ [W; b]: no broadcast copy of the bias into the output, and in backward one
+                # GEMM gives the weight and bias gradients (no separate pass over the gradient).
+                x_ones, weight_bias = _with_ones_column(x), torch.cat([weight, bias.view(1, -1)])
+                out = torch.mm(x_ones, weight_bias).view(batch, num_stacks, -1)
+                first_operands = (x_ones, weight_bias)
             else:
                 out = torch.baddbmm(bias.unsqueeze(1), h.transpose(0, 1), weight).transpose(0, 1)
             if i < len(weights) - 1 or activate_last:
                 out.relu_()
             activations.append(out)
             h = out
-        ctx.shared_input, ctx.activate_last = shared_input, activate_last
-        ctx.save_for_backward(x, *params, *activations)
+        ctx.shared_input, ctx.activate_last, ctx.num_layers = shared_input, activate_last, len(weights)
+        ctx.save_for_backward(x, *weights, *activations, *first_operands)
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        num_layers = ctx.num_layers
         saved = ctx.saved_tensors
-        x = saved[0]
-        num_layers = (len(saved) - 1) // 3
-        weights = saved[1 : 1 + 2 * num_layers : 2]
-        activations = saved[1 + 2 * num_layers :]
+        x, weights, activations = saved[0], saved[1 : 1 + num_layers], saved[1 + num_layers : 1 + 2 * num_layers]
+        needs = ctx.needs_input_grad  # (x, shared_input, activate_last, W0, b0, W1, b1, ...)
         batch, num_stacks = grad_out.shape[0], grad_out.shape[1]
         grads: list[torch.Tensor | None] = [None] * (2 * num_layers)
         grad_x = None
-        grad = grad_out
-        owned = False  # grad_out belongs to autograd and must not be written
+        # A batched layer's gradient is kept stack-major, [S, B, out] contiguous, which its two
+        # batched GEMMs read fastest; a shared-input layer's batch-major, [B, S * out], for one mm.
+        grad = grad_out  # [B, S, out], any layout, read-only
+        owned = False
         for i in range(num_layers - 1, -1, -1):
-            if i < num_layers - 1 or ctx.activate_last:
-                grad = _relu_grad_(grad, activations[i]) if owned else torch.ops.aten.threshold_backward(grad, activations[i], 0)
-            grads[2 * i + 1] = grad.sum(0)
-            weight = weights[i]
+            relu = i < num_layers - 1 or ctx.activate_last
             if i == 0 and ctx.shared_input:
+                if relu:
+                    grad = _relu_grad_(grad, activations[0]) if owned else torch.ops.aten.threshold_backward(grad, activations[0], 0)
                 flat = grad.reshape(batch, -1)
-                grads[0] = torch.mm(x.t(), flat) if ctx.needs_input_grad[3] else None
-                if ctx.needs_input_grad[0]:
-                    grad_x = torch.mm(flat, weight.t())
+                x_ones, weight_bias = saved[1 + 2 * num_layers :]
+                if needs[3] or needs[4]:
+                    both = torch.mm(x_ones.t(), flat)
+                    grads[0], grads[1] = both[:-1], both[-1].view(num_stacks, -1)
+                if needs[0]:
+                    grad_x = torch.mm(flat, weight_bias.t())[:, :-1]
                 break
-            below = x if i == 0 else activations[i - 1]  # [B, S, in]
-            if ctx.needs_input_grad[3 + 2 * i]:
-                grads[2 * i] = torch.bmm(below.transpose(0, 1).transpose(1, 2), grad.transpose(0, 1))
-            if i == 0 and not ctx.needs_input_grad[0]:
-                break
-            # Written batch-major, the layout of the layer below, so its GEMMs read it as is.
-            grad_below = torch.empty(batch, num_stacks, weight.shape[1], dtype=grad.dtype, device=grad.device)
-            torch.bmm(grad.transpose(0, 1), weight.transpose(1, 2), out=grad_below.transpose(0, 1))
-            if i == 0:
-                grad_x = grad_below
+            stacked = grad.transpose(0, 1)
+            if owned:
+                if relu:
+                    _relu_grad_(stacked, activations[i].transpose(0, 1))
             else:
-                grad, owned = grad_below, True
+                # Move into a stack-major buffer of our own, with the ReLU mask applied on the way.
+                moved = torch.empty(stacked.shape, dtype=grad.dtype, device=grad.device)
+                if relu:
+                    torch.ops.aten.threshold_backward.grad_input(stacked, activations[i].transpose(0, 1), 0, grad_input=moved)
+                else:
+                    moved.copy_(stacked)
+                stacked = moved
+            weight = weights[i]
+            below = x if i == 0 else activations[i - 1]  # [B, S, in]
+            if needs[4 + 2 * i]:
+                grads[2 * i + 1] = stacked.sum(1)
+            if needs[3 + 2 * i]:
+                grads[2 * i] = torch.bmm(below.transpose(0, 1).transpose(1, 2), stacked)
+            if i == 0 and not needs[0]:
+                break
+            if i == 1 and ctx.shared_input:
+                # Written straight into the batch-major layout of the shared layer below.
+                below_grad = torch.empty(batch, num_stacks, weight.shape[1], dtype=grad.dtype, device=grad.device)
+                torch.bmm(stacked, weight.transpose(1, 2), out=below_grad.transpose(0, 1))
+            else:
+                below_grad = torch.bmm(stacked, weight.transpose(1, 2)).transpose(0, 1)
+            if i == 0:
+                grad_x = below_grad
+            else:
+                grad, owned = below_grad, True
         return (grad_x, None, None, *grads)
 
 
