@@ -1,0 +1,109 @@
+"""The hand-written backward passes (fused ReLU stacks, gate softmax, mixing) against autograd's."""
+
+import pytest
+import torch
+
+from mtlkit.models import MLP, ExpertBank
+from mtlkit.models.fused_mlp import stacked_relu_mlp
+from mtlkit.models.gates import _SMALL_MIXING, _SMALL_SOFTMAX, gate_softmax, mix_experts
+from mtlkit.models.layers import StackedMLP
+
+
+def _grads(output: torch.Tensor, tensors: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=output.dtype)
+    return list(torch.autograd.grad(output, tensors, upstream, allow_unused=True))
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+@pytest.mark.parametrize("hidden", [(6,), (6, 5), (7, 5, 3)])
+@pytest.mark.parametrize("activate_last", [True, False])
+def test_fused_relu_stack_matches_autograd(shared_input, hidden, activate_last):
+    torch.manual_seed(0)
+    stack = StackedMLP(4, 9, hidden, shared_input=shared_input, activate_last=activate_last).double()
+    assert stack.fused
+    shape = (11, 9) if shared_input else (11, 4, 9)
+    x = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    params = list(stack.parameters())
+
+    fused_out = stack(x)
+    fused_grads = _grads(fused_out, [x, *params])
+    stack.fused = False  # the module-by-module path, differentiated by autograd
+    plain_out = stack(x)
+    plain_grads = _grads(plain_out, [x, *params])
+
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-12, rtol=0)
+    for fused, plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+
+
+def test_fused_expert_gradients_equal_separate_mlps():
+    """The batched experts and a loop over nn.Linear MLPs give the same gradients (float32)."""
+    torch.manual_seed(1)
+    experts = [MLP(12, (16, 8)) for _ in range(5)]
+    bank = ExpertBank(5, 12, (16, 8))
+    bank.load_from_mlps(experts)
+    x = torch.randn(64, 12)
+    upstream = torch.randn(64, 5, 8)
+    bank(x).backward(upstream)
+    torch.stack([m(x) for m in experts], dim=1).backward(upstream)
+    for s, mlp in enumerate(experts):
+        linears = [m for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
+        for stacked, linear in zip(bank.linears, linears):
+            weight_grad = stacked.weight.grad.view(stacked.in_features, 5, -1)[:, s] if stacked.shared_input else stacked.weight.grad[s]
+            torch.testing.assert_close(weight_grad, linear.weight.grad.T, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(stacked.bias.grad[s], linear.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_stack_skips_gradients_nobody_needs():
+    torch.manual_seed(2)
+    stack = StackedMLP(3, 5, (4, 2), shared_input=True)
+    stack.linears[0].weight.requires_grad_(False)
+    x = torch.randn(7, 5)  # no gradient wanted for the input either
+    stack(x).sum().backward()
+    assert stack.linears[0].weight.grad is None
+    assert stack.linears[0].bias.grad is not None and stack.linears[1].weight.grad is not None
+
+
+def test_fused_stack_gradcheck():
+    torch.manual_seed(3)
+    x = torch.randn(6, 3, 4, dtype=torch.double, requires_grad=True)
+    weights = [torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True), torch.randn(3, 5, 2, dtype=torch.double, requires_grad=True)]
+    biases = [torch.randn(3, 5, dtype=torch.double, requires_grad=True), torch.randn(3, 2, dtype=torch.double, requires_grad=True)]
+
+    def fn(x, w0, b0, w1, b1):
+        return stacked_relu_mlp(x, [w0, w1], [b0, b1], shared_input=False, activate_last=True)
+
+    assert torch.autograd.gradcheck(fn, (x, weights[0], biases[0], weights[1], biases[1]))
+
+
+def test_other_activations_and_norms_take_the_module_path():
+    assert not StackedMLP(2, 3, (4,), activation="gelu").fused
+    assert not StackedMLP(2, 3, (4,), norm="layer").fused
+    assert not StackedMLP(2, 3, (4,), dropout=0.1).fused
+
+
+@pytest.mark.parametrize("width", [8, _SMALL_SOFTMAX + 7])
+def test_gate_softmax_matches_torch(width):
+    torch.manual_seed(4)
+    logits = torch.randn(13, 3, width, dtype=torch.double, requires_grad=True)
+    ours = gate_softmax(logits)
+    ours_grad = _grads(ours, [logits])[0]
+    reference = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours_grad, _grads(reference, [logits])[0], atol=1e-12, rtol=0)
+    # Large logits must not overflow (the max is subtracted first).
+    assert torch.isfinite(gate_softmax(logits.detach() * 1e4)).all()
+
+
+@pytest.mark.parametrize("gates, experts, width", [(2, 8, 16), (3, 8, 40)])
+def test_mixing_gradients_match_bmm(gates, experts, width):
+    small = gates * experts * width <= _SMALL_MIXING
+    assert small == (width == 16)  # both backward paths are covered
+    torch.manual_seed(5)
+    weights = torch.softmax(torch.randn(9, gates, experts, dtype=torch.double), -1).requires_grad_()
+    outputs = torch.randn(experts, 9, width, dtype=torch.double).transpose(0, 1).requires_grad_()  # strided, as from the experts
+    ours = mix_experts(weights, outputs)
+    reference = torch.bmm(weights, outputs)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+    for a, b in zip(_grads(ours, [weights, outputs]), _grads(reference, [weights, outputs])):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
