@@ -109,8 +109,10 @@ class _StackedReluMLP(torch.autograd.Function):
                 grads[2 * i] = torch.bmm(below.transpose(0, 1).transpose(1, 2), stacked)
             if i == 0 and not needs[0]:
                 break
-            if i == 1 and ctx.shared_input:
-                # Written straight into the batch-major layout of the shared layer below.
+            if i == 0 or (i == 1 and ctx.shared_input):
+                # Written straight into batch-major [B, S, in]: what the shared layer below reads,
+                # and the layout of this function's input, whose consumers (the mixing's bmm,
+                # PLE's expert inputs) are several times slower on a strided gradient.
                 below_grad = torch.empty(batch, num_stacks, weight.shape[1], dtype=grad.dtype, device=grad.device)
                 torch.bmm(stacked, weight.transpose(1, 2), out=below_grad.transpose(0, 1))
             else:
