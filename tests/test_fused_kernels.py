@@ -20,7 +20,7 @@ def _grads(output: torch.Tensor, tensors: list[torch.Tensor], seed: int = 0) -> 
 def test_fused_relu_stack_matches_autograd(shared_input, hidden, activate_last):
     torch.manual_seed(0)
     stack = StackedMLP(4, 9, hidden, shared_input=shared_input, activate_last=activate_last).double()
-    assert stack.fused
+    stack.FUSED_MIN_ACTIVATIONS = 0  # fused at any size
     shape = (11, 9) if shared_input else (11, 4, 9)
     x = torch.randn(shape, dtype=torch.double, requires_grad=True)
     params = list(stack.parameters())
@@ -41,6 +41,7 @@ def test_fused_expert_gradients_equal_separate_mlps():
     torch.manual_seed(1)
     experts = [MLP(12, (16, 8)) for _ in range(5)]
     bank = ExpertBank(5, 12, (16, 8))
+    bank.FUSED_MIN_ACTIVATIONS = 0
     bank.load_from_mlps(experts)
     x = torch.randn(64, 12)
     upstream = torch.randn(64, 5, 8)
@@ -57,6 +58,7 @@ def test_fused_expert_gradients_equal_separate_mlps():
 def test_fused_stack_skips_gradients_nobody_needs():
     torch.manual_seed(2)
     stack = StackedMLP(3, 5, (4, 2), shared_input=True)
+    stack.FUSED_MIN_ACTIVATIONS = 0
     stack.linears[0].weight.requires_grad_(False)
     x = torch.randn(7, 5)  # no gradient wanted for the input either
     stack(x).sum().backward()
@@ -74,6 +76,13 @@ def test_fused_stack_gradcheck():
         return stacked_relu_mlp(x, [w0, w1], [b0, b1], shared_input=False, activate_last=True)
 
     assert torch.autograd.gradcheck(fn, (x, weights[0], biases[0], weights[1], biases[1]))
+
+
+def test_fused_path_only_for_large_activations():
+    stack = StackedMLP(4, 3, (8, 2))
+    stack.FUSED_MIN_ACTIVATIONS = 10 * 4 * 8
+    assert "StackedReluMLP" not in type(stack(torch.randn(9, 3)).grad_fn).__name__
+    assert "StackedReluMLP" in type(stack(torch.randn(10, 3)).grad_fn).__name__
 
 
 def test_other_activations_and_norms_take_the_module_path():

@@ -206,11 +206,18 @@ class StackedMLP(nn.Module):
         self.activate_last = activate_last
         self.output_dim = width
         # ReLU stacks without norm or dropout take the fused path (one autograd node, in-place ReLU,
-        # no layout copies); everything else the module-by-module one below.
+        # no layout copies) when their activations are large; everything else the module-by-module
+        # one below.
         self.fused = activation == "relu" and norm is None and dropout == 0
+        self._widest = max(num_stacks * size for size in sizes)
+
+    # The fused path saves memory traffic but runs its backward in Python: it pays off from about
+    # a million activations in a layer (W2's experts: 4.2 M, 21 % faster per step), and costs 4-15 %
+    # on small stacks (W1's experts, 0.13 M; W2's towers, 0.26 M). See docs/performance.md.
+    FUSED_MIN_ACTIVATIONS = 1 << 20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.fused and x.shape[0] * self._widest >= self.FUSED_MIN_ACTIVATIONS:
             return stacked_relu_mlp(x, [lin.weight for lin in self.linears], [lin.bias for lin in self.linears],
                                     shared_input=self.linears[0].shared_input, activate_last=self.activate_last)
         h = x
