@@ -43,7 +43,9 @@ def test_w1_mmoe_costs_what_the_issue_says():
     # The issue's nominal 88 k is 3 x forward; W1's raw input needs no gradient, so the first layer's
     # input gradient (experts and gates) is never computed.
     assert 3 * forward == 89_568
-    assert flops / workload.batch_size == 3 * forward - 2 * 100 * (128 + 16)
+    # With 8 experts of width 16 the mixing's expert gradient is two multiply-adds, not a bmm, and
+    # FlopCounterMode counts matmuls only: those 2 x 2 x 8 x 16 FLOPs are done but not counted.
+    assert flops / workload.batch_size == 3 * forward - 2 * 100 * (128 + 16) - 2 * 2 * 8 * 16
     assert len(calls) > 0
 
 
