@@ -1,0 +1,87 @@
+"""How long each GEMM of a training step takes inside the step, against the same GEMM alone.
+
+The GEMM-only bound of ``benchmarks.run`` times every GEMM of a step in isolation, on fresh
+contiguous operands that stay in cache between repetitions. Inside a real step the same GEMMs read
+activations written long before (or strided views of them) and run slower; this script shows by how
+much, GEMM by GEMM, so the share of the bound that eager execution can reach is measured, not
+guessed:
+
+    python -m benchmarks.gemm_in_step --workload W2 --model mmoe
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.libraries import build_mtlkit
+from benchmarks.machine import GEMMS, _best_seconds
+from benchmarks.workloads import WORKLOADS, make_data
+
+
+class _GemmTimer(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[tuple, list[float]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket not in GEMMS:
+            return func(*args, **kwargs)
+        start = time.perf_counter()
+        result = func(*args, **kwargs)
+        elapsed = time.perf_counter() - start
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        key = (func.overloadpacket.default, tuple(tuple(t.shape) for t in tensors), tuple(t.stride() for t in tensors))
+        self.seconds.setdefault(key, []).append(elapsed)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="W2")
+    parser.add_argument("--model", default="mmoe")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    from mtlkit.objectives import FixedWeighting, task_losses
+    from mtlkit.training.trainer import _adam
+
+    workload = WORKLOADS[args.workload]
+    model, tasks, dataset = build_mtlkit(workload, args.model, make_data(workload, workload.batch_size))
+    batch = dataset.subset(slice(0, workload.batch_size))
+    weighting = FixedWeighting(tasks)
+    optimizer = _adam(list(model.parameters()), 1e-3, 0.0)
+
+    def step() -> None:
+        loss, _ = weighting(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    step_seconds = _best_seconds(step, args.steps, rounds=3)
+    timer = _GemmTimer()
+    with timer:
+        for _ in range(args.steps):
+            step()
+    in_step_total = isolated_total = 0.0
+    print(f"{'GEMM':<10} {'shapes':<52} {'in step ms':>10} {'alone ms':>9}")
+    for (func, shapes, _), seconds in sorted(timer.seconds.items(), key=lambda kv: -sum(kv[1])):
+        in_step = sorted(seconds)[len(seconds) // 2]
+        operands = [torch.randn(s) for s in shapes]
+        alone = _best_seconds(lambda: func(*operands), 10, rounds=3)
+        in_step_total += in_step
+        isolated_total += alone
+        print(f"{func.name().split('::')[-1]:<10} {str(list(shapes)):<52} {1e3 * in_step:>10.3f} {1e3 * alone:>9.3f}")
+    print(f"GEMMs per step: {1e3 * in_step_total:.2f} ms in the step, {1e3 * isolated_total:.2f} ms alone "
+          f"(the GEMM-only bound); whole step {1e3 * step_seconds:.2f} ms.")
+    print(f"The GEMMs alone, as run in the step, are {100 * isolated_total / in_step_total:.0f} % of the bound; "
+          f"the step is {100 * isolated_total / step_seconds:.0f} %.")
+
+
+if __name__ == "__main__":
+    main()
