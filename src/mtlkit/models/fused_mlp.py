@@ -7,13 +7,16 @@ activations are the largest tensors of the step (W2 in ``benchmarks/``: 2048 x 2
 memory traffic costs as much as a third of the GEMM time. Here:
 
 * the ReLU runs in place on the buffer the GEMM has just written;
+* a shared-input first layer is ``[x, 1] @ [W; b]``: the bias costs no broadcast copy, and one GEMM
+  gives both its gradients;
 * every batched matmul reads its operands through strided views (CPU BLAS takes any leading
-  dimension), and the input gradient of a shared-input layer is written by ``bmm(out=...)`` straight
-  into the batch-major buffer the next GEMM needs, so no layout copy is made;
+  dimension); a batched layer's gradient is moved once into stack-major ``[S, B, D]``, with the ReLU
+  mask applied on the way, and the gradient flowing into a batch-major layer below is written by
+  ``bmm(out=...)`` straight into the layout that layer reads, so no other layout copy is made;
 * the ReLU mask is applied in place to gradients this function has itself allocated.
 
 The maths is that of :class:`~mtlkit.models.layers.StackedMLP` with ReLU, no norm and no dropout;
-``tests/test_fused_mlp.py`` checks both agree, forward and backward.
+``tests/test_fused_kernels.py`` checks both agree, forward and backward.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ class StackedMLP(nn.Module):
         self._widest = max(num_stacks * size for size in sizes)
 
     # The fused path saves memory traffic but runs its backward in Python: it pays off from about
-    # a million activations in a layer (W2's experts: 4.2 M, 21 % faster per step), and costs 4-15 %
+    # a million activations in a layer (W2's experts: 4.2 M, 18 % less time per step), and costs 4-16 %
     # on small stacks (W1's experts, 0.13 M; W2's towers, 0.26 M). See docs/performance.md.
     FUSED_MIN_ACTIVATIONS = 1 << 20
 
