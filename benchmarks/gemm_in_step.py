@@ -15,29 +15,10 @@ import argparse
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.libraries import build_mtlkit
-from benchmarks.machine import GEMMS, _best_seconds
+from benchmarks.machine import GemmRecorder, _best_seconds
 from benchmarks.workloads import WORKLOADS, make_data
-
-
-class _GemmTimer(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seconds: dict[tuple, list[float]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.overloadpacket not in GEMMS:
-            return func(*args, **kwargs)
-        start = time.perf_counter()
-        result = func(*args, **kwargs)
-        elapsed = time.perf_counter() - start
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        key = (func.overloadpacket.default, tuple(tuple(t.shape) for t in tensors), tuple(t.stride() for t in tensors))
-        self.seconds.setdefault(key, []).append(elapsed)
-        return result
 
 
 def main() -> None:
@@ -64,13 +45,16 @@ def main() -> None:
     for _ in range(3):
         step()
     step_seconds = _best_seconds(step, args.steps, rounds=3)
-    timer = _GemmTimer()
-    with timer:
+    recorder = GemmRecorder()
+    with recorder:
         for _ in range(args.steps):
             step()
+    seconds_by_call: dict[tuple, list[float]] = {}
+    for func, shapes, strides, seconds in recorder.calls:
+        seconds_by_call.setdefault((func, shapes, strides), []).append(seconds)
     in_step_total = isolated_total = 0.0
     print(f"{'GEMM':<10} {'shapes':<52} {'in step ms':>10} {'alone ms':>9}")
-    for (func, shapes, _), seconds in sorted(timer.seconds.items(), key=lambda kv: -sum(kv[1])):
+    for (func, shapes, _), seconds in sorted(seconds_by_call.items(), key=lambda kv: -sum(kv[1])):
         in_step = sorted(seconds)[len(seconds) // 2]
         operands = [torch.randn(s) for s in shapes]
         alone = _best_seconds(lambda: func(*operands), 10, rounds=3)

@@ -28,18 +28,27 @@ def matmul_peak_gflops(m: int = 2048, k: int = 512, n: int = 2048) -> float:
     return 2 * m * k * n / _best_seconds(lambda: a @ b, 10) / 1e9
 
 
-class _GemmRecorder(TorchDispatchMode):
+class GemmRecorder(TorchDispatchMode):
+    """Records every GEMM a block of code runs: ``(plain overload, shapes, strides, seconds)``.
+
+    The plain overload is kept also when the model called the ``out=`` one, so each call can be
+    re-timed on fresh operands; ``seconds`` is the call's own time where it ran.
+    """
+
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in GEMMS:
-            # Timed later as the plain overload on fresh operands, also when the model called the
-            # ``out=`` one.
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            self.calls.append((func.overloadpacket.default, [tuple(t.shape) for t in tensors]))
-        return func(*args, **(kwargs or {}))
+        if func.overloadpacket not in GEMMS:
+            return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.calls.append((func.overloadpacket.default, tuple(tuple(t.shape) for t in tensors),
+                           tuple(t.stride() for t in tensors), elapsed))
+        return result
 
 
 def step_profile(step) -> tuple[float, list[tuple]]:
@@ -47,7 +56,7 @@ def step_profile(step) -> tuple[float, list[tuple]]:
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    recorder = _GemmRecorder()
+    recorder = GemmRecorder()
     with recorder:
         step()
     return counter.get_total_flops(), recorder.calls
@@ -56,7 +65,7 @@ def step_profile(step) -> tuple[float, list[tuple]]:
 def gemm_seconds(calls: list[tuple]) -> float:
     """Time of the step's GEMMs alone, each run in isolation at its real shape."""
     total = 0.0
-    for func, shapes in calls:
+    for func, shapes, *_ in calls:
         operands = [torch.randn(s) for s in shapes]
         total += _best_seconds(lambda: func(*operands), 20, rounds=3)
     return total
