@@ -116,3 +116,25 @@ def test_mixing_gradients_match_bmm(gates, experts, width):
     torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
     for a, b in zip(_grads(ours, [weights, outputs]), _grads(reference, [weights, outputs])):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_layer_matrix_carries_bias_and_constant_column(stacked):
+    """``[h, 1] @ matrix`` is ``[h W + b, 1]`` per stack: the next layer's bias rides on that column."""
+    from mtlkit.models.fused_mlp import _layer_matrix
+
+    torch.manual_seed(3)
+    num_stacks, width_in, width_out = 3, 5, 4
+    weight = torch.randn(num_stacks, width_in, width_out, dtype=torch.double)
+    bias = torch.randn(num_stacks, width_out, dtype=torch.double)
+    h = torch.randn(num_stacks, 7, width_in, dtype=torch.double)
+    expected = torch.baddbmm(bias.unsqueeze(1), h, weight)
+    h_ones = torch.cat([h, torch.ones(num_stacks, 7, 1, dtype=torch.double)], dim=2)
+    if stacked:
+        out = torch.bmm(h_ones, _layer_matrix(weight, bias, stacked=True, extend=True))
+    else:  # a shared input: the same h for every stack, weights stored [in, S * out]
+        shared = weight.transpose(0, 1).reshape(width_in, -1)
+        out = torch.mm(h_ones[0], _layer_matrix(shared, bias, stacked=False, extend=True)).view(7, num_stacks, -1).transpose(0, 1)
+        expected = torch.stack([h[0] @ weight[s] + bias[s] for s in range(num_stacks)])
+    torch.testing.assert_close(out[..., :width_out], expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[..., width_out], torch.ones(num_stacks, 7, dtype=torch.double), atol=0, rtol=0)

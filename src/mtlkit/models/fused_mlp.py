@@ -7,8 +7,9 @@ activations are the largest tensors of the step (W2 in ``benchmarks/``: 2048 x 2
 memory traffic costs as much as a third of the GEMM time. Here:
 
 * the ReLU runs in place on the buffer the GEMM has just written;
-* a shared-input first layer is ``[x, 1] @ [W; b]``: the bias costs no broadcast copy, and one GEMM
-  gives both its gradients;
+* a shared-input first layer is ``[x, 1] @ [W; b]``, and every layer below the last also writes a
+  constant-1 column (weight 0, bias 1, kept by the ReLU), so every layer's bias is one more row of its
+  GEMM operand: no broadcast copy of the bias into the output, and one GEMM gives both gradients;
 * every batched matmul reads its operands through strided views (CPU BLAS takes any leading
   dimension); a batched layer's gradient is moved once into stack-major ``[S, B, D]``, with the ReLU
   mask applied on the way, and the gradient flowing into a batch-major layer below is written by
@@ -39,30 +40,69 @@ def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
+def _layer_matrix(weight: torch.Tensor, bias: torch.Tensor, stacked: bool, extend: bool) -> torch.Tensor:
+    """The GEMM operand of a layer whose input ends in a constant-1 column: ``[W; b]`` per stack.
+
+    With ``extend`` every stack gets one more output column, of weight 0 and bias 1: after the ReLU it
+    is the constant-1 column on which the next layer's bias rides.
+
+    Shape: ``[in, S * out] -> [in + 1, S * (out + extend)]`` (shared input), or
+    ``[S, in, out] -> [S, in + 1, out + extend]`` (stacked).
+    """
+    num_stacks, out = bias.shape
+    if not extend:
+        return torch.cat([weight, bias.unsqueeze(1)], dim=1) if stacked else torch.cat([weight, bias.view(1, -1)])
+    in_features = weight.shape[-2]
+    if stacked:
+        matrix = weight.new_empty(num_stacks, in_features + 1, out + 1)
+        weight_rows, bias_row = matrix[:, :in_features], matrix[:, in_features]
+    else:
+        matrix = weight.new_empty(in_features + 1, num_stacks, out + 1)
+        weight_rows, bias_row = matrix[:in_features], matrix[in_features]
+        weight = weight.view(in_features, num_stacks, out)
+    weight_rows[..., :out] = weight
+    weight_rows[..., out] = 0.0
+    bias_row[:, :out] = bias
+    bias_row[:, out] = 1.0
+    return matrix if stacked else matrix.view(in_features + 1, -1)
+
+
 class _StackedReluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, shared_input: bool, activate_last: bool, *params: torch.Tensor) -> torch.Tensor:
         weights, biases = params[0::2], params[1::2]
         num_stacks = biases[0].shape[0]
-        batch = x.shape[0]
-        activations: list[torch.Tensor] = []  # [B, S, width] views, after the ReLU
-        first_operands: tuple[torch.Tensor, ...] = ()
+        batch, num_layers = x.shape[0], len(weights)
+        # Every layer below the last also writes a constant-1 column (weight 0, bias 1, kept by the
+        # ReLU), so every bias is one more row of its layer's GEMM operand: no broadcast copy of the
+        # bias into the output, and one GEMM gives the weight and bias gradients.
+        activations: list[torch.Tensor] = []  # [B, S, out + extend] views, after the ReLU
+        matrices: list[torch.Tensor] = []
+        first_input = x
         h = x
         for i, (weight, bias) in enumerate(zip(weights, biases)):
+            extend = i < num_layers - 1
             if i == 0 and shared_input:
-                # [x, 1] @ [W; b]: no broadcast copy of the bias into the output, and in backward one
-                # GEMM gives the weight and bias gradients (no separate pass over the gradient).
-                x_ones, weight_bias = _with_ones_column(x), torch.cat([weight, bias.view(1, -1)])
-                out = torch.mm(x_ones, weight_bias).view(batch, num_stacks, -1)
-                first_operands = (x_ones, weight_bias)
+                first_input = _with_ones_column(x)
+                matrix = _layer_matrix(weight, bias, stacked=False, extend=extend)
+                out = torch.mm(first_input, matrix).view(batch, num_stacks, -1)
+            elif i == 0:
+                # A per-stack input has no constant column: here baddbmm broadcasts the bias.
+                matrix = weight
+                if extend:
+                    matrix = torch.cat([weight, weight.new_zeros(num_stacks, weight.shape[1], 1)], dim=2)
+                    bias = torch.cat([bias, bias.new_ones(num_stacks, 1)], dim=1)
+                out = torch.baddbmm(bias.unsqueeze(1), x.transpose(0, 1), matrix).transpose(0, 1)
             else:
-                out = torch.baddbmm(bias.unsqueeze(1), h.transpose(0, 1), weight).transpose(0, 1)
-            if i < len(weights) - 1 or activate_last:
+                matrix = _layer_matrix(weight, bias, stacked=True, extend=extend)
+                out = torch.bmm(h.transpose(0, 1), matrix).transpose(0, 1)
+            if extend or activate_last:
                 out.relu_()
             activations.append(out)
+            matrices.append(matrix)
             h = out
-        ctx.shared_input, ctx.activate_last, ctx.num_layers = shared_input, activate_last, len(weights)
-        ctx.save_for_backward(x, *weights, *activations, *first_operands)
+        ctx.shared_input, ctx.activate_last, ctx.num_layers = shared_input, activate_last, num_layers
+        ctx.save_for_backward(first_input, *matrices, *activations)
         return h
 
     @staticmethod
@@ -70,27 +110,30 @@ class _StackedReluMLP(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         num_layers = ctx.num_layers
         saved = ctx.saved_tensors
-        x, weights, activations = saved[0], saved[1 : 1 + num_layers], saved[1 + num_layers : 1 + 2 * num_layers]
+        first_input, matrices, activations = saved[0], saved[1 : 1 + num_layers], saved[1 + num_layers :]
         needs = ctx.needs_input_grad  # (x, shared_input, activate_last, W0, b0, W1, b1, ...)
         batch, num_stacks = grad_out.shape[0], grad_out.shape[1]
         grads: list[torch.Tensor | None] = [None] * (2 * num_layers)
         grad_x = None
         # A batched layer's gradient is kept stack-major, [S, B, out] contiguous, which its two
         # batched GEMMs read fastest; a shared-input layer's batch-major, [B, S * out], for one mm.
-        grad = grad_out  # [B, S, out], any layout, read-only
+        grad = grad_out  # [B, S, out (+ 1)], any layout, read-only unless owned
         owned = False
         for i in range(num_layers - 1, -1, -1):
             relu = i < num_layers - 1 or ctx.activate_last
+            extend = i < num_layers - 1
+            out = activations[i].shape[2] - extend  # this layer's real width
             if i == 0 and ctx.shared_input:
                 if relu:
                     grad = _relu_grad_(grad, activations[0]) if owned else torch.ops.aten.threshold_backward(grad, activations[0], 0)
+                if extend:
+                    grad[:, :, out].zero_()  # the constant column's gradient is not the model's
                 flat = grad.reshape(batch, -1)
-                x_ones, weight_bias = saved[1 + 2 * num_layers :]
                 if needs[3] or needs[4]:
-                    both = torch.mm(x_ones.t(), flat)
-                    grads[0], grads[1] = both[:-1], both[-1].view(num_stacks, -1)
+                    both = torch.mm(first_input.t(), flat).view(first_input.shape[1], num_stacks, -1)[:, :, :out]
+                    grads[0], grads[1] = both[:-1].reshape(first_input.shape[1] - 1, -1), both[-1]
                 if needs[0]:
-                    grad_x = torch.mm(flat, weight_bias.t())[:, :-1]
+                    grad_x = torch.mm(flat, matrices[0].t())[:, :-1]
                 break
             stacked = grad.transpose(0, 1)
             if owned:
@@ -104,22 +147,28 @@ class _StackedReluMLP(torch.autograd.Function):
                 else:
                     moved.copy_(stacked)
                 stacked = moved
-            weight = weights[i]
-            below = x if i == 0 else activations[i - 1]  # [B, S, in]
-            if needs[4 + 2 * i]:
-                grads[2 * i + 1] = stacked.sum(1)
-            if needs[3 + 2 * i]:
-                grads[2 * i] = torch.bmm(below.transpose(0, 1).transpose(1, 2), stacked)
+            if extend:
+                stacked[:, :, out].zero_()
+            matrix = matrices[i]
+            if i == 0:  # per-stack input without a constant column
+                if needs[4]:
+                    grads[1] = stacked.sum(1)[:, :out]
+                if needs[3]:
+                    grads[0] = torch.bmm(first_input.transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
+            elif needs[3 + 2 * i] or needs[4 + 2 * i]:
+                # One GEMM: the constant column of the input gives the bias gradient as its last row.
+                both = torch.bmm(activations[i - 1].transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
+                grads[2 * i], grads[2 * i + 1] = both[:, :-1], both[:, -1]
             if i == 0 and not needs[0]:
                 break
             if i == 0 or (i == 1 and ctx.shared_input):
                 # Written straight into batch-major [B, S, in]: what the shared layer below reads,
                 # and the layout of this function's input, whose consumers (the mixing's bmm,
                 # PLE's expert inputs) are several times slower on a strided gradient.
-                below_grad = torch.empty(batch, num_stacks, weight.shape[1], dtype=grad.dtype, device=grad.device)
-                torch.bmm(stacked, weight.transpose(1, 2), out=below_grad.transpose(0, 1))
+                below_grad = torch.empty(batch, num_stacks, matrix.shape[1], dtype=grad.dtype, device=grad.device)
+                torch.bmm(stacked, matrix.transpose(1, 2), out=below_grad.transpose(0, 1))
             else:
-                below_grad = torch.bmm(stacked, weight.transpose(1, 2)).transpose(0, 1)
+                below_grad = torch.bmm(stacked, matrix.transpose(1, 2)).transpose(0, 1)
             if i == 0:
                 grad_x = below_grad
             else:
