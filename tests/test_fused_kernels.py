@@ -17,11 +17,12 @@ def _grads(output: torch.Tensor, tensors: list[torch.Tensor], seed: int = 0) -> 
 @pytest.mark.parametrize("shared_input", [True, False])
 @pytest.mark.parametrize("hidden", [(6,), (6, 5), (7, 5, 3)])
 @pytest.mark.parametrize("activate_last", [True, False])
-def test_fused_relu_stack_matches_autograd(shared_input, hidden, activate_last):
+@pytest.mark.parametrize("width", [9, 7])  # 7 + the constant column is a multiple of 8: the other input-gradient GEMM
+def test_fused_relu_stack_matches_autograd(shared_input, hidden, activate_last, width):
     torch.manual_seed(0)
-    stack = StackedMLP(4, 9, hidden, shared_input=shared_input, activate_last=activate_last).double()
+    stack = StackedMLP(4, width, hidden, shared_input=shared_input, activate_last=activate_last).double()
     stack.FUSED_MIN_ACTIVATIONS = 0  # fused at any size
-    shape = (11, 9) if shared_input else (11, 4, 9)
+    shape = (11, width) if shared_input else (11, 4, width)
     x = torch.randn(shape, dtype=torch.double, requires_grad=True)
     params = list(stack.parameters())
 
@@ -73,7 +74,7 @@ def test_fused_stack_gradcheck():
     biases = [torch.randn(3, 5, dtype=torch.double, requires_grad=True), torch.randn(3, 2, dtype=torch.double, requires_grad=True)]
 
     def fn(x, w0, b0, w1, b1):
-        return stacked_relu_mlp(x, [w0, w1], [b0, b1], shared_input=False, activate_last=True)
+        return stacked_relu_mlp(x, [w0, w1], [b0, b1], activate_last=True)
 
     assert torch.autograd.gradcheck(fn, (x, weights[0], biases[0], weights[1], biases[1]))
 
@@ -133,8 +134,35 @@ def test_layer_matrix_carries_bias_and_constant_column(stacked):
     if stacked:
         out = torch.bmm(h_ones, _layer_matrix(weight, bias, stacked=True, extend=True))
     else:  # a shared input: the same h for every stack, weights stored [in, S * out]
-        shared = weight.transpose(0, 1).reshape(width_in, -1)
+        shared = weight.transpose(0, 1)  # [in, S, out]
         out = torch.mm(h_ones[0], _layer_matrix(shared, bias, stacked=False, extend=True)).view(7, num_stacks, -1).transpose(0, 1)
         expected = torch.stack([h[0] @ weight[s] + bias[s] for s in range(num_stacks)])
     torch.testing.assert_close(out[..., :width_out], expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(out[..., width_out], torch.ones(num_stacks, 7, dtype=torch.double), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("groups", [[0, 0, 1, 1, 2, 2, 2, 2], [2, 2, 2], [0, 1, 1], [1, 0, 2, 0]])
+@pytest.mark.parametrize("hidden", [(6,), (6, 5)])
+@pytest.mark.parametrize("width", [9, 7])
+def test_grouped_expert_inputs_match_the_gather(groups, hidden, width):
+    """PLE's upper levels: experts reading runs of a grouped input through one GEMM per group equal the
+    gather-then-batched path, forward and backward (unsorted groups take the gather)."""
+    torch.manual_seed(4)
+    bank = ExpertBank(len(groups), width, hidden, input_groups=groups).double()
+    bank.FUSED_MIN_ACTIVATIONS = 0
+    x = torch.randn(4, 11, width, dtype=torch.double).transpose(0, 1).requires_grad_()  # strided, like a mixing output
+    params = list(bank.parameters())
+    fused_out = bank(x)
+    fused_grads = _grads(fused_out, [x, *params])
+    bank.fused = False
+    plain_out = bank(x)
+    plain_grads = _grads(plain_out, [x, *params])
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-12, rtol=0)
+    for fused, plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+
+
+def test_group_sizes_must_cover_the_stacks():
+    with pytest.raises(ValueError, match="sum to the number of stacks"):
+        stacked_relu_mlp(torch.zeros(2, 2, 3), [torch.zeros(3, 3, 4)], [torch.zeros(3, 4)], activate_last=True,
+                         input_group_sizes=(1, 1))

@@ -60,8 +60,13 @@ class ExpertBank(StackedMLP):
             if len(input_groups) != num_experts:
                 raise ValueError(f"input_groups needs one entry per expert ({num_experts}), got {len(input_groups)}")
             self.register_buffer("input_groups", torch.as_tensor(list(input_groups), dtype=torch.long), persistent=False)
+            # Experts of one group in consecutive runs (PLE's order: each task's, then the shared
+            # ones) read their group's input through one GEMM on the fused path, without a gather.
+            runs = list(input_groups) == sorted(input_groups)
+            self._group_sizes = tuple(list(input_groups).count(g) for g in range(max(input_groups) + 1)) if runs else None
         else:
             self.input_groups = None
+            self._group_sizes = None
 
     @property
     def num_experts(self) -> int:
@@ -69,5 +74,8 @@ class ExpertBank(StackedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_groups is not None:
+            if self._group_sizes is not None and self.takes_fused_path(x):
+                sizes = self._group_sizes + (0,) * (x.shape[1] - len(self._group_sizes))
+                return self.fused_forward(x, sizes)
             x = x.index_select(1, self.input_groups)
         return super().forward(x)

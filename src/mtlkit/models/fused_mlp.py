@@ -46,46 +46,57 @@ def _layer_matrix(weight: torch.Tensor, bias: torch.Tensor, stacked: bool, exten
     With ``extend`` every stack gets one more output column, of weight 0 and bias 1: after the ReLU it
     is the constant-1 column on which the next layer's bias rides.
 
-    Shape: ``[in, S * out] -> [in + 1, S * (out + extend)]`` (shared input), or
-    ``[S, in, out] -> [S, in + 1, out + extend]`` (stacked).
+    Shape: ``[in, S, out]`` (one input shared by the stacks, any strides) ``-> [in + 1, S * (out + extend)]``,
+    or ``[S, in, out] -> [S, in + 1, out + extend]`` (stacked).
     """
     num_stacks, out = bias.shape
-    if not extend:
-        return torch.cat([weight, bias.unsqueeze(1)], dim=1) if stacked else torch.cat([weight, bias.view(1, -1)])
-    in_features = weight.shape[-2]
+    in_features = weight.shape[-2] if stacked else weight.shape[0]
     if stacked:
-        matrix = weight.new_empty(num_stacks, in_features + 1, out + 1)
+        matrix = weight.new_empty(num_stacks, in_features + 1, out + extend)
         weight_rows, bias_row = matrix[:, :in_features], matrix[:, in_features]
     else:
-        matrix = weight.new_empty(in_features + 1, num_stacks, out + 1)
+        matrix = weight.new_empty(in_features + 1, num_stacks, out + extend)
         weight_rows, bias_row = matrix[:in_features], matrix[in_features]
-        weight = weight.view(in_features, num_stacks, out)
     weight_rows[..., :out] = weight
-    weight_rows[..., out] = 0.0
     bias_row[:, :out] = bias
-    bias_row[:, out] = 1.0
+    if extend:
+        weight_rows[..., out] = 0.0
+        bias_row[:, out] = 1.0
     return matrix if stacked else matrix.view(in_features + 1, -1)
 
 
 class _StackedReluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shared_input: bool, activate_last: bool, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group_sizes: tuple[int, ...] | None, activate_last: bool,
+                *params: torch.Tensor) -> torch.Tensor:
         weights, biases = params[0::2], params[1::2]
         num_stacks = biases[0].shape[0]
         batch, num_layers = x.shape[0], len(weights)
+        shared = x.dim() == 2
         # Every layer below the last also writes a constant-1 column (weight 0, bias 1, kept by the
         # ReLU), so every bias is one more row of its layer's GEMM operand: no broadcast copy of the
         # bias into the output, and one GEMM gives the weight and bias gradients.
         activations: list[torch.Tensor] = []  # [B, S, out + extend] views, after the ReLU
-        matrices: list[torch.Tensor] = []
-        first_input = x
+        matrices: list[torch.Tensor] = []  # layers above the first
+        first_inputs: list[torch.Tensor] = []  # per input group: [x_g, 1]
+        first_matrices: list[torch.Tensor] = []  # per input group: [in + 1, n_g * (out + extend)]
         h = x
         for i, (weight, bias) in enumerate(zip(weights, biases)):
             extend = i < num_layers - 1
-            if i == 0 and shared_input:
-                first_input = _with_ones_column(x)
-                matrix = _layer_matrix(weight, bias, stacked=False, extend=extend)
-                out = torch.mm(first_input, matrix).view(batch, num_stacks, -1)
+            if i == 0 and group_sizes is not None:
+                # Stacks reading one input (all of them, or a run of them) share one GEMM.
+                width = bias.shape[1] + extend
+                out = x.new_empty(batch, num_stacks, width)
+                flat_out, start = out.view(batch, -1), 0
+                for g, size in enumerate(group_sizes):
+                    if shared:
+                        group_input, group_weight = x, weight.view(weight.shape[0], num_stacks, -1)
+                    else:
+                        group_input, group_weight = x[:, g], weight[start : start + size].transpose(0, 1)
+                    first_inputs.append(_with_ones_column(group_input))
+                    first_matrices.append(_layer_matrix(group_weight, bias[start : start + size], stacked=False, extend=extend))
+                    torch.mm(first_inputs[-1], first_matrices[-1], out=flat_out[:, start * width : (start + size) * width])
+                    start += size
             elif i == 0:
                 # A per-stack input has no constant column: here baddbmm broadcasts the bias.
                 matrix = weight
@@ -93,47 +104,46 @@ class _StackedReluMLP(torch.autograd.Function):
                     matrix = torch.cat([weight, weight.new_zeros(num_stacks, weight.shape[1], 1)], dim=2)
                     bias = torch.cat([bias, bias.new_ones(num_stacks, 1)], dim=1)
                 out = torch.baddbmm(bias.unsqueeze(1), x.transpose(0, 1), matrix).transpose(0, 1)
+                matrices.append(matrix)
             else:
                 matrix = _layer_matrix(weight, bias, stacked=True, extend=extend)
                 out = torch.bmm(h.transpose(0, 1), matrix).transpose(0, 1)
+                matrices.append(matrix)
             if extend or activate_last:
                 out.relu_()
             activations.append(out)
-            matrices.append(matrix)
             h = out
-        ctx.shared_input, ctx.activate_last, ctx.num_layers = shared_input, activate_last, num_layers
-        ctx.save_for_backward(first_input, *matrices, *activations)
+        ctx.group_sizes, ctx.activate_last, ctx.num_layers = group_sizes, activate_last, num_layers
+        ctx.input_shape, ctx.num_first = x.shape, len(first_inputs)
+        ctx.save_for_backward(x if group_sizes is None else None, *first_inputs, *first_matrices, *matrices, *activations)
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        num_layers = ctx.num_layers
+        num_layers, num_first, group_sizes = ctx.num_layers, ctx.num_first, ctx.group_sizes
         saved = ctx.saved_tensors
-        first_input, matrices, activations = saved[0], saved[1 : 1 + num_layers], saved[1 + num_layers :]
-        needs = ctx.needs_input_grad  # (x, shared_input, activate_last, W0, b0, W1, b1, ...)
+        x, saved = saved[0], saved[1:]
+        first_inputs, first_matrices = saved[:num_first], saved[num_first : 2 * num_first]
+        matrices = (None,) * (group_sizes is not None) + saved[2 * num_first : -num_layers]
+        activations = saved[-num_layers:]
+        needs = ctx.needs_input_grad  # (x, group_sizes, activate_last, W0, b0, W1, b1, ...)
         batch, num_stacks = grad_out.shape[0], grad_out.shape[1]
         grads: list[torch.Tensor | None] = [None] * (2 * num_layers)
         grad_x = None
         # A batched layer's gradient is kept stack-major, [S, B, out] contiguous, which its two
-        # batched GEMMs read fastest; a shared-input layer's batch-major, [B, S * out], for one mm.
+        # batched GEMMs read fastest; a first layer of GEMMs on shared inputs reads it batch-major.
         grad = grad_out  # [B, S, out (+ 1)], any layout, read-only unless owned
         owned = False
         for i in range(num_layers - 1, -1, -1):
             relu = i < num_layers - 1 or ctx.activate_last
             extend = i < num_layers - 1
             out = activations[i].shape[2] - extend  # this layer's real width
-            if i == 0 and ctx.shared_input:
+            if i == 0 and group_sizes is not None:
                 if relu:
                     grad = _relu_grad_(grad, activations[0]) if owned else torch.ops.aten.threshold_backward(grad, activations[0], 0)
-                if extend:
-                    grad[:, :, out].zero_()  # the constant column's gradient is not the model's
-                flat = grad.reshape(batch, -1)
-                if needs[3] or needs[4]:
-                    both = torch.mm(first_input.t(), flat).view(first_input.shape[1], num_stacks, -1)[:, :, :out]
-                    grads[0], grads[1] = both[:-1].reshape(first_input.shape[1] - 1, -1), both[-1]
-                if needs[0]:
-                    grad_x = torch.mm(flat, matrices[0].t())[:, :-1]
+                grad_x, grads[0], grads[1] = _grouped_first_layer_backward(
+                    grad, first_inputs, first_matrices, group_sizes, ctx.input_shape, out, needs[0], needs[3] or needs[4])
                 break
             stacked = grad.transpose(0, 1)
             if owned:
@@ -147,28 +157,31 @@ class _StackedReluMLP(torch.autograd.Function):
                 else:
                     moved.copy_(stacked)
                 stacked = moved
-            if extend:
-                stacked[:, :, out].zero_()
             matrix = matrices[i]
             if i == 0:  # per-stack input without a constant column
                 if needs[4]:
                     grads[1] = stacked.sum(1)[:, :out]
                 if needs[3]:
-                    grads[0] = torch.bmm(first_input.transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
+                    grads[0] = torch.bmm(x.transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
             elif needs[3 + 2 * i] or needs[4 + 2 * i]:
                 # One GEMM: the constant column of the input gives the bias gradient as its last row.
                 both = torch.bmm(activations[i - 1].transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
                 grads[2 * i], grads[2 * i + 1] = both[:, :-1], both[:, -1]
             if i == 0 and not needs[0]:
                 break
-            if i == 0 or (i == 1 and ctx.shared_input):
-                # Written straight into batch-major [B, S, in]: what the shared layer below reads,
-                # and the layout of this function's input, whose consumers (the mixing's bmm,
-                # PLE's expert inputs) are several times slower on a strided gradient.
-                below_grad = torch.empty(batch, num_stacks, matrix.shape[1], dtype=grad.dtype, device=grad.device)
-                torch.bmm(stacked, matrix.transpose(1, 2), out=below_grad.transpose(0, 1))
+            # Batch-major [B, S, in] for the first layer's GEMMs and for this function's input, whose
+            # consumers (the mixing's bmm, PLE's expert inputs) are several times slower on a strided
+            # gradient; stack-major for a batched layer below.
+            width = matrix.shape[1]  # the layer below's width, with its constant column when i > 0
+            if i == 0 or (i == 1 and group_sizes is not None):
+                below_grad = torch.empty(batch, num_stacks, width, dtype=grad.dtype, device=grad.device)
             else:
-                below_grad = torch.bmm(stacked, matrix.transpose(1, 2)).transpose(0, 1)
+                below_grad = torch.empty(num_stacks, batch, width, dtype=grad.dtype, device=grad.device).transpose(0, 1)
+            weight_rows = width - (i > 0)
+            # Only the weight rows: the constant column's gradient is not the model's, it is zero.
+            torch.bmm(stacked, matrix[:, :weight_rows].transpose(1, 2), out=below_grad[:, :, :weight_rows].transpose(0, 1))
+            if i > 0:
+                below_grad[:, :, weight_rows].zero_()
             if i == 0:
                 grad_x = below_grad
             else:
@@ -176,22 +189,66 @@ class _StackedReluMLP(torch.autograd.Function):
         return (grad_x, None, None, *grads)
 
 
+def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_sizes, input_shape, out, needs_input, needs_params):
+    """Gradients of a first layer made of one GEMM per input group (see the forward).
+
+    ``grad`` is ``[B, S, out + extend]`` with the constant column's gradient zeroed; returns the input
+    gradient (``input_shape``) and the weight and bias gradients in their stored layouts.
+    """
+    batch, num_stacks, width = grad.shape
+    shared = len(input_shape) == 2
+    in_features = input_shape[-1]
+    flat = grad.reshape(batch, -1)
+    grad_x = grad.new_empty(input_shape) if needs_input and not (shared and (in_features + 1) % 8 == 0) else None
+    grad_weight = grad_bias = None
+    if needs_params and not shared:
+        grad_weight = grad.new_empty(num_stacks, in_features, out)
+        grad_bias = grad.new_empty(num_stacks, out)
+    start = 0
+    for g, size in enumerate(group_sizes):
+        part = flat[:, start * width : (start + size) * width]
+        if needs_params:
+            both = torch.mm(first_inputs[g].t(), part).view(in_features + 1, size, width)[:, :, :out]
+            if shared:
+                grad_weight, grad_bias = both[:-1].reshape(in_features, -1), both[-1]
+            else:
+                grad_weight[start : start + size] = both[:-1].transpose(0, 1)
+                grad_bias[start : start + size] = both[-1]
+        if needs_input:
+            # The operand's last row is the bias, whose input column (the constant) needs no
+            # gradient; it is computed anyway where that makes the GEMM's output width a multiple of 8
+            # (W2: 272 columns take 7.3 ms, 271 take 8.8).
+            matrix = first_matrices[g]
+            if (in_features + 1) % 8 == 0:
+                product = torch.mm(part, matrix.t())[:, :-1]
+                if shared:
+                    grad_x = product
+                else:
+                    grad_x[:, g] = product
+            else:
+                torch.mm(part, matrix[:-1].t(), out=grad_x if shared else grad_x[:, g])
+        start += size
+    return grad_x, grad_weight, grad_bias
+
+
 def stacked_relu_mlp(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor],
-    shared_input: bool,
     activate_last: bool,
+    input_group_sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``S`` ReLU MLPs of identical shape, forward and backward as one autograd node.
 
     Args:
-        x: ``(B, in)`` when ``shared_input`` (the first layer is one matmul of all stacks), else
-            ``(B, S, in)`` (any strides).
-        weights: per layer, ``[in, S * out]`` for a shared-input first layer, else ``[S, in, out]``.
+        x: ``(B, in)``: one input shared by all stacks, whose first layer is one matmul; or
+            ``(B, G, in)`` (any strides) with ``input_group_sizes``: the first ``n_0`` stacks read
+            ``x[:, 0]``, the next ``n_1`` ``x[:, 1]``, ..., one matmul per group; or ``(B, S, in)``
+            without: one input per stack, one batched matmul.
+        weights: per layer, ``[in, S * out]`` for a first layer on a ``(B, in)`` input, else ``[S, in, out]``.
         biases: per layer, ``[S, out]``.
-        shared_input: whether the first layer reads one input shared by all stacks.
         activate_last: whether the last layer is followed by the ReLU.
+        input_group_sizes: with a ``(B, G, in)`` input, how many consecutive stacks read each group.
 
     Returns:
         ``(B, S, out)``; a strided view of a stack-major buffer when the last layer is batched.
@@ -199,4 +256,7 @@ def stacked_relu_mlp(
     params: list[torch.Tensor] = []
     for weight, bias in zip(weights, biases):
         params += [weight, bias]
-    return _StackedReluMLP.apply(x, shared_input, activate_last, *params)
+    group_sizes = (biases[0].shape[0],) if x.dim() == 2 else (tuple(input_group_sizes) if input_group_sizes else None)
+    if group_sizes is not None and sum(group_sizes) != biases[0].shape[0]:
+        raise ValueError(f"input_group_sizes {group_sizes} must sum to the number of stacks ({biases[0].shape[0]})")
+    return _StackedReluMLP.apply(x, group_sizes, activate_last, *params)

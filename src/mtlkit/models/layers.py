@@ -216,10 +216,18 @@ class StackedMLP(nn.Module):
     # on small stacks (W1's experts, 0.13 M; W2's towers, 0.26 M). See docs/performance.md.
     FUSED_MIN_ACTIVATIONS = 1 << 20
 
+    def takes_fused_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused ReLU stack (large enough, ReLU, no norm, no dropout)."""
+        return self.fused and x.shape[0] * self._widest >= self.FUSED_MIN_ACTIVATIONS
+
+    def fused_forward(self, x: torch.Tensor, input_group_sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """The fused path, optionally with stacks reading runs of a grouped input (see ``stacked_relu_mlp``)."""
+        return stacked_relu_mlp(x, [lin.weight for lin in self.linears], [lin.bias for lin in self.linears],
+                                activate_last=self.activate_last, input_group_sizes=input_group_sizes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.shape[0] * self._widest >= self.FUSED_MIN_ACTIVATIONS:
-            return stacked_relu_mlp(x, [lin.weight for lin in self.linears], [lin.bias for lin in self.linears],
-                                    shared_input=self.linears[0].shared_input, activate_last=self.activate_last)
+        if self.takes_fused_path(x):
+            return self.fused_forward(x)
         h = x
         last = len(self.linears) - 1
         for i, (linear, norm) in enumerate(zip(self.linears, self.norms)):
