@@ -1,4 +1,4 @@
-"""The hand-written backward passes (fused ReLU stacks, gate softmax, mixing) against autograd's."""
+"""The hand-written backward passes (fused ReLU stacks, gate softmax, mixing, categorical lookup) against autograd's."""
 
 import pytest
 import torch
@@ -166,3 +166,18 @@ def test_group_sizes_must_cover_the_stacks():
     with pytest.raises(ValueError, match="sum to the number of stacks"):
         stacked_relu_mlp(torch.zeros(2, 2, 3), [torch.zeros(3, 3, 4)], [torch.zeros(3, 4)], activate_last=True,
                          input_group_sizes=(1, 1))
+
+
+def test_table_rows_gradient_is_index_select_gradient():
+    """The categorical lookup's bincount backward gives index_add_'s sums, bit for bit (float32)."""
+    from mtlkit.features.encoder import table_rows
+
+    torch.manual_seed(5)
+    table = torch.randn(13, 4, requires_grad=True)
+    rows = torch.randint(0, 13, (200,))  # many repeats per row
+    upstream = torch.randn(200, 4)
+    (ours,) = torch.autograd.grad(table_rows(table, rows), table, upstream)
+    (theirs,) = torch.autograd.grad(table.index_select(0, rows), table, upstream)
+    assert torch.equal(ours, theirs)
+    double = torch.randn(6, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: table_rows(t, torch.tensor([0, 5, 5, 2])), (double,))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 from mtlkit.configuration import check_count, from_mapping
@@ -59,6 +60,39 @@ class EncoderConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
+class _TableRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.table_shape = table.shape
+        return table.index_select(0, rows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        num_rows, width = ctx.table_shape
+        # Entry (row r, dimension d) of the table is bin r * width + d: one weighted bincount adds
+        # every lookup's gradient into its row, in lookup order like index_add_.
+        bins = (rows * width).unsqueeze(1).add(torch.arange(width, device=rows.device)).view(-1)
+        grad_table = torch.bincount(bins, weights=grad.reshape(-1), minlength=num_rows * width)
+        return grad_table.view(num_rows, width).to(grad.dtype), None
+
+
+def table_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]``: the lookup of every categorical column at once.
+
+    Its backward on CPU is a weighted ``bincount`` (W2 in ``benchmarks/``: 1.03 ms against 1.50 ms for
+    ``index_select``'s ``index_add_``, itself about 3x faster than ``embedding``'s dense backward for
+    these small tables); the sums are the same, in the same order. Elsewhere it is ``index_select``.
+
+    Shape: table ``(V, D)``, rows ``(N,)`` int64 ``-> (N, D)``.
+    """
+    if table.device.type == "cpu" and torch.is_grad_enabled() and table.requires_grad:
+        return _TableRows.apply(table, rows)
+    return table.index_select(0, rows)
+
+
 class FeatureEncoder(nn.Module):
     """Embeds categorical codes and concatenates them with the dense features.
 
@@ -102,9 +136,7 @@ class FeatureEncoder(nn.Module):
             for g, table in enumerate(self.groups):
                 group_codes = codes if self._all_columns_in_one_group else codes.index_select(1, getattr(self, f"columns_{g}"))
                 rows = (group_codes + getattr(self, f"offsets_{g}")).flatten()
-                # index_select's backward (index_add) is about 3x faster on CPU than embedding's
-                # dense backward for these small tables; the values are identical.
-                parts.append(table.weight.index_select(0, rows).view(codes.shape[0], -1))
+                parts.append(table_rows(table.weight, rows).view(codes.shape[0], -1))
         if self.multi_valued:
             codes = inputs["multi_valued"]
             for m, (table, pooling) in enumerate(zip(self.multi_valued, self.config.multi_valued_pooling)):
