@@ -106,6 +106,24 @@ def test_trainer_handles_partially_labelled_tasks():
     assert all(math.isfinite(r["loss"]) for r in result.history)
 
 
+@pytest.mark.parametrize("missing", [False, True])
+def test_shuffled_batches_carry_their_rows_labels_and_masks(missing):
+    x = torch.arange(30, dtype=torch.float32).view(10, 3)
+    y = torch.stack([x[:, 0], -x[:, 0]], 1)
+    if missing:
+        y[::3, 1] = float("nan")
+    data = MultiTaskTensors(x, y, ["a", "b"])
+    batches = list(data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert [len(b.labels) for b in batches] == [4, 4, 2]
+    rows = torch.cat([b.inputs[:, 0] for b in batches]).long() // 3
+    assert sorted(rows.tolist()) == list(range(10))
+    for batch in batches:
+        index = (batch.inputs[:, 0] // 3).long()
+        torch.testing.assert_close(batch.labels, y[index], equal_nan=True)
+        assert torch.equal(batch.label_mask, ~torch.isnan(y[index]))
+        assert batch.all_labelled is not missing
+
+
 def test_task_count_mismatch_is_a_clear_error():
     tasks, (train, valid) = synthetic_splits()
     model = build_model("mmoe", input_dim=20, tasks=["y1", "y2", "y3"])

@@ -157,10 +157,12 @@ class MultiTaskTensors:
             else:
                 index = order[start:end]
                 take = lambda t: t.index_select(0, index)  # noqa: E731
+            labels = take(self.labels)
             yield Batch(
                 map_inputs(self.inputs, take),
-                take(self.labels),
-                take(self.label_mask),
+                labels,
+                # Every label present: a broadcast view of True instead of one more gather per step.
+                self.label_mask.new_ones(1, labels.shape[1]).expand(labels.shape) if all_labelled else take(self.label_mask),
                 None if self.sample_weight is None else take(self.sample_weight),
                 all_labelled,
             )
