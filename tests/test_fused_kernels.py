@@ -14,6 +14,21 @@ def _grads(output: torch.Tensor, tensors: list[torch.Tensor], seed: int = 0) -> 
     return list(torch.autograd.grad(output, tensors, upstream, allow_unused=True))
 
 
+def _assert_fused_equals_module_path(stack: StackedMLP, x: torch.Tensor) -> None:
+    """Forward and every gradient (input and parameters) of the fused path equal autograd's
+    module-by-module path, in float64 to 1e-12."""
+    stack.FUSED_MIN_ACTIVATIONS = 0  # fused at any size
+    params = list(stack.parameters())
+    fused_out = stack(x)
+    fused_grads = _grads(fused_out, [x, *params])
+    stack.fused = False
+    plain_out = stack(x)
+    plain_grads = _grads(plain_out, [x, *params])
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-12, rtol=0)
+    for fused, plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("shared_input", [True, False])
 @pytest.mark.parametrize("hidden", [(6,), (6, 5), (7, 5, 3)])
 @pytest.mark.parametrize("activate_last", [True, False])
@@ -21,20 +36,8 @@ def _grads(output: torch.Tensor, tensors: list[torch.Tensor], seed: int = 0) -> 
 def test_fused_relu_stack_matches_autograd(shared_input, hidden, activate_last, width):
     torch.manual_seed(0)
     stack = StackedMLP(4, width, hidden, shared_input=shared_input, activate_last=activate_last).double()
-    stack.FUSED_MIN_ACTIVATIONS = 0  # fused at any size
     shape = (11, width) if shared_input else (11, 4, width)
-    x = torch.randn(shape, dtype=torch.double, requires_grad=True)
-    params = list(stack.parameters())
-
-    fused_out = stack(x)
-    fused_grads = _grads(fused_out, [x, *params])
-    stack.fused = False  # the module-by-module path, differentiated by autograd
-    plain_out = stack(x)
-    plain_grads = _grads(plain_out, [x, *params])
-
-    torch.testing.assert_close(fused_out, plain_out, atol=1e-12, rtol=0)
-    for fused, plain in zip(fused_grads, plain_grads):
-        torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    _assert_fused_equals_module_path(stack, torch.randn(shape, dtype=torch.double, requires_grad=True))
 
 
 def test_fused_expert_gradients_equal_separate_mlps():
@@ -149,17 +152,8 @@ def test_grouped_expert_inputs_match_the_gather(groups, hidden, width):
     gather-then-batched path, forward and backward (unsorted groups take the gather)."""
     torch.manual_seed(4)
     bank = ExpertBank(len(groups), width, hidden, input_groups=groups).double()
-    bank.FUSED_MIN_ACTIVATIONS = 0
     x = torch.randn(4, 11, width, dtype=torch.double).transpose(0, 1).requires_grad_()  # strided, like a mixing output
-    params = list(bank.parameters())
-    fused_out = bank(x)
-    fused_grads = _grads(fused_out, [x, *params])
-    bank.fused = False
-    plain_out = bank(x)
-    plain_grads = _grads(plain_out, [x, *params])
-    torch.testing.assert_close(fused_out, plain_out, atol=1e-12, rtol=0)
-    for fused, plain in zip(fused_grads, plain_grads):
-        torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    _assert_fused_equals_module_path(bank, x)
 
 
 def test_group_sizes_must_cover_the_stacks():
