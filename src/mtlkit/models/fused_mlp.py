@@ -73,9 +73,7 @@ class _StackedReluMLP(torch.autograd.Function):
         num_stacks = biases[0].shape[0]
         batch, num_layers = x.shape[0], len(weights)
         shared = x.dim() == 2
-        # Every layer below the last also writes a constant-1 column (weight 0, bias 1, kept by the
-        # ReLU), so every bias is one more row of its layer's GEMM operand: no broadcast copy of the
-        # bias into the output, and one GEMM gives the weight and bias gradients.
+        # Layers below the last carry the constant-1 column (module docstring), hence "+ extend".
         activations: list[torch.Tensor] = []  # [B, S, out + extend] views, after the ReLU
         matrices: list[torch.Tensor] = []  # layers above the first
         first_inputs: list[torch.Tensor] = []  # per input group: [x_g, 1]
@@ -198,8 +196,12 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
     batch, num_stacks, width = grad.shape
     shared = len(input_shape) == 2
     in_features = input_shape[-1]
+    # The operand's last row is the bias, whose input column (the constant) needs no gradient; it is
+    # computed anyway where that makes the input-gradient GEMM's output width a multiple of 8 (W2:
+    # 272 columns take 7.3 ms, 271 take 8.8).
+    aligned = (in_features + 1) % 8 == 0
     flat = grad.reshape(batch, -1)
-    grad_x = grad.new_empty(input_shape) if needs_input and not (shared and (in_features + 1) % 8 == 0) else None
+    grad_x = grad.new_empty(input_shape) if needs_input and not (shared and aligned) else None
     grad_weight = grad_bias = None
     if needs_params and not shared:
         grad_weight = grad.new_empty(num_stacks, in_features, out)
@@ -215,11 +217,8 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
                 grad_weight[start : start + size] = both[:-1].transpose(0, 1)
                 grad_bias[start : start + size] = both[-1]
         if needs_input:
-            # The operand's last row is the bias, whose input column (the constant) needs no
-            # gradient; it is computed anyway where that makes the GEMM's output width a multiple of 8
-            # (W2: 272 columns take 7.3 ms, 271 take 8.8).
             matrix = first_matrices[g]
-            if (in_features + 1) % 8 == 0:
+            if aligned:
                 product = torch.mm(part, matrix.t())[:, :-1]
                 if shared:
                     grad_x = product
