@@ -11,6 +11,24 @@ import sys
 import traceback
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    Linux's ``ru_maxrss`` is inherited from the parent at ``fork`` and kept across ``exec``, so a
+    child of a large runner would report the runner's peak; ``VmHWM`` belongs to the process's own
+    address space, which ``exec`` replaces.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     import torch
@@ -38,7 +56,7 @@ def main() -> None:
     except Exception as error:  # a reference library crashing is a result, not a benchmark failure
         result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         result["traceback"] = traceback.format_exc()[-2000:]
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

@@ -25,6 +25,15 @@ def test_benchmark_suite_runs_on_a_tiny_size(tmp_path):
     assert report["machine"]["matmul_peak_gflops"] > 0
 
 
+def test_peak_rss_is_the_measuring_process_own_not_its_parents():
+    # Linux's ru_maxrss survives fork + exec: a child of a 400 MB parent would report 400 MB.
+    ballast = torch.ones(100_000_000)  # noqa: F841 (400 MB resident in this process)
+    child = subprocess.run([sys.executable, "-c", "from benchmarks.measure import peak_rss_mb; print(peak_rss_mb())"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert 0 < float(child.stdout) < 300
+
+
 def test_w1_mmoe_costs_what_the_issue_says():
     from benchmarks.libraries import build_mtlkit
     from benchmarks.machine import step_profile
