@@ -156,6 +156,57 @@ def test_grouped_expert_inputs_match_the_gather(groups, hidden, width):
     _assert_fused_equals_module_path(bank, x)
 
 
+def test_frozen_weights_reuse_operands_only_while_the_weights_cannot_change(monkeypatch):
+    import mtlkit.models.fused_mlp as fused_mlp
+    from mtlkit.models import build_model, frozen_weights
+    from mtlkit.training import Trainer, TrainerConfig
+
+    torch.manual_seed(5)
+    model = build_model("ple", input_dim=9, tasks=["a", "b"], num_levels=2, expert_hidden=(6, 5))
+    for bank in [m for m in model.modules() if isinstance(m, StackedMLP)]:
+        bank.FUSED_MIN_ACTIVATIONS = 0
+    x = torch.randn(16, 9)
+    builds = []
+    build = fused_mlp._operands
+    monkeypatch.setattr(fused_mlp, "_operands", lambda *args: builds.append(1) or build(*args))
+
+    with torch.no_grad():
+        expected = model(x)["a"]
+    per_forward = len(builds)
+    assert per_forward >= 2  # both levels' experts take the fused path
+    with frozen_weights(), torch.no_grad():
+        first, second = model(x)["a"], model(x)["a"]
+        assert len(builds) == 2 * per_forward  # built once in the block, then reused
+        torch.testing.assert_close(first, expected, atol=0, rtol=0)
+        torch.testing.assert_close(second, expected, atol=0, rtol=0)
+        with torch.enable_grad():
+            model(x)  # a forward that records gradients builds its own operands
+        assert len(builds) == 3 * per_forward
+        model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})  # bumps the versions
+        reloaded = model(x)["a"]
+        assert len(builds) == 4 * per_forward
+    torch.testing.assert_close(reloaded, _unfrozen_forward(model, x), atol=0, rtol=0)
+
+    # Fused Adam changes the weights without bumping their versions: the block's end is what keeps
+    # a later evaluation from seeing the weights of an earlier one.
+    from mtlkit.data import MultiTaskTensors
+
+    data = MultiTaskTensors(x, torch.randint(0, 2, (16, 2)).float(), ["a", "b"])
+    trainer = Trainer(model, TrainerConfig(max_steps=1, max_epochs=None, progress=False, batch_size=16))
+    with frozen_weights(), torch.no_grad():
+        before = model(x)["a"]
+    trainer.fit(data)
+    with frozen_weights(), torch.no_grad():
+        after = model(x)["a"]
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, _unfrozen_forward(model, x), atol=0, rtol=0)
+
+
+def _unfrozen_forward(model, x):
+    with torch.enable_grad():  # a recording forward never reuses operands
+        return model(x)["a"].detach()
+
+
 def test_group_sizes_must_cover_the_stacks():
     with pytest.raises(ValueError, match="sum to the number of stacks"):
         stacked_relu_mlp(torch.zeros(2, 2, 3), [torch.zeros(3, 3, 4)], [torch.zeros(3, 4)], activate_last=True,

@@ -12,6 +12,7 @@ from torch import nn
 
 from mtlkit.configuration import check_count, check_sizes, from_mapping
 from mtlkit.errors import ConfigError
+from mtlkit.models.fused_mlp import frozen_weights
 from mtlkit.models.gates import GateBank
 from mtlkit.models.layers import ACTIVATIONS, NORMS
 from mtlkit.tasks import TaskSpec, validate_tasks
@@ -112,7 +113,8 @@ class MultiTaskModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            outputs = self(x)
+            with frozen_weights():
+                outputs = self(x)
             return {t.name: t.task_type.predict(outputs[t.name]) for t in self.tasks}
         finally:
             self.train(was_training)
