@@ -1,6 +1,4 @@
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -157,7 +155,7 @@ def test_binary_labels_out_of_range():
     (dict(max_steps=None, max_epochs=None), "max_steps"),
     (dict(patience=0), "patience"),
     (dict(monitor="auc"), "monitor"),
-    (dict(keep_freed_memory="yes"), "keep_freed_memory"),
+    (dict(progress="yes"), "progress"),
 ])
 def test_bad_trainer_options(options, key):
     with pytest.raises(ConfigError, match=key):
@@ -191,31 +189,3 @@ def test_compile_switch_trains_or_falls_back():
         result = Trainer(model, TrainerConfig(max_steps=3, max_epochs=None, compile=True, progress=False)).fit(train, valid)
     assert result.steps == 3 and all(math.isfinite(r["loss"]) for r in result.history)
 
-
-_FAULTS_OF_REALLOCATING = """
-import resource, sys, torch
-from mtlkit.training.host_memory import keep_freed_host_memory
-applied = keep_freed_host_memory() if sys.argv[1] == "keep" else False
-for _ in range(3):  # 64 MiB blocks, allocated and freed; glibc settles after the first two
-    torch.empty(16 << 20).fill_(1.0)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.empty(16 << 20).fill_(1.0)
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
-def test_freed_host_memory_is_reused_instead_of_faulted_back_in():
-    def faults_per_block(mode):
-        done = subprocess.run([sys.executable, "-c", _FAULTS_OF_REALLOCATING, mode], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        applied, faults = done.stdout.split()
-        return applied == "True", int(faults)
-
-    applied, kept = faults_per_block("keep")
-    if not applied:
-        pytest.skip("the C library is not glibc")
-    _, default = faults_per_block("default")
-    # glibc maps a 64 MiB block afresh each time (16,384 pages to fault in); kept, it is reused.
-    assert default > 4000 and kept < 100

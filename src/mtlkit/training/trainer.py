@@ -25,7 +25,6 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.models import frozen_weights
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
-from mtlkit.training.host_memory import keep_freed_host_memory
 from mtlkit.training.metrics import group_auc, task_metrics
 from mtlkit.training.progress import progress_bar
 
@@ -58,9 +57,6 @@ class TrainerConfig:
         compile: run the training forward through ``torch.compile``; falls back to eager (with a
             warning) when compilation is unavailable or fails. Off by default: on 2 CPU cores it did
             not pay for its compile time on the benchmark workloads (docs/performance.md).
-        keep_freed_memory: on CPU, have the C library keep the memory a step frees for the next step
-            instead of returning it to the OS and page-faulting it back in (glibc only, process-wide;
-            see ``mtlkit.training.host_memory``). Freed memory then stays with the process.
     """
 
     learning_rate: float = 1e-3
@@ -81,7 +77,6 @@ class TrainerConfig:
     weighting_options: dict = field(default_factory=dict)
     device: str = "auto"
     compile: bool = False
-    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(key: str, value: Any, optional: bool = False) -> None:
@@ -100,7 +95,7 @@ class TrainerConfig:
         positive_int("max_epochs", self.max_epochs, optional=True)
         positive_int("eval_every", self.eval_every, optional=True)
         positive_int("patience", self.patience, optional=True)
-        for key in ("restore_best", "progress", "compile", "keep_freed_memory"):
+        for key in ("restore_best", "progress", "compile"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"training.{key}: expected true or false, got {getattr(self, key)!r}")
         if self.max_steps is None and self.max_epochs is None:
@@ -256,8 +251,6 @@ class Trainer:
         self.config = config if isinstance(config, TrainerConfig) else TrainerConfig.from_dict(dict(config or {}))
         self.tasks: tuple[TaskSpec, ...] = tuple(model.tasks)
         self.device = _resolve_device(self.config.device)
-        if self.config.keep_freed_memory and self.device.type == "cpu":
-            keep_freed_host_memory()
         self.model = model.to(self.device)
         self.weighting = weighting or build_weighting(self.config.weighting, self.tasks, **self.config.weighting_options)
         self.weighting.to(self.device)
