@@ -5,7 +5,7 @@ import torch
 
 from mtlkit.models import MLP, ExpertBank
 from mtlkit.models.fused_mlp import stacked_relu_mlp
-from mtlkit.models.gates import _SMALL_MIXING, _SMALL_SOFTMAX, gate_softmax, mix_experts
+from mtlkit.models.gates import _BLAS_BMM, _PAD_MIXING_FROM, _SMALL_MIXING, _SMALL_SOFTMAX, gate_softmax, mix_experts
 from mtlkit.models.layers import StackedMLP
 
 
@@ -108,10 +108,11 @@ def test_gate_softmax_matches_torch(width):
     assert torch.isfinite(gate_softmax(logits.detach() * 1e4)).all()
 
 
-@pytest.mark.parametrize("gates, experts, width", [(2, 8, 16), (3, 8, 40)])
-def test_mixing_gradients_match_bmm(gates, experts, width):
+@pytest.mark.parametrize("gates, experts, width, padded", [(2, 8, 16, True), (1, 8, 16, False), (3, 8, 40, False)])
+def test_mixing_gradients_match_bmm(gates, experts, width, padded):
     small = gates * experts * width <= _SMALL_MIXING
     assert small == (width == 16)  # both backward paths are covered
+    assert padded == (_PAD_MIXING_FROM <= gates * experts * width < _BLAS_BMM)  # and both forward paths
     torch.manual_seed(5)
     weights = torch.softmax(torch.randn(9, gates, experts, dtype=torch.double), -1).requires_grad_()
     outputs = torch.randn(experts, 9, width, dtype=torch.double).transpose(0, 1).requires_grad_()  # strided, as from the experts
