@@ -99,7 +99,7 @@ def frozen_weights() -> Iterator[None]:
 
     Forwards without gradient tracking inside it build the fused stacks' GEMM operands (``[W; b]``
     with the constant column, a copy of every expert weight) once per block instead of once per
-    call: W2's MMoE experts copy 3.3 MB per forward, 3-4 % of an inference batch. Leaving the block
+    call: W2's MMoE experts copy 3.3 MB per forward, 3-5 % of an inference batch. Leaving the block
     drops them. The promise cannot be checked in general (fused optimizers and ``.data`` writes do
     not bump a tensor's version), which is why the reuse is scoped to a block, never global.
 
