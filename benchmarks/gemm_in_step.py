@@ -28,17 +28,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     from mtlkit.objectives import FixedWeighting, task_losses
-    from mtlkit.training.trainer import _adam
+    from mtlkit.training.optimizer import build_adam
 
     workload = WORKLOADS[args.workload]
     model, tasks, dataset = build_mtlkit(workload, args.model, make_data(workload, workload.batch_size))
     batch = dataset.subset(slice(0, workload.batch_size))
     weighting = FixedWeighting(tasks)
-    optimizer = _adam(list(model.parameters()), 1e-3, 0.0)
+    optimizer, zero_grad = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
     def step() -> None:
         loss, _ = weighting(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks))
-        optimizer.zero_grad(set_to_none=True)
+        zero_grad()
         loss.backward()
         optimizer.step()
 

@@ -78,7 +78,7 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     from mtlkit.models import frozen_weights
     from mtlkit.objectives import FixedWeighting, task_losses
     from mtlkit.training import Trainer, TrainerConfig
-    from mtlkit.training.trainer import _adam
+    from mtlkit.training.optimizer import build_adam
 
     batch = workload.batch_size
     model, tasks, dataset = build_mtlkit(workload, model_name, data)
@@ -103,12 +103,12 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     # The model alone: the same step on one fixed batch, no data path.
     fixed = dataset.subset(slice(0, batch))
     weighting = FixedWeighting(tasks)
-    optimizer = _adam(list(model.parameters()), 1e-3, 0.0)
+    optimizer, zero_grad = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
     def model_step() -> None:
         losses = task_losses(model(fixed.inputs), fixed.labels, fixed.label_mask, tasks)
         total_loss, _ = weighting(losses)
-        optimizer.zero_grad(set_to_none=True)
+        zero_grad()
         total_loss.backward()
         optimizer.step()
 

@@ -189,3 +189,51 @@ def test_compile_switch_trains_or_falls_back():
         result = Trainer(model, TrainerConfig(max_steps=3, max_epochs=None, compile=True, progress=False)).fit(train, valid)
     assert result.steps == 3 and all(math.isfinite(r["loss"]) for r in result.history)
 
+
+
+def test_small_models_step_adam_over_one_flat_buffer_with_the_same_updates():
+    from mtlkit.training.optimizer import FLAT_MAX_PARAMETERS, FlatParameters, build_adam
+
+    tasks, (train, _) = synthetic_splits(rows=256)
+
+    def trained(flat: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(3)
+        model = build_model("ple", input_dim=20, tasks=tasks, num_levels=2, expert_hidden=[6])
+        params = list(model.parameters())
+        if flat:
+            optimizer, zero_grad = build_adam(params, 1e-2, 0.0, torch.device("cpu"))
+        else:
+            optimizer = torch.optim.Adam(params, lr=1e-2, fused=True)
+            zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+        for batch in train.batches(64):
+            loss = sum(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks).values())
+            zero_grad()
+            loss.backward()
+            optimizer.step()
+        return model, optimizer
+
+    flat_model, flat_optimizer = trained(flat=True)
+    plain_model, _ = trained(flat=False)
+    assert len(flat_optimizer.param_groups[0]["params"]) == 1  # one tensor stepped
+    buffer = flat_optimizer.param_groups[0]["params"][0]
+    for p, q in zip(flat_model.parameters(), plain_model.parameters()):
+        assert p.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # a view of the buffer
+        assert p.grad.untyped_storage().data_ptr() == buffer.grad.untyped_storage().data_ptr()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # Adam's update, up to the kernel's last-element rounding
+    torch.manual_seed(3)
+    initial = build_model("ple", input_dim=20, tasks=tasks, num_levels=2, expert_hidden=[6]).state_dict()
+    assert all(not torch.equal(initial[k], v) for k, v in flat_model.state_dict().items())  # training moved every tensor
+    before = {k: v.clone() for k, v in initial.items()}
+    model = build_model("ple", input_dim=20, tasks=tasks, num_levels=2, expert_hidden=[6])
+    model.load_state_dict(before)
+    FlatParameters(list(model.parameters()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rebasing keeps the values
+
+    params = list(plain_model.parameters())
+    cpu = torch.device("cpu")
+    assert FlatParameters.suits(params, 0.0, cpu, distributed=False)
+    assert not FlatParameters.suits(params, 1e-4, cpu, distributed=False)  # an ungraded parameter would decay
+    assert not FlatParameters.suits(params, 0.0, torch.device("cuda"), distributed=False)
+    assert not FlatParameters.suits(params, 0.0, cpu, distributed=True)
+    big = [torch.nn.Parameter(torch.zeros(FLAT_MAX_PARAMETERS)), torch.nn.Parameter(torch.zeros(1))]
+    assert not FlatParameters.suits(big, 0.0, cpu, distributed=False)

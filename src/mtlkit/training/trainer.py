@@ -26,6 +26,7 @@ from mtlkit.models import frozen_weights
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
 from mtlkit.training.metrics import group_auc, task_metrics
+from mtlkit.training.optimizer import build_adam
 from mtlkit.training.progress import progress_bar
 
 __all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate"]
@@ -138,15 +139,6 @@ class FitResult:
         """The metrics of ``split`` at the best step, keyed by task."""
         rows = [r for r in self.history if r["split"] == split and r["step"] == self.best_step]
         return {r["task"]: {k: v for k, v in r.items() if k not in ("step", "epoch", "split", "task")} for r in rows}
-
-
-def _adam(parameters: list[nn.Parameter], learning_rate: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam with the fused kernel (one kernel for all parameters), or the multi-tensor one where the
-    fused kernel is unavailable; the update is the same."""
-    try:
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=weight_decay, foreach=True)
 
 
 def _compiled(module: nn.Module) -> nn.Module:
@@ -266,7 +258,8 @@ class Trainer:
         if self.config.compile:
             self.train_module = _compiled(self.train_module)
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
-        self.optimizer = _adam(parameters, self.config.learning_rate, self.config.weight_decay)
+        self.optimizer, self._zero_grad = build_adam(parameters, self.config.learning_rate, self.config.weight_decay,
+                                                     self.device, self.distributed)
         spec_weights = {t.name: t.weight for t in self.tasks}
         total = sum(spec_weights.values())
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
@@ -331,7 +324,7 @@ class Trainer:
                     losses = task_losses(outputs, batch.labels, batch.label_mask, self.tasks, batch.sample_weight,
                                          batch.all_labelled)
                     total, _ = self.weighting(losses)
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._zero_grad()
                     total.backward()
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
