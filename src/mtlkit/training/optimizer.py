@@ -37,14 +37,14 @@ class FlatParameters:
     """
 
     def __init__(self, parameters: Sequence[nn.Parameter]) -> None:
-        self.parameters = list(parameters)
-        total = sum(p.numel() for p in self.parameters)
-        first = self.parameters[0]
+        parameters = list(parameters)
+        total = sum(p.numel() for p in parameters)
+        first = parameters[0]
         values = torch.empty(total, dtype=first.dtype, device=first.device)
         grads = torch.zeros(total, dtype=first.dtype, device=first.device)
         offset = 0
         with torch.no_grad():
-            for p in self.parameters:
+            for p in parameters:
                 n = p.numel()
                 values[offset : offset + n].copy_(p.reshape(-1))
                 p.data = values[offset : offset + n].view_as(p)
