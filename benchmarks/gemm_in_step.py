@@ -34,13 +34,13 @@ def main() -> None:
     model, tasks, dataset = build_mtlkit(workload, args.model, make_data(workload, workload.batch_size))
     batch = dataset.subset(slice(0, workload.batch_size))
     weighting = FixedWeighting(tasks)
-    optimizer, zero_grad = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
+    _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
     def step() -> None:
         loss, _ = weighting(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks))
         zero_grad()
         loss.backward()
-        optimizer.step()
+        optimizer_step()
 
     for _ in range(3):
         step()

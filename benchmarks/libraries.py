@@ -103,14 +103,14 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     # The model alone: the same step on one fixed batch, no data path.
     fixed = dataset.subset(slice(0, batch))
     weighting = FixedWeighting(tasks)
-    optimizer, zero_grad = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
+    _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
     def model_step() -> None:
         losses = task_losses(model(fixed.inputs), fixed.labels, fixed.label_mask, tasks)
         total_loss, _ = weighting(losses)
         zero_grad()
         total_loss.backward()
-        optimizer.step()
+        optimizer_step()
 
     model.train()
     alone = _windows(model_step, batch, windows, steps, warmup)

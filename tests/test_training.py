@@ -201,15 +201,15 @@ def test_small_models_step_adam_over_one_flat_buffer_with_the_same_updates():
         model = build_model("ple", input_dim=20, tasks=tasks, num_levels=2, expert_hidden=[6])
         params = list(model.parameters())
         if flat:
-            optimizer, zero_grad = build_adam(params, 1e-2, 0.0, torch.device("cpu"))
+            optimizer, zero_grad, step = build_adam(params, 1e-2, 0.0, torch.device("cpu"))
         else:
             optimizer = torch.optim.Adam(params, lr=1e-2, fused=True)
-            zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+            zero_grad, step = lambda: optimizer.zero_grad(set_to_none=True), optimizer.step  # noqa: E731
         for batch in train.batches(64):
             loss = sum(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks).values())
             zero_grad()
             loss.backward()
-            optimizer.step()
+            step()
         return model, optimizer
 
     flat_model, flat_optimizer = trained(flat=True)
@@ -237,3 +237,50 @@ def test_small_models_step_adam_over_one_flat_buffer_with_the_same_updates():
     assert not FlatParameters.suits(params, 0.0, cpu, distributed=True)
     big = [torch.nn.Parameter(torch.zeros(FLAT_MAX_PARAMETERS)), torch.nn.Parameter(torch.zeros(1))]
     assert not FlatParameters.suits(big, 0.0, cpu, distributed=False)
+
+
+def _train_with_build_adam(tasks, train, weight_decay, via_optimizer_step=False, setup=None):
+    from mtlkit.training.optimizer import build_adam
+
+    torch.manual_seed(4)
+    model = build_model("mmoe", input_dim=20, tasks=tasks, num_experts=3, expert_hidden=[6])
+    optimizer, zero_grad, step = build_adam(list(model.parameters()), 1e-2, weight_decay, torch.device("cpu"))
+    after_step = setup(optimizer) if setup else None
+    for batch in train.batches(64):
+        loss = sum(task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks).values())
+        zero_grad()
+        loss.backward()
+        optimizer.step() if via_optimizer_step else step()
+        if after_step:
+            after_step()
+    return model
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])  # over one flat buffer, and per parameter
+def test_trainer_adam_step_calls_the_fused_kernel_directly_with_adams_numbers(weight_decay, monkeypatch):
+    tasks, (train, _) = synthetic_splits(rows=256)
+    generic_steps = []
+    init_group = torch.optim.Adam._init_group  # run by every Adam.step, never by the direct call
+    monkeypatch.setattr(torch.optim.Adam, "_init_group", lambda *a, **k: generic_steps.append(1) or init_group(*a, **k))
+    direct = _train_with_build_adam(tasks, train, weight_decay)
+    assert len(generic_steps) == 1  # only the first step, which initialises Adam's state
+    generic = _train_with_build_adam(tasks, train, weight_decay, via_optimizer_step=True)
+    assert len(generic_steps) == 5
+    for p, q in zip(direct.parameters(), generic.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_trainer_adam_step_goes_through_optimizer_step_when_something_watches_it():
+    import warnings
+
+    tasks, (train, _) = synthetic_splits(rows=256)
+    hook_calls = []
+    _train_with_build_adam(tasks, train, 0.0, setup=lambda o: o.register_step_post_hook(lambda *_: hook_calls.append(1)) and None)
+    assert len(hook_calls) == 4
+    # An LR scheduler counts the optimizer's steps by patching its step: the schedule must apply and the
+    # scheduler must not warn that the optimizer never stepped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduled = _train_with_build_adam(tasks, train, 0.0, setup=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.1).step)
+    plain = _train_with_build_adam(tasks, train, 0.0)
+    assert not all(torch.equal(p, q) for p, q in zip(scheduled.parameters(), plain.parameters()))

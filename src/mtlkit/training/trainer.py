@@ -258,8 +258,8 @@ class Trainer:
         if self.config.compile:
             self.train_module = _compiled(self.train_module)
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
-        self.optimizer, self._zero_grad = build_adam(parameters, self.config.learning_rate, self.config.weight_decay,
-                                                     self.device, self.distributed)
+        self.optimizer, self._zero_grad, self._optimizer_step = build_adam(
+            parameters, self.config.learning_rate, self.config.weight_decay, self.device, self.distributed)
         spec_weights = {t.name: t.weight for t in self.tasks}
         total = sum(spec_weights.values())
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
@@ -328,7 +328,7 @@ class Trainer:
                     total.backward()
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
-                    self.optimizer.step()
+                    self._optimizer_step()
                     torch._foreach_add_(running, [l.detach() for l in losses.values()])
                     running_steps += 1
                     step += 1
