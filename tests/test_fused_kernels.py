@@ -5,7 +5,7 @@ import torch
 
 from mtlkit.models import MLP, ExpertBank
 from mtlkit.models.fused_mlp import stacked_relu_mlp
-from mtlkit.models.gates import _BLAS_BMM, _PAD_MIXING_FROM, _SMALL_MIXING, _SMALL_SOFTMAX, gate_softmax, mix_experts
+from mtlkit.models.gates import _BLAS_BMM, _PAD_MIXING_FROM, _SMALL_MIXING, GateBank, mix_experts
 from mtlkit.models.layers import StackedMLP
 
 
@@ -95,26 +95,37 @@ def test_other_activations_and_norms_take_the_module_path():
     assert not StackedMLP(2, 3, (4,), dropout=0.1).fused
 
 
-@pytest.mark.parametrize("width", [8, _SMALL_SOFTMAX + 7])
-def test_gate_softmax_matches_torch(width):
+@pytest.mark.parametrize("shared_input", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_batch_last_gates_match_the_batch_major_softmax(shared_input, temperature):
+    """Gates computed as (G, E, B) equal softmax((x W_g + b_g) / T) row by row, with every gradient."""
     torch.manual_seed(4)
-    logits = torch.randn(13, 3, width, dtype=torch.double, requires_grad=True)
-    ours = gate_softmax(logits)
-    ours_grad = _grads(ours, [logits])[0]
-    reference = torch.softmax(logits, dim=-1)
-    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
-    torch.testing.assert_close(ours_grad, _grads(reference, [logits])[0], atol=1e-12, rtol=0)
-    # Large logits must not overflow (the max is subtracted first).
-    assert torch.isfinite(gate_softmax(logits.detach() * 1e4)).all()
+    bank = GateBank(3, 6, 8, shared_input=shared_input, temperature=temperature).double()
+    x = torch.randn(13, 6, dtype=torch.double) if shared_input else torch.randn(13, 3, 6, dtype=torch.double)
+    x.requires_grad_()
+    linear = bank.linear
+    weights = bank(x)
+    reference = torch.softmax(linear(x) / temperature, dim=-1)  # batch-major: (B, G, E)
+    torch.testing.assert_close(weights, reference, atol=1e-12, rtol=0)
+    tensors = [x, linear.weight, linear.bias]
+    for ours, theirs in zip(_grads(weights, tensors), _grads(reference, tensors)):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    # Large logits must not overflow.
+    with torch.no_grad():
+        assert torch.isfinite(bank(x.detach() * 1e4)).all()
 
 
+@pytest.mark.parametrize("batch_last", [False, True])
 @pytest.mark.parametrize("gates, experts, width, padded", [(2, 8, 16, True), (1, 8, 16, False), (3, 8, 40, False)])
-def test_mixing_gradients_match_bmm(gates, experts, width, padded):
+def test_mixing_gradients_match_bmm(gates, experts, width, padded, batch_last):
     small = gates * experts * width <= _SMALL_MIXING
     assert small == (width == 16)  # both backward paths are covered
     assert padded == (_PAD_MIXING_FROM <= gates * experts * width < _BLAS_BMM)  # and both forward paths
     torch.manual_seed(5)
-    weights = torch.softmax(torch.randn(9, gates, experts, dtype=torch.double), -1).requires_grad_()
+    weights = torch.softmax(torch.randn(9, gates, experts, dtype=torch.double), -1)
+    if batch_last:  # as GateBank returns them: a (B, G, E) view of a (G, E, B) tensor
+        weights = weights.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    weights.requires_grad_()
     outputs = torch.randn(experts, 9, width, dtype=torch.double).transpose(0, 1).requires_grad_()  # strided, as from the experts
     ours = mix_experts(weights, outputs)
     reference = torch.bmm(weights, outputs)

@@ -1,9 +1,11 @@
 """Softmax gates over experts, all gates of a level in one (batched) matmul, and the gated mixing.
 
-Gates choose among few experts (8 in the papers), and at that width PyTorch's CPU ``softmax`` and the
-``bmm`` backward of the mixing both fall back to slow per-row kernels (W1 in ``benchmarks/``: 146 us
-for a softmax that four vectorised passes do in 61 us, 197 us for a mixing gradient that two
-multiply-adds do in 47 us). Both are written here as autograd functions with those kernels.
+Gates choose among few experts (8 in the papers). A softmax over rows of 8 floats runs PyTorch's
+CPU kernel row by row (W1 in ``benchmarks/``: 132 us for ``[1024, 2, 8]``), so the gate logits are
+computed batch-last, ``(G, E, B)``, where the softmax over ``E`` is an outer-dimension reduction
+vectorised along the batch: gate logits, softmax and their gradients 117 us against 182 us in the
+batch-major layout. The mixing's ``bmm`` backward has the same per-row problem at these sizes
+(197 us for a mixing gradient that two multiply-adds do in 47 us) and is an autograd function here.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from torch.autograd.function import once_differentiable
 from mtlkit.errors import ConfigError
 from mtlkit.models.layers import StackedLinear
 
-__all__ = ["GateBank", "mix_experts", "gate_softmax"]
+__all__ = ["GateBank", "mix_experts"]
 
-# Widest softmax that takes the vectorised path, and the largest gates x experts x width of a mixing
-# whose expert gradient is summed over gates instead of a bmm (measured crossovers, see above).
-_SMALL_SOFTMAX = 32
+# The largest gates x experts x width of a mixing whose expert gradient is summed over gates instead
+# of a bmm (measured crossover, see above).
 _SMALL_MIXING = 512
 # ATen's CPU bmm multiplies matrices of fewer than 400 multiply-adds in a scalar loop and larger ones
 # through BLAS. Over W1's 1,024 rows the loop takes 98 us for 2 gates x 8 experts x 16 (146 us for 3
@@ -30,40 +31,21 @@ _BLAS_BMM = 400
 _PAD_MIXING_FROM = 192
 
 
-class _GateSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
-        weights = (logits - logits.amax(-1, keepdim=True)).exp_()
-        weights.div_(weights.sum(-1, keepdim=True))
-        ctx.save_for_backward(weights)
-        return weights
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (weights,) = ctx.saved_tensors
-        weighted = grad * weights
-        return weighted.sub_(weights * weighted.sum(-1, keepdim=True))
-
-
-def gate_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension (the experts), fast for the few experts of a gate."""
-    if logits.shape[-1] <= _SMALL_SOFTMAX:
-        return _GateSoftmax.apply(logits)
-    return torch.softmax(logits, dim=-1)
-
-
 class _MixExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate_weights, expert_outputs)
         num_gates, num_experts = gate_weights.shape[1:]
         per_gate = num_experts * expert_outputs.shape[2]
         if _PAD_MIXING_FROM <= num_gates * per_gate < _BLAS_BMM:
             # Zero gate rows up to ATen's BLAS size: the padded product is cheaper than the loop.
             rows = -(-_BLAS_BMM // per_gate)
             padded = F.pad(gate_weights, (0, 0, 0, rows - num_gates))
+            ctx.save_for_backward(padded[:, :num_gates], expert_outputs)
             return torch.bmm(padded, expert_outputs)[:, :num_gates]
+        # Gates arrive batch-last (a permuted view, see GateBank): one copy here, so that the bmm
+        # and the backward's per-gate multiply-adds read rows of contiguous experts.
+        gate_weights = gate_weights.contiguous()
+        ctx.save_for_backward(gate_weights, expert_outputs)
         return torch.bmm(gate_weights, expert_outputs)
 
     @staticmethod
@@ -89,7 +71,8 @@ class GateBank(nn.Module):
     """``num_gates`` gates ``softmax((W_g x + b_g) / temperature)``, each over ``num_choices`` experts.
 
     With ``shared_input=True`` all gates read one ``(B, in)`` selector and are a single matmul; otherwise
-    gate ``g`` reads ``x[:, g]`` of a ``(B, G, in)`` input (one batched matmul).
+    gate ``g`` reads ``x[:, g]`` of a ``(B, G, in)`` input (one batched matmul). The weights are
+    returned as a ``(B, G, E)`` view of a batch-last ``(G, E, B)`` tensor (see the module docstring).
 
     The weights of the last forward are kept in ``last_weights`` only while ``record`` is True, so
     analysis costs nothing when it is off.
@@ -109,10 +92,10 @@ class GateBank(nn.Module):
         self.last_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(x)
+        logits = self.linear.forward_batch_last(x)  # (G, E, B)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        weights = gate_softmax(logits)
+        weights = torch.softmax(logits, dim=1).permute(2, 0, 1)
         if self.record:
             self.last_weights = weights.detach()
         return weights
@@ -124,3 +107,4 @@ def mix_experts(gate_weights: torch.Tensor, expert_outputs: torch.Tensor) -> tor
     Shape: gates ``(B, G, E)``, experts ``(B, E, D)`` (any strides) ``-> (B, G, D)``.
     """
     return _MixExperts.apply(gate_weights, expert_outputs)
+
