@@ -43,7 +43,7 @@ class _MixExperts(torch.autograd.Function):
             ctx.save_for_backward(padded[:, :num_gates], expert_outputs)
             return torch.bmm(padded, expert_outputs)[:, :num_gates]
         # Gates arrive batch-last (a permuted view, see GateBank): one copy here, so that the bmm
-        # and the backward's per-gate multiply-adds read rows of contiguous experts.
+        # and the backward's per-gate multiply-adds read each row's gate weights contiguously.
         gate_weights = gate_weights.contiguous()
         ctx.save_for_backward(gate_weights, expert_outputs)
         return torch.bmm(gate_weights, expert_outputs)
@@ -107,4 +107,3 @@ def mix_experts(gate_weights: torch.Tensor, expert_outputs: torch.Tensor) -> tor
     Shape: gates ``(B, G, E)``, experts ``(B, E, D)`` (any strides) ``-> (B, G, D)``.
     """
     return _MixExperts.apply(gate_weights, expert_outputs)
-
