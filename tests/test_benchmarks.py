@@ -82,3 +82,17 @@ def test_batched_formulations_agree_with_the_reference_loop():
         outputs[name] = hidden @ tower.linears[1].weight[k] + tower.linears[1].bias[k]
     for name, value in model(x).items():
         torch.testing.assert_close(value, outputs[name], atol=1e-5, rtol=1e-5)
+
+
+def test_data_path_cost_runs_on_a_tiny_size(tmp_path):
+    out = tmp_path / "data_path.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_path_cost", "--batches", "2", "--steps", "2",
+                           "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["rows"] == 2 * report["batch_size"]
+    from benchmarks.data_path_cost import VARIANTS
+
+    assert list(report["seconds"]) == list(VARIANTS)
+    assert all(len(values) == 1 and values[0] > 0 for values in report["seconds"].values())
+    assert "trainer's gather" in done.stdout
