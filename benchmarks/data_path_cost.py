@@ -4,7 +4,8 @@ The suite's "model alone" repeats the step on one fixed batch, whose rows stay i
 A trainer must bring a new batch in every step. This script times, in one process and alternating,
 the model step on a fixed batch, on prepared batches taken in turn, and on those with extra memory
 traffic of the batch's size added to every step (a gather nothing reads, a sequential copy, a small
-copy, an untouched allocation), then the trainer's own gather. The differences show how much of a
+copy, an untouched allocation), then the batches of the trainer's own data path
+(``MultiTaskTensors.batches``). The differences show how much of a
 trainer's shortfall against "model alone" is the cost of touching the batch's bytes in the step:
 
     python -m benchmarks.data_path_cost --workload W1 --model shared_bottom
@@ -23,7 +24,7 @@ from benchmarks.libraries import build_mtlkit
 from benchmarks.workloads import WORKLOADS, make_data
 
 VARIANTS = ("fixed batch", "prepared batches", "+ gather nobody reads", "+ sequential copy of a batch",
-            "+ copy of 1/8 batch", "+ untouched allocation", "trainer's gather")
+            "+ copy of 1/8 batch", "+ untouched allocation", "trainer's batches")
 
 
 def main() -> None:
@@ -47,9 +48,16 @@ def main() -> None:
     weighting = FixedWeighting(tasks)
     _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))
     prepared = list(dataset.batches(size, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    rows, labels, mask = dataset.inputs, dataset.labels, prepared[0].label_mask
+    rows = dataset.inputs
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(1))
     indices = [order[i * size:(i + 1) * size] for i in range(args.batches)]
+
+    def trainer_batches():  # the trainer's data path: epoch after epoch of shuffled batches
+        generator = torch.Generator().manual_seed(2)
+        while True:
+            yield from dataset.batches(size, shuffle=True, generator=generator)
+
+    from_trainer = trainer_batches()
 
     def step(batch: Batch) -> None:
         losses = task_losses(model(batch.inputs), batch.labels, batch.label_mask, tasks, all_labelled=True)
@@ -73,8 +81,8 @@ def main() -> None:
                 rows[:size // 8].clone()
             elif variant == "+ untouched allocation":
                 torch.empty_like(rows[:size])
-            if variant == "trainer's gather":
-                step(Batch(rows.index_select(0, indices[j]), labels.index_select(0, indices[j]), mask, None, True))
+            if variant == "trainer's batches":
+                step(next(from_trainer))
             else:
                 step(prepared[j])
         return (time.perf_counter() - start) / steps

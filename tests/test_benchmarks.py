@@ -95,4 +95,4 @@ def test_data_path_cost_runs_on_a_tiny_size(tmp_path):
 
     assert list(report["seconds"]) == list(VARIANTS)
     assert all(len(values) == 1 and values[0] > 0 for values in report["seconds"].values())
-    assert "trainer's gather" in done.stdout
+    assert "trainer's batches" in done.stdout
