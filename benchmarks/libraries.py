@@ -105,8 +105,10 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     weighting = FixedWeighting(tasks)
     _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
+    all_labelled = bool(fixed.label_mask.all())  # checked once, as the trainer does per pass
+
     def model_step() -> None:
-        losses = task_losses(model(fixed.inputs), fixed.labels, fixed.label_mask, tasks)
+        losses = task_losses(model(fixed.inputs), fixed.labels, fixed.label_mask, tasks, all_labelled=all_labelled)
         total_loss, _ = weighting(losses)
         zero_grad()
         total_loss.backward()

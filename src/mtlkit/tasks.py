@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from mtlkit.errors import ConfigError, DataError
 __all__ = [
     "TaskSpec",
     "TaskType",
+    "TaskOutputs",
     "register_task_type",
     "get_task_type",
     "list_task_types",
@@ -40,12 +41,17 @@ class TaskType:
         name: registry key, e.g. ``"binary"``.
         output_dim: width of the head's raw output for one sample.
         loss: ``(output [B, output_dim], label [B]) -> per-sample loss [B]``. Takes raw model
-            output (logits), never probabilities.
+            output (logits), never probabilities. With ``elementwise_loss`` it must also take
+            ``(output [..., output_dim], label [...]) -> [...]`` element by element.
         predict: ``output [B, output_dim] -> prediction [B]`` (or ``[B, C]``), e.g. a sigmoid.
         check_labels: raises :class:`DataError` when finite labels are outside the allowed range.
         metrics: metric names (see ``mtlkit.training.metrics``) reported for this type; the first
             is the one early stopping and reports treat as primary.
         higher_is_better: for the primary metric.
+        elementwise_loss: whether ``loss`` is computed element by element over any leading
+            dimensions, so that tasks of this type are scored together in one pass over their
+            stacked outputs (:class:`TaskOutputs`). Leave it False for a loss that reduces over
+            a dimension or reads the output's shape.
     """
 
     name: str
@@ -55,6 +61,7 @@ class TaskType:
     check_labels: Callable[[torch.Tensor, str], None]
     metrics: tuple[str, ...]
     higher_is_better: bool
+    elementwise_loss: bool = False
 
 
 _TASK_TYPES: dict[str, TaskType] = {}
@@ -84,7 +91,7 @@ def list_task_types() -> list[str]:
 
 
 def _binary_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(output[:, 0], label, reduction="none")
+    return F.binary_cross_entropy_with_logits(output[..., 0], label, reduction="none")
 
 
 def _check_binary(label: torch.Tensor, where: str) -> None:
@@ -96,7 +103,8 @@ def _check_binary(label: torch.Tensor, where: str) -> None:
 
 
 def _regression_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    return (output[:, 0] - label) ** 2
+    # One autograd node where (output - label) ** 2 makes two; the same numbers, forward and backward.
+    return F.mse_loss(output[..., 0], label, reduction="none")
 
 
 def _check_nothing(label: torch.Tensor, where: str) -> None:
@@ -112,6 +120,7 @@ register_task_type(
         check_labels=_check_binary,
         metrics=("auc", "logloss"),
         higher_is_better=True,
+        elementwise_loss=True,
     )
 )
 register_task_type(
@@ -123,8 +132,39 @@ register_task_type(
         check_labels=_check_nothing,
         metrics=("mse", "mae"),
         higher_is_better=False,
+        elementwise_loss=True,
     )
 )
+
+
+class TaskOutputs(dict):
+    """A model's ``{task: (B, output_dim)}`` whose values are slices of one stacked output.
+
+    Models whose heads run as one batched op (:class:`~mtlkit.models.towers.TaskTowers`) return this
+    instead of a plain dict, so that the losses of tasks of one type can be computed in one pass over
+    the stack (:func:`~mtlkit.objectives.task_losses`). It is an ordinary dict for every other purpose.
+
+    Args:
+        stacked: ``(K, B, width)``, any strides; task ``k``'s output is ``stacked[k, :, :dim_k]``.
+        names: the ``K`` task names, in stack order.
+        output_dims: each task's output width (``<= width``).
+    """
+
+    def __init__(self, stacked: torch.Tensor, names: Sequence[str], output_dims: Sequence[int]) -> None:
+        width = stacked.shape[2]
+        views = tuple(stacked[k] if dim == width else stacked[k, :, :dim] for k, dim in enumerate(output_dims))
+        super().__init__(zip(names, views))
+        self._stacked, self._names, self._views = stacked, tuple(names), views
+        self._full_width = all(dim == width for dim in output_dims)
+
+    def stacked_for(self, names: Sequence[str]) -> torch.Tensor | None:
+        """The ``(K, B, width)`` stack when its tasks are ``names`` in this order, every task's output is
+        the stack's full width, and no value has been replaced since; otherwise None."""
+        if not self._full_width or tuple(names) != self._names:
+            return None
+        if any(self.get(name) is not view for name, view in zip(self._names, self._views)):
+            return None
+        return self._stacked
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,14 @@ class StackedLinear(nn.Module):
             out = torch.addmm(self.bias.view(1, -1), x, self.weight)
             return out.view(x.shape[0], self.num_stacks, self.out_features)
         # [B, S, in] -> [S, B, in] so each stack is one GEMM of the batched matmul.
-        out = torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight)
-        return out.transpose(0, 1)
+        return self.forward_stack_major(x.transpose(0, 1)).transpose(0, 1)
+
+    def forward_stack_major(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-stack maps on a stack-major input, the batched matmul's own layout.
+
+        Shape: ``(S, B, in)`` (any strides) ``-> (S, B, out)``, contiguous.
+        """
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
     def forward_batch_last(self, x: torch.Tensor) -> torch.Tensor:
         """The same maps with the batch as the last dimension: ``(S, out, B)``, contiguous.
@@ -222,6 +228,9 @@ class StackedMLP(nn.Module):
         # no layout copies) when their activations are large; everything else the module-by-module
         # one below.
         self.fused = activation == "relu" and norm is None and dropout == 0
+        # Without norms (which read the batch-major layout) a chain of per-stack layers runs
+        # stack-major, with one transpose in and one out instead of two per layer.
+        self._stack_major = norm is None
         self._widest = max(num_stacks * size for size in sizes)
 
     # The fused path saves memory traffic but runs its backward in Python: it pays off from about
@@ -239,15 +248,34 @@ class StackedMLP(nn.Module):
                                 activate_last=self.activate_last, input_group_sizes=input_group_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, stack_major = self._run(x)
+        return h.transpose(0, 1) if stack_major else h
+
+    def forward_stack_major(self, x: torch.Tensor) -> torch.Tensor:
+        """The same MLPs with the output stack-major, the layout their last batched matmul writes.
+
+        Shape: ``(B, in)`` or ``(B, S, in)`` ``-> (S, B, hidden_sizes[-1])`` (any strides).
+        """
+        h, stack_major = self._run(x)
+        return h if stack_major else h.transpose(0, 1)
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The output, and whether it is stack-major ``(S, B, D)`` rather than ``(B, S, D)``."""
         if self.takes_fused_path(x):
-            return self.fused_forward(x)
+            return self.fused_forward(x), False
         h = x
         last = len(self.linears) - 1
+        stack_major = False
         for i, (linear, norm) in enumerate(zip(self.linears, self.norms)):
-            h = linear(h)
+            if self._stack_major and not linear.shared_input:
+                if not stack_major:
+                    h, stack_major = h.transpose(0, 1), True
+                h = linear.forward_stack_major(h)
+            else:
+                h = linear(h)
             if i < last or self.activate_last:
                 h = self.dropout(self.activation(norm(h)))
-        return h
+        return h, stack_major
 
     @torch.no_grad()
     def load_from_mlps(self, mlps: Sequence[nn.Module]) -> None:

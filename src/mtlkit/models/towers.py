@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mtlkit.models.layers import StackedMLP
-from mtlkit.tasks import TaskSpec
+from mtlkit.tasks import TaskOutputs, TaskSpec
 
 __all__ = ["TaskTowers"]
 
@@ -26,7 +26,8 @@ class TaskTowers(nn.Module):
         shared_input: whether all towers read one ``(B, in)`` input (Shared-Bottom, OMoE) or each its
             own ``(B, K, in)`` slice (MMoE, PLE, single-task).
 
-    Shape: ``(B, in)`` or ``(B, K, in)`` ``-> {task: (B, output_dim)}`` (raw logits / values).
+    Shape: ``(B, in)`` or ``(B, K, in)`` ``-> {task: (B, output_dim)}`` (raw logits / values), as a
+    :class:`~mtlkit.tasks.TaskOutputs` that also holds the stacked ``(K, B, width)`` output.
     """
 
     def __init__(
@@ -53,6 +54,5 @@ class TaskTowers(nn.Module):
             activate_last=False,
         )
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.net(x)
-        return {name: out[:, k, :dim] for k, (name, dim) in enumerate(zip(self.task_names, self.output_dims))}
+    def forward(self, x: torch.Tensor) -> TaskOutputs:
+        return TaskOutputs(self.net.forward_stack_major(x), self.task_names, self.output_dims)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mtlkit.errors import ConfigError
+from mtlkit.objectives.losses import TaskLosses
 from mtlkit.tasks import TaskSpec
 
 __all__ = [
@@ -42,6 +43,9 @@ class FixedWeighting(LossWeighting):
         self.weights = {t.name: float(t.weight) for t in tasks}
 
     def forward(self, losses):
+        vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
+        if vector is not None and all(w == 1.0 for w in self.weights.values()):
+            return vector.sum(), dict(self.weights)
         terms = [losses[name] if self.weights[name] == 1.0 else self.weights[name] * losses[name]
                  for name in self.task_names if self.weights[name] != 0.0]
         total = terms[0] if terms else 0.0 * next(iter(losses.values()))
