@@ -85,3 +85,26 @@ def test_mlp_rejects_bad_sizes(bad):
 def test_unknown_activation_is_named():
     with pytest.raises(ConfigError, match="activation.*swish"):
         MLP(4, (3,), activation="swish")
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_gates_over_subsets_of_experts_equal_a_softmax_over_each_subset(shared_input):
+    choices = [[0, 3, 4], [1, 3, 4], [0, 1, 2, 3, 4]]
+    gates = GateBank(3, 6, 5, shared_input=shared_input, temperature=0.7, choices=choices).double()
+    x = torch.randn(11, 6, dtype=torch.float64) if shared_input else torch.randn(11, 3, 6, dtype=torch.float64)
+    weights = gates(x)
+    for g, chosen in enumerate(choices):
+        selector = x if shared_input else x[:, g]
+        weight = gates.linear.weight.view(6, 3, 5)[:, g] if shared_input else gates.linear.weight[g]
+        logits = (selector @ weight + gates.linear.bias[g]) / 0.7
+        expected = torch.zeros(11, 5, dtype=torch.float64)
+        expected[:, chosen] = torch.softmax(logits[:, chosen], dim=1)
+        torch.testing.assert_close(weights[:, g], expected, rtol=1e-12, atol=1e-15)
+    assert gates.num_excluded_parameters() == 4 * (6 + 1)  # four excluded (gate, expert) entries
+
+
+@pytest.mark.parametrize("choices, message", [([[0], [1]], "one list of experts per gate"),
+                                              ([[0], [], [1]], "at least one"), ([[0], [5], [1]], r"\[0, 5\)")])
+def test_gate_choices_are_checked(choices, message):
+    with pytest.raises(ConfigError, match=message):
+        GateBank(3, 4, 5, choices=choices)

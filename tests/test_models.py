@@ -1,5 +1,7 @@
 """Contract tests run over every registered model (adding a model gives it these for free)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,17 +87,40 @@ def test_cgc_equals_ple_with_one_level():
 
 def test_cgc_task_gate_only_sees_own_and_shared_experts():
     model = build_model("cgc", input_dim=5, tasks=tasks(3), num_shared_experts=2, num_task_experts=1)
-    selection = model.levels[0].selection  # [K, own + shared, all experts]
-    assert selection.shape == (3, 3, 5)
+    x = torch.randn(16, 5, requires_grad=True)
+    with model.recording_gates() as gates:
+        model(x)
+    weights = gates["levels.0.gates"]  # dense over the level's 5 experts: 3 task experts, then 2 shared
+    assert weights.shape == (16, 3, 5)
     for k in range(3):
-        chosen = selection[k].argmax(-1).tolist()
-        assert chosen == [k, 3, 4]
+        excluded = [e for e in range(3) if e != k]
+        assert (weights[:, k, excluded] == 0).all() and (weights[:, k, [k, 3, 4]] > 0).all()
+    # Excluded choices get no gradient, so their weights never move.
+    sum(out.sum() for out in model(x).values()).backward()
+    grad = model.levels[0].gates.linear.weight.grad.view(5, 3, 5)
+    assert (grad[:, 0, 1:3] == 0).all() and (grad[:, 0, [0, 3, 4]] != 0).any()
+
+
+def test_ple_loads_state_dicts_from_before_one_gate_bank_per_level():
+    # Saved by mtlkit at commit 03121bf, when a level had a task gate bank over each task's own choices
+    # and a separate shared gate: the same model must come back, outputs included.
+    saved = torch.load(Path(__file__).parent / "data" / "ple_cgc_two_gate_banks.pt", weights_only=True)
+    for name in ("ple", "cgc"):
+        entry = saved[name]
+        model = build_model(name, input_dim=6, tasks=["a", "b", "c"], expert_hidden=(5,), tower_hidden=(4,),
+                            **entry["options"]).eval()
+        model.load_state_dict(entry["state_dict"])
+        with torch.no_grad():
+            outputs = model(saved["x"])
+        for task, expected in entry["outputs"].items():
+            torch.testing.assert_close(outputs[task], expected, rtol=1e-6, atol=1e-7)
 
 
 def test_ple_levels_are_stacked():
     model = build_model("ple", input_dim=10, tasks=tasks(2), num_levels=3)
     assert len(model.levels) == 3
-    assert model.levels[0].shared_gate is not None and model.levels[-1].shared_gate is None
+    # Two task gates plus a shared gate below the last level, the task gates alone in it.
+    assert [level.num_gates for level in model.levels] == [3, 3, 2]
     # Upper levels read the lower level's fused outputs, one per task plus the shared one.
     assert model.levels[1].experts.linears[0].in_features == model.levels[0].output_dim
 

@@ -104,8 +104,12 @@ class MultiTaskModel(nn.Module):
         return [t.name for t in self.tasks]
 
     def count_parameters(self, trainable_only: bool = True) -> int:
-        """Number of (trainable) parameters."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Number of (trainable) parameters, leaving out gate entries a gate can never choose (PLE's
+        gates are dense over a level's experts, see :class:`~mtlkit.models.GateBank`)."""
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        excluded = sum(bank.num_excluded_parameters() for bank in self.gate_banks().values()
+                       if bank.linear.weight.requires_grad or not trainable_only)
+        return total - excluded
 
     @torch.no_grad()
     def predict(self, x: Any) -> dict[str, torch.Tensor]:

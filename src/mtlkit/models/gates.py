@@ -10,6 +10,8 @@ batch-major layout. The mixing's ``bmm`` backward has the same per-row problem a
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,13 +76,21 @@ class GateBank(nn.Module):
     gate ``g`` reads ``x[:, g]`` of a ``(B, G, in)`` input (one batched matmul). The weights are
     returned as a ``(B, G, E)`` view of a batch-last ``(G, E, B)`` tensor (see the module docstring).
 
+    With ``choices``, gate ``g`` chooses only among the experts ``choices[g]`` (PLE: a task's gate sees
+    its own experts and the shared ones, the shared gate all of them): the others get logit ``-inf``,
+    hence weight exactly 0 and no gradient, so gates over different subsets of one level's experts
+    are still one matmul and one softmax, and their weights are dense over the level's experts. The
+    weights of the excluded entries never change, and ``MultiTaskModel.count_parameters`` leaves them out
+    (:meth:`num_excluded_parameters`).
+
     The weights of the last forward are kept in ``last_weights`` only while ``record`` is True, so
     analysis costs nothing when it is off.
 
     Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, G, num_choices)``; each row sums to 1.
     """
 
-    def __init__(self, num_gates: int, input_dim: int, num_choices: int, shared_input: bool = True, temperature: float = 1.0) -> None:
+    def __init__(self, num_gates: int, input_dim: int, num_choices: int, shared_input: bool = True, temperature: float = 1.0,
+                 choices: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
         if num_choices < 1:
             raise ConfigError(f"a gate needs at least one expert to choose from, got {num_choices}")
@@ -90,9 +100,28 @@ class GateBank(nn.Module):
         self.temperature = float(temperature)
         self.record = False
         self.last_weights: torch.Tensor | None = None
+        self.choice_mask: torch.Tensor | None
+        if choices is None:
+            self.choice_mask = None
+        else:
+            if len(choices) != num_gates:
+                raise ConfigError(f"choices: expected one list of experts per gate ({num_gates}), got {len(choices)}")
+            mask = torch.full((num_gates, num_choices), float("-inf"))
+            for g, chosen in enumerate(choices):
+                if not chosen or any(not 0 <= e < num_choices for e in chosen):
+                    raise ConfigError(f"choices[{g}]: expected expert indices in [0, {num_choices}), at least one, got {list(chosen)}")
+                mask[g, list(chosen)] = 0.0
+            self.register_buffer("choice_mask", mask, persistent=False)
+
+    def num_excluded_parameters(self) -> int:
+        """Weights and biases of excluded choices: parameters that can never affect the gates."""
+        if self.choice_mask is None:
+            return 0
+        return int(torch.isinf(self.choice_mask).sum()) * (self.linear.in_features + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.linear.forward_batch_last(x)  # (G, E, B)
+        bias = self.linear.bias if self.choice_mask is None else self.linear.bias + self.choice_mask
+        logits = self.linear.forward_batch_last(x, bias)  # (G, E, B)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         weights = torch.softmax(logits, dim=1).permute(2, 0, 1)

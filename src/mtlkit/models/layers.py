@@ -133,18 +133,20 @@ class StackedLinear(nn.Module):
         """
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
-    def forward_batch_last(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_batch_last(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The same maps with the batch as the last dimension: ``(S, out, B)``, contiguous.
 
         Reductions over ``out`` (a gate's softmax over its few experts) then run along an outer
         dimension, vectorised over the batch, instead of over rows of a handful of floats.
+        ``bias`` (``(S, out)``) replaces ``self.bias`` when given (a gate bank's masked bias).
 
         Shape: ``(B, in)`` (shared) or ``(B, S, in)`` (per stack) ``-> (S, out, B)``.
         """
+        bias = self.bias if bias is None else bias
         if self.shared_input:
-            out = torch.addmm(self.bias.view(-1, 1), self.weight.t(), x.t())
+            out = torch.addmm(bias.view(-1, 1), self.weight.t(), x.t())
             return out.view(self.num_stacks, self.out_features, x.shape[0])
-        return torch.baddbmm(self.bias.unsqueeze(2), self.weight.transpose(1, 2), x.permute(1, 2, 0))
+        return torch.baddbmm(bias.unsqueeze(2), self.weight.transpose(1, 2), x.permute(1, 2, 0))
 
     def extra_repr(self) -> str:
         return (

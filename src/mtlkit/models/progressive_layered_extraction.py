@@ -64,7 +64,12 @@ class PLEConfig(CGCConfig):
 
 
 class _ExtractionLevel(torch.nn.Module):
-    """One PLE level: ``K * Et`` task experts then ``Es`` shared experts, task gates and (unless last) a shared gate.
+    """One PLE level: ``K * Et`` task experts then ``Es`` shared experts, and all its gates as one bank.
+
+    Task ``k``'s gate chooses among its own ``Et`` experts and the ``Es`` shared ones; unless the level
+    is the last, a shared gate chooses among all of them. Each gate's weights are dense over the
+    level's experts (exact zeros outside its choices), so all gates are one matmul and one softmax
+    and the mixing one batched product.
 
     Input ``(B, in)`` (first level) or ``(B, K + 1, in)`` (task inputs then the shared input);
     output ``(B, K, D)`` (last level) or ``(B, K + 1, D)``.
@@ -78,25 +83,45 @@ class _ExtractionLevel(torch.nn.Module):
         groups = None if first else [k for k in range(K) for _ in range(Et)] + [K] * Es
         self.experts = ExpertBank(total, input_dim, c.expert_hidden, input_groups=groups,
                                   activation=c.activation, dropout=c.dropout, norm=c.norm)
-        self.task_gates = GateBank(K, input_dim, Et + Es, shared_input=first, temperature=c.gate_temperature)
-        self.shared_gate = None if last else GateBank(1, input_dim, total, shared_input=True, temperature=c.gate_temperature)
-        # selection[k, j, e] = 1 when choice j of task k's gate is expert e: turns each task's compact
-        # gate (own + shared experts) into a dense one over all experts, so mixing is one bmm.
-        selection = torch.zeros(K, Et + Es, total)
-        for k in range(K):
-            chosen = list(range(k * Et, (k + 1) * Et)) + list(range(K * Et, total))
-            selection[k, torch.arange(Et + Es), chosen] = 1.0
-        self.register_buffer("selection", selection, persistent=False)
+        shared = list(range(K * Et, total))
+        self.choices = [list(range(k * Et, (k + 1) * Et)) + shared for k in range(K)] + ([] if last else [list(range(total))])
+        self.num_gates = len(self.choices)
+        self.gates = GateBank(self.num_gates, input_dim, total, shared_input=first, temperature=c.gate_temperature,
+                              choices=self.choices)
         self.output_dim = self.experts.output_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts = self.experts(h)
-        task_selector = h if self.first else h[:, : self.num_tasks]
-        gates = torch.einsum("bkc,kce->bke", self.task_gates(task_selector), self.selection)
-        if self.shared_gate is not None:
-            shared_selector = h if self.first else h[:, self.num_tasks]
-            gates = torch.cat([gates, self.shared_gate(shared_selector)], dim=1)
-        return mix_experts(gates, experts)
+        # Above the first level gate g reads input g: task k's, then the shared one.
+        selector = h if self.first or h.shape[1] == self.num_gates else h[:, : self.num_gates]
+        return mix_experts(self.gates(selector), experts)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._upgrade_two_gate_banks(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _upgrade_two_gate_banks(self, state_dict, prefix: str) -> None:
+        """Rewrite, in place, a state dict written before a level's gates became one bank: then a
+        ``task_gates`` bank held each task's gate over its own choices and ``shared_gate`` the shared one."""
+        task_weight, task_bias = prefix + "task_gates.linear.weight", prefix + "task_gates.linear.bias"
+        if task_weight not in state_dict:
+            return
+        old_weight, old_bias = state_dict.pop(task_weight), state_dict.pop(task_bias)
+        shared_weight = state_dict.pop(prefix + "shared_gate.linear.weight", None)
+        shared_bias = state_dict.pop(prefix + "shared_gate.linear.bias", None)
+        linear = self.gates.linear
+        G, E, width = self.num_gates, linear.out_features, linear.in_features
+        weight = old_weight.new_zeros(G, width, E)  # gate-major; excluded choices stay 0
+        bias = old_bias.new_zeros(G, E)
+        compact = old_weight.view(width, self.num_tasks, -1).transpose(0, 1) if self.first else old_weight
+        for k in range(self.num_tasks):
+            weight[k][:, self.choices[k]] = compact[k]
+            bias[k, self.choices[k]] = old_bias[k]
+        if shared_weight is not None:
+            weight[self.num_tasks] = shared_weight
+            bias[self.num_tasks] = shared_bias[0]
+        state_dict[prefix + "gates.linear.weight"] = weight.transpose(0, 1).reshape(width, G * E) if self.first else weight
+        state_dict[prefix + "gates.linear.bias"] = bias
 
 
 @register_model("ple")
