@@ -233,6 +233,8 @@ class StackedMLP(nn.Module):
         # Without norms (which read the batch-major layout) a chain of per-stack layers runs
         # stack-major, with one transpose in and one out instead of two per layer.
         self._stack_major = norm is None
+        # No norm and no dropout: the activation alone, without two identity module calls per layer.
+        self._activation_only = norm is None and dropout == 0
         self._widest = max(num_stacks * size for size in sizes)
 
     # The fused path saves memory traffic but runs its backward in Python: it pays off from about
@@ -276,7 +278,7 @@ class StackedMLP(nn.Module):
             else:
                 h = linear(h)
             if i < last or self.activate_last:
-                h = self.dropout(self.activation(norm(h)))
+                h = self.activation(h) if self._activation_only else self.dropout(self.activation(norm(h)))
         return h, stack_major
 
     @torch.no_grad()
