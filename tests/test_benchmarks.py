@@ -96,3 +96,17 @@ def test_data_path_cost_runs_on_a_tiny_size(tmp_path):
     assert list(report["seconds"]) == list(VARIANTS)
     assert all(len(values) == 1 and values[0] > 0 for values in report["seconds"].values())
     assert "trainer's batches" in done.stdout
+
+
+def test_step_glue_checks_its_functions_against_the_model_and_runs(tmp_path):
+    # The script exits non-zero when a hand-written step's loss or gradients differ from the model's
+    # (exactly for the same ops, to 1e-5 for the batch-last ones), so this also keeps it truthful.
+    out = tmp_path / "glue.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step_glue", "--steps", "2", "--rounds", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    from benchmarks.step_glue import VARIANTS
+
+    timings = json.loads(out.read_text())
+    assert list(timings) == list(VARIANTS)
+    assert all(len(values) == 1 and values[0] > 0 for values in timings.values())

@@ -1,0 +1,147 @@
+"""How much of W1 MMoE's model step is the library's own Python, and how much its layout.
+
+Times, in one process and alternating, three versions of one training step (forward, losses, their
+sum, backward) on the same batch and the same parameters:
+
+- ``mtlkit``: the model through its modules, ``task_losses`` and ``FixedWeighting``, as the trainer runs it;
+- ``same ops, one function``: the aten ops that step runs, written out in one function (no module
+  calls, no per-task dicts): its loss and gradients must equal the model's exactly;
+- ``batch-last, one function``: the same model with every activation stored features x batch (experts
+  ``(E, D, B)``, mixing by a broadcast multiply and a sum, towers ``(K, width, B)``): the same math
+  in another summation order, checked to 1e-5;
+- ``batch-last, weights stored so``: the same on copies of the parameters stored in the orientation
+  that layout reads (``W^T``, biases as columns), so no gradient needs a transpose or a copy.
+
+The first gap is the library's glue (module calls, checks, dict building); the others what a
+batch-last layout of the whole small model would cost or save. None of the functions is a training path:
+
+    python -m benchmarks.step_glue --steps 300 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.libraries import build_mtlkit
+from benchmarks.workloads import WORKLOADS, make_data
+
+VARIANTS = ("mtlkit", "same ops, one function", "batch-last, one function", "batch-last, weights stored so")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="steps per timing")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
+    args = parser.parse_args()
+    from mtlkit.models.gates import mix_experts
+    from mtlkit.objectives import FixedWeighting, task_losses
+
+    workload = WORKLOADS["W1"]
+    size = workload.batch_size
+    model, tasks, dataset = build_mtlkit(workload, "mmoe", make_data(workload, size))
+    batch = dataset.subset(slice(0, size))
+    x, labels = batch.inputs, batch.labels
+    weighting = FixedWeighting(tasks)
+    params = list(model.parameters())
+    expert, gate = model.experts.linears[0], model.gates.linear
+    hidden, head = model.towers.net.linears
+    num_experts, width, num_gates = expert.num_stacks, expert.out_features, gate.num_stacks
+    labels_by_task = labels.t().contiguous()
+
+    def through_modules() -> torch.Tensor:
+        losses = task_losses(model(x), labels, batch.label_mask, tasks, all_labelled=True)
+        return weighting(losses)[0]
+
+    def same_ops() -> torch.Tensor:
+        experts = torch.relu(torch.addmm(expert.bias.view(1, -1), x, expert.weight)).view(size, num_experts, width)
+        logits = torch.addmm(gate.bias.view(-1, 1), gate.weight.t(), x.t()).view(num_gates, num_experts, size)
+        mixed = mix_experts(torch.softmax(logits, dim=1).permute(2, 0, 1), experts).transpose(0, 1)
+        h = torch.relu(torch.baddbmm(hidden.bias.unsqueeze(1), mixed, hidden.weight))
+        out = torch.baddbmm(head.bias.unsqueeze(1), h, head.weight)
+        return F.mse_loss(out[..., 0], labels_by_task, reduction="none").mean(dim=1).sum()
+
+    def batch_last() -> torch.Tensor:
+        xt = x.t()
+        experts = torch.relu(torch.addmm(expert.bias.view(-1, 1), expert.weight.t(), xt)).view(num_experts, width, size)
+        gates = torch.softmax(torch.addmm(gate.bias.view(-1, 1), gate.weight.t(), xt).view(num_gates, num_experts, size), dim=1)
+        mixed = (gates[:, :, None, :] * experts[None]).sum(dim=1)  # (G, D, B)
+        h = torch.relu(torch.baddbmm(hidden.bias.unsqueeze(2), hidden.weight.transpose(1, 2), mixed))
+        out = torch.baddbmm(head.bias.unsqueeze(2), head.weight.transpose(1, 2), h)
+        return F.mse_loss(out[:, 0], labels_by_task, reduction="none").mean(dim=1).sum()
+
+    leaf = lambda t: t.detach().clone().contiguous().requires_grad_()  # noqa: E731
+    # Batch-last orientation; the order of ``params`` (experts, gates, towers; weight, bias each).
+    stored = [leaf(expert.weight.t()), leaf(expert.bias.view(-1, 1)), leaf(gate.weight.t()), leaf(gate.bias.view(-1, 1)),
+              leaf(hidden.weight.transpose(1, 2)), leaf(hidden.bias.unsqueeze(2)), leaf(head.weight.transpose(1, 2)),
+              leaf(head.bias.unsqueeze(2))]
+    back = [lambda g: g.t(), lambda g: g.view(num_experts, width), lambda g: g.t(), lambda g: g.view(num_gates, -1),
+            lambda g: g.transpose(1, 2), lambda g: g[..., 0], lambda g: g.transpose(1, 2), lambda g: g[..., 0]]
+    expert_w, expert_b, gate_w, gate_b, hidden_w, hidden_b, head_w, head_b = stored
+
+    def batch_last_stored() -> torch.Tensor:
+        xt = x.t()
+        experts = torch.relu(torch.addmm(expert_b, expert_w, xt)).view(num_experts, width, size)
+        gates = torch.softmax(torch.addmm(gate_b, gate_w, xt).view(num_gates, num_experts, size), dim=1)
+        mixed = (gates[:, :, None, :] * experts[None]).sum(dim=1)
+        out = torch.baddbmm(head_b, head_w, torch.relu(torch.baddbmm(hidden_b, hidden_w, mixed)))
+        return F.mse_loss(out[:, 0], labels_by_task, reduction="none").mean(dim=1).sum()
+
+    steps = dict(zip(VARIANTS, (through_modules, same_ops, batch_last, batch_last_stored)))
+    weights = {name: params for name in VARIANTS}
+    weights["batch-last, weights stored so"] = stored
+
+    def loss_and_grads(name):
+        for p in weights[name]:
+            p.grad = None
+        loss = steps[name]()
+        loss.backward()
+        grads = [p.grad.clone() for p in weights[name]]
+        if weights[name] is stored:
+            grads = [to_model(g) for to_model, g in zip(back, grads)]
+        return loss.detach(), grads
+
+    reference = loss_and_grads("mtlkit")
+    for name in VARIANTS:
+        loss, grads = loss_and_grads(name)
+        if "batch-last" in name:  # another summation order
+            same = torch.allclose(loss, reference[0], rtol=1e-5) and \
+                all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads, reference[1]))
+        else:
+            same = torch.equal(loss, reference[0]) and all(torch.equal(a, b) for a, b in zip(grads, reference[1]))
+        if not same:
+            raise SystemExit(f"{name}: loss or gradients differ from the model's step")
+
+    def timed(name) -> float:
+        fn, leaves = steps[name], weights[name]
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            for p in leaves:
+                p.grad = None
+            fn().backward()
+        return (time.perf_counter() - start) / args.steps * 1e6
+
+    for name in VARIANTS:  # warm-up
+        timed(name)
+    timings: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name in VARIANTS:
+            timings[name].append(timed(name))
+    print(f"W1 mmoe: forward, losses, backward on one batch of {size} rows; {args.rounds} x {args.steps} steps each, alternating")
+    print(f"{'step':28s} {'min us':>8s} {'median us':>10s} {'vs mtlkit':>10s}")
+    base = min(timings["mtlkit"])
+    for name, values in timings.items():
+        values = sorted(values)
+        print(f"{name:28s} {values[0]:8.0f} {values[len(values) // 2]:10.0f} {100 * values[0] / base:9.0f}%")
+    if args.out is not None:
+        args.out.write_text(json.dumps(timings, indent=2))
+
+
+if __name__ == "__main__":
+    main()
