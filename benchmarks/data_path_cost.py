@@ -14,12 +14,12 @@ trainer's shortfall against "model alone" is the cost of touching the batch's by
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.alternating import print_timings, time_alternating
 from benchmarks.libraries import build_mtlkit
 from benchmarks.workloads import WORKLOADS, make_data
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
     args = parser.parse_args()
     from mtlkit.data.tensors import Batch
+    from mtlkit.files import write_json
     from mtlkit.objectives import FixedWeighting, task_losses
     from mtlkit.training.optimizer import build_adam
 
@@ -87,25 +88,14 @@ def main() -> None:
                 step(prepared[j])
         return (time.perf_counter() - start) / steps
 
-    for variant in VARIANTS:
-        run(variant, max(1, args.steps // 5))  # warm-up
-    seconds: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for _ in range(args.rounds):
-        for variant in VARIANTS:
-            seconds[variant].append(run(variant, args.steps))
+    seconds = time_alternating(run, VARIANTS, args.rounds, args.steps)
     batch_kb = rows[:size].numel() * rows.element_size() / 1024
     print(f"{args.workload} {args.model}: batch {size} rows ({batch_kb:,.0f} KB), dataset {len(dataset):,} rows, "
           f"{args.rounds} x {args.steps} steps each, alternating")
-    print(f"{'step':<30} {'min us':>8} {'median us':>10} {'vs fixed':>9}")
-    base = min(seconds["fixed batch"])
-    for variant, values in seconds.items():
-        values = sorted(values)
-        print(f"{variant:<30} {1e6 * values[0]:>8.0f} {1e6 * values[len(values) // 2]:>10.0f} {base / values[0]:>8.0%}")
+    print_timings(seconds, "fixed batch", "vs fixed")
     if args.out is not None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps({"workload": args.workload, "model": args.model, "batch_size": size,
-                                   "rows": len(dataset), "steps": args.steps, "seconds": seconds}, indent=2))
-        tmp.replace(args.out)  # never a half-written file
+        write_json(args.out, {"workload": args.workload, "model": args.model, "batch_size": size,
+                              "rows": len(dataset), "steps": args.steps, "seconds": seconds})
 
 
 if __name__ == "__main__":

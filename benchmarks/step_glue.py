@@ -21,13 +21,13 @@ batch-last layout of the whole small model would cost or save. None of the funct
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.alternating import print_timings, time_alternating
 from benchmarks.libraries import build_mtlkit
 from benchmarks.workloads import WORKLOADS, make_data
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
     args = parser.parse_args()
+    from mtlkit.files import write_json
     from mtlkit.models.gates import mix_experts
     from mtlkit.objectives import FixedWeighting, task_losses
 
@@ -93,14 +94,14 @@ def main() -> None:
         out = torch.baddbmm(head_b, head_w, torch.relu(torch.baddbmm(hidden_b, hidden_w, mixed)))
         return F.mse_loss(out[:, 0], labels_by_task, reduction="none").mean(dim=1).sum()
 
-    steps = dict(zip(VARIANTS, (through_modules, same_ops, batch_last, batch_last_stored)))
+    steps_by_name = dict(zip(VARIANTS, (through_modules, same_ops, batch_last, batch_last_stored)))
     weights = {name: params for name in VARIANTS}
     weights["batch-last, weights stored so"] = stored
 
     def loss_and_grads(name):
         for p in weights[name]:
             p.grad = None
-        loss = steps[name]()
+        loss = steps_by_name[name]()
         loss.backward()
         grads = [p.grad.clone() for p in weights[name]]
         if weights[name] is stored:
@@ -118,30 +119,20 @@ def main() -> None:
         if not same:
             raise SystemExit(f"{name}: loss or gradients differ from the model's step")
 
-    def timed(name) -> float:
-        fn, leaves = steps[name], weights[name]
+    def timed(name: str, steps: int) -> float:
+        fn, leaves = steps_by_name[name], weights[name]
         start = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             for p in leaves:
                 p.grad = None
             fn().backward()
-        return (time.perf_counter() - start) / args.steps * 1e6
+        return (time.perf_counter() - start) / steps
 
-    for name in VARIANTS:  # warm-up
-        timed(name)
-    timings: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    for _ in range(args.rounds):
-        for name in VARIANTS:
-            timings[name].append(timed(name))
+    seconds = time_alternating(timed, VARIANTS, args.rounds, args.steps)
     print(f"W1 mmoe: forward, losses, backward on one batch of {size} rows; {args.rounds} x {args.steps} steps each, alternating")
-    print(f"{'step':28s} {'min us':>8s} {'median us':>10s} {'vs mtlkit':>10s}")
-    base = min(timings["mtlkit"])
-    for name, values in timings.items():
-        values = sorted(values)
-        print(f"{name:28s} {values[0]:8.0f} {values[len(values) // 2]:10.0f} {100 * values[0] / base:9.0f}%")
+    print_timings(seconds, "mtlkit", "vs mtlkit")
     if args.out is not None:
-        args.out.write_text(json.dumps(timings, indent=2))
-
+        write_json(args.out, seconds)
 
 if __name__ == "__main__":
     main()
