@@ -25,6 +25,7 @@ from mtlkit.errors import ConfigError, DataError
 __all__ = [
     "TaskSpec",
     "TaskType",
+    "StackedDict",
     "TaskOutputs",
     "register_task_type",
     "get_task_type",
@@ -137,7 +138,26 @@ register_task_type(
 )
 
 
-class TaskOutputs(dict):
+class StackedDict(dict):
+    """``{name: view}`` whose values are views of one stacked tensor, which it keeps.
+
+    The stack is handed back (:meth:`stack_if_unchanged`) only while every value is still the view it
+    was built with, so code that replaces a value never has its change ignored by a consumer that
+    reads the stack. It is an ordinary dict for every other purpose.
+    """
+
+    def __init__(self, stack: torch.Tensor, names: Sequence[str], views: Sequence[torch.Tensor]) -> None:
+        super().__init__(zip(names, views))
+        self._stack, self._names, self._views = stack, tuple(names), tuple(views)
+
+    def stack_if_unchanged(self, names: Sequence[str]) -> torch.Tensor | None:
+        """The stack when its entries are ``names`` in this order and no value was replaced; else None."""
+        if tuple(names) != self._names or any(self.get(n) is not v for n, v in zip(self._names, self._views)):
+            return None
+        return self._stack
+
+
+class TaskOutputs(StackedDict):
     """A model's ``{task: (B, output_dim)}`` whose values are slices of one stacked output.
 
     Models whose heads run as one batched op (:class:`~mtlkit.models.towers.TaskTowers`) return this
@@ -152,19 +172,13 @@ class TaskOutputs(dict):
 
     def __init__(self, stacked: torch.Tensor, names: Sequence[str], output_dims: Sequence[int]) -> None:
         width = stacked.shape[2]
-        views = tuple(stacked[k] if dim == width else stacked[k, :, :dim] for k, dim in enumerate(output_dims))
-        super().__init__(zip(names, views))
-        self._stacked, self._names, self._views = stacked, tuple(names), views
+        super().__init__(stacked, names, [stacked[k] if dim == width else stacked[k, :, :dim] for k, dim in enumerate(output_dims)])
         self._full_width = all(dim == width for dim in output_dims)
 
     def stacked_for(self, names: Sequence[str]) -> torch.Tensor | None:
         """The ``(K, B, width)`` stack when its tasks are ``names`` in this order, every task's output is
         the stack's full width, and no value has been replaced since; otherwise None."""
-        if not self._full_width or tuple(names) != self._names:
-            return None
-        if any(self.get(name) is not view for name, view in zip(self._names, self._views)):
-            return None
-        return self._stacked
+        return self.stack_if_unchanged(names) if self._full_width else None
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from mtlkit.tasks import TaskOutputs, TaskSpec
+from mtlkit.tasks import StackedDict, TaskOutputs, TaskSpec
 
 __all__ = ["TaskLosses", "task_losses"]
 
 
-class TaskLosses(dict):
+class TaskLosses(StackedDict):
     """``{task: scalar loss}`` computed in one pass: each value is ``per_task[k]`` of one ``(K,)`` tensor.
 
     :class:`~mtlkit.objectives.FixedWeighting` sums the vector itself (one autograd node instead of
@@ -19,15 +19,11 @@ class TaskLosses(dict):
     """
 
     def __init__(self, per_task: torch.Tensor, names: Sequence[str]) -> None:
-        views = tuple(per_task.unbind())
-        super().__init__(zip(names, views))
-        self._per_task, self._names, self._views = per_task, tuple(names), views
+        super().__init__(per_task, names, per_task.unbind())
 
     def vector_for(self, names: Sequence[str]) -> torch.Tensor | None:
         """The ``(K,)`` losses when its tasks are ``names`` in this order and no value was replaced; else None."""
-        if tuple(names) != self._names or any(self.get(n) is not v for n, v in zip(self._names, self._views)):
-            return None
-        return self._per_task
+        return self.stack_if_unchanged(names)
 
 
 def _stacked_losses(outputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
