@@ -134,5 +134,6 @@ def main() -> None:
     if args.out is not None:
         write_json(args.out, seconds)
 
+
 if __name__ == "__main__":
     main()
