@@ -1,6 +1,6 @@
 """How much of W1 MMoE's model step is the library's own Python, and how much its layout.
 
-Times, in one process and alternating, three versions of one training step (forward, losses, their
+Times, in one process and alternating, four versions of one training step (forward, losses, their
 sum, backward) on the same batch and the same parameters:
 
 - ``mtlkit``: the model through its modules, ``task_losses`` and ``FixedWeighting``, as the trainer runs it;
@@ -68,31 +68,29 @@ def main() -> None:
         out = torch.baddbmm(head.bias.unsqueeze(1), h, head.weight)
         return F.mse_loss(out[..., 0], labels_by_task, reduction="none").mean(dim=1).sum()
 
-    def batch_last() -> torch.Tensor:
-        xt = x.t()
-        experts = torch.relu(torch.addmm(expert.bias.view(-1, 1), expert.weight.t(), xt)).view(num_experts, width, size)
-        gates = torch.softmax(torch.addmm(gate.bias.view(-1, 1), gate.weight.t(), xt).view(num_gates, num_experts, size), dim=1)
-        mixed = (gates[:, :, None, :] * experts[None]).sum(dim=1)  # (G, D, B)
-        h = torch.relu(torch.baddbmm(hidden.bias.unsqueeze(2), hidden.weight.transpose(1, 2), mixed))
-        out = torch.baddbmm(head.bias.unsqueeze(2), head.weight.transpose(1, 2), h)
-        return F.mse_loss(out[:, 0], labels_by_task, reduction="none").mean(dim=1).sum()
+    def batch_last_oriented() -> list[torch.Tensor]:
+        """The model's parameters (views) in the orientation a batch-last step reads, in ``params``'s order."""
+        return [expert.weight.t(), expert.bias.view(-1, 1), gate.weight.t(), gate.bias.view(-1, 1),
+                hidden.weight.transpose(1, 2), hidden.bias.unsqueeze(2), head.weight.transpose(1, 2), head.bias.unsqueeze(2)]
 
-    leaf = lambda t: t.detach().clone().contiguous().requires_grad_()  # noqa: E731
-    # Batch-last orientation; the order of ``params`` (experts, gates, towers; weight, bias each).
-    stored = [leaf(expert.weight.t()), leaf(expert.bias.view(-1, 1)), leaf(gate.weight.t()), leaf(gate.bias.view(-1, 1)),
-              leaf(hidden.weight.transpose(1, 2)), leaf(hidden.bias.unsqueeze(2)), leaf(head.weight.transpose(1, 2)),
-              leaf(head.bias.unsqueeze(2))]
-    back = [lambda g: g.t(), lambda g: g.view(num_experts, width), lambda g: g.t(), lambda g: g.view(num_gates, -1),
-            lambda g: g.transpose(1, 2), lambda g: g[..., 0], lambda g: g.transpose(1, 2), lambda g: g[..., 0]]
-    expert_w, expert_b, gate_w, gate_b, hidden_w, hidden_b, head_w, head_b = stored
-
-    def batch_last_stored() -> torch.Tensor:
+    def batch_last_step(expert_w, expert_b, gate_w, gate_b, hidden_w, hidden_b, head_w, head_b) -> torch.Tensor:
         xt = x.t()
         experts = torch.relu(torch.addmm(expert_b, expert_w, xt)).view(num_experts, width, size)
         gates = torch.softmax(torch.addmm(gate_b, gate_w, xt).view(num_gates, num_experts, size), dim=1)
-        mixed = (gates[:, :, None, :] * experts[None]).sum(dim=1)
+        mixed = (gates[:, :, None, :] * experts[None]).sum(dim=1)  # (G, D, B)
         out = torch.baddbmm(head_b, head_w, torch.relu(torch.baddbmm(hidden_b, hidden_w, mixed)))
         return F.mse_loss(out[:, 0], labels_by_task, reduction="none").mean(dim=1).sum()
+
+    # Copies stored batch-last, and how to turn their gradients back into the model's shapes.
+    stored = [t.detach().clone().contiguous().requires_grad_() for t in batch_last_oriented()]
+    back = [lambda g: g.t(), lambda g: g.view(num_experts, width), lambda g: g.t(), lambda g: g.view(num_gates, -1),
+            lambda g: g.transpose(1, 2), lambda g: g[..., 0], lambda g: g.transpose(1, 2), lambda g: g[..., 0]]
+
+    def batch_last() -> torch.Tensor:
+        return batch_last_step(*batch_last_oriented())
+
+    def batch_last_stored() -> torch.Tensor:
+        return batch_last_step(*stored)
 
     steps_by_name = dict(zip(VARIANTS, (through_modules, same_ops, batch_last, batch_last_stored)))
     weights = {name: params for name in VARIANTS}
