@@ -235,7 +235,8 @@ class StackedMLP(nn.Module):
         self._stack_major = norm is None
         # No norm and no dropout: the activation alone, without two identity module calls per layer.
         self._activation_only = norm is None and dropout == 0
-        self._widest = max(num_stacks * size for size in sizes)
+        # Activations per input row in the widest layer, all stacks together.
+        self.max_activations_per_row = max(num_stacks * size for size in sizes)
 
     # The fused path saves memory traffic but runs its backward in Python: it pays off from about
     # a million activations in a layer (W2's experts: 4.2 M, 18 % less time per step), and costs 4-16 %
@@ -244,7 +245,7 @@ class StackedMLP(nn.Module):
 
     def takes_fused_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the fused ReLU stack (large enough, ReLU, no norm, no dropout)."""
-        return self.fused and x.shape[0] * self._widest >= self.FUSED_MIN_ACTIVATIONS
+        return self.fused and x.shape[0] * self.max_activations_per_row >= self.FUSED_MIN_ACTIVATIONS
 
     def fused_forward(self, x: torch.Tensor, input_group_sizes: Sequence[int] | None = None) -> torch.Tensor:
         """The fused path, optionally with stacks reading runs of a grouped input (see ``stacked_relu_mlp``)."""

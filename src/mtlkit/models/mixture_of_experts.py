@@ -12,6 +12,7 @@ from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
 from mtlkit.models.registry import register_model
+from mtlkit.models.small_mixture import small_mixture_applies, small_mixture_outputs
 from mtlkit.models.towers import TaskTowers
 
 __all__ = ["MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts"]
@@ -41,6 +42,9 @@ class MixtureOfExpertsConfig(ModelConfig):
 class _MixtureOfExperts(MultiTaskModel):
     config_class = MixtureOfExpertsConfig
     num_gates_per_model: int | None = None  # None: one gate per task
+    # Small ReLU mixtures on the CPU run as one batch-last autograd node (models/small_mixture.py);
+    # False keeps the module-by-module path (e.g. to hook the experts' or towers' submodules).
+    small_mixture: bool = True
 
     def __init__(self, config: MixtureOfExpertsConfig) -> None:
         super().__init__(config)
@@ -53,7 +57,13 @@ class _MixtureOfExperts(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
+    def takes_small_mixture_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
+        return self.small_mixture and small_mixture_applies(x, self.experts, self.gates, self.towers)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.takes_small_mixture_path(x):
+            return small_mixture_outputs(x, self.experts, self.gates, self.towers)
         mixed = mix_experts(self.gates(x), self.experts(x))  # [B, G, D]
         return self.towers(mixed[:, 0] if self.one_gate else mixed)
 

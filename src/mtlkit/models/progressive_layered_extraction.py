@@ -13,6 +13,7 @@ from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
 from mtlkit.models.registry import register_model
+from mtlkit.models.small_mixture import small_mixture_applies, small_mixture_outputs
 from mtlkit.models.towers import TaskTowers
 
 __all__ = ["CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction"]
@@ -135,6 +136,9 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
     """
 
     config_class = PLEConfig
+    # One level of small ReLU experts (CGC) on the CPU runs as one batch-last autograd node
+    # (models/small_mixture.py); False keeps the module-by-module path.
+    small_mixture: bool = True
 
     def __init__(self, config: CGCConfig) -> None:
         super().__init__(config)
@@ -148,7 +152,16 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, width, c.tower_hidden, shared_input=False,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
+    def takes_small_mixture_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`):
+        one level only."""
+        if not self.small_mixture or len(self.levels) != 1:
+            return False
+        return small_mixture_applies(x, self.levels[0].experts, self.levels[0].gates, self.towers)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.takes_small_mixture_path(x):
+            return small_mixture_outputs(x, self.levels[0].experts, self.levels[0].gates, self.towers)
         h = x
         for level in self.levels:
             h = level(h)

@@ -1,0 +1,135 @@
+"""The batch-last one-node mixture (``models/small_mixture.py``) against the module path it replaces."""
+
+import pytest
+import torch
+
+from mtlkit import TaskSpec
+from mtlkit.models import build_model
+from mtlkit.models.gates import mix_experts
+from mtlkit.models.small_mixture import small_mixture
+
+TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "binary"), TaskSpec("c", "regression")]
+
+
+def _parts(model):
+    """The experts, gates and towers of a one-level mixture model."""
+    level = model.levels[0] if hasattr(model, "levels") else model
+    return level.experts, level.gates, model.towers
+
+
+def _module_path(model, x):
+    """The forward the small mixture replaces, module by module."""
+    experts, gates, towers = _parts(model)
+    mixed = mix_experts(gates(x), experts(x))
+    return towers(mixed[:, 0] if model.registry_name == "omoe" else mixed)
+
+
+def _outputs_and_grads(outputs, x, params):
+    stacked = torch.cat([outputs[t.name] for t in TASKS], dim=1)
+    upstream = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(7), dtype=stacked.dtype)
+    return stacked.detach(), torch.autograd.grad(stacked, [x, *params], upstream)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("mmoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,))),
+    ("mmoe", dict(num_experts=3, expert_hidden=(6, 5), tower_hidden=(4, 3), gate_temperature=0.7)),
+    ("mmoe", dict(num_experts=4, expert_hidden=(6,), tower_hidden=())),
+    ("omoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,))),
+    ("omoe", dict(num_experts=4, expert_hidden=(6, 2), tower_hidden=())),
+    ("cgc", dict(num_shared_experts=3, num_task_experts=2, expert_hidden=(6,), tower_hidden=(4,))),
+    ("cgc", dict(num_shared_experts=0, num_task_experts=1, expert_hidden=(5, 4), tower_hidden=(3,), gate_temperature=2.0)),
+])
+def test_small_mixture_equals_the_module_path(name, config):
+    """Forward and every gradient (input and parameters), float64, to 1e-12."""
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=9, tasks=TASKS, **config).double()
+    x = torch.randn(13, 9, dtype=torch.double, requires_grad=True)
+    assert model.takes_small_mixture_path(x)
+    params = list(model.parameters())
+    fast, fast_grads = _outputs_and_grads(model(x), x, params)
+    plain, plain_grads = _outputs_and_grads(_module_path(model, x), x, params)
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-12, rtol=0)
+
+
+def test_small_mixture_float32_training_step_matches():
+    """W1's shapes in float32: the losses agree to rounding and each gradient to 1e-5 of its size."""
+    torch.manual_seed(1)
+    model = build_model("mmoe", input_dim=100, tasks=TASKS[:2], num_experts=8, expert_hidden=(16,), tower_hidden=(8,))
+    x = torch.randn(1024, 100)
+    params = list(model.parameters())
+    fast = model(x)
+    plain = _module_path(model, x)
+    for t in TASKS[:2]:
+        torch.testing.assert_close(fast[t.name], plain[t.name], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(sum(o.square().mean() for o in out.values()), params) for out in (fast, plain)]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_gradients_nobody_needs_are_skipped():
+    torch.manual_seed(2)
+    model = build_model("mmoe", input_dim=5, tasks=TASKS[:2], num_experts=3, expert_hidden=(4,), tower_hidden=(2,))
+    model.gates.linear.weight.requires_grad_(False)
+    x = torch.randn(6, 5)  # no gradient wanted for the input
+    sum(o.sum() for o in model(x).values()).backward()
+    assert model.gates.linear.weight.grad is None
+    assert model.gates.linear.bias.grad is not None and model.experts.linears[0].weight.grad is not None
+
+
+def test_excluded_gate_entries_get_no_gradient():
+    torch.manual_seed(3)
+    model = build_model("cgc", input_dim=5, tasks=TASKS[:2], num_shared_experts=1, num_task_experts=2,
+                        expert_hidden=(4,), tower_hidden=(2,))
+    sum(o.sum() for o in model(torch.randn(6, 5)).values()).backward()
+    excluded = torch.isinf(model.levels[0].gates.choice_mask)
+    assert excluded.any()
+    grad = model.levels[0].gates.linear.weight.grad.view(5, *excluded.shape)
+    assert (grad[:, excluded] == 0).all() and (grad[:, ~excluded] != 0).any()
+
+
+def test_small_mixture_gradcheck():
+    torch.manual_seed(4)
+    double = dict(dtype=torch.double, requires_grad=True)
+    x = torch.randn(5, 4, **double)
+    params = [torch.randn(4, 3 * 2, **double), torch.randn(3, 2, **double),  # 3 experts of width 2
+              torch.randn(4, 2 * 3, **double), torch.randn(2, 3, **double),  # 2 gates over them
+              torch.randn(2, 2, 3, **double), torch.randn(2, 3, **double),  # towers
+              torch.randn(2, 3, 1, **double), torch.randn(2, 1, **double)]
+
+    def fn(x, *p):
+        return small_mixture(x, [p[0]], [p[1]], p[2], p[3], [p[4], p[6]], [p[5], p[7]], towers_shared=False, temperature=1.5)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_module_path_where_the_small_mixture_does_not_apply():
+    torch.manual_seed(5)
+    x = torch.randn(4, 6)
+    assert not build_model("mmoe", input_dim=6, tasks=TASKS, activation="gelu").takes_small_mixture_path(x)
+    assert not build_model("mmoe", input_dim=6, tasks=TASKS, dropout=0.1).takes_small_mixture_path(x)
+    assert not build_model("mmoe", input_dim=6, tasks=TASKS, norm="layer").takes_small_mixture_path(x)
+    assert not build_model("ple", input_dim=6, tasks=TASKS, num_levels=2).takes_small_mixture_path(x)
+    large = build_model("mmoe", input_dim=6, tasks=TASKS, num_experts=8, expert_hidden=(256,))
+    assert not large.takes_small_mixture_path(torch.randn(1024, 6))  # 2 M activations: the GEMMs dominate
+    assert large.takes_small_mixture_path(torch.randn(8, 6))
+    model = build_model("mmoe", input_dim=6, tasks=TASKS)
+    assert model.takes_small_mixture_path(x)
+    model.small_mixture = False
+    assert not model.takes_small_mixture_path(x)
+
+
+def test_gate_recording_and_hooks_take_the_module_path():
+    torch.manual_seed(6)
+    model = build_model("mmoe", input_dim=6, tasks=TASKS)
+    x = torch.randn(4, 6)
+    with model.recording_gates() as gate_weights:
+        assert not model.takes_small_mixture_path(x)
+        model(x)
+    assert gate_weights["gates"].shape == (4, 3, 8)
+    seen = []
+    handle = model.experts.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    model(x)
+    handle.remove()
+    assert seen == [(4, 8, 16)]
