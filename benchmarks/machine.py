@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -21,6 +23,28 @@ def _best_seconds(fn, repeats: int, rounds: int = 5) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / repeats)
     return best
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its per-core L2 and shared L3 sizes, as Linux reports them.
+
+    The ratios to the reference libraries move with the hardware (W1's with the per-operator cost,
+    W2's with the GEMMs), so a result is only comparable with another taken on the same CPU.
+    """
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        caches = []
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            level = (index / "level").read_text().strip()
+            if level in ("2", "3"):
+                caches.append(f"L{level} {(index / 'size').read_text().strip()}")
+    except OSError:  # not Linux
+        caches = []
+    return ", ".join([name, *caches])
 
 
 def matmul_peak_gflops(m: int = 2048, k: int = 512, n: int = 2048) -> float:

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.libraries import LIBRARIES, available, build_mtlkit
-from benchmarks.machine import gemm_seconds, matmul_peak_gflops, step_profile
+from benchmarks.machine import cpu_description, gemm_seconds, matmul_peak_gflops, step_profile
 from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         variants.insert(1, ("mtlkit", True))
 
     peak = matmul_peak_gflops()
-    console.print(f"matmul peak ([2048x512]@[512x2048], {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+    cpu = cpu_description()
+    console.print(f"matmul peak ([2048x512]@[512x2048], {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s on {cpu}")
+    report = {"machine": {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "matmul_peak_gflops": peak},
               "settings": vars(args), "results": []}
     started = time.perf_counter()
