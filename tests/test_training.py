@@ -142,6 +142,25 @@ def test_non_finite_inputs_and_labels_are_clear_errors():
         MultiTaskTensors(torch.randn(10, 3), y, ["a"])
 
 
+def test_finiteness_is_checked_chunk_by_chunk(monkeypatch):
+    """The checks scan rows in chunks (no temporary as large as the table): a bad value in a later
+    chunk is still found, at its own row and column, and NaN labels stay allowed."""
+    import mtlkit.data.tensors as tensors
+
+    monkeypatch.setattr(tensors, "_CHECK_VALUES", 6)  # 2 rows of 3 values per chunk
+    x = torch.randn(10, 3)
+    x[9, 1] = float("-inf")
+    with pytest.raises(DataError, match=r"row 9, column \[1\]"):
+        MultiTaskTensors(x, torch.zeros(10, 1), ["a"])
+    y = torch.zeros(10, 2)
+    y[1, 0] = float("nan")
+    y[6, 1] = float("inf")
+    with pytest.raises(DataError, match="task 'b'.*row 6"):
+        MultiTaskTensors(torch.randn(10, 3), y, ["a", "b"])
+    y[6, 1] = float("nan")
+    assert MultiTaskTensors(torch.randn(10, 3), y, ["a", "b"]).label_mask.sum() == 18
+
+
 def test_binary_labels_out_of_range():
     data = MultiTaskTensors(torch.randn(10, 3), torch.full((10, 1), 2.0), ["click"])
     model = build_model("shared_bottom", input_dim=3, tasks=[TaskSpec("click", "binary")])

@@ -32,6 +32,25 @@ def _num_rows(inputs: Inputs) -> int:
     return next(iter(sizes.values()))
 
 
+# Rows per chunk of the finiteness checks: isfinite on a float tensor makes temporaries as large as
+# the tensor (an absolute value, two masks), which on a table of 200 MB set the peak memory of a
+# whole training run; per chunk of 2**22 values they stay below 17 MB.
+_CHECK_VALUES = 1 << 22
+
+
+def _first_non_finite(tensor: torch.Tensor, allow_nan: bool = False) -> tuple[int, ...] | None:
+    """Index of the first value that is infinite (or NaN, unless ``allow_nan``), or None; the
+    tensor is scanned in chunks of rows so no full-size temporary is made."""
+    rows = max(1, _CHECK_VALUES // max(1, tensor[0].numel())) if tensor.ndim and tensor.shape[0] else 1
+    for start in range(0, tensor.shape[0] if tensor.ndim else 1, rows):
+        chunk = tensor[start : start + rows] if tensor.ndim else tensor
+        bad = torch.isinf(chunk) if allow_nan else ~torch.isfinite(chunk)
+        if bool(bad.any()):
+            first = bad.nonzero()[0].tolist()
+            return (start + first[0], *first[1:]) if tensor.ndim else ()
+    return None
+
+
 @dataclass
 class Batch:
     """One mini-batch.
@@ -96,13 +115,13 @@ class MultiTaskTensors:
         items = {"inputs": self.inputs} if isinstance(self.inputs, torch.Tensor) else dict(self.inputs)
         for key, tensor in items.items():
             if tensor.is_floating_point():
-                bad = ~torch.isfinite(tensor)
-                if bool(bad.any()):
-                    row, *col = bad.nonzero()[0].tolist()
+                first = _first_non_finite(tensor)
+                if first is not None:
+                    row, *col = first
                     raise DataError(f"{key}: non-finite value (NaN or inf) at row {row}, column {col}; inputs must be finite")
-        infinite = torch.isinf(self.labels)
-        if bool(infinite.any()):
-            row, col = infinite.nonzero()[0].tolist()
+        first = _first_non_finite(self.labels, allow_nan=True)
+        if first is not None:
+            row, col = first
             raise DataError(f"labels of task {self.task_names[col]!r}: infinite value at row {row}; "
                             "labels must be finite numbers (NaN marks a missing label)")
         if self.sample_weight is not None:
