@@ -210,15 +210,16 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     x_val = {k: v[:batch] for k, v in x.items()}
     loaders = DataGenerator(x_window, y[:rows]).generate_dataloader(x_val=x_val, y_val=y[:batch], x_test=x_val,
                                                                     y_test=y[:batch], batch_size=batch)
-    folder = tempfile.mkdtemp(prefix="rechub-bench-")
-    trainer = MTLTrainer(model, task_types=[task_type] * 2, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
-                         n_epoch=1, earlystop_patience=10_000, device="cpu", model_path=folder)
+    # Its trainer saves the model into model_path: a folder that is removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="rechub-bench-") as folder:
+        trainer = MTLTrainer(model, task_types=[task_type] * 2, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
+                             n_epoch=1, earlystop_patience=10_000, device="cpu", model_path=folder)
 
-    def one_window() -> None:
-        with _quiet():
-            trainer.fit(loaders[0], loaders[1])
+        def one_window() -> None:
+            with _quiet():
+                trainer.fit(loaders[0], loaders[1])
 
-    train = _timed_trainer_windows(one_window, rows, windows)
+        train = _timed_trainer_windows(one_window, rows, windows)
     fixed_x = {k: torch.as_tensor(v[:batch]) for k, v in x.items()}
     loss_fn = F.mse_loss if task_type == "regression" else F.binary_cross_entropy
     return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.as_tensor(y[:batch]), loss_fn,
