@@ -175,6 +175,7 @@ def test_frozen_weights_reuse_operands_only_while_the_weights_cannot_change(monk
 
     torch.manual_seed(5)
     model = build_model("ple", input_dim=9, tasks=["a", "b"], num_levels=2, expert_hidden=(6, 5))
+    model.small_mixture = False  # this tiny PLE would run as one batch-last node (models/small_mixture.py)
     for bank in [m for m in model.modules() if isinstance(m, StackedMLP)]:
         bank.FUSED_MIN_ACTIVATIONS = 0
     x = torch.randn(16, 9)

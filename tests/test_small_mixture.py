@@ -6,22 +6,18 @@ import torch
 from mtlkit import TaskSpec
 from mtlkit.models import build_model
 from mtlkit.models.gates import mix_experts
-from mtlkit.models.small_mixture import small_mixture
+from mtlkit.models.small_mixture import MixtureLevel, small_mixture
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "binary"), TaskSpec("c", "regression")]
 
 
-def _parts(model):
-    """The experts, gates and towers of a one-level mixture model."""
-    level = model.levels[0] if hasattr(model, "levels") else model
-    return level.experts, level.gates, model.towers
-
-
 def _module_path(model, x):
     """The forward the small mixture replaces, module by module."""
-    experts, gates, towers = _parts(model)
-    mixed = mix_experts(gates(x), experts(x))
-    return towers(mixed[:, 0] if model.registry_name == "omoe" else mixed)
+    model.small_mixture = False
+    try:
+        return model(x)
+    finally:
+        model.small_mixture = True
 
 
 def _outputs_and_grads(outputs, x, params):
@@ -38,6 +34,10 @@ def _outputs_and_grads(outputs, x, params):
     ("omoe", dict(num_experts=4, expert_hidden=(6, 2), tower_hidden=())),
     ("cgc", dict(num_shared_experts=3, num_task_experts=2, expert_hidden=(6,), tower_hidden=(4,))),
     ("cgc", dict(num_shared_experts=0, num_task_experts=1, expert_hidden=(5, 4), tower_hidden=(3,), gate_temperature=2.0)),
+    ("ple", dict(num_shared_experts=3, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,))),
+    ("ple", dict(num_shared_experts=2, num_task_experts=1, num_levels=3, expert_hidden=(6, 5), tower_hidden=(),
+                 gate_temperature=0.5)),
+    ("ple", dict(num_shared_experts=0, num_task_experts=2, num_levels=2, expert_hidden=(4,), tower_hidden=(3, 2))),
 ])
 def test_small_mixture_equals_the_module_path(name, config):
     """Forward and every gradient (input and parameters), float64, to 1e-12."""
@@ -89,17 +89,25 @@ def test_excluded_gate_entries_get_no_gradient():
     assert (grad[:, excluded] == 0).all() and (grad[:, ~excluded] != 0).any()
 
 
-def test_small_mixture_gradcheck():
+@pytest.mark.parametrize("levels", [1, 2])
+def test_small_mixture_gradcheck(levels):
     torch.manual_seed(4)
     double = dict(dtype=torch.double, requires_grad=True)
     x = torch.randn(5, 4, **double)
-    params = [torch.randn(4, 3 * 2, **double), torch.randn(3, 2, **double),  # 3 experts of width 2
-              torch.randn(4, 2 * 3, **double), torch.randn(2, 3, **double),  # 2 gates over them
-              torch.randn(2, 2, 3, **double), torch.randn(2, 3, **double),  # towers
-              torch.randn(2, 3, 1, **double), torch.randn(2, 1, **double)]
+    # 3 experts of width 2 and 2 gates over them on x; then 3 experts reading the 2 mixtures
+    # (groups 0, 1, 1) and 2 gates; then towers.
+    params = [torch.randn(4, 3 * 2, **double), torch.randn(3, 2, **double), torch.randn(4, 2 * 3, **double), torch.randn(2, 3, **double)]
+    if levels == 2:
+        params += [torch.randn(3, 2, 2, **double), torch.randn(3, 2, **double), torch.randn(2, 2, 3, **double), torch.randn(2, 3, **double)]
+    params += [torch.randn(2, 2, 3, **double), torch.randn(2, 3, **double), torch.randn(2, 3, 1, **double), torch.randn(2, 1, **double)]
+    mask = torch.tensor([[0.0, float("-inf"), 0.0], [0.0, 0.0, 0.0]], dtype=torch.double)
 
     def fn(x, *p):
-        return small_mixture(x, [p[0]], [p[1]], p[2], p[3], [p[4], p[6]], [p[5], p[7]], towers_shared=False, temperature=1.5)
+        stack = [MixtureLevel([p[0]], [p[1]], p[2], p[3], temperature=1.5)]
+        if levels == 2:
+            stack.append(MixtureLevel([p[4]], [p[5]], p[6], p[7], gate_mask=mask, expert_groups=torch.tensor([0, 1, 1])))
+        t = p[4 * levels :]
+        return small_mixture(x, stack, [t[0], t[2]], [t[1], t[3]], towers_shared=False)
 
     assert torch.autograd.gradcheck(fn, (x, *params))
 
@@ -110,7 +118,7 @@ def test_module_path_where_the_small_mixture_does_not_apply():
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, activation="gelu").takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, dropout=0.1).takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, norm="layer").takes_small_mixture_path(x)
-    assert not build_model("ple", input_dim=6, tasks=TASKS, num_levels=2).takes_small_mixture_path(x)
+    assert build_model("ple", input_dim=6, tasks=TASKS, num_levels=2).takes_small_mixture_path(x)
     large = build_model("mmoe", input_dim=6, tasks=TASKS, num_experts=8, expert_hidden=(256,))
     assert not large.takes_small_mixture_path(torch.randn(512, 6))  # 1 M activations: the GEMMs dominate
     assert large.takes_small_mixture_path(torch.randn(8, 6))

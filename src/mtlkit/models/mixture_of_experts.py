@@ -59,11 +59,11 @@ class _MixtureOfExperts(MultiTaskModel):
 
     def takes_small_mixture_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
-        return self.small_mixture and small_mixture_applies(x, self.experts, self.gates, self.towers)
+        return self.small_mixture and small_mixture_applies(x, [(self.experts, self.gates)], self.towers)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.takes_small_mixture_path(x):
-            return small_mixture_outputs(x, self.experts, self.gates, self.towers)
+            return small_mixture_outputs(x, [(self.experts, self.gates)], self.towers)
         mixed = mix_experts(self.gates(x), self.experts(x))  # [B, G, D]
         return self.towers(mixed[:, 0] if self.one_gate else mixed)
 

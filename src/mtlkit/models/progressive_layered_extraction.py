@@ -136,7 +136,7 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
     """
 
     config_class = PLEConfig
-    # One level of small ReLU experts (CGC) on the CPU runs as one batch-last autograd node
+    # Levels of small ReLU experts on the CPU run as one batch-last autograd node
     # (models/small_mixture.py); False keeps the module-by-module path.
     small_mixture: bool = True
 
@@ -153,15 +153,15 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
     def takes_small_mixture_path(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`):
-        one level only."""
-        if not self.small_mixture or len(self.levels) != 1:
-            return False
-        return small_mixture_applies(x, self.levels[0].experts, self.levels[0].gates, self.towers)
+        """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
+        return self.small_mixture and small_mixture_applies(x, self._mixture_levels(), self.towers)
+
+    def _mixture_levels(self) -> list:
+        return [(level.experts, level.gates) for level in self.levels]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.takes_small_mixture_path(x):
-            return small_mixture_outputs(x, self.levels[0].experts, self.levels[0].gates, self.towers)
+            return small_mixture_outputs(x, self._mixture_levels(), self.towers)
         h = x
         for level in self.levels:
             h = level(h)

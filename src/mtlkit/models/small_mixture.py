@@ -1,4 +1,4 @@
-"""A one-level mixture of small ReLU experts, its gates and its towers as one autograd node, batch-last.
+"""Mixtures of small ReLU experts (one level or PLE's stack), gates and towers as one autograd node, batch-last.
 
 At the MMoE paper's sizes (W1 in ``benchmarks/``: 8 experts of 16 units, 2 gates, towers of 8, a
 batch of 1,024) a training step is about 60 small operators and autograd nodes, each costing a
@@ -12,7 +12,8 @@ Here every activation is stored features x batch, ``(stacks, width, B)``:
   gates one ``addmm``; the softmax over a gate's experts a reduction over an outer dimension,
   vectorised along the batch;
 * the mixing ``M[g] = sum_e P[g, e] * H[e]`` is one broadcast multiply and one sum, both along the
-  batch;
+  batch; above PLE's first level, expert ``e`` reads mixture ``groups[e]`` of the level below (a
+  gather of a few ``(D, B)`` blocks, one ``baddbmm``) and gate ``g`` mixture ``g``;
 * the towers are ``baddbmm`` on ``(K, width, B)``, and the heads' output ``(K, out, B)`` is the
   contiguous ``(K, B)`` block the losses read;
 * the backward is written out: each weight gradient is one GEMM that writes the parameter's stored
@@ -32,7 +33,7 @@ batch-major layouts suit them (from there on the fused path, :mod:`mtlkit.models
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from mtlkit.models.gates import GateBank
     from mtlkit.models.towers import TaskTowers
 
-__all__ = ["SMALL_MIXTURE_MAX_ACTIVATIONS", "small_mixture", "small_mixture_applies", "small_mixture_outputs"]
+__all__ = ["SMALL_MIXTURE_MAX_ACTIVATIONS", "MixtureLevel", "small_mixture", "small_mixture_applies", "small_mixture_outputs"]
 
 # Expert activations (batch x experts x widest layer) up to which a mixture takes this path.
 SMALL_MIXTURE_MAX_ACTIVATIONS = 1 << 19
@@ -88,55 +89,71 @@ def _layer_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, s
     return grad_h, grad_weight, grad_bias
 
 
+class MixtureLevel(NamedTuple):
+    """The parameters of one extraction level in their stored layouts (see :func:`small_mixture`)."""
+
+    expert_weights: Sequence[torch.Tensor]
+    expert_biases: Sequence[torch.Tensor]
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
+    gate_mask: torch.Tensor | None = None
+    expert_groups: torch.Tensor | None = None
+    temperature: float = 1.0
+
+
 class _SmallMixture(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, num_expert_layers, towers_shared, temperature, gate_mask, *params):
-        expert_params = params[: 2 * num_expert_layers]
-        gate_weight, gate_bias = params[2 * num_expert_layers : 2 * num_expert_layers + 2]
-        tower_params = params[2 * num_expert_layers + 2 :]
-        xt = x.t()
-        # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output.
-        expert_outputs = []
-        h = xt
-        for i in range(num_expert_layers):
-            h = _layer(h, expert_params[2 * i], expert_params[2 * i + 1], shared=i == 0).relu_()
-            expert_outputs.append(h)
-        num_experts = h.shape[0]
-        bias = gate_bias if gate_mask is None else gate_bias + gate_mask
-        logits = torch.addmm(bias.view(-1, 1), gate_weight.t(), xt).view(-1, num_experts, x.shape[0])
-        if temperature != 1.0:
-            logits = logits / temperature
-        gates = torch.softmax(logits, dim=1)  # (G, E, B)
-        mixed = (gates.unsqueeze(2) * h).sum(1)  # (G, D, B)
+    def forward(ctx, x, structure, *params):
+        levels, towers_shared = structure  # per level: (expert layers, gate mask, expert groups, temperature)
+        saved: list[torch.Tensor] = []  # per level: [its input, above the first], expert outputs, gates
+        h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
+        p = 0
+        for level, (num_layers, gate_mask, groups, temperature) in enumerate(levels):
+            first = level == 0
+            if not first:
+                saved.append(h)
+            # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
+            # first level expert e reads input groups[e]: a gather of a few small blocks.
+            out = h if first else h.index_select(0, groups)
+            for i in range(num_layers):
+                out = _layer(out, params[p + 2 * i], params[p + 2 * i + 1], shared=first and i == 0).relu_()
+                saved.append(out)
+            gate_weight, gate_bias = params[p + 2 * num_layers], params[p + 2 * num_layers + 1]
+            p += 2 * num_layers + 2
+            bias = gate_bias if gate_mask is None else gate_bias + gate_mask
+            logits = _layer(h if first else h[: bias.shape[0]], gate_weight, bias, shared=first)
+            if temperature != 1.0:
+                logits = logits / temperature
+            gates = torch.softmax(logits, dim=1)  # (G, E, B)
+            saved.append(gates)
+            h = (gates.unsqueeze(2) * out).sum(1)  # (G, D, B)
         # Towers: all tasks on one gate's mixture (OMoE: a shared first layer), or task k on gate k's.
-        tower_inputs = [mixed[0] if towers_shared else mixed]
-        num_tower_layers = len(tower_params) // 2
+        tower_inputs = [h[0] if towers_shared else h]
+        num_tower_layers = (len(params) - p) // 2
         for i in range(num_tower_layers):
-            h = _layer(tower_inputs[-1], tower_params[2 * i], tower_params[2 * i + 1], shared=towers_shared and i == 0)
+            out = _layer(tower_inputs[-1], params[p + 2 * i], params[p + 2 * i + 1], shared=towers_shared and i == 0)
             if i < num_tower_layers - 1:
-                h.relu_()
-            tower_inputs.append(h)
+                out.relu_()
+            tower_inputs.append(out)
         out = tower_inputs.pop()
-        ctx.num_expert_layers, ctx.towers_shared, ctx.temperature = num_expert_layers, towers_shared, temperature
-        ctx.save_for_backward(x, gates, *expert_outputs, *tower_inputs, *params)
+        ctx.structure, ctx.num_saved, ctx.level_params = structure, len(saved), p
+        ctx.save_for_backward(x, *saved, *tower_inputs, *params)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        num_expert_layers, towers_shared = ctx.num_expert_layers, ctx.towers_shared
-        x, gates, *saved = ctx.saved_tensors
-        expert_outputs, saved = saved[:num_expert_layers], saved[num_expert_layers:]
-        num_params = len(ctx.needs_input_grad) - 5
-        tower_inputs, params = saved[: len(saved) - num_params], saved[len(saved) - num_params :]
-        needs = ctx.needs_input_grad[5:]
-        num_tower_layers = len(tower_inputs)
+        levels, towers_shared = ctx.structure
+        x, *rest = ctx.saved_tensors
+        saved, rest = rest[: ctx.num_saved], rest[ctx.num_saved :]
+        num_params = len(ctx.needs_input_grad) - 2
+        tower_inputs, params = rest[: len(rest) - num_params], rest[len(rest) - num_params :]
+        needs = ctx.needs_input_grad[2:]
         grads: list[torch.Tensor | None] = [None] * num_params
-        first_tower = 2 * num_expert_layers + 2
         # Towers, last layer first; every layer below the head was ReLU'd in place.
         grad = grad_out
-        for i in range(num_tower_layers - 1, -1, -1):
-            p = first_tower + 2 * i
+        for i in range(len(tower_inputs) - 1, -1, -1):
+            p = ctx.level_params + 2 * i
             grad_h, grads[p], grads[p + 1] = _layer_backward(
                 grad, tower_inputs[i], params[p], shared=towers_shared and i == 0,
                 needs_input=True, needs_params=needs[p] or needs[p + 1])
@@ -144,100 +161,121 @@ class _SmallMixture(torch.autograd.Function):
                 _relu_grad_(grad_h, tower_inputs[i])
             grad = grad_h
         grad_mixed = grad.unsqueeze(0) if towers_shared else grad  # (G, D, B)
-        experts = expert_outputs[-1]
-        # Mixing: d gates[g, e] = <d mixed[g], experts[e]> over D; d experts[e] = sum_g gates[g, e] d mixed[g].
-        grad_gates = (grad_mixed.unsqueeze(1) * experts).sum(2)
-        grad_experts = gates[0].unsqueeze(1) * grad_mixed[0]
-        for g in range(1, gates.shape[0]):
-            grad_experts.addcmul_(gates[g].unsqueeze(1), grad_mixed[g])
-        grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
-        if ctx.temperature != 1.0:
-            grad_logits = grad_logits / ctx.temperature
-        flat_logits = grad_logits.view(-1, x.shape[0])
-        p = 2 * num_expert_layers
-        xt = x.t()
-        needs_x = ctx.needs_input_grad[0]
-        if needs[p] or needs[p + 1]:
-            grads[p] = torch.mm(xt, flat_logits.t())
-            grads[p + 1] = flat_logits.sum(1).view_as(params[p + 1])
-        # Experts, last layer first.
-        grad = _relu_grad_(grad_experts, experts)
-        grad_x = None
-        for i in range(num_expert_layers - 1, -1, -1):
-            below = xt if i == 0 else expert_outputs[i - 1]
-            grad_h, grads[2 * i], grads[2 * i + 1] = _layer_backward(
-                grad, below, params[2 * i], shared=i == 0, needs_input=i > 0 or needs_x,
-                needs_params=needs[2 * i] or needs[2 * i + 1])
-            if i > 0:
-                grad = _relu_grad_(grad_h, expert_outputs[i - 1])
-            else:
-                grad_x = grad_h
-        if needs_x:
-            # (in, B) from both the experts and the gates, handed back batch-major.
-            grad_x = torch.addmm(grad_x, params[p], flat_logits).t()
-        return (grad_x, None, None, None, None, *grads)
+        # Levels, last first: each turns the gradient of its mixture into that of its input.
+        p, k = ctx.level_params, ctx.num_saved
+        for level in range(len(levels) - 1, -1, -1):
+            num_layers, _, groups, temperature = levels[level]
+            first = level == 0
+            p -= 2 * num_layers + 2
+            k -= num_layers + 1 + (not first)
+            h = x.t() if first else saved[k]
+            outputs = saved[k + (not first) : k + (not first) + num_layers]
+            gates = saved[k + (not first) + num_layers]
+            experts = outputs[-1]
+            # Mixing: d gates[g, e] = <d mixed[g], experts[e]> over D; d experts[e] = sum_g gates[g, e] d mixed[g].
+            grad_gates = (grad_mixed.unsqueeze(1) * experts).sum(2)
+            grad_experts = gates[0].unsqueeze(1) * grad_mixed[0]
+            for g in range(1, gates.shape[0]):
+                grad_experts.addcmul_(gates[g].unsqueeze(1), grad_mixed[g])
+            grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
+            if temperature != 1.0:
+                grad_logits = grad_logits / temperature
+            needs_input = not first or ctx.needs_input_grad[0]
+            g = p + 2 * num_layers
+            grad_gate_input, grads[g], grads[g + 1] = _layer_backward(
+                grad_logits, h if first else h[: gates.shape[0]], params[g], shared=first,
+                needs_input=needs_input, needs_params=needs[g] or needs[g + 1])
+            # Experts, last layer first.
+            grad = _relu_grad_(grad_experts, experts)
+            for i in range(num_layers - 1, -1, -1):
+                layer_input = outputs[i - 1] if i > 0 else (h if first else h.index_select(0, groups))
+                grad, grads[p + 2 * i], grads[p + 2 * i + 1] = _layer_backward(
+                    grad, layer_input, params[p + 2 * i], shared=first and i == 0,
+                    needs_input=i > 0 or needs_input, needs_params=needs[p + 2 * i] or needs[p + 2 * i + 1])
+                if i > 0:
+                    _relu_grad_(grad, outputs[i - 1])
+            if not needs_input:
+                break
+            if first:
+                # (in, B) from the experts and the gates, handed back batch-major.
+                return (grad.add_(grad_gate_input).t(), None, *grads)
+            # The level below's mixture: each of its outputs gets the gradients of the experts that
+            # read it and of the gate that read it.
+            grad_mixed = torch.zeros_like(h).index_add_(0, groups, grad)
+            grad_mixed[: grad_gate_input.shape[0]] += grad_gate_input
+        return (None, None, *grads)
 
 
 def small_mixture(
     x: torch.Tensor,
-    expert_weights: Sequence[torch.Tensor],
-    expert_biases: Sequence[torch.Tensor],
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor,
+    levels: Sequence[MixtureLevel],
     tower_weights: Sequence[torch.Tensor],
     tower_biases: Sequence[torch.Tensor],
     towers_shared: bool,
-    temperature: float = 1.0,
-    gate_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Experts, softmax gates, gated mixing and per-task towers on a shared input, as one autograd node.
+    """Extraction levels of experts, softmax gates and gated mixing, then per-task towers, as one autograd node.
 
     Experts and tower hidden layers are followed by a ReLU; the towers' last layer is not. The
     parameters are those of :class:`~mtlkit.models.layers.StackedLinear` in their stored layouts.
 
     Args:
         x: ``(B, in)``.
-        expert_weights, expert_biases: per expert layer ``[in, E * D]`` (the first) or ``[E, in, out]``,
-            and ``[E, out]``.
-        gate_weight, gate_bias: ``[in, G * E]`` and ``[G, E]``.
+        levels: one :class:`MixtureLevel` per level (MMoE, OMoE, CGC: one; PLE: ``num_levels``). The
+            first level's experts read ``x``: their first weight is ``[in, E * D]``, deeper ones
+            ``[E, in, out]``, biases ``[E, out]``; its gates ``[in, G * E]`` and ``[G, E]``. Above it,
+            expert ``e`` reads the level below's mixture ``expert_groups[e]`` (every weight
+            ``[E, in, out]``) and gate ``g`` mixture ``g`` (``[G, D, E]``). ``gate_mask`` (``[G, E]``,
+            optional) is added to the gate bias (``-inf`` excludes an expert from a gate).
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
-            ``towers_shared`` (one gate, ``G = 1``, read by every tower) the first is ``[D, K * out]``.
-        temperature: the gates' softmax temperature.
-        gate_mask: optional ``[G, E]`` added to the gate bias (``-inf`` excludes an expert from a gate).
+            ``towers_shared`` (one gate in the last level, ``G = 1``, read by every tower) the first
+            is ``[D, K * out]``.
 
     Returns:
         ``(K, out, B)``: the towers' outputs, batch-last.
     """
     params: list[torch.Tensor] = []
-    for weight, bias in zip(expert_weights, expert_biases):
-        params += [weight, bias]
-    params += [gate_weight, gate_bias]
+    structure = []
+    for level in levels:
+        for weight, bias in zip(level.expert_weights, level.expert_biases):
+            params += [weight, bias]
+        params += [level.gate_weight, level.gate_bias]
+        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature)))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
-    return _SmallMixture.apply(x, len(expert_weights), towers_shared, float(temperature), gate_mask, *params)
+    return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
 
 
-def small_mixture_applies(x: torch.Tensor, experts: "ExpertBank", gates: "GateBank", towers: "TaskTowers") -> bool:
-    """Whether a one-level mixture on input ``x`` can run as :func:`small_mixture`: a CPU batch of a
-    shared input, ReLU experts and towers without norm or dropout, experts small enough (see the
-    module docstring), no gate recording and no forward hooks on the three modules (their
-    submodules' own hooks are not looked at: a model's ``small_mixture = False`` turns the path off)."""
-    return (x.dim() == 2 and x.device.type == "cpu" and experts.fused and towers.net.fused
-            and experts.input_groups is None and gates.linear.shared_input and not gates.record
-            and x.shape[0] * experts.max_activations_per_row <= SMALL_MIXTURE_MAX_ACTIVATIONS
-            and not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in (experts, gates, towers)))
+def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> bool:
+    """Whether mixture levels ``[(experts, gates), ...]`` and towers on input ``x`` can run as
+    :func:`small_mixture`: a CPU batch of a shared input, ReLU experts and towers without norm or
+    dropout, experts small enough (see the module docstring), no gate recording and no forward
+    hooks on the experts, gates or towers (their submodules' own hooks are not looked at: a model's
+    ``small_mixture = False`` turns the path off)."""
+    if x.dim() != 2 or x.device.type != "cpu" or not towers.net.fused:
+        return False
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks or towers._forward_hooks or towers._forward_pre_hooks:
+        return False
+    for level, (experts, gates) in enumerate(levels):
+        first = level == 0
+        if not experts.fused or (experts.input_groups is None) != first or gates.linear.shared_input != first or gates.record:
+            return False
+        if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (experts, gates)):
+            return False
+    return True
 
 
-def small_mixture_outputs(x: torch.Tensor, experts: "ExpertBank", gates: "GateBank", towers: "TaskTowers") -> TaskOutputs:
-    """``towers(mix_experts(gates(x), experts(x)))`` through :func:`small_mixture` (one gate read by
-    every tower when the towers share their input).
+def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> TaskOutputs:
+    """The model's forward through :func:`small_mixture`: levels ``[(experts, gates), ...]``, each
+    ``mix_experts(gates(h), experts(h))``, then ``towers`` (one gate read by every tower when the
+    towers share their input).
 
     Shape: ``(B, in) -> {task: (B, output_dim)}``.
     """
-    out = small_mixture(
-        x, [layer.weight for layer in experts.linears], [layer.bias for layer in experts.linears],
-        gates.linear.weight, gates.linear.bias,
-        [layer.weight for layer in towers.net.linears], [layer.bias for layer in towers.net.linears],
-        towers_shared=towers.net.linears[0].shared_input, temperature=gates.temperature, gate_mask=gates.choice_mask)
+    params = [MixtureLevel([layer.weight for layer in experts.linears], [layer.bias for layer in experts.linears],
+                           gates.linear.weight, gates.linear.bias, gates.choice_mask, experts.input_groups, gates.temperature)
+              for experts, gates in levels]
+    out = small_mixture(x, params, [layer.weight for layer in towers.net.linears], [layer.bias for layer in towers.net.linears],
+                        towers_shared=towers.net.linears[0].shared_input)
     return TaskOutputs(out.transpose(1, 2), towers.task_names, towers.output_dims)
