@@ -24,7 +24,7 @@ It is the same maths as :class:`~mtlkit.models.ExpertBank`, :class:`~mtlkit.mode
 ``mix_experts`` and :class:`~mtlkit.models.TaskTowers` with ReLU and no norm or dropout, on the same
 parameters (nothing about checkpoints changes), summed in another order;
 ``tests/test_small_mixture.py`` checks both paths agree, forward and every gradient. Models use it
-up to :data:`SMALL_MIXTURE_MAX_ACTIVATIONS` expert activations per batch. A training step with
+up to :data:`SMALL_MIXTURE_MAX_ACTIVATIONS` expert activations per level and batch. A training step with
 Adam against the module path (8 experts, 2 gates, towers of 8, alternating in one process, best of
 9): 16 units x 1,024 rows 6-17 % faster, 16 x 4,096 and 64 x 1,024 (524,288 activations) 32-40 %
 faster, 128 x 1,024 and 256 x 512 (1,048,576) 0-6 % slower, where the GEMMs dominate and the
