@@ -39,15 +39,15 @@ _CHECK_VALUES = 1 << 22
 
 
 def _first_non_finite(tensor: torch.Tensor, allow_nan: bool = False) -> tuple[int, ...] | None:
-    """Index of the first value that is infinite (or NaN, unless ``allow_nan``), or None; the
-    tensor is scanned in chunks of rows so no full-size temporary is made."""
-    rows = max(1, _CHECK_VALUES // max(1, tensor[0].numel())) if tensor.ndim and tensor.shape[0] else 1
-    for start in range(0, tensor.shape[0] if tensor.ndim else 1, rows):
-        chunk = tensor[start : start + rows] if tensor.ndim else tensor
+    """Index of the first value of a ``(N, ...)`` tensor that is infinite (or NaN, unless
+    ``allow_nan``), or None; scanned in chunks of rows, so no full-size temporary is made."""
+    rows = max(1, _CHECK_VALUES // max(1, tensor[0].numel())) if len(tensor) else 1
+    for start in range(0, len(tensor), rows):
+        chunk = tensor[start : start + rows]
         bad = torch.isinf(chunk) if allow_nan else ~torch.isfinite(chunk)
         if bool(bad.any()):
-            first = bad.nonzero()[0].tolist()
-            return (start + first[0], *first[1:]) if tensor.ndim else ()
+            row, *rest = bad.nonzero()[0].tolist()
+            return (start + row, *rest)
     return None
 
 
