@@ -39,6 +39,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
+from mtlkit.models.fused_mlp import _relu_grad_
 from mtlkit.tasks import TaskOutputs
 
 if TYPE_CHECKING:
@@ -50,11 +51,6 @@ __all__ = ["SMALL_MIXTURE_MAX_ACTIVATIONS", "MixtureLevel", "small_mixture", "sm
 
 # Expert activations (batch x experts x widest layer) up to which a mixture takes this path.
 SMALL_MIXTURE_MAX_ACTIVATIONS = 1 << 19
-
-
-def _relu_grad_(grad: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
-    """``grad * (activated > 0)`` written into ``grad``."""
-    return torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
 
 
 def _layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
