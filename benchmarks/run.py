@@ -44,9 +44,10 @@ def _measure(spec: dict) -> dict:
 
 
 def _roofline(workload_name: str, model_name: str, batch_size: int | None) -> dict:
-    """FLOPs per training sample and GEMM-only time of one mtlkit training step."""
+    """FLOPs per sample and GEMM-only bound of one mtlkit training step and of one inference batch."""
     import dataclasses
 
+    from mtlkit.models import frozen_weights
     from mtlkit.objectives import FixedWeighting, task_losses
 
     workload = WORKLOADS[workload_name]
@@ -66,6 +67,19 @@ def _roofline(workload_name: str, model_name: str, batch_size: int | None) -> di
     captured["gemm_seconds_per_step"] = gemm_seconds(calls)
     captured["gemm_bound_samples_per_s"] = workload.batch_size / captured["gemm_seconds_per_step"]
     captured["gemm_calls_per_step"] = len(calls)
+
+    # Inference has a roofline of its own (a third of the training FLOPs): where a reference
+    # already runs near it, no implementation of the same maths can be much faster.
+    model.eval()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            model(batch.inputs)
+
+    with frozen_weights():  # as the suite's inference is timed
+        flops, calls = step_profile(infer)
+    captured["inference_flops_per_sample"] = flops / workload.batch_size
+    captured["inference_gemm_bound_samples_per_s"] = workload.batch_size / gemm_seconds(calls)
     return captured
 
 
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         for model_name in [m for m in models if m in workload.models]:
             roof = _roofline(workload_name, model_name, batch_size)
             roof["roofline_samples_per_s"] = peak * 1e9 / roof["flops_per_sample"]
+            roof["inference_roofline_samples_per_s"] = peak * 1e9 / roof["inference_flops_per_sample"]
             # Window length from the GEMM bound: about window_seconds at a third of it.
             steps = 2 if args.tiny else max(5, int(args.window_seconds * roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size))
             entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps, "libraries": {}}
@@ -150,6 +165,9 @@ def _summarise_entry(entry: dict) -> None:
         entry["trainer_share_of_roofline"] = ours["trainer_median"] / entry["roofline_samples_per_s"]
         entry["trainer_share_of_gemm_bound"] = ours["trainer_median"] / entry["gemm_bound_samples_per_s"]
         entry["trainer_share_of_model_alone"] = ours["trainer_median"] / ours["model_alone_median"]
+    for slot in entry["libraries"].values():
+        if "inference_median" in slot:
+            slot["inference_share_of_roofline"] = slot["inference_median"] / entry["inference_roofline_samples_per_s"]
         for name, slot in entry["libraries"].items():
             if name != "mtlkit" and "trainer_median" in slot:
                 entry[f"ratio_vs_{name}"] = {k: ours[f"{k}_median"] / slot[f"{k}_median"] for k in KINDS}
@@ -158,35 +176,42 @@ def _summarise_entry(entry: dict) -> None:
 
 def _print_entry(entry: dict) -> None:
     table = Table(title=f"{entry['workload']} {entry['model']}: {entry['flops_per_sample'] / 1e3:.1f} kFLOP/sample (train), "
-                        f"roofline {entry['roofline_samples_per_s']:,.0f}/s, GEMM-only bound {entry['gemm_bound_samples_per_s']:,.0f}/s")
-    for column in ("library", "trainer samples/s (median, min-max)", "model alone", "inference", "peak RSS MB"):
+                        f"roofline {entry['roofline_samples_per_s']:,.0f}/s, GEMM-only bound {entry['gemm_bound_samples_per_s']:,.0f}/s; "
+                        f"inference {entry['inference_flops_per_sample'] / 1e3:.1f} kFLOP/sample, roofline "
+                        f"{entry['inference_roofline_samples_per_s']:,.0f}/s, GEMM-only bound {entry['inference_gemm_bound_samples_per_s']:,.0f}/s")
+    for column in ("library", "trainer samples/s (median, min-max)", "model alone", "inference", "inference % roofline",
+                   "peak RSS MB"):
         table.add_column(column, justify="right" if column != "library" else "left")
     for name, slot in entry["libraries"].items():
         if "trainer_median" not in slot:
-            table.add_row(name, slot.get("error", "no result"), "", "", "")
+            table.add_row(name, slot.get("error", "no result"), "", "", "", "")
             continue
         table.add_row(name, f"{slot['trainer_median']:,.0f} ({slot['trainer_min']:,.0f}-{slot['trainer_max']:,.0f})",
-                      f"{slot['model_alone_median']:,.0f}", f"{slot['inference_median']:,.0f}", f"{slot['peak_rss_mb_max']:.0f}")
+                      f"{slot['model_alone_median']:,.0f}", f"{slot['inference_median']:,.0f}",
+                      f"{100 * slot['inference_share_of_roofline']:.0f}%", f"{slot['peak_rss_mb_max']:.0f}")
     console.print(table)
 
 
 def _print_summary(report: dict) -> None:
     table = Table(title="mtlkit relative to the references (ratios of medians; RSS: lower is better)")
     for column in ("workload", "model", "trainer /s", "% roofline", "% GEMM bound", "trainer/model alone",
-                   "train x rechub", "train x deepctr", "infer x best ref", "RSS / best ref"):
+                   "train x rechub", "train x deepctr", "infer x best ref", "infer % roofline (best ref)", "RSS / best ref"):
         table.add_column(column, justify="right")
     for e in report["results"]:
         ours = e["libraries"].get("mtlkit", {})
         if "trainer_median" not in ours:
             continue
         refs = {n: s for n, s in e["libraries"].items() if n in ("torch_rechub", "deepctr_torch") and "trainer_median" in s}
-        best_infer = max((s["inference_median"] for s in refs.values()), default=None)
+        best_ref = max(refs.values(), key=lambda s: s["inference_median"], default=None)
+        best_infer = best_ref and best_ref["inference_median"]
         best_rss = min((s["peak_rss_mb_max"] for s in refs.values()), default=None)
         cell = lambda name: f"{e[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in e else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
         table.add_row(e["workload"], e["model"], f"{ours['trainer_median']:,.0f}", f"{100 * e['trainer_share_of_roofline']:.0f}%",
                       f"{100 * e['trainer_share_of_gemm_bound']:.0f}%", f"{100 * e['trainer_share_of_model_alone']:.0f}%",
                       cell("torch_rechub"), cell("deepctr_torch"),
                       f"{ours['inference_median'] / best_infer:.2f}x" if best_infer else "-",
+                      f"{100 * ours['inference_share_of_roofline']:.0f}%"
+                      + (f" ({100 * best_ref['inference_share_of_roofline']:.0f}%)" if best_ref else ""),
                       f"{ours['peak_rss_mb_max'] / best_rss:.2f}" if best_rss else "-")
     console.print(table)
 

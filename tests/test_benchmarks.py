@@ -20,8 +20,12 @@ def test_benchmark_suite_runs_on_a_tiny_size(tmp_path):
     assert entry["workload"] == "W2" and entry["model"] == "mmoe"
     # The analytic cost of W2's MMoE: 3 x forward GEMM FLOPs, about 5.03 MFLOP per training sample.
     assert abs(entry["flops_per_sample"] - 5.03e6) / 5.03e6 < 0.02
+    # Inference is the forward alone: a third of that (backward = 2 x forward for every GEMM).
+    assert abs(entry["inference_flops_per_sample"] - 5.03e6 / 3) / (5.03e6 / 3) < 0.02
+    assert 0 < entry["inference_gemm_bound_samples_per_s"] < entry["inference_roofline_samples_per_s"] * 1.5
     ours = entry["libraries"]["mtlkit"]
     assert ours["trainer_median"] > 0 and ours["inference_median"] > 0 and ours["peak_rss_mb_max"] > 0
+    assert ours["inference_share_of_roofline"] == ours["inference_median"] / entry["inference_roofline_samples_per_s"]
     assert report["machine"]["matmul_peak_gflops"] > 0
     assert report["machine"]["cpu"]  # results are comparable only on the same CPU
 
