@@ -75,7 +75,6 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
 
 def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
                    compile_model: bool = False) -> dict[str, list[float]]:
-    from mtlkit.models import frozen_weights
     from mtlkit.objectives import FixedWeighting, task_losses
     from mtlkit.training import Trainer, TrainerConfig
     from mtlkit.training.optimizer import build_adam
@@ -122,10 +121,7 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
         with torch.inference_mode():
             model(fixed.inputs)
 
-    # Batches served by one model whose weights do not change, as ``evaluate`` runs them: the fused
-    # experts' GEMM operands are prepared once, not per batch.
-    with frozen_weights():
-        infer = _windows(infer_step, batch, windows, steps, warmup)
+    infer = _windows(infer_step, batch, windows, steps, warmup)
     return {"trainer": train, "model_alone": alone, "inference": infer}
 
 

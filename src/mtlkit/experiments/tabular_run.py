@@ -26,7 +26,7 @@ from mtlkit.data.schema import TableSchema, infer_schema
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
-from mtlkit.models import TabularMultiTaskModel, build_model, frozen_weights, model_config
+from mtlkit.models import TabularMultiTaskModel, build_model, model_config
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
 from mtlkit.training.distributed import barrier, is_main_process
@@ -297,8 +297,7 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
             if writer is not None:
                 writer.close()
 
-    with frozen_weights():  # the batches of every chunk reuse the fused experts' prepared weights
-        atomic_write(out_file, write)
+    atomic_write(out_file, write)
     return {"rows": rows, "out": str(out_file), "out_of_vocabulary": unseen}
 
 

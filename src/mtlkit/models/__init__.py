@@ -11,7 +11,6 @@ from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
 from mtlkit.models.esmm import ESMMConfig, EntireSpaceMultiTaskModel, esmm_tasks
 from mtlkit.models.budget import count_model_parameters, match_parameter_budget
 from mtlkit.models.experts import ExpertBank
-from mtlkit.models.fused_mlp import frozen_weights
 from mtlkit.models.gates import GateBank, mix_experts
 from mtlkit.models.layers import MLP, StackedLinear, StackedMLP
 from mtlkit.models.mixture_of_experts import (
@@ -31,7 +30,7 @@ from mtlkit.models.single_task import SingleTaskConfig, SingleTaskModel
 from mtlkit.models.tabular import TabularMultiTaskModel
 
 __all__ = [
-    "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "mix_experts", "frozen_weights",
+    "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "mix_experts",
     "ModelConfig", "MultiTaskModel", "register_model", "build_model", "list_models", "get_model_class",
     "model_config", "count_model_parameters", "match_parameter_budget",
     "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",

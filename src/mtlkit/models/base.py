@@ -12,7 +12,6 @@ from torch import nn
 
 from mtlkit.configuration import check_count, check_sizes, from_mapping
 from mtlkit.errors import ConfigError
-from mtlkit.models.fused_mlp import frozen_weights
 from mtlkit.models.gates import GateBank
 from mtlkit.models.layers import ACTIVATIONS, NORMS
 from mtlkit.tasks import TaskSpec, validate_tasks
@@ -117,8 +116,7 @@ class MultiTaskModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with frozen_weights():
-                outputs = self(x)
+            outputs = self(x)
             return {t.name: t.task_type.predict(outputs[t.name]) for t in self.tasks}
         finally:
             self.train(was_training)

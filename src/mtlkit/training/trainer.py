@@ -22,7 +22,6 @@ from torch import nn
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.models import frozen_weights
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
 from mtlkit.training.metrics import group_auc, task_metrics
@@ -205,11 +204,10 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
     model.eval()
     try:
         chunks: dict[str, list[torch.Tensor]] = {t.name: [] for t in tasks}
-        with frozen_weights():
-            for batch in data.batches(batch_size):
-                outputs = model(map_inputs(batch.inputs, lambda t: t.to(device)))
-                for name in chunks:
-                    chunks[name].append(outputs[name].float().cpu())
+        for batch in data.batches(batch_size):
+            outputs = model(map_inputs(batch.inputs, lambda t: t.to(device)))
+            for name in chunks:
+                chunks[name].append(outputs[name].float().cpu())
         outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
         losses = task_losses(outputs, data.labels, data.label_mask, tasks, data.sample_weight)
         metrics = task_metrics(outputs, data.labels, data.label_mask, tasks)
