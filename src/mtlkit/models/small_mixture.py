@@ -101,16 +101,16 @@ class _SmallMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, structure, *params):
         levels, towers_shared = structure  # per level: (expert layers, gate mask, expert groups, temperature)
-        saved: list[torch.Tensor] = []  # per level: [its input, above the first], expert outputs, gates
+        saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
         for level, (num_layers, gate_mask, groups, temperature) in enumerate(levels):
             first = level == 0
-            if not first:
-                saved.append(h)
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
             out = h if first else h.index_select(0, groups)
+            if not first:
+                saved += [h, out]
             for i in range(num_layers):
                 out = _layer(out, params[p + 2 * i], params[p + 2 * i + 1], shared=first and i == 0).relu_()
                 saved.append(out)
@@ -163,10 +163,12 @@ class _SmallMixture(torch.autograd.Function):
             num_layers, _, groups, temperature = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2
-            k -= num_layers + 1 + (not first)
+            above = 2 * (not first)  # the saved input and gathered input of a level above the first
+            k -= num_layers + 1 + above
             h = x.t() if first else saved[k]
-            outputs = saved[k + (not first) : k + (not first) + num_layers]
-            gates = saved[k + (not first) + num_layers]
+            expert_input = h if first else saved[k + 1]
+            outputs = saved[k + above : k + above + num_layers]
+            gates = saved[k + above + num_layers]
             experts = outputs[-1]
             # Mixing: d gates[g, e] = <d mixed[g], experts[e]> over D; d experts[e] = sum_g gates[g, e] d mixed[g].
             grad_gates = (grad_mixed.unsqueeze(1) * experts).sum(2)
@@ -184,7 +186,7 @@ class _SmallMixture(torch.autograd.Function):
             # Experts, last layer first.
             grad = _relu_grad_(grad_experts, experts)
             for i in range(num_layers - 1, -1, -1):
-                layer_input = outputs[i - 1] if i > 0 else (h if first else h.index_select(0, groups))
+                layer_input = outputs[i - 1] if i > 0 else expert_input
                 grad, grads[p + 2 * i], grads[p + 2 * i + 1] = _layer_backward(
                     grad, layer_input, params[p + 2 * i], shared=first and i == 0,
                     needs_input=i > 0 or needs_input, needs_params=needs[p + 2 * i] or needs[p + 2 * i + 1])
