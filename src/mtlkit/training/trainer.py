@@ -24,6 +24,7 @@ from mtlkit.data.tensors import MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
+from mtlkit.training.memory import keep_freed_memory
 from mtlkit.training.metrics import group_auc, task_metrics
 from mtlkit.training.optimizer import build_adam
 from mtlkit.training.progress import progress_bar
@@ -57,6 +58,9 @@ class TrainerConfig:
         compile: run the training forward through ``torch.compile``; falls back to eager (with a
             warning) when compilation is unavailable or fails. Off by default: on 2 CPU cores it did
             not pay for its compile time on the benchmark workloads (docs/performance.md).
+        keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
+            instead of returning it to the kernel and page-faulting it back
+            (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
     """
 
     learning_rate: float = 1e-3
@@ -77,6 +81,7 @@ class TrainerConfig:
     weighting_options: dict = field(default_factory=dict)
     device: str = "auto"
     compile: bool = False
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(key: str, value: Any, optional: bool = False) -> None:
@@ -95,7 +100,7 @@ class TrainerConfig:
         positive_int("max_epochs", self.max_epochs, optional=True)
         positive_int("eval_every", self.eval_every, optional=True)
         positive_int("patience", self.patience, optional=True)
-        for key in ("restore_best", "progress", "compile"):
+        for key in ("restore_best", "progress", "compile", "keep_freed_memory"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"training.{key}: expected true or false, got {getattr(self, key)!r}")
         if self.max_steps is None and self.max_epochs is None:
@@ -239,6 +244,8 @@ class Trainer:
     def __init__(self, model: nn.Module, config: TrainerConfig | Mapping[str, Any] | None = None,
                  weighting: LossWeighting | None = None) -> None:
         self.config = config if isinstance(config, TrainerConfig) else TrainerConfig.from_dict(dict(config or {}))
+        if self.config.keep_freed_memory:
+            keep_freed_memory()
         self.tasks: tuple[TaskSpec, ...] = tuple(model.tasks)
         self.device = _resolve_device(self.config.device)
         self.model = model.to(self.device)
