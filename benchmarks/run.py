@@ -158,14 +158,12 @@ def _summarise_entry(entry: dict) -> None:
             slot[f"{kind}_median"] = statistics.median(values)
             slot[f"{kind}_min"], slot[f"{kind}_max"] = min(values), max(values)
         slot["peak_rss_mb_max"] = max(slot["peak_rss_mb"])
+        slot["inference_share_of_roofline"] = slot["inference_median"] / entry["inference_roofline_samples_per_s"]
     ours = entry["libraries"].get("mtlkit", {})
     if "trainer_median" in ours:
         entry["trainer_share_of_roofline"] = ours["trainer_median"] / entry["roofline_samples_per_s"]
         entry["trainer_share_of_gemm_bound"] = ours["trainer_median"] / entry["gemm_bound_samples_per_s"]
         entry["trainer_share_of_model_alone"] = ours["trainer_median"] / ours["model_alone_median"]
-    for slot in entry["libraries"].values():
-        if "inference_median" in slot:
-            slot["inference_share_of_roofline"] = slot["inference_median"] / entry["inference_roofline_samples_per_s"]
         for name, slot in entry["libraries"].items():
             if name != "mtlkit" and "trainer_median" in slot:
                 entry[f"ratio_vs_{name}"] = {k: ours[f"{k}_median"] / slot[f"{k}_median"] for k in KINDS}

@@ -30,6 +30,18 @@ def test_benchmark_suite_runs_on_a_tiny_size(tmp_path):
     assert report["machine"]["cpu"]  # results are comparable only on the same CPU
 
 
+def test_summary_of_a_model_mtlkit_failed_on_keeps_the_references():
+    from benchmarks.run import _summarise_entry
+
+    measured = {"trainer": [10.0, 12.0], "model_alone": [20.0, 22.0], "inference": [40.0, 44.0], "peak_rss_mb": [100.0, 90.0]}
+    entry = {"roofline_samples_per_s": 100.0, "gemm_bound_samples_per_s": 50.0, "inference_roofline_samples_per_s": 84.0,
+             "libraries": {"mtlkit": {"trainer": [], "model_alone": [], "inference": [], "peak_rss_mb": [], "error": "boom"},
+                           "torch_rechub": measured}}
+    _summarise_entry(entry)
+    assert entry["libraries"]["torch_rechub"]["inference_share_of_roofline"] == 0.5  # median 42 of 84
+    assert "ratio_vs_torch_rechub" not in entry and "trainer_share_of_roofline" not in entry
+
+
 def test_peak_rss_is_the_measuring_process_own_not_its_parents():
     # Linux's ru_maxrss survives fork + exec: a child of a 400 MB parent would report 400 MB.
     ballast = torch.ones(100_000_000)  # noqa: F841 (400 MB resident in this process)
