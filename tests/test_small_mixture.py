@@ -5,7 +5,6 @@ import torch
 
 from mtlkit import TaskSpec
 from mtlkit.models import build_model
-from mtlkit.models.gates import mix_experts
 from mtlkit.models.small_mixture import MixtureLevel, small_mixture
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "binary"), TaskSpec("c", "regression")]

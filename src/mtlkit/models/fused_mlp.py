@@ -296,12 +296,12 @@ def stacked_relu_mlp(
     Returns:
         ``(B, S, out)``; a strided view of a stack-major buffer when the last layer is batched.
     """
-    params: list[torch.Tensor] = []
-    for weight, bias in zip(weights, biases):
-        params += [weight, bias]
     group_sizes = (biases[0].shape[0],) if x.dim() == 2 else (tuple(input_group_sizes) if input_group_sizes else None)
     if group_sizes is not None and sum(group_sizes) != biases[0].shape[0]:
         raise ValueError(f"input_group_sizes {group_sizes} must sum to the number of stacks ({biases[0].shape[0]})")
     if not torch.is_grad_enabled():
         return _forward_without_grad(x, weights, biases, activate_last, group_sizes)
+    params: list[torch.Tensor] = []
+    for weight, bias in zip(weights, biases):
+        params += [weight, bias]
     return _StackedReluMLP.apply(x, group_sizes, activate_last, *params)
