@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     from mtlkit.objectives import FixedWeighting, task_losses
+    from mtlkit.training.memory import keep_freed_memory
     from mtlkit.training.optimizer import build_adam
+
+    keep_freed_memory()  # as the trainer does: otherwise large outputs page-fault inside their GEMMs
 
     workload = WORKLOADS[args.workload]
     model, tasks, dataset = build_mtlkit(workload, args.model, make_data(workload, workload.batch_size))
@@ -53,14 +56,17 @@ def main() -> None:
     for func, shapes, strides, seconds in recorder.calls:
         seconds_by_call.setdefault((func, shapes, strides), []).append(seconds)
     in_step_total = isolated_total = 0.0
-    print(f"{'GEMM':<10} {'shapes':<52} {'in step ms':>10} {'alone ms':>9}")
+    # A shape can occur several times per step (one per layer or level): each call counts.
+    print(f"{'GEMM':<10} {'shapes':<52} {'calls':>5} {'in step ms':>10} {'alone ms':>9}")
     for (func, shapes, _), seconds in sorted(seconds_by_call.items(), key=lambda kv: -sum(kv[1])):
-        in_step = sorted(seconds)[len(seconds) // 2]
+        calls_per_step = len(seconds) // args.steps
+        in_step = sorted(seconds)[len(seconds) // 2] * calls_per_step
         operands = [torch.randn(s) for s in shapes]
-        alone = _best_seconds(lambda: func(*operands), 10, rounds=3)
+        alone = _best_seconds(lambda: func(*operands), 10, rounds=3) * calls_per_step
         in_step_total += in_step
         isolated_total += alone
-        print(f"{func.name().split('::')[-1]:<10} {str(list(shapes)):<52} {1e3 * in_step:>10.3f} {1e3 * alone:>9.3f}")
+        print(f"{func.name().split('::')[-1]:<10} {str(list(shapes)):<52} {calls_per_step:>5} "
+              f"{1e3 * in_step:>10.3f} {1e3 * alone:>9.3f}")
     print(f"GEMMs per step: {1e3 * in_step_total:.2f} ms in the step, {1e3 * isolated_total:.2f} ms alone "
           f"(the GEMM-only bound); whole step {1e3 * step_seconds:.2f} ms.")
     print(f"The GEMMs alone, as run in the step, are {100 * isolated_total / in_step_total:.0f} % of the bound; "

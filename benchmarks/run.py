@@ -8,7 +8,8 @@ Each (library, workload, model) is measured in a fresh process (so its peak RSS 
 libraries alternate round by round (A B A B) so machine drift hits all of them alike. The same run
 measures this machine's matmul peak and, for every model, its FLOPs per sample and the time of its
 GEMMs alone, so results are also shown as a share of the roofline and of the GEMM-only bound.
-Results print as a table and are written as JSON.
+Results print as tables and are written as JSON, with issue 4's targets judged on the run
+(``benchmarks/targets.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from benchmarks.libraries import LIBRARIES, available, build_mtlkit
 from benchmarks.machine import cpu_description, gemm_seconds, matmul_peak_gflops, step_profile
+from benchmarks.targets import judge, print_verdicts
 from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
@@ -139,12 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
             report["results"].append(entry)
             _print_entry(entry)
     report["seconds"] = time.perf_counter() - started
+    report["targets"] = judge(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out)
     _print_summary(report)
+    print_verdicts(report["targets"], console)
     console.print(f"wrote {out} ({report['seconds']:.0f} s)")
     return report
 

@@ -84,7 +84,9 @@ class WorkloadData:
 def make_data(workload: Workload, rows: int | None = None, seed: int = 0) -> WorkloadData:
     rows = rows or workload.rows
     rng = np.random.default_rng(seed)
-    dense = rng.standard_normal((rows, workload.num_dense)).astype(np.float32)
+    # Drawn as float32: a float64 draw cast afterwards held 3x the block at once, and for W1's
+    # Shared-Bottom (666,000 rows) that transient set every library's peak RSS alike.
+    dense = rng.standard_normal((rows, workload.num_dense), dtype=np.float32)
     categorical = np.stack([rng.integers(0, v, rows) for v in workload.vocab_sizes], 1) if workload.vocab_sizes \
         else np.zeros((rows, 0), dtype=np.int64)
     signal = dense[:, :2].sum(1) + (categorical[:, 0] if categorical.shape[1] else 0)

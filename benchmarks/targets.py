@@ -1,0 +1,182 @@
+"""Issue 4's targets judged on one run of the suite, with what a missed one would need.
+
+A ratio target (say, W2 PLE training at least 2.2x torch-rechub's) asks for a throughput: the factor
+times the reference's median in the same run. Set against that run's roofline (the measured matmul
+peak spent on the model's FLOPs) and its GEMM-only bound (the model's GEMMs alone, at their real
+shapes), that throughput says how far a miss is from the machine's limits:
+
+* above 100 % of the roofline, no fp32 implementation of the same maths reaches it on this machine
+  at the measured peak ("beyond the roofline": out of reach);
+* above 100 % of the GEMM-only bound, it would need the model's GEMMs to run faster than PyTorch runs
+  them alone at these shapes, before any other work of the step ("beyond the GEMM-only bound");
+* otherwise the miss is the code's.
+
+The suite (``benchmarks.run``) judges every run and stores the verdicts under ``"targets"`` in its
+JSON; a stored run can be judged again:
+
+    python -m benchmarks.targets benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+REFERENCES = ("torch_rechub", "deepctr_torch")
+MIXTURES = ("mmoe", "cgc", "ple")  # "PLE and CGC the same ratios" as MMoE
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets.
+
+    ``measure`` is ``"trainer"`` or ``"inference"`` (mtlkit's median over a reference's: at least
+    ``factor`` times), ``"gemm_bound_share"`` or ``"model_alone_share"`` (mtlkit's trainer as a share
+    of its GEMM-only bound or of its model alone: at least ``factor``), or ``"peak_rss"`` (mtlkit's
+    peak RSS over the reference's: at most ``factor``). ``reference`` names a library, or ``"best"``:
+    the installed reference that did best on that measure. ``models=None`` means every model.
+    """
+
+    workload: str
+    models: tuple[str, ...] | None
+    measure: str
+    factor: float
+    reference: str | None = None
+
+    def describe(self) -> str:
+        reference = "the best reference" if self.reference == "best" else self.reference
+        if self.measure in ("trainer", "inference"):
+            return f"{self.measure} >= {self.factor:g}x {reference}"
+        if self.measure == "peak_rss":
+            return f"peak RSS <= {self.factor:g}x {reference}"
+        what = "GEMM-only bound" if self.measure == "gemm_bound_share" else "model alone"
+        return f"trainer >= {100 * self.factor:.0f} % of {what}"
+
+
+TARGETS = (
+    Target("W1", MIXTURES, "trainer", 4.0, "deepctr_torch"),
+    Target("W1", MIXTURES, "trainer", 8.0, "torch_rechub"),
+    Target("W2", MIXTURES, "gemm_bound_share", 0.8),
+    Target("W2", MIXTURES, "trainer", 1.4, "deepctr_torch"),
+    Target("W2", MIXTURES, "trainer", 2.2, "torch_rechub"),
+    Target("W2", MIXTURES, "inference", 1.3, "best"),
+    Target("W2", ("esmm",), "trainer", 1.5, "best"),
+    Target("W1", None, "model_alone_share", 0.9),
+    Target("W2", None, "model_alone_share", 0.9),
+    Target("W1", None, "peak_rss", 1.0, "best"),
+    Target("W2", None, "peak_rss", 1.0, "best"),
+)
+
+
+def _reference(entry: dict, target: Target) -> tuple[str | None, dict | None, str | None]:
+    """The reference library's name and measured slot, or why there is none."""
+    measured = {name: slot for name, slot in entry["libraries"].items() if name in REFERENCES and "trainer_median" in slot}
+    if target.reference == "best":
+        if not measured:
+            return None, None, "no reference measured"
+        if target.measure == "peak_rss":
+            name = min(measured, key=lambda n: measured[n]["peak_rss_mb_max"])
+        else:
+            name = max(measured, key=lambda n: measured[n][f"{target.measure}_median"])
+        return name, measured[name], None
+    if target.reference in measured:
+        return target.reference, measured[target.reference], None
+    slot = entry["libraries"].get(target.reference)
+    return None, None, f"{target.reference}: {slot['error'][:60]}" if slot and "error" in slot else f"{target.reference} not measured"
+
+
+def judge_entry(entry: dict, target: Target) -> dict:
+    """The verdict of ``target`` on one (workload, model) entry of the suite's report.
+
+    Returns a dict with ``status`` (``"met"``, ``"missed"``, ``"missed: beyond the GEMM-only bound"``,
+    ``"missed: beyond the roofline"`` or ``"not judged: <why>"``), ``measured`` and ``required`` (the
+    ratio or share), and for throughput targets the throughput needed and its shares of the
+    roofline and of the GEMM-only bound, with the reference's own share of the roofline.
+    """
+    verdict = {"workload": entry["workload"], "model": entry["model"], "target": target.describe()}
+    ours = entry["libraries"].get("mtlkit", {})
+    if "trainer_median" not in ours:
+        return {**verdict, "status": f"not judged: mtlkit {ours.get('error', 'not measured')[:60]}"}
+    verdict["required"] = target.factor
+    if target.measure in ("gemm_bound_share", "model_alone_share"):
+        key = "trainer_share_of_gemm_bound" if target.measure == "gemm_bound_share" else "trainer_share_of_model_alone"
+        verdict["measured"] = entry[key]
+        verdict["status"] = "met" if entry[key] >= target.factor else "missed"
+        return verdict
+    name, slot, why_not = _reference(entry, target)
+    if slot is None:
+        return {**verdict, "status": f"not judged: {why_not}"}
+    verdict["reference"] = name
+    if target.measure == "peak_rss":
+        verdict["measured"] = ours["peak_rss_mb_max"] / slot["peak_rss_mb_max"]
+        verdict["status"] = "met" if verdict["measured"] <= target.factor else "missed"
+        return verdict
+    measure = target.measure
+    roofline_key, bound_key = (("roofline_samples_per_s", "gemm_bound_samples_per_s") if measure == "trainer" else
+                               ("inference_roofline_samples_per_s", "inference_gemm_bound_samples_per_s"))
+    needed = target.factor * slot[f"{measure}_median"]
+    verdict |= {
+        "measured": ours[f"{measure}_median"] / slot[f"{measure}_median"],
+        "needed_samples_per_s": needed,
+        "needed_share_of_roofline": needed / entry[roofline_key],
+        "needed_share_of_gemm_bound": needed / entry[bound_key],
+        "reference_share_of_roofline": slot[f"{measure}_median"] / entry[roofline_key],
+    }
+    if verdict["measured"] >= target.factor:
+        verdict["status"] = "met"
+    elif verdict["needed_share_of_roofline"] > 1:
+        verdict["status"] = "missed: beyond the roofline"
+    elif verdict["needed_share_of_gemm_bound"] > 1:
+        verdict["status"] = "missed: beyond the GEMM-only bound"
+    else:
+        verdict["status"] = "missed"
+    return verdict
+
+
+def judge(report: dict, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
+    """Every target's verdict on every (workload, model) of ``report`` it applies to."""
+    verdicts = []
+    for target in targets:
+        for entry in report["results"]:
+            if entry["workload"] == target.workload and (target.models is None or entry["model"] in target.models):
+                verdicts.append(judge_entry(entry, target))
+    return verdicts
+
+
+def print_verdicts(verdicts: list[dict], console: Console) -> None:
+    """The verdicts as a table."""
+    table = Table(title="issue 4's targets on this run (needs: the throughput the target asks for, as a share of "
+                        "the roofline and of the GEMM-only bound; the reference's own share of the roofline)")
+    for column in ("workload", "model", "target", "measured", "status", "needs % roofline", "needs % GEMM bound",
+                   "reference % roofline"):
+        table.add_column(column, justify="left" if column in ("target", "status") else "right")
+    for v in verdicts:
+        measured = v.get("measured")
+        if measured is None:
+            shown = "-"
+        elif "share" in v["target"] or "%" in v["target"]:
+            shown = f"{100 * measured:.0f}%"
+        else:
+            shown = f"{measured:.2f}x"
+        percent = lambda key: f"{100 * v[key]:.0f}%" if key in v else ""  # noqa: E731
+        table.add_row(v["workload"], v["model"], v["target"], shown, v["status"], percent("needed_share_of_roofline"),
+                      percent("needed_share_of_gemm_bound"), percent("reference_share_of_roofline"))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", default="benchmarks/results.json", help="a JSON report of benchmarks.run")
+    args = parser.parse_args(argv)
+    verdicts = judge(json.loads(Path(args.results).read_text()))
+    print_verdicts(verdicts, Console(width=200))
+    return verdicts
+
+
+if __name__ == "__main__":
+    main()
