@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
             roof["inference_roofline_samples_per_s"] = peak * 1e9 / roof["inference_flops_per_sample"]
             # Window length from the GEMM bound: about window_seconds at a third of it.
             steps = 2 if args.tiny else max(5, int(args.window_seconds * roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size))
-            entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps, "libraries": {}}
+            entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps,
+                     "windows_per_round": 1 if args.tiny else args.windows, "libraries": {}}
             for round_index in range(1 if args.tiny else args.rounds):
                 for library, compiled in variants:
                     key = library + (" (compiled)" if compiled else "")
@@ -172,6 +173,17 @@ def _summarise_entry(entry: dict) -> None:
             if name != "mtlkit" and "trainer_median" in slot:
                 entry[f"ratio_vs_{name}"] = {k: ours[f"{k}_median"] / slot[f"{k}_median"] for k in KINDS}
                 entry[f"ratio_vs_{name}"]["peak_rss"] = ours["peak_rss_mb_max"] / slot["peak_rss_mb_max"]
+                entry[f"ratio_vs_{name}_by_round"] = {k: _ratios_by_round(ours[k], slot[k], entry.get("windows_per_round"))
+                                                      for k in KINDS}
+
+
+def _ratios_by_round(ours: list[float], theirs: list[float], windows: int | None) -> list[float]:
+    """Median over median of each A B round: the two libraries measured back to back, so the spread
+    of these ratios shows how much the machine moved within the run."""
+    if not windows or len(ours) != len(theirs) or len(ours) % windows:
+        return []
+    return [statistics.median(ours[i : i + windows]) / statistics.median(theirs[i : i + windows])
+            for i in range(0, len(ours), windows)]
 
 
 def _print_entry(entry: dict) -> None:

@@ -94,9 +94,10 @@ def judge_entry(entry: dict, target: Target) -> dict:
     """The verdict of ``target`` on one (workload, model) entry of the suite's report.
 
     Returns a dict with ``status`` (``"met"``, ``"missed"``, ``"missed: beyond the GEMM-only bound"``,
-    ``"missed: beyond the roofline"`` or ``"not judged: <why>"``), ``measured`` and ``required`` (the
-    ratio or share), and for throughput targets the throughput needed and its shares of the
-    roofline and of the GEMM-only bound, with the reference's own share of the roofline.
+    ``"missed: beyond the roofline"`` or ``"not judged: <why>"``), judged on the medians of the run,
+    ``measured`` and ``required`` (the ratio or share), and for throughput targets the ratio in each
+    A B round and in how many rounds it was met, the throughput needed, its shares of the roofline
+    and of the GEMM-only bound, and the reference's own share of the roofline.
     """
     verdict = {"workload": entry["workload"], "model": entry["model"], "target": target.describe()}
     ours = entry["libraries"].get("mtlkit", {})
@@ -120,8 +121,11 @@ def judge_entry(entry: dict, target: Target) -> dict:
     roofline_key, bound_key = (("roofline_samples_per_s", "gemm_bound_samples_per_s") if measure == "trainer" else
                                ("inference_roofline_samples_per_s", "inference_gemm_bound_samples_per_s"))
     needed = target.factor * slot[f"{measure}_median"]
+    by_round = entry.get(f"ratio_vs_{name}_by_round", {}).get(measure, [])
     verdict |= {
         "measured": ours[f"{measure}_median"] / slot[f"{measure}_median"],
+        "measured_by_round": by_round,
+        "rounds_met": sum(r >= target.factor for r in by_round),
         "needed_samples_per_s": needed,
         "needed_share_of_roofline": needed / entry[roofline_key],
         "needed_share_of_gemm_bound": needed / entry[bound_key],
@@ -152,8 +156,8 @@ def print_verdicts(verdicts: list[dict], console: Console) -> None:
     """The verdicts as a table."""
     table = Table(title="issue 4's targets on this run (needs: the throughput the target asks for, as a share of "
                         "the roofline and of the GEMM-only bound; the reference's own share of the roofline)")
-    for column in ("workload", "model", "target", "measured", "status", "needs % roofline", "needs % GEMM bound",
-                   "reference % roofline"):
+    for column in ("workload", "model", "target", "measured", "by round", "status", "needs % roofline",
+                   "needs % GEMM bound", "reference % roofline"):
         table.add_column(column, justify="left" if column in ("target", "status") else "right")
     for v in verdicts:
         measured = v.get("measured")
@@ -164,7 +168,9 @@ def print_verdicts(verdicts: list[dict], console: Console) -> None:
         else:
             shown = f"{measured:.2f}x"
         percent = lambda key: f"{100 * v[key]:.0f}%" if key in v else ""  # noqa: E731
-        table.add_row(v["workload"], v["model"], v["target"], shown, v["status"], percent("needed_share_of_roofline"),
+        rounds = v.get("measured_by_round") or []
+        by_round = " ".join(f"{r:.2f}x" for r in rounds) + (f" ({v['rounds_met']} met)" if rounds else "")
+        table.add_row(v["workload"], v["model"], v["target"], shown, by_round, v["status"], percent("needed_share_of_roofline"),
                       percent("needed_share_of_gemm_bound"), percent("reference_share_of_roofline"))
     console.print(table)
 

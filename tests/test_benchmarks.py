@@ -146,9 +146,11 @@ def test_targets_say_how_far_a_miss_is_from_the_roofline():
              "inference_roofline_samples_per_s": 900.0, "inference_gemm_bound_samples_per_s": 800.0,
              "trainer_share_of_gemm_bound": 230 / 250, "trainer_share_of_model_alone": 1.0,
              "libraries": {"mtlkit": _slot(230.0, 700.0, 90.0), "torch_rechub": _slot(100.0, 600.0, 100.0),
-                           "deepctr_torch": {"trainer": [], "error": "IndexError: index 2 is out of range"}}}
+                           "deepctr_torch": {"trainer": [], "error": "IndexError: index 2 is out of range"}},
+             "ratio_vs_torch_rechub_by_round": {"trainer": [2.1, 2.5], "inference": [1.2, 1.1]}}
     met = judge_entry(entry, Target("W2", None, "trainer", 2.2, "torch_rechub"))
     assert met["status"] == "met" and met["measured"] == 2.3
+    assert met["measured_by_round"] == [2.1, 2.5] and met["rounds_met"] == 1
     assert met["needed_share_of_roofline"] == pytest.approx(220 / 300) and met["reference_share_of_roofline"] == 100 / 300
     assert judge_entry(entry, Target("W2", None, "trainer", 2.4, "torch_rechub"))["status"] == "missed"
     assert judge_entry(entry, Target("W2", None, "trainer", 2.6, "best"))["status"] == "missed: beyond the GEMM-only bound"
@@ -163,6 +165,14 @@ def test_targets_say_how_far_a_miss_is_from_the_roofline():
     assert judge_entry(entry, Target("W2", None, "peak_rss", 1.0, "best"))["measured"] == 0.9
     share = judge_entry(entry, Target("W2", None, "gemm_bound_share", 0.95))
     assert share["status"] == "missed" and share["measured"] == 230 / 250
+
+
+def test_ratios_by_round_pair_each_round_of_the_two_libraries():
+    from benchmarks.run import _ratios_by_round
+
+    ours, theirs = [10.0, 12.0, 11.0, 30.0, 20.0, 20.0], [5.0, 5.0, 6.0, 10.0, 8.0, 40.0]
+    assert _ratios_by_round(ours, theirs, 3) == [11.0 / 5.0, 20.0 / 10.0]
+    assert _ratios_by_round(ours, theirs[:3], 3) == []  # a round that failed on one side pairs nothing
 
 
 def test_targets_cover_every_model_a_target_names():
