@@ -23,14 +23,17 @@ from benchmarks.workloads import Workload, WorkloadData, torch_inputs
 LIBRARIES = ("mtlkit", "torch_rechub", "deepctr_torch")
 
 
-def available(library: str) -> bool:
+def import_error(library: str) -> str | None:
+    """Why ``library`` cannot be imported, or None when it can: a reference installed without one of
+    its own imports (deepctr-torch needs ``requests`` and does not declare it) reads as skipped with
+    the reason, not as absent."""
     if library == "mtlkit":
-        return True
+        return None
     try:
         __import__(library)
-        return True
-    except ImportError:
-        return False
+        return None
+    except ImportError as error:
+        return f"{type(error).__name__}: {error}"
 
 
 def _windows(run_step: Callable[[], None], batch: int, windows: int, steps: int, warmup: int) -> list[float]:

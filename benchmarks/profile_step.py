@@ -1,6 +1,7 @@
 """Where the time of one training step goes: a torch.profiler table of mtlkit's trainer on a workload.
 
     python -m benchmarks.profile_step --workload W1 --model mmoe --steps 200
+    python -m benchmarks.profile_step --workload W2 --model mmoe --steps 50 --shapes   # one row per input shapes
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--model", default="mmoe")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
     args = parser.parse_args()
     from mtlkit.training import Trainer, TrainerConfig
 
@@ -35,9 +37,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"{args.workload} {args.model}: {args.steps * workload.batch_size / seconds:,.0f} samples/s through the trainer, "
           f"{1e3 * seconds / args.steps:.3f} ms/step")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         Trainer(model, config).fit(dataset)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(
+        sort_by="self_cpu_time_total", row_limit=40 if args.shapes else 25, max_name_column_width=36, max_shapes_column_width=80))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.libraries import LIBRARIES, available, build_mtlkit
+from benchmarks.libraries import LIBRARIES, build_mtlkit, import_error
 from benchmarks.machine import cpu_description, gemm_seconds, matmul_peak_gflops, step_profile
 from benchmarks.targets import judge, print_verdicts
 from benchmarks.workloads import WORKLOADS, make_data
@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     libraries = [lib for lib in args.libraries.split(",") if lib]
-    missing = [lib for lib in libraries if not available(lib)]
-    if missing:
-        console.print(f"[yellow]not installed, skipped:[/] {missing} (pip install -r benchmarks/requirements.txt)")
+    errors = {lib: import_error(lib) for lib in libraries}
+    missing = [lib for lib, error in errors.items() if error]
+    for lib in missing:
+        console.print(f"[yellow]cannot import {lib}, skipped:[/] {errors[lib]} (pip install -r benchmarks/requirements.txt)")
     libraries = [lib for lib in libraries if lib not in missing]
     variants = [(lib, False) for lib in libraries]
     if args.compile:
