@@ -207,7 +207,7 @@ def test_group_sizes_must_cover_the_stacks():
 
 
 def test_table_rows_gradient_is_index_select_gradient():
-    """The categorical lookup's bincount backward gives index_add_'s sums, bit for bit (float32)."""
+    """The categorical lookup's scatter_add_ backward gives index_add_'s sums, bit for bit (float32)."""
     from mtlkit.features.encoder import table_rows
 
     torch.manual_seed(5)
