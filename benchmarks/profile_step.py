@@ -1,7 +1,7 @@
 """Where the time of one training step goes: a torch.profiler table of mtlkit's trainer on a workload.
 
     python -m benchmarks.profile_step --workload W1 --model mmoe --steps 200
-    python -m benchmarks.profile_step --workload W2 --model mmoe --steps 50 --shapes   # one row per input shapes
+    python -m benchmarks.profile_step --workload W2 --model mmoe --steps 50 --shapes   # which tensors each operator touches
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def main() -> None:
     parser.add_argument("--model", default="mmoe")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows", type=int, default=None)
-    parser.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
+    parser.add_argument("--shapes", action="store_true",
+                        help="one row per operator and input shapes: which tensors each operator touches. Not for "
+                             "times: recording shapes made W2's GEMMs that write into an out= view 3-6x slower")
     args = parser.parse_args()
     from mtlkit.training import Trainer, TrainerConfig
 
