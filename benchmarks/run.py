@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     libraries = [lib for lib in args.libraries.split(",") if lib]
     errors = {lib: import_error(lib) for lib in libraries}
-    missing = [lib for lib, error in errors.items() if error]
-    for lib in missing:
-        console.print(f"[yellow]cannot import {lib}, skipped:[/] {errors[lib]} (pip install -r benchmarks/requirements.txt)")
-    libraries = [lib for lib in libraries if lib not in missing]
+    for lib, error in errors.items():
+        if error:
+            console.print(f"[yellow]cannot import {lib}, skipped:[/] {error} (pip install -r benchmarks/requirements.txt)")
+    libraries = [lib for lib, error in errors.items() if not error]
     variants = [(lib, False) for lib in libraries]
     if args.compile:
         variants.insert(1, ("mtlkit", True))
