@@ -17,9 +17,9 @@ memory traffic costs as much as a third of the GEMM time. Here:
 * the ReLU mask is applied in place to gradients this function has itself allocated.
 
 Forwards that record no gradient (evaluation, prediction, serving) need none of this: there every
-bias enters through the GEMM's ``beta`` term (``addmm`` / ``baddbmm``) on the parameters as stored,
-so no operand is copied and every GEMM keeps the layer's own width. The constant column's widths
-(129, 257, 514) made ESMM's inference 20 % slower on an AMD EPYC (``docs/performance.md``).
+GEMM runs on the parameters as stored, without a bias, and the bias is added in the ReLU's own pass
+(``aten::_add_relu_``), so no operand is copied and every GEMM keeps the layer's own width. The
+constant column's widths (129, 257, 514) made ESMM's inference 20 % slower on an AMD EPYC (``docs/performance.md``).
 
 The maths is that of :class:`~mtlkit.models.layers.StackedMLP` with ReLU, no norm and no dropout;
 ``tests/test_fused_kernels.py`` checks both agree, forward and backward.
@@ -38,6 +38,11 @@ __all__ = ["stacked_relu_mlp"]
 def _relu_grad_(grad: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
     """``grad * (activated > 0)`` written into ``grad``."""
     return torch.ops.aten.threshold_backward.grad_input(grad, activated, 0, grad_input=grad)
+
+
+def _add_relu_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``relu(out + bias)`` written into ``out`` in one pass (``bias`` broadcast over the rows)."""
+    return torch.ops.aten._add_relu_(out, bias)
 
 
 def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
@@ -246,31 +251,35 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
 
 def _forward_without_grad(x: torch.Tensor, weights, biases, activate_last: bool,
                           group_sizes: tuple[int, ...] | None) -> torch.Tensor:
-    """:func:`stacked_relu_mlp` when no gradient is recorded: each bias through the GEMM's ``beta``
-    term, on the parameters as stored (module docstring). Activations are stack-major ``(S, B, width)``,
-    which the next layer's ``baddbmm`` reads as it is."""
+    """:func:`stacked_relu_mlp` when no gradient is recorded: plain GEMMs on the parameters as stored,
+    then each bias added in the ReLU's pass (module docstring). Activations are stack-major
+    ``(S, B, width)``, which the next layer's ``bmm`` reads as it is."""
     batch, num_layers = x.shape[0], len(weights)
     num_stacks = biases[0].shape[0]
     h = None  # stack-major (S, B, width), any strides
     for i, (weight, bias) in enumerate(zip(weights, biases)):
         if i == 0 and x.dim() == 2:
-            out = torch.addmm(bias.view(1, -1), x, weight).view(batch, num_stacks, -1).transpose(0, 1)
+            out = torch.mm(x, weight)  # [B, S * out]
+            bias = bias.view(-1)
         elif i == 0 and group_sizes is not None:
             out = x.new_empty(num_stacks, batch, bias.shape[1])
+            bias = bias.unsqueeze(1)
             start = 0
             for g, size in enumerate(group_sizes):
                 stop = start + size
                 # The group's stacks read one input: a batch of stride 0, no copy.
-                torch.baddbmm(bias[start:stop].unsqueeze(1), x[:, g].expand(size, batch, x.shape[2]), weight[start:stop],
-                              out=out[start:stop])
+                torch.bmm(x[:, g].expand(size, batch, x.shape[2]), weight[start:stop], out=out[start:stop])
                 start = stop
-        elif i == 0:
-            out = torch.baddbmm(bias.unsqueeze(1), x.transpose(0, 1), weight)
         else:
-            out = torch.baddbmm(bias.unsqueeze(1), h, weight)
+            out = torch.bmm(x.transpose(0, 1) if i == 0 else h, weight)
+            bias = bias.unsqueeze(1)
+        # addmm / baddbmm would first copy the bias into every row of the output and then have the GEMM
+        # read it back: W2's first layer (2048 x 2048) spent 0.3 ms on that on the Intel host.
         if i < num_layers - 1 or activate_last:
-            out.relu_()
-        h = out
+            _add_relu_(out, bias)
+        else:
+            out.add_(bias)
+        h = out.view(batch, num_stacks, -1).transpose(0, 1) if out.dim() == 2 else out
     return h.transpose(0, 1)
 
 
