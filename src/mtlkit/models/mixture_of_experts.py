@@ -57,15 +57,17 @@ class _MixtureOfExperts(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
-    def takes_small_mixture_path(self, x: torch.Tensor) -> bool:
+    def takes_small_mixture_path(self, x: torch.Tensor, levels: list | None = None) -> bool:
         """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
-        return self.small_mixture and small_mixture_applies(x, [(self.experts, self.gates)], self.towers)
+        return self.small_mixture and small_mixture_applies(x, levels or [(self.experts, self.gates)], self.towers)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.takes_small_mixture_path(x):
-            return small_mixture_outputs(x, [(self.experts, self.gates)], self.towers)
-        mixed = mix_experts(self.gates(x), self.experts(x))  # [B, G, D]
-        return self.towers(mixed[:, 0] if self.one_gate else mixed)
+        experts, gates, towers = self.experts, self.gates, self.towers
+        levels = [(experts, gates)]
+        if self.takes_small_mixture_path(x, levels):
+            return small_mixture_outputs(x, levels, towers)
+        mixed = mix_experts(gates(x), experts(x))  # [B, G, D]
+        return towers(mixed[:, 0] if self.one_gate else mixed)
 
 
 @register_model("omoe")

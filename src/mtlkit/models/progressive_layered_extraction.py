@@ -152,16 +152,17 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, width, c.tower_hidden, shared_input=False,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
-    def takes_small_mixture_path(self, x: torch.Tensor) -> bool:
+    def takes_small_mixture_path(self, x: torch.Tensor, levels: list | None = None) -> bool:
         """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
-        return self.small_mixture and small_mixture_applies(x, self._mixture_levels(), self.towers)
+        return self.small_mixture and small_mixture_applies(x, levels or self._mixture_levels(), self.towers)
 
     def _mixture_levels(self) -> list:
         return [(level.experts, level.gates) for level in self.levels]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.takes_small_mixture_path(x):
-            return small_mixture_outputs(x, self._mixture_levels(), self.towers)
+        levels = self._mixture_levels()
+        if self.takes_small_mixture_path(x, levels):
+            return small_mixture_outputs(x, levels, self.towers)
         h = x
         for level in self.levels:
             h = level(h)

@@ -8,9 +8,9 @@ transposed, the gates' permute, the mixing's ``bmm`` over rows of 8 floats.
 
 Here every activation is stored features x batch, ``(stacks, width, B)``:
 
-* all experts' first layer is one ``addmm`` ``W^T x^T`` and each deeper layer one ``baddbmm``; all
-  gates one ``addmm``; the softmax over a gate's experts a reduction over an outer dimension,
-  vectorised along the batch;
+* all experts' first layer is one ``mm`` ``W^T x^T`` and each deeper layer one ``bmm``, the bias
+  added in the ReLU's pass (``aten::_add_relu_``); all gates one ``addmm``; the softmax over a
+  gate's experts a reduction over an outer dimension, vectorised along the batch;
 * the mixing ``M[g] = sum_e P[g, e] * H[e]`` is one broadcast multiply and one sum, both along the
   batch; above PLE's first level, expert ``e`` reads mixture ``groups[e]`` of the level below (a
   gather of a few ``(D, B)`` blocks, one ``baddbmm``) and gate ``g`` mixture ``g``;
@@ -39,7 +39,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
-from mtlkit.models.fused_mlp import _relu_grad_
+from mtlkit.models.fused_mlp import _add_relu_, _relu_grad_
 from mtlkit.tasks import TaskOutputs
 
 if TYPE_CHECKING:
@@ -53,12 +53,20 @@ __all__ = ["SMALL_MIXTURE_MAX_ACTIVATIONS", "MixtureLevel", "small_mixture", "sm
 SMALL_MIXTURE_MAX_ACTIVATIONS = 1 << 19
 
 
-def _layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
-    """One stacked linear layer, batch-last.
+def _layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool, relu: bool = False) -> torch.Tensor:
+    """One stacked linear layer, batch-last, followed by the ReLU where ``relu``.
 
     Shape: ``h`` ``(in, B)`` with ``weight [in, S * out]`` (a shared input) or ``(S, in, B)`` with
     ``weight [S, in, out]``; ``bias [S, out]`` ``-> (S, out, B)``.
     """
+    if relu:
+        # The bias joins the ReLU's pass: addmm / baddbmm would copy it into all B columns of the
+        # output first and have the GEMM read them back (W1's experts: 118 us against 88 + 10).
+        if shared:
+            out = torch.mm(weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
+        else:
+            out = torch.bmm(weight.transpose(1, 2), h)
+        return _add_relu_(out, bias.unsqueeze(2))
     if shared:
         return torch.addmm(bias.view(-1, 1), weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
     return torch.baddbmm(bias.unsqueeze(2), weight.transpose(1, 2), h)
@@ -112,7 +120,7 @@ class _SmallMixture(torch.autograd.Function):
             if not first:
                 saved += [h, out]
             for i in range(num_layers):
-                out = _layer(out, params[p + 2 * i], params[p + 2 * i + 1], shared=first and i == 0).relu_()
+                out = _layer(out, params[p + 2 * i], params[p + 2 * i + 1], shared=first and i == 0, relu=True)
                 saved.append(out)
             gate_weight, gate_bias = params[p + 2 * num_layers], params[p + 2 * num_layers + 1]
             p += 2 * num_layers + 2
@@ -127,9 +135,8 @@ class _SmallMixture(torch.autograd.Function):
         tower_inputs = [h[0] if towers_shared else h]
         num_tower_layers = (len(params) - p) // 2
         for i in range(num_tower_layers):
-            out = _layer(tower_inputs[-1], params[p + 2 * i], params[p + 2 * i + 1], shared=towers_shared and i == 0)
-            if i < num_tower_layers - 1:
-                out.relu_()
+            out = _layer(tower_inputs[-1], params[p + 2 * i], params[p + 2 * i + 1], shared=towers_shared and i == 0,
+                         relu=i < num_tower_layers - 1)
             tower_inputs.append(out)
         out = tower_inputs.pop()
         ctx.structure, ctx.num_saved, ctx.level_params = structure, len(saved), p
@@ -271,9 +278,19 @@ def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
 
     Shape: ``(B, in) -> {task: (B, output_dim)}``.
     """
-    params = [MixtureLevel([layer.weight for layer in experts.linears], [layer.bias for layer in experts.linears],
-                           gates.linear.weight, gates.linear.bias, gates.choice_mask, experts.input_groups, gates.temperature)
-              for experts, gates in levels]
-    out = small_mixture(x, params, [layer.weight for layer in towers.net.linears], [layer.bias for layer in towers.net.linears],
-                        towers_shared=towers.net.linears[0].shared_input)
+    # The node's arguments straight from the modules (no MixtureLevel in between): at W1's sizes the
+    # Python around the node is a few percent of a training step.
+    params: list[torch.Tensor] = []
+    structure = []
+    for experts, gates in levels:
+        linears = experts.linears
+        for layer in linears:
+            params += (layer.weight, layer.bias)
+        gate_linear = gates.linear
+        params += (gate_linear.weight, gate_linear.bias)
+        structure.append((len(linears), gates.choice_mask, experts.input_groups, float(gates.temperature)))
+    tower_linears = towers.net.linears
+    for layer in tower_linears:
+        params += (layer.weight, layer.bias)
+    out = _SmallMixture.apply(x, (tuple(structure), tower_linears[0].shared_input), *params)
     return TaskOutputs(out.transpose(1, 2), towers.task_names, towers.output_dims)
