@@ -42,7 +42,7 @@ def _relu_grad_(grad: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
 
 
 def _add_relu_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``relu(out + bias)`` written into ``out`` in one pass (``bias`` broadcast over the rows)."""
+    """``relu(out + bias)`` written into ``out`` in one pass (``bias`` broadcast to ``out``'s shape)."""
     return torch.ops.aten._add_relu_(out, bias)
 
 
