@@ -13,9 +13,9 @@ Here every activation is stored features x batch, ``(stacks, width, B)``:
   gate's experts a reduction over an outer dimension, vectorised along the batch;
 * the mixing ``M[g] = sum_e P[g, e] * H[e]`` is one broadcast multiply and one sum, both along the
   batch; above PLE's first level, expert ``e`` reads mixture ``groups[e]`` of the level below (a
-  gather of a few ``(D, B)`` blocks, one ``baddbmm``) and gate ``g`` mixture ``g``;
-* the towers are ``baddbmm`` on ``(K, width, B)``, and the heads' output ``(K, out, B)`` is the
-  contiguous ``(K, B)`` block the losses read;
+  gather of a few ``(D, B)`` blocks, one ``bmm``) and gate ``g`` mixture ``g``;
+* the towers are ``bmm`` (hidden layers) and ``baddbmm`` (heads) on ``(K, width, B)``, and the
+  heads' output ``(K, out, B)`` is the contiguous ``(K, B)`` block the losses read;
 * the backward is written out: each weight gradient is one GEMM that writes the parameter's stored
   layout (``[in, S * out]`` or ``[S, in, out]``), so no gradient is transposed or copied, and the
   ReLU masks are applied in place to buffers this function owns.
