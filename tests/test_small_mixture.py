@@ -5,7 +5,7 @@ import torch
 
 from mtlkit import TaskSpec
 from mtlkit.models import build_model
-from mtlkit.models.small_mixture import MixtureLevel, small_mixture
+from mtlkit.models.small_mixture import MixtureLevel, _node_arguments, _small_mixture_ops, _SmallMixture, small_mixture
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "binary"), TaskSpec("c", "regression")]
 
@@ -25,7 +25,7 @@ def _outputs_and_grads(outputs, x, params):
     return stacked.detach(), torch.autograd.grad(stacked, [x, *params], upstream)
 
 
-@pytest.mark.parametrize("name,config", [
+CONFIGS = [
     ("mmoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,))),
     ("mmoe", dict(num_experts=3, expert_hidden=(6, 5), tower_hidden=(4, 3), gate_temperature=0.7)),
     ("mmoe", dict(num_experts=4, expert_hidden=(6,), tower_hidden=())),
@@ -37,7 +37,10 @@ def _outputs_and_grads(outputs, x, params):
     ("ple", dict(num_shared_experts=2, num_task_experts=1, num_levels=3, expert_hidden=(6, 5), tower_hidden=(),
                  gate_temperature=0.5)),
     ("ple", dict(num_shared_experts=0, num_task_experts=2, num_levels=2, expert_hidden=(4,), tower_hidden=(3, 2))),
-])
+]
+
+
+@pytest.mark.parametrize("name,config", CONFIGS)
 def test_small_mixture_equals_the_module_path(name, config):
     """Forward and every gradient (input and parameters), float64, to 1e-12."""
     torch.manual_seed(0)
@@ -50,6 +53,43 @@ def test_small_mixture_equals_the_module_path(name, config):
     torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
     for fast_grad, plain_grad in zip(fast_grads, plain_grads):
         torch.testing.assert_close(fast_grad, plain_grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name,config", CONFIGS)
+def test_operator_form_for_torch_compile_equals_the_node(name, config):
+    """The form torch.compile traces (plain operators; experts reading their level's input through
+    expand and cat) against the node: forward and every gradient, float64, to 1e-12."""
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=9, tasks=TASKS, **config).double()
+    x = torch.randn(13, 9, dtype=torch.double, requires_grad=True)
+    levels = model._mixture_levels() if name in ("cgc", "ple") else [(model.experts, model.gates)]
+    structure, params = _node_arguments(levels, model.towers)
+    if name == "ple":
+        assert all(sizes is not None for _, _, _, _, sizes in structure[0][1:])  # the expand-and-cat form is tested
+    upstream = torch.randn(3, 1, 13, generator=torch.Generator().manual_seed(7), dtype=torch.double)
+    results = []
+    for form in (lambda: _small_mixture_ops(x, structure, params), lambda: _SmallMixture.apply(x, structure, *params)):
+        out = form()
+        results.append((out.detach(), torch.autograd.grad(out, [x, *params], upstream)))
+    (ops, ops_grads), (node, node_grads) = results
+    torch.testing.assert_close(ops, node, atol=1e-12, rtol=0)
+    for a, b in zip(ops_grads, node_grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_compiled_ple_trains_like_the_eager_one():
+    """Under torch.compile (inductor) the model traces in one graph and its outputs and gradients
+    agree with the eager node's, in float32."""
+    torch.manual_seed(8)
+    model = build_model("ple", input_dim=9, tasks=TASKS, num_shared_experts=3, num_task_experts=2, num_levels=2,
+                        expert_hidden=(6,), tower_hidden=(4,))
+    x = torch.randn(32, 9, requires_grad=True)
+    params = list(model.parameters())
+    eager = _outputs_and_grads(model(x), x, params)
+    compiled = _outputs_and_grads(torch.compile(model, fullgraph=True, dynamic=False)(x), x, params)
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_small_mixture_float32_training_step_matches():

@@ -198,16 +198,29 @@ def test_weightings():
         build_weighting("gradnorm", tasks)
 
 
-def test_compile_switch_trains_or_falls_back():
+def test_compile_switch_trains_like_eager_or_falls_back():
+    """PLE through ``compile=True``, an epoch's last batch shorter than the others: the same
+    training as eager to float32 rounding, unless compiling is unavailable and it says so."""
     import warnings
 
-    tasks, (train, valid) = synthetic_splits(rows=600)
-    model = build_model("shared_bottom", input_dim=20, tasks=tasks, bottom_hidden=[8])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a fallback warning is fine; a crash is not
-        result = Trainer(model, TrainerConfig(max_steps=3, max_epochs=None, compile=True, progress=False)).fit(train, valid)
-    assert result.steps == 3 and all(math.isfinite(r["loss"]) for r in result.history)
+    tasks, (train, valid) = synthetic_splits(rows=600)  # 480 training rows: batches of 64, then 32
 
+    def trained(compile: bool):
+        torch.manual_seed(0)
+        model = build_model("ple", input_dim=20, tasks=tasks, num_levels=2, expert_hidden=[8])
+        config = TrainerConfig(max_steps=10, max_epochs=None, eval_every=5, batch_size=64, compile=compile, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = Trainer(model, config).fit(train, valid)
+        return result, [str(w.message) for w in caught if "eagerly" in str(w.message)]
+
+    eager, _ = trained(False)
+    compiled, fell_back = trained(True)
+    assert compiled.steps == 10 and all(math.isfinite(r["loss"]) for r in compiled.history)
+    if not fell_back:
+        for a, b in zip(compiled.history, eager.history):
+            assert (a["step"], a["split"], a["task"]) == (b["step"], b["split"], b["task"])
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
 def test_small_models_step_adam_over_one_flat_buffer_with_the_same_updates():

@@ -24,7 +24,8 @@ class ExpertBank(StackedMLP):
         hidden_sizes: layer widths of each expert; the output width ``D`` is the last one. Every
             layer, the last included, is followed by the activation (the MMoE paper's experts are
             ``ReLU(Linear(x))``).
-        input_groups: optional group index per expert (length ``E``).
+        input_groups: optional group index per expert (length ``E``). ``group_sizes`` then holds,
+            where the experts of each group are consecutive, how many read each group (else None).
         activation, dropout, norm: as in :class:`~mtlkit.models.layers.MLP`.
 
     Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, E, D)``.
@@ -63,10 +64,10 @@ class ExpertBank(StackedMLP):
             # Experts of one group in consecutive runs (PLE's order: each task's, then the shared
             # ones) read their group's input through one GEMM on the fused path, without a gather.
             runs = list(input_groups) == sorted(input_groups)
-            self._group_sizes = tuple(list(input_groups).count(g) for g in range(max(input_groups) + 1)) if runs else None
+            self.group_sizes = tuple(list(input_groups).count(g) for g in range(max(input_groups) + 1)) if runs else None
         else:
             self.input_groups = None
-            self._group_sizes = None
+            self.group_sizes = None
 
     @property
     def num_experts(self) -> int:
@@ -74,8 +75,8 @@ class ExpertBank(StackedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_groups is not None:
-            if self._group_sizes is not None and self.takes_fused_path(x):
-                sizes = self._group_sizes + (0,) * (x.shape[1] - len(self._group_sizes))
+            if self.group_sizes is not None and self.takes_fused_path(x):
+                sizes = self.group_sizes + (0,) * (x.shape[1] - len(self.group_sizes))
                 return self.fused_forward(x, sizes)
             x = x.index_select(1, self.input_groups)
         return super().forward(x)

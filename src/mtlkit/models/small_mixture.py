@@ -108,11 +108,11 @@ class MixtureLevel(NamedTuple):
 class _SmallMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, structure, *params):
-        levels, towers_shared = structure  # per level: (expert layers, gate mask, expert groups, temperature)
+        levels, towers_shared = structure  # per level: (expert layers, gate mask, expert groups, temperature, group sizes)
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
-        for level, (num_layers, gate_mask, groups, temperature) in enumerate(levels):
+        for level, (num_layers, gate_mask, groups, temperature, _) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -167,7 +167,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature = levels[level]
+            num_layers, _, groups, temperature, _ = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -211,6 +211,52 @@ class _SmallMixture(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:class:`_SmallMixture`'s forward in differentiable operators, for ``torch.compile`` to trace.
+
+    The node is opaque to inductor; these operators let it fuse each ReLU, softmax and mixing into
+    the loops around the GEMMs and derive the backward itself (W1 PLE: a training step 1.4-1.5x
+    faster than the node's, docs/performance.md, round 12). Above the first level, experts whose
+    input groups come in runs read their group through ``expand`` and ``cat`` rather than a gather,
+    whose backward inductor turns into a serial scatter (half a millisecond on W1 PLE).
+    """
+    levels, towers_shared = structure
+    h, p = x.t(), 0
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes) in enumerate(levels):
+        first = level == 0
+        if first:
+            out = h
+        elif group_sizes is not None:
+            out = torch.cat([h[g].expand(n, *h.shape[1:]) for g, n in enumerate(group_sizes) if n])
+        else:
+            out = h.index_select(0, groups)
+        for i in range(num_layers):
+            out = torch.relu(_linear(out, params[p + 2 * i], params[p + 2 * i + 1], shared=first and i == 0))
+        bias = params[p + 2 * num_layers + 1]
+        if gate_mask is not None:
+            bias = bias + gate_mask
+        logits = _linear(h if first else h[: bias.shape[0]], params[p + 2 * num_layers], bias, shared=first)
+        p += 2 * num_layers + 2
+        gates = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
+        h = (gates.unsqueeze(2) * out).sum(1)
+    out = h[0] if towers_shared else h
+    num_tower_layers = (len(params) - p) // 2
+    for i in range(num_tower_layers):
+        out = _linear(out, params[p + 2 * i], params[p + 2 * i + 1], shared=towers_shared and i == 0)
+        if i < num_tower_layers - 1:
+            out = torch.relu(out)
+    return out
+
+
+def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
+    """:func:`_layer` without the ReLU, in differentiable operators (shapes as there)."""
+    if shared:
+        out = torch.mm(weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
+    else:
+        out = torch.bmm(weight.transpose(1, 2), h)
+    return out + bias.unsqueeze(2)
+
+
 def small_mixture(
     x: torch.Tensor,
     levels: Sequence[MixtureLevel],
@@ -244,7 +290,7 @@ def small_mixture(
         for weight, bias in zip(level.expert_weights, level.expert_biases):
             params += [weight, bias]
         params += [level.gate_weight, level.gate_bias]
-        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature)))
+        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -271,15 +317,9 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     return True
 
 
-def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> TaskOutputs:
-    """The model's forward through :func:`small_mixture`: levels ``[(experts, gates), ...]``, each
-    ``mix_experts(gates(h), experts(h))``, then ``towers`` (one gate read by every tower when the
-    towers share their input).
-
-    Shape: ``(B, in) -> {task: (B, output_dim)}``.
-    """
-    # The node's arguments straight from the modules (no MixtureLevel in between): at W1's sizes the
-    # Python around the node is a few percent of a training step.
+def _node_arguments(levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers"):
+    """The node's ``(structure, parameters)`` straight from the modules (no MixtureLevel in between):
+    at W1's sizes the Python around the node is a few percent of a training step."""
     params: list[torch.Tensor] = []
     structure = []
     for experts, gates in levels:
@@ -288,9 +328,24 @@ def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
             params += (layer.weight, layer.bias)
         gate_linear = gates.linear
         params += (gate_linear.weight, gate_linear.bias)
-        structure.append((len(linears), gates.choice_mask, experts.input_groups, float(gates.temperature)))
+        structure.append((len(linears), gates.choice_mask, experts.input_groups, float(gates.temperature), experts.group_sizes))
     tower_linears = towers.net.linears
     for layer in tower_linears:
         params += (layer.weight, layer.bias)
-    out = _SmallMixture.apply(x, (tuple(structure), tower_linears[0].shared_input), *params)
+    return (tuple(structure), tower_linears[0].shared_input), params
+
+
+def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> TaskOutputs:
+    """The model's forward through :func:`small_mixture`: levels ``[(experts, gates), ...]``, each
+    ``mix_experts(gates(h), experts(h))``, then ``towers`` (one gate read by every tower when the
+    towers share their input). Under ``torch.compile`` the same maths as plain operators, which
+    inductor fuses.
+
+    Shape: ``(B, in) -> {task: (B, output_dim)}``.
+    """
+    structure, params = _node_arguments(levels, towers)
+    if torch.compiler.is_compiling():
+        out = _small_mixture_ops(x, structure, params)
+    else:
+        out = _SmallMixture.apply(x, structure, *params)
     return TaskOutputs(out.transpose(1, 2), towers.task_names, towers.output_dims)

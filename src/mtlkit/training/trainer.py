@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtlkit.configuration import from_mapping
-from mtlkit.data.tensors import MultiTaskTensors, map_inputs
+from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
@@ -55,9 +55,11 @@ class TrainerConfig:
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        compile: run the training forward through ``torch.compile``; falls back to eager (with a
-            warning) when compilation is unavailable or fails. Off by default: on 2 CPU cores it did
-            not pay for its compile time on the benchmark workloads (docs/performance.md).
+        compile: run the training forward and the task losses through ``torch.compile`` (one graph
+            per batch shape); falls back to eager (with a warning) when compilation is unavailable
+            or fails. Small mixtures of experts on the CPU (W1 in ``benchmarks/``) then train
+            1.1-1.3x faster once compiled, which takes 5-15 s per model and batch shape: worth it
+            for long runs, not for short ones, hence off by default (docs/performance.md, round 12).
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
@@ -145,30 +147,29 @@ class FitResult:
         return {r["task"]: {k: v for k, v in r.items() if k not in ("step", "epoch", "split", "task")} for r in rows}
 
 
-def _compiled(module: nn.Module) -> nn.Module:
-    """``torch.compile(module)`` that falls back to ``module`` itself if compiling fails on first use."""
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn)`` that falls back to ``fn`` itself, with a warning, if compiling fails.
+
+    One graph per batch shape (``dynamic=False``): an epoch's last, shorter batch gets its own
+    rather than turning every batch's graph into a dynamic-shape one.
+    """
     try:
-        compiled = torch.compile(module)
+        compiled = torch.compile(fn, dynamic=False)
     except Exception as error:  # no compiler backend on this platform
         warnings.warn(f"torch.compile unavailable ({error}); training eagerly")
-        return module
+        return fn
+    state = {"compiled": compiled}
 
-    class _WithFallback(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.module = module
-            self._compiled = compiled
+    def with_fallback(*args, **kwargs):
+        if state["compiled"] is not None:
+            try:
+                return state["compiled"](*args, **kwargs)
+            except Exception as error:  # a compiler error surfaces on the first call of a shape
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly")
+                state["compiled"] = None
+        return fn(*args, **kwargs)
 
-        def forward(self, *args, **kwargs):
-            if self._compiled is not None:
-                try:
-                    return self._compiled(*args, **kwargs)
-                except Exception as error:  # a compiler error surfaces on the first call
-                    warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); training eagerly")
-                    self._compiled = None
-            return self.module(*args, **kwargs)
-
-    return _WithFallback()
+    return with_fallback
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -260,14 +261,22 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
-        if self.config.compile:
-            self.train_module = _compiled(self.train_module)
+        self._losses = _compiled(self._forward_losses) if self.config.compile else self._forward_losses
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
         self.optimizer, self._zero_grad, self._optimizer_step = build_adam(
             parameters, self.config.learning_rate, self.config.weight_decay, self.device, self.distributed)
         spec_weights = {t.name: t.weight for t in self.tasks}
         total = sum(spec_weights.values())
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
+
+    def batch_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each task's loss on ``batch`` through the training forward, compiled with ``compile``
+        (the model's forward and the losses as one graph; the weighting, whose state may change
+        between epochs, stays eager)."""
+        return self._losses(batch.inputs, batch.labels, batch.label_mask, batch.sample_weight, batch.all_labelled)
+
+    def _forward_losses(self, inputs, labels, label_mask, sample_weight, all_labelled) -> dict[str, torch.Tensor]:
+        return task_losses(self.train_module(inputs), labels, label_mask, self.tasks, sample_weight, all_labelled)
 
     @property
     def _higher_is_better(self) -> bool:
@@ -325,9 +334,7 @@ class Trainer:
                     shard = train.subset(order[self.rank::self.world_size][:rows_per_epoch])
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
                     batch = batch.to(self.device) if self.device.type != "cpu" else batch
-                    outputs = self.train_module(batch.inputs)
-                    losses = task_losses(outputs, batch.labels, batch.label_mask, self.tasks, batch.sample_weight,
-                                         batch.all_labelled)
+                    losses = self.batch_losses(batch)
                     total, _ = self.weighting(losses)
                     self._zero_grad()
                     total.backward()
