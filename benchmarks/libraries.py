@@ -78,16 +78,12 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
 
 def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
                    compile_model: bool = False) -> dict[str, list[float]]:
-    from mtlkit.objectives import FixedWeighting, task_losses
+    from mtlkit.objectives import FixedWeighting
     from mtlkit.training import Trainer, TrainerConfig
     from mtlkit.training.optimizer import build_adam
 
     batch = workload.batch_size
     model, tasks, dataset = build_mtlkit(workload, model_name, data)
-    if compile_model:
-        compiled = torch.compile(model)
-        compiled.tasks = tasks  # the trainer reads the tasks from the module it is given
-        model = compiled
 
     # Through the trainer: time windows of optimizer steps with its step callback.
     marks: list[float] = []
@@ -98,20 +94,19 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
             marks.append(time.perf_counter())
 
     trainer = Trainer(model, TrainerConfig(batch_size=batch, max_steps=total, max_epochs=None, eval_every=total,
-                                           patience=None, progress=False))
+                                           patience=None, progress=False, compile=compile_model))
     trainer.fit(dataset, step_callback=on_step)
     train = [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
 
-    # The model alone: the same step on one fixed batch, no data path.
+    # The model alone: the same step (the trainer's own forward and losses, compiled or not) on one
+    # fixed batch, no data path.
     fixed = dataset.subset(slice(0, batch))
+    fixed_batch = next(fixed.batches(batch))
     weighting = FixedWeighting(tasks)
     _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
-    all_labelled = bool(fixed.label_mask.all())  # checked once, as the trainer does per pass
-
     def model_step() -> None:
-        losses = task_losses(model(fixed.inputs), fixed.labels, fixed.label_mask, tasks, all_labelled=all_labelled)
-        total_loss, _ = weighting(losses)
+        total_loss, _ = weighting(trainer.batch_losses(fixed_batch))
         zero_grad()
         total_loss.backward()
         optimizer_step()

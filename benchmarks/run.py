@@ -34,6 +34,7 @@ from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
 KINDS = ("trainer", "model_alone", "inference")
+MTLKIT_VARIANTS = ("mtlkit", "mtlkit (compiled)")
 
 
 def _measure(spec: dict) -> dict:
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2, help="A B A B rounds per (workload, model)")
     parser.add_argument("--windows", type=int, default=5, help="timed windows per round")
     parser.add_argument("--window-seconds", type=float, default=1.0, help="target length of one window")
-    parser.add_argument("--compile", action="store_true", help="also measure mtlkit under torch.compile")
+    parser.add_argument("--compile", default="W1", help="workloads on which mtlkit is also measured with training.compile "
+                                                         "(torch.compile of its forward and losses; '' for none)")
     parser.add_argument("--tiny", action="store_true", help="tiny batches and windows: an end-to-end check, not a measurement")
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args(argv)
@@ -102,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         if error:
             console.print(f"[yellow]cannot import {lib}, skipped:[/] {error} (pip install -r benchmarks/requirements.txt)")
     libraries = [lib for lib, error in errors.items() if not error]
-    variants = [(lib, False) for lib in libraries]
-    if args.compile:
-        variants.insert(1, ("mtlkit", True))
+    compiled_on = {w for w in args.compile.split(",") if w}
 
     peak = matmul_peak_gflops()
     cpu = cpu_description()
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
             steps = 2 if args.tiny else max(5, int(args.window_seconds * roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size))
             entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps,
                      "windows_per_round": 1 if args.tiny else args.windows, "libraries": {}}
+            variants = [(lib, False) for lib in libraries]
+            if "mtlkit" in libraries and workload_name in compiled_on:
+                variants.insert(1, ("mtlkit", True))
             for round_index in range(1 if args.tiny else args.rounds):
                 for library, compiled in variants:
                     key = library + (" (compiled)" if compiled else "")
@@ -165,17 +168,23 @@ def _summarise_entry(entry: dict) -> None:
             slot[f"{kind}_min"], slot[f"{kind}_max"] = min(values), max(values)
         slot["peak_rss_mb_max"] = max(slot["peak_rss_mb"])
         slot["inference_share_of_roofline"] = slot["inference_median"] / entry["inference_roofline_samples_per_s"]
-    ours = entry["libraries"].get("mtlkit", {})
-    if "trainer_median" in ours:
-        entry["trainer_share_of_roofline"] = ours["trainer_median"] / entry["roofline_samples_per_s"]
-        entry["trainer_share_of_gemm_bound"] = ours["trainer_median"] / entry["gemm_bound_samples_per_s"]
-        entry["trainer_share_of_model_alone"] = ours["trainer_median"] / ours["model_alone_median"]
-        for name, slot in entry["libraries"].items():
-            if name != "mtlkit" and "trainer_median" in slot:
-                entry[f"ratio_vs_{name}"] = {k: ours[f"{k}_median"] / slot[f"{k}_median"] for k in KINDS}
-                entry[f"ratio_vs_{name}"]["peak_rss"] = ours["peak_rss_mb_max"] / slot["peak_rss_mb_max"]
-                entry[f"ratio_vs_{name}_by_round"] = {k: _ratios_by_round(ours[k], slot[k], entry.get("windows_per_round"))
-                                                      for k in KINDS}
+    for variant in MTLKIT_VARIANTS:
+        ours = entry["libraries"].get(variant, {})
+        if "trainer_median" in ours:
+            derived = {"trainer_share_of_roofline": ours["trainer_median"] / entry["roofline_samples_per_s"],
+                       "trainer_share_of_gemm_bound": ours["trainer_median"] / entry["gemm_bound_samples_per_s"],
+                       "trainer_share_of_model_alone": ours["trainer_median"] / ours["model_alone_median"]}
+            for name, slot in entry["libraries"].items():
+                if name not in MTLKIT_VARIANTS and "trainer_median" in slot:
+                    derived[f"ratio_vs_{name}"] = {k: ours[f"{k}_median"] / slot[f"{k}_median"] for k in KINDS}
+                    derived[f"ratio_vs_{name}"]["peak_rss"] = ours["peak_rss_mb_max"] / slot["peak_rss_mb_max"]
+                    derived[f"ratio_vs_{name}_by_round"] = {k: _ratios_by_round(ours[k], slot[k], entry.get("windows_per_round"))
+                                                            for k in KINDS}
+            # The default's at the top of the entry, the compiled variant's under its name.
+            if variant == "mtlkit":
+                entry.update(derived)
+            else:
+                entry.setdefault("variants", {})[variant] = derived
 
 
 def _ratios_by_round(ours: list[float], theirs: list[float], windows: int | None) -> list[float]:
@@ -211,21 +220,23 @@ def _print_summary(report: dict) -> None:
                    "train x rechub", "train x deepctr", "infer x best ref", "infer % roofline (best ref)", "RSS / best ref"):
         table.add_column(column, justify="right")
     for e in report["results"]:
-        ours = e["libraries"].get("mtlkit", {})
-        if "trainer_median" not in ours:
-            continue
-        refs = {n: s for n, s in e["libraries"].items() if n in ("torch_rechub", "deepctr_torch") and "trainer_median" in s}
-        best_ref = max(refs.values(), key=lambda s: s["inference_median"], default=None)
-        best_infer = best_ref and best_ref["inference_median"]
-        best_rss = min((s["peak_rss_mb_max"] for s in refs.values()), default=None)
-        cell = lambda name: f"{e[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in e else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
-        table.add_row(e["workload"], e["model"], f"{ours['trainer_median']:,.0f}", f"{100 * e['trainer_share_of_roofline']:.0f}%",
-                      f"{100 * e['trainer_share_of_gemm_bound']:.0f}%", f"{100 * e['trainer_share_of_model_alone']:.0f}%",
-                      cell("torch_rechub"), cell("deepctr_torch"),
-                      f"{ours['inference_median'] / best_infer:.2f}x" if best_infer else "-",
-                      f"{100 * ours['inference_share_of_roofline']:.0f}%"
-                      + (f" ({100 * best_ref['inference_share_of_roofline']:.0f}%)" if best_ref else ""),
-                      f"{ours['peak_rss_mb_max'] / best_rss:.2f}" if best_rss else "-")
+        for variant in MTLKIT_VARIANTS:
+            ours = e["libraries"].get(variant, {})
+            if "trainer_median" not in ours:
+                continue
+            derived = e if variant == "mtlkit" else e["variants"][variant]
+            refs = {n: s for n, s in e["libraries"].items() if n in ("torch_rechub", "deepctr_torch") and "trainer_median" in s}
+            best_ref = max(refs.values(), key=lambda s: s["inference_median"], default=None)
+            best_infer = best_ref and best_ref["inference_median"]
+            best_rss = min((s["peak_rss_mb_max"] for s in refs.values()), default=None)
+            cell = lambda name: f"{derived[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in derived else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
+            table.add_row(e["workload"], e["model"] + variant[len("mtlkit"):], f"{ours['trainer_median']:,.0f}",
+                          f"{100 * derived['trainer_share_of_roofline']:.0f}%", f"{100 * derived['trainer_share_of_gemm_bound']:.0f}%",
+                          f"{100 * derived['trainer_share_of_model_alone']:.0f}%", cell("torch_rechub"), cell("deepctr_torch"),
+                          f"{ours['inference_median'] / best_infer:.2f}x" if best_infer else "-",
+                          f"{100 * ours['inference_share_of_roofline']:.0f}%"
+                          + (f" ({100 * best_ref['inference_share_of_roofline']:.0f}%)" if best_ref else ""),
+                          f"{ours['peak_rss_mb_max'] / best_rss:.2f}" if best_rss else "-")
     console.print(table)
 
 

@@ -90,8 +90,9 @@ def _reference(entry: dict, target: Target) -> tuple[str | None, dict | None, st
     return None, None, f"{target.reference}: {slot['error'][:60]}" if slot and "error" in slot else f"{target.reference} not measured"
 
 
-def judge_entry(entry: dict, target: Target) -> dict:
-    """The verdict of ``target`` on one (workload, model) entry of the suite's report.
+def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
+    """The verdict of ``target`` on one (workload, model) entry of the suite's report, for one of
+    mtlkit's measured variants (``"mtlkit"``, its defaults, or ``"mtlkit (compiled)"``).
 
     Returns a dict with ``status`` (``"met"``, ``"missed"``, ``"missed: beyond the GEMM-only bound"``,
     ``"missed: beyond the roofline"`` or ``"not judged: <why>"``), judged on the medians of the run,
@@ -99,15 +100,16 @@ def judge_entry(entry: dict, target: Target) -> dict:
     A B round and in how many rounds it was met, the throughput needed, its shares of the roofline
     and of the GEMM-only bound, and the reference's own share of the roofline.
     """
-    verdict = {"workload": entry["workload"], "model": entry["model"], "target": target.describe()}
-    ours = entry["libraries"].get("mtlkit", {})
+    verdict = {"workload": entry["workload"], "model": entry["model"], "mtlkit": variant, "target": target.describe()}
+    ours = entry["libraries"].get(variant, {})
     if "trainer_median" not in ours:
-        return {**verdict, "status": f"not judged: mtlkit {ours.get('error', 'not measured')[:60]}"}
+        return {**verdict, "status": f"not judged: {variant} {ours.get('error', 'not measured')[:60]}"}
+    derived = entry if variant == "mtlkit" else entry["variants"][variant]
     verdict["required"] = target.factor
     if target.measure in ("gemm_bound_share", "model_alone_share"):
         key = "trainer_share_of_gemm_bound" if target.measure == "gemm_bound_share" else "trainer_share_of_model_alone"
-        verdict["measured"] = entry[key]
-        verdict["status"] = "met" if entry[key] >= target.factor else "missed"
+        verdict["measured"] = derived[key]
+        verdict["status"] = "met" if derived[key] >= target.factor else "missed"
         return verdict
     name, slot, why_not = _reference(entry, target)
     if slot is None:
@@ -121,7 +123,7 @@ def judge_entry(entry: dict, target: Target) -> dict:
     roofline_key, bound_key = (("roofline_samples_per_s", "gemm_bound_samples_per_s") if measure == "trainer" else
                                ("inference_roofline_samples_per_s", "inference_gemm_bound_samples_per_s"))
     needed = target.factor * slot[f"{measure}_median"]
-    by_round = entry.get(f"ratio_vs_{name}_by_round", {}).get(measure, [])
+    by_round = derived.get(f"ratio_vs_{name}_by_round", {}).get(measure, [])
     verdict |= {
         "measured": ours[f"{measure}_median"] / slot[f"{measure}_median"],
         "measured_by_round": by_round,
@@ -143,12 +145,15 @@ def judge_entry(entry: dict, target: Target) -> dict:
 
 
 def judge(report: dict, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
-    """Every target's verdict on every (workload, model) of ``report`` it applies to."""
+    """Every target's verdict on every (workload, model) of ``report`` it applies to, for mtlkit's
+    defaults and, where it was measured, its compiled variant."""
     verdicts = []
     for target in targets:
         for entry in report["results"]:
             if entry["workload"] == target.workload and (target.models is None or entry["model"] in target.models):
                 verdicts.append(judge_entry(entry, target))
+                if "mtlkit (compiled)" in entry.get("variants", {}):
+                    verdicts.append(judge_entry(entry, target, "mtlkit (compiled)"))
     return verdicts
 
 
@@ -170,7 +175,7 @@ def print_verdicts(verdicts: list[dict], console: Console) -> None:
         percent = lambda key: f"{100 * v[key]:.0f}%" if key in v else ""  # noqa: E731
         rounds = v.get("measured_by_round") or []
         by_round = " ".join(f"{r:.2f}x" for r in rounds) + (f" ({v['rounds_met']} met)" if rounds else "")
-        table.add_row(v["workload"], v["model"], v["target"], shown, by_round, v["status"], percent("needed_share_of_roofline"),
+        table.add_row(v["workload"], v["model"] + v.get("mtlkit", "mtlkit")[len("mtlkit"):], v["target"], shown, by_round, v["status"], percent("needed_share_of_roofline"),
                       percent("needed_share_of_gemm_bound"), percent("reference_share_of_roofline"))
     console.print(table)
 

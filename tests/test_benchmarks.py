@@ -36,6 +36,23 @@ def test_benchmark_suite_runs_on_a_tiny_size(tmp_path):
     assert verdicts["trainer >= 2.2x torch_rechub"]["status"] == "not judged: torch_rechub not measured"
 
 
+def test_compiled_variant_is_measured_and_judged_on_its_own(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--tiny", "--workloads", "W1", "--models", "ple",
+                           "--libraries", "mtlkit", "--compile", "W1", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    entry = json.loads(out.read_text())["results"][0]
+    compiled = entry["libraries"]["mtlkit (compiled)"]
+    assert "error" not in compiled and compiled["trainer_median"] > 0 and compiled["model_alone_median"] > 0
+    shares = entry["variants"]["mtlkit (compiled)"]
+    assert shares["trainer_share_of_model_alone"] == compiled["trainer_median"] / compiled["model_alone_median"]
+    assert entry["trainer_share_of_model_alone"] == entry["libraries"]["mtlkit"]["trainer_median"] / entry["libraries"]["mtlkit"]["model_alone_median"]
+    verdicts = [v for v in json.loads(out.read_text())["targets"] if v["target"] == "trainer >= 90 % of model alone"]
+    assert {v["mtlkit"]: v["measured"] for v in verdicts} == {
+        "mtlkit": entry["trainer_share_of_model_alone"], "mtlkit (compiled)": shares["trainer_share_of_model_alone"]}
+
+
 def test_summary_of_a_model_mtlkit_failed_on_keeps_the_references():
     from benchmarks.run import _summarise_entry
 
