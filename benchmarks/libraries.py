@@ -78,7 +78,6 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
 
 def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
                    compile_model: bool = False) -> dict[str, list[float]]:
-    from mtlkit.objectives import FixedWeighting
     from mtlkit.training import Trainer, TrainerConfig
     from mtlkit.training.optimizer import build_adam
 
@@ -98,15 +97,14 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     trainer.fit(dataset, step_callback=on_step)
     train = [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
 
-    # The model alone: the same step (the trainer's own forward and losses, compiled or not) on one
-    # fixed batch, no data path.
+    # The model alone: the same step (the trainer's own forward, losses and weighting, compiled or
+    # not) on one fixed batch, no data path.
     fixed = dataset.subset(slice(0, batch))
     fixed_batch = next(fixed.batches(batch))
-    weighting = FixedWeighting(tasks)
     _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
 
     def model_step() -> None:
-        total_loss, _ = weighting(trainer.batch_losses(fixed_batch))
+        total_loss, _ = trainer.batch_objective(fixed_batch)
         zero_grad()
         total_loss.backward()
         optimizer_step()

@@ -55,8 +55,8 @@ class TrainerConfig:
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        compile: run the training forward and the task losses through ``torch.compile`` (one graph
-            per batch shape); falls back to eager (with a warning) when compilation is unavailable
+        compile: run the training forward, the task losses and their weighting through
+            ``torch.compile`` (one graph per batch shape); falls back to eager (with a warning) when compilation is unavailable
             or fails. Small mixtures of experts on the CPU (W1 in ``benchmarks/``) then train
             1.1-1.3x faster once compiled, which takes 5-15 s per model and batch shape: worth it
             for long runs, not for short ones, hence off by default (docs/performance.md, round 12).
@@ -261,7 +261,14 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
-        self._losses = _compiled(self._forward_losses) if self.config.compile else self._forward_losses
+        self._losses, self._objective = self._forward_losses, self._forward_objective
+        if self.config.compile:
+            # A weighting with an epoch schedule stays out of the graph, which every new epoch would
+            # recompile; any other joins it (its few operators fuse into the losses' loops).
+            if type(self.weighting).on_epoch_end is LossWeighting.on_epoch_end:
+                self._objective = _compiled(self._forward_objective)
+            else:
+                self._losses = _compiled(self._forward_losses)
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
         self.optimizer, self._zero_grad, self._optimizer_step = build_adam(
             parameters, self.config.learning_rate, self.config.weight_decay, self.device, self.distributed)
@@ -269,14 +276,18 @@ class Trainer:
         total = sum(spec_weights.values())
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
 
-    def batch_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Each task's loss on ``batch`` through the training forward, compiled with ``compile``
-        (the model's forward and the losses as one graph; the weighting, whose state may change
-        between epochs, stays eager)."""
-        return self._losses(batch.inputs, batch.labels, batch.label_mask, batch.sample_weight, batch.all_labelled)
+    def batch_objective(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted total loss and each task's loss on ``batch``: the training forward, through
+        ``torch.compile`` with ``compile`` (model, losses and weighting as one graph per batch shape;
+        a weighting with an epoch schedule stays eager)."""
+        return self._objective(batch.inputs, batch.labels, batch.label_mask, batch.sample_weight, batch.all_labelled)
 
     def _forward_losses(self, inputs, labels, label_mask, sample_weight, all_labelled) -> dict[str, torch.Tensor]:
         return task_losses(self.train_module(inputs), labels, label_mask, self.tasks, sample_weight, all_labelled)
+
+    def _forward_objective(self, *batch_fields) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = self._losses(*batch_fields)
+        return self.weighting(losses)[0], losses
 
     @property
     def _higher_is_better(self) -> bool:
@@ -334,8 +345,7 @@ class Trainer:
                     shard = train.subset(order[self.rank::self.world_size][:rows_per_epoch])
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
                     batch = batch.to(self.device) if self.device.type != "cpu" else batch
-                    losses = self.batch_losses(batch)
-                    total, _ = self.weighting(losses)
+                    total, losses = self.batch_objective(batch)
                     self._zero_grad()
                     total.backward()
                     if c.gradient_clip is not None:
