@@ -56,10 +56,13 @@ class TrainerConfig:
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         compile: run the training forward, the task losses and their weighting through
-            ``torch.compile`` (one graph per batch shape); falls back to eager (with a warning) when compilation is unavailable
-            or fails. Small mixtures of experts on the CPU (W1 in ``benchmarks/``) then train
-            1.1-1.3x faster once compiled, which takes 5-15 s per model and batch shape: worth it
-            for long runs, not for short ones, hence off by default (docs/performance.md, round 12).
+            ``torch.compile`` (one graph per batch shape); falls back to eager (with a warning)
+            when compilation is unavailable or fails. On the CPU, small mixtures of experts (W1's
+            OMoE, MMoE, CGC and PLE in ``benchmarks/``) then train 1.25-1.47x faster, after a
+            first compile of 16-21 s for a model's two batch shapes (a few seconds from inductor's
+            cache after that); W1's Shared-Bottom and W2's models train slower compiled. Off by
+            default: it pays for long runs of small mixtures, not for short runs
+            (docs/performance.md, round 12).
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
