@@ -58,7 +58,7 @@ class TrainerConfig:
         compile: run the training forward, the task losses and their weighting through
             ``torch.compile`` (one graph per batch shape); falls back to eager (with a warning)
             when compilation is unavailable or fails. On the CPU, small mixtures of experts (W1's
-            OMoE, MMoE, CGC and PLE in ``benchmarks/``) then train 1.25-1.47x faster, after a
+            OMoE, MMoE, CGC and PLE in ``benchmarks/``) then train 1.23-1.47x faster, after a
             first compile of 16-21 s for a model's two batch shapes (a few seconds from inductor's
             cache after that); W1's Shared-Bottom and W2's models train slower compiled. Off by
             default: it pays for long runs of small mixtures, not for short runs
