@@ -320,3 +320,16 @@ def test_trainer_adam_step_goes_through_optimizer_step_when_something_watches_it
         scheduled = _train_with_build_adam(tasks, train, 0.0, setup=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.1).step)
     plain = _train_with_build_adam(tasks, train, 0.0)
     assert not all(torch.equal(p, q) for p, q in zip(scheduled.parameters(), plain.parameters()))
+
+
+def test_models_and_training_on_tensors_leave_pandas_unloaded():
+    """pandas and pyarrow (about 70 MB) load only when a table is read or preprocessed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtlkit, mtlkit.models, mtlkit.training, mtlkit.features, mtlkit.data; "
+            "print(sorted(m for m in ('pandas', 'pyarrow') if m in sys.modules)); "
+            "from mtlkit.features import TablePreprocessor; print('pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True"]
