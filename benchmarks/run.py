@@ -30,7 +30,7 @@ from rich.table import Table
 
 from benchmarks.libraries import LIBRARIES, build_mtlkit, import_error
 from benchmarks.machine import cpu_description, gemm_seconds, matmul_peak_gflops, step_profile
-from benchmarks.targets import judge, print_verdicts
+from benchmarks.targets import judge, print_verdicts, variant_shares
 from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
@@ -221,15 +221,15 @@ def _print_summary(report: dict) -> None:
                    "train x rechub", "train x deepctr", "infer x best ref", "infer % roofline (best ref)", "RSS / best ref"):
         table.add_column(column, justify="right")
     for e in report["results"]:
+        refs = {n: s for n, s in e["libraries"].items() if n in ("torch_rechub", "deepctr_torch") and "trainer_median" in s}
+        best_ref = max(refs.values(), key=lambda s: s["inference_median"], default=None)
+        best_infer = best_ref and best_ref["inference_median"]
+        best_rss = min((s["peak_rss_mb_max"] for s in refs.values()), default=None)
         for variant in MTLKIT_VARIANTS:
             ours = e["libraries"].get(variant, {})
             if "trainer_median" not in ours:
                 continue
-            derived = e if variant == "mtlkit" else e["variants"][variant]
-            refs = {n: s for n, s in e["libraries"].items() if n in ("torch_rechub", "deepctr_torch") and "trainer_median" in s}
-            best_ref = max(refs.values(), key=lambda s: s["inference_median"], default=None)
-            best_infer = best_ref and best_ref["inference_median"]
-            best_rss = min((s["peak_rss_mb_max"] for s in refs.values()), default=None)
+            derived = variant_shares(e, variant)
             cell = lambda name: f"{derived[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in derived else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
             table.add_row(e["workload"], e["model"] + variant[len("mtlkit"):], f"{ours['trainer_median']:,.0f}",
                           f"{100 * derived['trainer_share_of_roofline']:.0f}%", f"{100 * derived['trainer_share_of_gemm_bound']:.0f}%",

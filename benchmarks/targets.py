@@ -90,6 +90,12 @@ def _reference(entry: dict, target: Target) -> tuple[str | None, dict | None, st
     return None, None, f"{target.reference}: {slot['error'][:60]}" if slot and "error" in slot else f"{target.reference} not measured"
 
 
+def variant_shares(entry: dict, variant: str) -> dict:
+    """The shares and ratios ``benchmarks.run`` derived for one of mtlkit's variants: at the top of
+    the entry for ``"mtlkit"``, under ``entry["variants"]`` for the others."""
+    return entry if variant == "mtlkit" else entry["variants"][variant]
+
+
 def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
     """The verdict of ``target`` on one (workload, model) entry of the suite's report, for one of
     mtlkit's measured variants (``"mtlkit"``, its defaults, or ``"mtlkit (compiled)"``).
@@ -104,7 +110,7 @@ def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
     ours = entry["libraries"].get(variant, {})
     if "trainer_median" not in ours:
         return {**verdict, "status": f"not judged: {variant} {ours.get('error', 'not measured')[:60]}"}
-    derived = entry if variant == "mtlkit" else entry["variants"][variant]
+    derived = variant_shares(entry, variant)
     verdict["required"] = target.factor
     if target.measure in ("gemm_bound_share", "model_alone_share"):
         key = "trainer_share_of_gemm_bound" if target.measure == "gemm_bound_share" else "trainer_share_of_model_alone"
@@ -146,14 +152,13 @@ def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
 
 def judge(report: dict, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
     """Every target's verdict on every (workload, model) of ``report`` it applies to, for mtlkit's
-    defaults and, where it was measured, its compiled variant."""
+    defaults and every other variant measured there (its compiled one)."""
     verdicts = []
     for target in targets:
         for entry in report["results"]:
             if entry["workload"] == target.workload and (target.models is None or entry["model"] in target.models):
-                verdicts.append(judge_entry(entry, target))
-                if "mtlkit (compiled)" in entry.get("variants", {}):
-                    verdicts.append(judge_entry(entry, target, "mtlkit (compiled)"))
+                for variant in ["mtlkit", *entry.get("variants", {})]:
+                    verdicts.append(judge_entry(entry, target, variant))
     return verdicts
 
 

@@ -249,7 +249,9 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
 
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
-    """:func:`_layer` without the ReLU, in differentiable operators (shapes as there)."""
+    """:func:`_layer` without the ReLU, in differentiable operators (shapes as there). A GEMM then an
+    add, not ``_layer``'s ``addmm`` / ``baddbmm``, whose broadcast bias inductor keeps as a copy: with
+    them W1's compiled steps took 7 % longer (PLE 1,663 vs 1,553 us, MMoE 1,185 vs 1,104)."""
     if shared:
         out = torch.mm(weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
     else:
