@@ -36,14 +36,23 @@ def import_error(library: str) -> str | None:
         return f"{type(error).__name__}: {error}"
 
 
-def _windows(run_step: Callable[[], None], batch: int, windows: int, steps: int, warmup: int) -> list[float]:
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for the device's queued work before a clock is read (nothing on the CPU)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def _windows(run_step: Callable[[], None], batch: int, windows: int, steps: int, warmup: int,
+             device: str = "cpu") -> list[float]:
+    sync = synchronizer(device)
     for _ in range(warmup):
         run_step()
     rates = []
     for _ in range(windows):
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             run_step()
+        sync()
         rates.append(steps * batch / (time.perf_counter() - start))
     return rates
 
@@ -77,7 +86,7 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
 
 
 def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
-                   compile_model: bool = False) -> dict[str, list[float]]:
+                   compile_model: bool = False, device: str = "cpu") -> dict[str, list[float]]:
     from mtlkit.training import Trainer, TrainerConfig
     from mtlkit.training.optimizer import build_adam
 
@@ -87,21 +96,23 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     # Through the trainer: time windows of optimizer steps with its step callback.
     marks: list[float] = []
     total = warmup + windows * steps
+    sync = synchronizer(device)
 
     def on_step(step: int) -> None:
         if step >= warmup and (step - warmup) % steps == 0:
+            sync()
             marks.append(time.perf_counter())
 
     trainer = Trainer(model, TrainerConfig(batch_size=batch, max_steps=total, max_epochs=None, eval_every=total,
-                                           patience=None, progress=False, compile=compile_model))
+                                           patience=None, progress=False, compile=compile_model, device=device))
     trainer.fit(dataset, step_callback=on_step)
     train = [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
 
     # The model alone: the same step (the trainer's own forward, losses and weighting, compiled or
     # not) on one fixed batch, no data path.
-    fixed = dataset.subset(slice(0, batch))
+    fixed = dataset.subset(slice(0, batch)).to(trainer.device)
     fixed_batch = next(fixed.batches(batch))
-    _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, torch.device("cpu"))  # as the trainer's
+    _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, trainer.device)  # as the trainer's
 
     def model_step() -> None:
         total_loss, _ = trainer.batch_objective(fixed_batch)
@@ -110,14 +121,14 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
         optimizer_step()
 
     model.train()
-    alone = _windows(model_step, batch, windows, steps, warmup)
+    alone = _windows(model_step, batch, windows, steps, warmup, device)
     model.eval()
 
     def infer_step() -> None:
         with torch.inference_mode():
             model(fixed.inputs)
 
-    infer = _windows(infer_step, batch, windows, steps, warmup)
+    infer = _windows(infer_step, batch, windows, steps, warmup, device)
     return {"trainer": train, "model_alone": alone, "inference": infer}
 
 
@@ -126,20 +137,26 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def _timed_trainer_windows(one_window: Callable[[], None], rows: int, windows: int) -> list[float]:
+def _timed_trainer_windows(one_window: Callable[[], None], rows: int, windows: int, device: str = "cpu") -> list[float]:
     """Samples/s of whole calls of a reference trainer (each call is one epoch over ``rows``)."""
     one_window()  # warm-up
+    sync = synchronizer(device)
     rates = []
     for _ in range(windows):
+        sync()
         start = time.perf_counter()
         one_window()
+        sync()
         rates.append(rows / (time.perf_counter() - start))
     return rates
 
 
 def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.Tensor, loss_fn, batch: int,
-                               windows: int, steps: int, warmup: int) -> dict[str, list[float]]:
+                               windows: int, steps: int, warmup: int, device: str = "cpu") -> dict[str, list[float]]:
     """A reference model's own step (forward, mean of the task losses, backward, Adam) and its inference."""
+    model.to(device)
+    fixed_x = fixed_x.to(device) if isinstance(fixed_x, torch.Tensor) else {k: v.to(device) for k, v in fixed_x.items()}
+    fixed_y = fixed_y.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def model_step() -> None:
@@ -154,13 +171,13 @@ def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.T
             model(fixed_x)
 
     model.train()
-    alone = _windows(model_step, batch, windows, steps, warmup)
+    alone = _windows(model_step, batch, windows, steps, warmup, device)
     model.eval()
-    return {"model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup)}
+    return {"model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup, device)}
 
 
 def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
-                   warmup: int) -> dict[str, list[float]]:
+                   warmup: int, device: str = "cpu") -> dict[str, list[float]]:
     from torch_rechub.basic.features import DenseFeature, SparseFeature
     from torch_rechub.models.multi_task import ESMM, MMOE, PLE, SharedBottom
     from torch_rechub.trainers import MTLTrainer
@@ -205,21 +222,21 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     # Its trainer saves the model into model_path: a folder that is removed afterwards.
     with tempfile.TemporaryDirectory(prefix="rechub-bench-") as folder:
         trainer = MTLTrainer(model, task_types=[task_type] * 2, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
-                             n_epoch=1, earlystop_patience=10_000, device="cpu", model_path=folder)
+                             n_epoch=1, earlystop_patience=10_000, device=device, model_path=folder)
 
         def one_window() -> None:
             with _quiet():
                 trainer.fit(loaders[0], loaders[1])
 
-        train = _timed_trainer_windows(one_window, rows, windows)
+        train = _timed_trainer_windows(one_window, rows, windows, device)
     fixed_x = {k: torch.as_tensor(v[:batch]) for k, v in x.items()}
     loss_fn = F.mse_loss if task_type == "regression" else F.binary_cross_entropy
     return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.as_tensor(y[:batch]), loss_fn,
-                                                           batch, windows, steps, warmup)}
+                                                           batch, windows, steps, warmup, device)}
 
 
 def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
-                    warmup: int) -> dict[str, list[float]]:
+                    warmup: int, device: str = "cpu") -> dict[str, list[float]]:
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import ESMM, MMOE, PLE, SharedBottom
 
@@ -236,7 +253,7 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
         x = {"x": data.dense}
     columns = sparse + dense
     common = dict(task_types=(workload.task_type,) * 2, task_names=("task0", "task1"), l2_reg_linear=0.0,
-                  l2_reg_embedding=0.0, tower_dnn_hidden_units=workload.tower_hidden, seed=0)
+                  l2_reg_embedding=0.0, tower_dnn_hidden_units=workload.tower_hidden, seed=0, device=device)
     if model_name == "shared_bottom":
         model = SharedBottom(columns, bottom_dnn_hidden_units=workload.expert_hidden, **common)
     elif model_name == "mmoe":
@@ -261,13 +278,13 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
     def one_window() -> None:
         model.fit(x_window, y[:rows], batch_size=batch, epochs=1, verbose=0)
 
-    train = _timed_trainer_windows(one_window, rows, windows)
+    train = _timed_trainer_windows(one_window, rows, windows, device)
     # deepctr models take one concatenated float tensor in feature-index order.
     fixed_x = torch.from_numpy(np.concatenate([np.asarray(x[name][:batch], dtype=np.float32).reshape(batch, -1)
                                                for name in model.feature_index], axis=1))
     loss_fn = F.mse_loss if workload.task_type == "regression" else F.binary_cross_entropy
     return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.from_numpy(y[:batch]), loss_fn,
-                                                           batch, windows, steps, warmup)}
+                                                           batch, windows, steps, warmup, device)}
 
 
 MEASURE = {"mtlkit": mtlkit_measure, "torch_rechub": rechub_measure, "deepctr_torch": deepctr_measure}

@@ -49,8 +49,11 @@ def main() -> None:
     result = {"library": spec["library"], "workload": spec["workload"], "model": spec["model"]}
     try:
         kwargs = {"compile_model": True} if spec.get("compile") else {}
+        device = spec.get("device", "cpu")
         result.update(MEASURE[spec["library"]](workload, spec["model"], data, spec["windows"], spec["steps"],
-                                               spec["warmup"], **kwargs))
+                                               spec["warmup"], device=device, **kwargs))
+        if torch.device(device).type == "cuda":
+            result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     except NotImplementedError as error:
         result["error"] = f"not available: {error}"
     except Exception as error:  # a reference library crashing is a result, not a benchmark failure

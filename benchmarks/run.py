@@ -4,6 +4,7 @@
     python -m benchmarks.run --workloads W2 --models mmoe,ple --rounds 3
     python -m benchmarks.run --tiny               # seconds: checks the suite end to end
     python -m benchmarks.run --compile W1,W2      # mtlkit also with training.compile on both (default: W1)
+    python -m benchmarks.run --device cuda        # every library on the GPU (no targets: issue 4's are the CPU's)
 
 Each (library, workload, model) is measured in a fresh process (so its peak RSS is its own), and
 libraries alternate round by round (A B A B) so machine drift hits all of them alike. The same run
@@ -47,8 +48,9 @@ def _measure(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def _roofline(workload_name: str, model_name: str, batch_size: int | None) -> dict:
-    """FLOPs per sample and GEMM-only bound of one mtlkit training step and of one inference batch."""
+def _roofline(workload_name: str, model_name: str, batch_size: int | None, gemm_bound: bool = True) -> dict:
+    """FLOPs per sample and (with ``gemm_bound``) the GEMM-only bound on this CPU of one mtlkit
+    training step and of one inference batch."""
     import dataclasses
 
     from mtlkit.objectives import FixedWeighting, task_losses
@@ -65,11 +67,11 @@ def _roofline(workload_name: str, model_name: str, batch_size: int | None) -> di
         total.backward()
 
     flops, calls = step_profile(step)
-    captured = {}
-    captured["flops_per_sample"] = flops / workload.batch_size
-    captured["gemm_seconds_per_step"] = gemm_seconds(calls)
-    captured["gemm_bound_samples_per_s"] = workload.batch_size / captured["gemm_seconds_per_step"]
-    captured["gemm_calls_per_step"] = len(calls)
+    captured = {"flops_per_sample": flops / workload.batch_size, "gemm_calls_per_step": len(calls),
+                "gemm_bound_samples_per_s": None, "inference_gemm_bound_samples_per_s": None}
+    if gemm_bound:
+        captured["gemm_seconds_per_step"] = gemm_seconds(calls)
+        captured["gemm_bound_samples_per_s"] = workload.batch_size / captured["gemm_seconds_per_step"]
 
     # Inference has a roofline of its own (a third of the training FLOPs): where a reference
     # already runs near it, no implementation of the same maths can be much faster.
@@ -81,7 +83,8 @@ def _roofline(workload_name: str, model_name: str, batch_size: int | None) -> di
 
     flops, calls = step_profile(infer)
     captured["inference_flops_per_sample"] = flops / workload.batch_size
-    captured["inference_gemm_bound_samples_per_s"] = workload.batch_size / gemm_seconds(calls)
+    if gemm_bound:
+        captured["inference_gemm_bound_samples_per_s"] = workload.batch_size / gemm_seconds(calls)
     return captured
 
 
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", default="W1", help="workloads on which mtlkit is also measured with training.compile "
                                                          "(torch.compile of its forward, losses and weighting; '' for none)")
     parser.add_argument("--tiny", action="store_true", help="tiny batches and windows: an end-to-end check, not a measurement")
+    parser.add_argument("--device", default="cpu", help="where every library trains: 'cpu' (issue 4's targets are judged "
+                                                        "there) or 'cuda' (throughputs, ratios and peak GPU memory)")
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args(argv)
 
@@ -107,11 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     libraries = [lib for lib, error in errors.items() if not error]
     compiled_on = {w for w in args.compile.split(",") if w}
 
-    peak = matmul_peak_gflops()
+    on_cpu = torch.device(args.device).type == "cpu"
+    peak = matmul_peak_gflops(device=args.device)
     cpu = cpu_description()
-    console.print(f"matmul peak ([2048x512]@[512x2048], {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s on {cpu}")
+    where = cpu if on_cpu else f"{torch.cuda.get_device_name(args.device)} (host: {cpu})"
+    console.print(f"fp32 matmul peak ([2048x512]@[512x2048], {args.device}, {torch.get_num_threads()} CPU threads): "
+                  f"{peak:.1f} GFLOP/s on {where}")
     report = {"machine": {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "matmul_peak_gflops": peak},
+                          "torch": torch.__version__, "matmul_peak_gflops": peak, "device": args.device}
+              | ({} if on_cpu else {"gpu": torch.cuda.get_device_name(args.device)}),
               "settings": vars(args), "results": []}
     started = time.perf_counter()
     for workload_name in args.workloads.split(","):
@@ -119,11 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size = 64 if args.tiny else None
         models = args.models.split(",") if args.models else list(workload.models)
         for model_name in [m for m in models if m in workload.models]:
-            roof = _roofline(workload_name, model_name, batch_size)
+            roof = _roofline(workload_name, model_name, batch_size, gemm_bound=on_cpu)
             roof["roofline_samples_per_s"] = peak * 1e9 / roof["flops_per_sample"]
             roof["inference_roofline_samples_per_s"] = peak * 1e9 / roof["inference_flops_per_sample"]
-            # Window length from the GEMM bound: about window_seconds at a third of it.
-            steps = 2 if args.tiny else max(5, int(args.window_seconds * roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size))
+            # Window length from the GEMM bound: about window_seconds at a third of it. A GPU runs
+            # these small steps at the pace of its kernel launches instead: 400 steps a second.
+            rate = roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size if on_cpu else 400
+            steps = 2 if args.tiny else max(5, int(args.window_seconds * rate))
             entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps,
                      "windows_per_round": 1 if args.tiny else args.windows, "libraries": {}}
             variants = [(lib, False) for lib in libraries]
@@ -134,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
                     key = library + (" (compiled)" if compiled else "")
                     spec = {"library": library, "workload": workload_name, "model": model_name, "steps": steps,
                             "windows": 1 if args.tiny else args.windows, "warmup": 1 if args.tiny else 3,
-                            "compile": compiled, "batch_size": batch_size, "rows": 512 if args.tiny else None}
+                            "compile": compiled, "batch_size": batch_size, "rows": 512 if args.tiny else None,
+                            "device": args.device}
                     result = _measure(spec)
                     slot = entry["libraries"].setdefault(key, {k: [] for k in KINDS} | {"peak_rss_mb": []})
                     if "error" in result:
@@ -143,11 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
                     for kind in KINDS:
                         slot[kind] += result[kind]
                     slot["peak_rss_mb"].append(result["peak_rss_mb"])
+                    if "peak_gpu_memory_mb" in result:
+                        slot.setdefault("peak_gpu_memory_mb", []).append(result["peak_gpu_memory_mb"])
             _summarise_entry(entry)
             report["results"].append(entry)
             _print_entry(entry)
     report["seconds"] = time.perf_counter() - started
-    report["targets"] = judge(report)
+    report["targets"] = judge(report) if on_cpu else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -168,12 +182,14 @@ def _summarise_entry(entry: dict) -> None:
             slot[f"{kind}_median"] = statistics.median(values)
             slot[f"{kind}_min"], slot[f"{kind}_max"] = min(values), max(values)
         slot["peak_rss_mb_max"] = max(slot["peak_rss_mb"])
+        if "peak_gpu_memory_mb" in slot:
+            slot["peak_gpu_memory_mb_max"] = max(slot["peak_gpu_memory_mb"])
         slot["inference_share_of_roofline"] = slot["inference_median"] / entry["inference_roofline_samples_per_s"]
     for variant in MTLKIT_VARIANTS:
         ours = entry["libraries"].get(variant, {})
         if "trainer_median" in ours:
             derived = {"trainer_share_of_roofline": ours["trainer_median"] / entry["roofline_samples_per_s"],
-                       "trainer_share_of_gemm_bound": ours["trainer_median"] / entry["gemm_bound_samples_per_s"],
+                       "trainer_share_of_gemm_bound": _share(ours["trainer_median"], entry["gemm_bound_samples_per_s"]),
                        "trainer_share_of_model_alone": ours["trainer_median"] / ours["model_alone_median"]}
             for name, slot in entry["libraries"].items():
                 if name not in MTLKIT_VARIANTS and "trainer_median" in slot:
@@ -188,6 +204,18 @@ def _summarise_entry(entry: dict) -> None:
                 entry.setdefault("variants", {})[variant] = derived
 
 
+def _share(value: float, bound: float | None) -> float | None:
+    return None if bound is None else value / bound
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}/s"
+
+
 def _ratios_by_round(ours: list[float], theirs: list[float], windows: int | None) -> list[float]:
     """Median over median of each A B round: the two libraries measured back to back, so the spread
     of these ratios shows how much the machine moved within the run."""
@@ -199,19 +227,22 @@ def _ratios_by_round(ours: list[float], theirs: list[float], windows: int | None
 
 def _print_entry(entry: dict) -> None:
     table = Table(title=f"{entry['workload']} {entry['model']}: {entry['flops_per_sample'] / 1e3:.1f} kFLOP/sample (train), "
-                        f"roofline {entry['roofline_samples_per_s']:,.0f}/s, GEMM-only bound {entry['gemm_bound_samples_per_s']:,.0f}/s; "
+                        f"roofline {_rate(entry['roofline_samples_per_s'])}, GEMM-only bound {_rate(entry['gemm_bound_samples_per_s'])}; "
                         f"inference {entry['inference_flops_per_sample'] / 1e3:.1f} kFLOP/sample, roofline "
-                        f"{entry['inference_roofline_samples_per_s']:,.0f}/s, GEMM-only bound {entry['inference_gemm_bound_samples_per_s']:,.0f}/s")
-    for column in ("library", "trainer samples/s (median, min-max)", "model alone", "inference", "inference % roofline",
-                   "peak RSS MB"):
+                        f"{_rate(entry['inference_roofline_samples_per_s'])}, GEMM-only bound {_rate(entry['inference_gemm_bound_samples_per_s'])}")
+    gpu = any("peak_gpu_memory_mb_max" in slot for slot in entry["libraries"].values())
+    columns = ["library", "trainer samples/s (median, min-max)", "model alone", "inference", "inference % roofline",
+               "peak RSS MB"] + (["peak GPU MB"] if gpu else [])
+    for column in columns:
         table.add_column(column, justify="right" if column != "library" else "left")
     for name, slot in entry["libraries"].items():
         if "trainer_median" not in slot:
-            table.add_row(name, slot.get("error", "no result"), "", "", "", "")
+            table.add_row(name, slot.get("error", "no result"), *[""] * (len(columns) - 2))
             continue
         table.add_row(name, f"{slot['trainer_median']:,.0f} ({slot['trainer_min']:,.0f}-{slot['trainer_max']:,.0f})",
                       f"{slot['model_alone_median']:,.0f}", f"{slot['inference_median']:,.0f}",
-                      f"{100 * slot['inference_share_of_roofline']:.0f}%", f"{slot['peak_rss_mb_max']:.0f}")
+                      f"{100 * slot['inference_share_of_roofline']:.0f}%", f"{slot['peak_rss_mb_max']:.0f}",
+                      *([f"{slot['peak_gpu_memory_mb_max']:.0f}"] if gpu else []))
     console.print(table)
 
 
@@ -232,7 +263,7 @@ def _print_summary(report: dict) -> None:
             derived = variant_shares(e, variant)
             cell = lambda name: f"{derived[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in derived else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
             table.add_row(e["workload"], e["model"] + variant[len("mtlkit"):], f"{ours['trainer_median']:,.0f}",
-                          f"{100 * derived['trainer_share_of_roofline']:.0f}%", f"{100 * derived['trainer_share_of_gemm_bound']:.0f}%",
+                          _percent(derived['trainer_share_of_roofline']), _percent(derived['trainer_share_of_gemm_bound']),
                           f"{100 * derived['trainer_share_of_model_alone']:.0f}%", cell("torch_rechub"), cell("deepctr_torch"),
                           f"{ours['inference_median'] / best_infer:.2f}x" if best_infer else "-",
                           f"{100 * ours['inference_share_of_roofline']:.0f}%"

@@ -136,16 +136,41 @@ class MultiTaskTensors:
     def num_tasks(self) -> int:
         return self.labels.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors are (all on one device)."""
+        return self.labels.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the dataset's tensors (inputs, labels, mask, weights)."""
+        tensors = [self.labels, self.label_mask, *([] if self.sample_weight is None else [self.sample_weight])]
+        tensors += [self.inputs] if isinstance(self.inputs, torch.Tensor) else list(self.inputs.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _map(self, fn) -> "MultiTaskTensors":
+        out = MultiTaskTensors.__new__(MultiTaskTensors)
+        out.inputs = map_inputs(self.inputs, fn)
+        out.labels = fn(self.labels)
+        out.label_mask = fn(self.label_mask)
+        out.task_names = self.task_names
+        out.sample_weight = None if self.sample_weight is None else fn(self.sample_weight)
+        return out
+
+    def to(self, device: torch.device | str) -> "MultiTaskTensors":
+        """The dataset with every tensor on ``device`` (itself when already there): on a GPU, batches
+        are then gathered there, with no copy from the host per step."""
+        device = torch.device(device)
+        if self.device == device or (device.index is None and self.device.type == device.type):
+            return self
+        return self._map(lambda t: t.to(device))
+
     def subset(self, index: torch.Tensor | slice) -> "MultiTaskTensors":
         """Rows ``index`` (a slice gives views; an index tensor one gather per tensor)."""
-        take = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t.index_select(0, index))
-        out = MultiTaskTensors.__new__(MultiTaskTensors)
-        out.inputs = map_inputs(self.inputs, take)
-        out.labels = take(self.labels)
-        out.label_mask = take(self.label_mask)
-        out.task_names = self.task_names
-        out.sample_weight = None if self.sample_weight is None else take(self.sample_weight)
-        return out
+        if isinstance(index, slice):
+            return self._map(lambda t: t[index])
+        index = index.to(self.device)
+        return self._map(lambda t: t.index_select(0, index))
 
     def split(self, fractions: Sequence[float], seed: int = 0) -> list["MultiTaskTensors"]:
         """Random disjoint splits with the given fractions of the rows (they must sum to <= 1)."""
@@ -166,7 +191,8 @@ class MultiTaskTensors:
         once per epoch, which allocates (and page-faults) a full copy of it."""
         n = len(self)
         all_labelled = bool(self.label_mask.all())  # once per pass, not once per step
-        order = torch.randperm(n, generator=generator) if shuffle else None
+        # Drawn on the host from the CPU generator: the same seed gives the same order on every device.
+        order = torch.randperm(n, generator=generator).to(self.device) if shuffle else None
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             end = min(start + batch_size, n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -178,13 +179,27 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            rank = int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
-            return torch.device("cuda", rank % torch.cuda.device_count())
+            # torchrun's LOCAL_RANK: the process's place on its own machine (the global rank is not).
+            local_rank = int(os.environ.get("LOCAL_RANK", "0")) if dist.is_available() and dist.is_initialized() else 0
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"training.device: unknown device {name!r}; expected 'auto', 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
+    return device
+
+
+def _to_training_device(data: MultiTaskTensors, device: torch.device) -> MultiTaskTensors:
+    """``data`` on ``device`` when it fits in half the GPU's free memory, so each step gathers its
+    batch there; else (or on the CPU) ``data`` itself, whose batches are then copied per step."""
+    if device.type == "cpu" or data.device == device:
+        return data
+    if device.type == "cuda" and data.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        return data
+    return data.to(device)
 
 
 def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str) -> None:
@@ -200,15 +215,18 @@ def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...],
-             batch_size: int = 16384, device: torch.device | str = "cpu",
+             batch_size: int = 16384, device: torch.device | str | None = None,
              groups: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
-    """Loss and metrics of every task on ``data`` (exact over all labelled rows, not batch means).
+    """Loss and metrics of every task on ``data`` (exact over all labelled rows, not batch means),
+    computed on ``device`` (default: where the model's parameters are).
 
     With ``groups`` (``(N,)`` group ids, e.g. users), binary tasks also get ``gauc`` from the same
     forward pass.
 
     Returns ``{task: {"loss": ..., metric: ..., "count": ...}}``.
     """
+    if device is None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
     was_training = model.training
     model.eval()
     try:
@@ -318,6 +336,9 @@ class Trainer:
             _check_tasks(self.tasks, valid, "valid")
         for name, data in (extra_eval or {}).items():
             _check_tasks(self.tasks, data, name)
+        train = _to_training_device(train, self.device)
+        valid = None if valid is None else _to_training_device(valid, self.device)
+        extra_eval = {name: _to_training_device(data, self.device) for name, data in (extra_eval or {}).items()}
         torch.manual_seed(c.seed + self.rank)
         generator = torch.Generator().manual_seed(c.seed)  # same permutation on every rank, then sharded
 
@@ -347,7 +368,8 @@ class Trainer:
                     order = torch.randperm(len(train), generator=generator)
                     shard = train.subset(order[self.rank::self.world_size][:rows_per_epoch])
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
-                    batch = batch.to(self.device) if self.device.type != "cpu" else batch
+                    if batch.labels.device != self.device:  # a table too large for the GPU: copied per step
+                        batch = batch.to(self.device)
                     total, losses = self.batch_objective(batch)
                     self._zero_grad()
                     total.backward()

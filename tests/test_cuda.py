@@ -1,0 +1,109 @@
+"""The same code on a GPU as on the CPU. Skipped where CUDA is absent (CI has none); on a GPU
+machine: ``python -m pytest tests/test_cuda.py`` (the rest of the suite then trains on the GPU too,
+since ``training.device`` defaults to ``auto``)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from mtlkit import TaskSpec
+from mtlkit.data import MultiTaskTensors, make_synthetic
+from mtlkit.features import EncoderConfig, FeatureEncoder
+from mtlkit.models import TabularMultiTaskModel, build_model, esmm_tasks, get_model_class, list_models
+from mtlkit.training import Trainer, TrainerConfig, load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tasks(name):
+    if not get_model_class(name).any_number_of_tasks:
+        return esmm_tasks()
+    return [TaskSpec("click", "binary"), TaskSpec("watch", "regression"), TaskSpec("buy", "binary")]
+
+
+def _outputs_and_gradients(model, inputs):
+    outputs = model(inputs)
+    sum(o.pow(2).mean() for o in outputs.values()).backward()
+    return outputs, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_same_on_both(model, inputs):
+    """Forward and every gradient of ``model`` (float64) on the CPU and on the GPU agree."""
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_inputs = inputs.cuda() if isinstance(inputs, torch.Tensor) else {k: v.cuda() for k, v in inputs.items()}
+    cpu_out, cpu_grads = _outputs_and_gradients(model, inputs)
+    gpu_out, gpu_grads = _outputs_and_gradients(gpu_model, gpu_inputs)
+    for task, value in cpu_out.items():
+        assert gpu_out[task].device.type == "cuda"
+        torch.testing.assert_close(gpu_out[task].cpu(), value, rtol=1e-10, atol=1e-12)
+    for name, grad in cpu_grads.items():
+        assert gpu_grads[name] is not None, name
+        torch.testing.assert_close(gpu_grads[name].cpu(), grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("rows", [64, 4096])  # 4096 rows of 256-wide layers: the fused ReLU stacks' path
+def test_every_model_computes_on_the_gpu_what_it_computes_on_the_cpu(name, rows):
+    fields = {f.name for f in dataclasses.fields(get_model_class(name).config_class)}
+    wide = {key: (256, 32) for key in ("expert_hidden", "bottom_hidden", "tower_hidden") if key in fields}
+    model = build_model(name, input_dim=40, tasks=_tasks(name), dropout=0.0, **wide).double()
+    _assert_same_on_both(model, torch.randn(rows, 40, dtype=torch.float64))
+
+
+def test_embedding_tables_learn_the_same_on_the_gpu():
+    encoder = FeatureEncoder(EncoderConfig(num_dense=3, categorical_cardinalities=[5, 60, 7],
+                                           categorical_embedding_dims=[4, 8, 4]))
+    model = TabularMultiTaskModel(encoder, build_model("mmoe", input_dim=encoder.output_dim, tasks=_tasks("mmoe"))).double()
+    inputs = {"dense": torch.randn(512, 3, dtype=torch.float64),
+              "categorical": torch.stack([torch.randint(0, c, (512,)) for c in (5, 60, 7)], 1)}
+    _assert_same_on_both(model, inputs)
+
+
+def _synthetic():
+    data = make_synthetic(correlation=0.5, num_rows=3000, input_dim=20, num_sine_terms=2, seed=0)
+    return data.tasks, data.to_tensors().split([0.8, 0.2], seed=0)
+
+
+def test_trainer_keeps_the_table_on_the_gpu_and_learns_what_the_cpu_learns(tmp_path, monkeypatch):
+    tasks, (train, valid) = _synthetic()
+    moved = []
+    original_to = MultiTaskTensors.to
+    monkeypatch.setattr(MultiTaskTensors, "to", lambda self, device: moved.append(device) or original_to(self, device))
+    results = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = build_model("ple", input_dim=20, tasks=tasks, num_levels=2)
+        trainer = Trainer(model, TrainerConfig(max_steps=60, max_epochs=None, eval_every=20, batch_size=128,
+                                               progress=False, device=device))
+        moved.clear()
+        result = trainer.fit(train, valid)
+        results[device] = (model, result)
+        if device == "cuda":
+            assert next(model.parameters()).device.type == "cuda"
+            assert len(moved) == 2  # the training and validation tables, once each (never per batch)
+    cpu, gpu = (results[d][1] for d in ("cpu", "cuda"))
+    # Same seed, same batches; float32 sums in another order drift a little over 60 Adam steps.
+    for a, b in zip(cpu.history, gpu.history):
+        assert (a["step"], a["split"], a["task"]) == (b["step"], b["split"], b["task"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    path = save_checkpoint(tmp_path / "gpu.pt", results["cuda"][0])
+    loaded, _ = load_checkpoint(path)  # weights_only, onto the CPU
+    x = valid.inputs[:50]
+    gpu_model = results["cuda"][0].eval()
+    with torch.no_grad():
+        for task, value in loaded.eval()(x).items():
+            torch.testing.assert_close(value, gpu_model(x.cuda())[task].cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_training_on_the_gpu_matches_eager():
+    tasks, (train, valid) = _synthetic()
+    losses = {}
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4)
+        result = Trainer(model, TrainerConfig(max_steps=30, max_epochs=None, eval_every=10, batch_size=256,
+                                              progress=False, device="cuda", compile=compile_)).fit(train, valid)
+        losses[compile_] = [row["loss"] for row in result.history]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
