@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(report, indent=2))
     tmp.replace(out)
     _print_summary(report)
-    print_verdicts(report["targets"], console)
+    if on_cpu:
+        print_verdicts(report["targets"], console)
     console.print(f"wrote {out} ({report['seconds']:.0f} s)")
     return report
 

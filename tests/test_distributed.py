@@ -2,7 +2,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from mtlkit import ConfigError
+from mtlkit.training import distributed
 
 
 def test_torchrun_ddp_on_cpu(tmp_path):
@@ -16,3 +20,18 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     for name, value in ranks[0]["state"].items():
         torch.testing.assert_close(ranks[1]["state"][name], value)  # DDP kept the replicas identical
     assert ranks[0]["after"] < 0.5 * ranks[0]["before"]
+
+
+@pytest.mark.parametrize("gpus, local_processes, expected", [(0, 2, "gloo"), (1, 2, "gloo"), (2, 2, "nccl"), (4, 2, "nccl")])
+def test_nccl_only_where_every_local_process_has_a_gpu(monkeypatch, gpus, local_processes, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+    assert distributed._default_backend() == expected
+
+
+def test_a_bad_backend_override_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MTLKIT_DISTRIBUTED_BACKEND", "mpi")
+    with pytest.raises(ConfigError, match="MTLKIT_DISTRIBUTED_BACKEND.*'mpi'"):
+        distributed.init_distributed()

@@ -124,6 +124,25 @@ def test_shuffled_batches_carry_their_rows_labels_and_masks(missing):
         assert batch.all_labelled is not missing
 
 
+def test_a_dataset_moves_whole_and_counts_its_bytes():
+    x = {"dense": torch.randn(10, 3), "categorical": torch.randint(0, 5, (10, 2))}
+    data = MultiTaskTensors(x, torch.randn(10, 2), ["a", "b"], sample_weight=torch.ones(10))
+    assert data.to("cpu") is data and data.device == torch.device("cpu")
+    assert data.nbytes == 10 * 3 * 4 + 10 * 2 * 8 + 10 * 2 * 4 + 10 * 2 * 1 + 10 * 4
+    moved = data.to("meta")  # any other device: every tensor goes, mask and weights included
+    assert {t.device.type for t in (moved.inputs["dense"], moved.inputs["categorical"], moved.labels,
+                                    moved.label_mask, moved.sample_weight)} == {"meta"}
+    assert moved.subset(torch.tensor([1, 3])).labels.shape == (2, 2)  # a host index is moved to the data
+
+
+def test_evaluate_runs_where_the_model_is_by_default():
+    tasks, (train, valid) = synthetic_splits()
+    model = build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4)
+    assert evaluate(model, valid, tasks) == evaluate(model, valid, tasks, device="cpu")
+    with pytest.raises(RuntimeError):  # the meta device holds no numbers: proof the default followed the model
+        evaluate(model.to("meta"), valid, tasks)
+
+
 def test_task_count_mismatch_is_a_clear_error():
     tasks, (train, valid) = synthetic_splits()
     model = build_model("mmoe", input_dim=20, tasks=["y1", "y2", "y3"])

@@ -238,14 +238,18 @@ class StackedMLP(nn.Module):
         # Activations per input row in the widest layer, all stacks together.
         self.max_activations_per_row = max(num_stacks * size for size in sizes)
 
-    # The fused path saves memory traffic but runs its backward in Python: it pays off from about
-    # a million activations in a layer (W2's experts: 4.2 M, 18 % less time per step), and costs 4-16 %
-    # on small stacks (W1's experts, 0.13 M; W2's towers, 0.26 M). See docs/performance.md.
+    # The fused path saves memory traffic but runs its backward in Python: on the CPU it pays off from
+    # about a million activations in a layer (W2's experts: 4.2 M, 18 % less time per step), and costs
+    # 4-16 % on small stacks (W1's experts, 0.13 M; W2's towers, 0.26 M). On a GPU, whose memory is
+    # fast and whose step is paced by kernel launches, autograd's modules were faster (an H200: W2
+    # MMoE 2.45 against 3.07 ms per step, PLE 3.84 against 5.37). See docs/performance.md.
     FUSED_MIN_ACTIVATIONS = 1 << 20
 
     def takes_fused_path(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs the fused ReLU stack (large enough, ReLU, no norm, no dropout)."""
-        return self.fused and x.shape[0] * self.max_activations_per_row >= self.FUSED_MIN_ACTIVATIONS
+        """Whether ``forward(x)`` runs the fused ReLU stack (on the CPU, large enough, ReLU, no norm,
+        no dropout)."""
+        return (self.fused and x.device.type == "cpu"
+                and x.shape[0] * self.max_activations_per_row >= self.FUSED_MIN_ACTIVATIONS)
 
     def fused_forward(self, x: torch.Tensor, input_group_sizes: Sequence[int] | None = None) -> torch.Tensor:
         """The fused path, optionally with stacks reading runs of a grouped input (see ``stacked_relu_mlp``)."""

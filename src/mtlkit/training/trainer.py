@@ -236,6 +236,7 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
             for name in chunks:
                 chunks[name].append(outputs[name].float().cpu())
         outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
+        data = data.to("cpu")  # the losses and metrics are computed on the host, with the outputs
         losses = task_losses(outputs, data.labels, data.label_mask, tasks, data.sample_weight)
         metrics = task_metrics(outputs, data.labels, data.label_mask, tasks)
         if groups is not None:
