@@ -338,6 +338,7 @@ class Trainer:
         for name, data in (extra_eval or {}).items():
             _check_tasks(self.tasks, data, name)
         train = _to_training_device(train, self.device)
+        copy_batches = train.device != self.device  # a table too large for the GPU: each batch is copied
         valid = None if valid is None else _to_training_device(valid, self.device)
         extra_eval = {name: _to_training_device(data, self.device) for name, data in (extra_eval or {}).items()}
         torch.manual_seed(c.seed + self.rank)
@@ -369,7 +370,7 @@ class Trainer:
                     order = torch.randperm(len(train), generator=generator)
                     shard = train.subset(order[self.rank::self.world_size][:rows_per_epoch])
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
-                    if batch.labels.device != self.device:  # a table too large for the GPU: copied per step
+                    if copy_batches:
                         batch = batch.to(self.device)
                     total, losses = self.batch_objective(batch)
                     self._zero_grad()
