@@ -1,4 +1,4 @@
-"""Run under torchrun by test_distributed.py: two CPU processes train one model with DDP."""
+"""Run under torchrun by test_distributed.py: two processes (on the CPU, or sharing a GPU) train one model with DDP."""
 
 import sys
 

@@ -9,7 +9,8 @@ from mtlkit import ConfigError
 from mtlkit.training import distributed
 
 
-def test_torchrun_ddp_on_cpu(tmp_path):
+def test_torchrun_ddp_with_two_ranks(tmp_path):
+    # On the CPU through Gloo; on a one-GPU machine both ranks share the GPU, through Gloo too.
     script = Path(__file__).with_name("distributed_job.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                            str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -56,6 +56,8 @@ class TrainerConfig:
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+            On a GPU the training and validation tables are moved there once when each fits in half
+            its free memory (batches are then gathered on the GPU), else each batch is copied over.
         compile: run the training forward, the task losses and their weighting through
             ``torch.compile`` (one graph per batch shape); falls back to eager (with a warning)
             when compilation is unavailable or fails. On the CPU, small mixtures of experts (W1's
