@@ -143,6 +143,14 @@ def test_evaluate_runs_where_the_model_is_by_default():
         evaluate(model.to("meta"), valid, tasks)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(device):
+    model = build_model("mmoe", input_dim=20, tasks=["a", "b"], num_experts=2)
+    with pytest.raises(ConfigError, match=f"training.device: '{device}'.*0 CUDA device"):
+        Trainer(model, TrainerConfig(device=device))
+
+
 def test_task_count_mismatch_is_a_clear_error():
     tasks, (train, valid) = synthetic_splits()
     model = build_model("mmoe", input_dim=20, tasks=["y1", "y2", "y3"])
