@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     on_cpu = torch.device(args.device).type == "cpu"
     peak = matmul_peak_gflops(device=args.device)
     cpu = cpu_description()
-    where = cpu if on_cpu else f"{torch.cuda.get_device_name(args.device)} (host: {cpu})"
+    gpu = None if on_cpu else torch.cuda.get_device_name(args.device)
     console.print(f"fp32 matmul peak ([2048x512]@[512x2048], {args.device}, {torch.get_num_threads()} CPU threads): "
-                  f"{peak:.1f} GFLOP/s on {where}")
+                  f"{peak:.1f} GFLOP/s on {cpu if on_cpu else f'{gpu} (host: {cpu})'}")
     report = {"machine": {"platform": platform.platform(), "cpu": cpu, "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "matmul_peak_gflops": peak, "device": args.device}
-              | ({} if on_cpu else {"gpu": torch.cuda.get_device_name(args.device)}),
+              | ({} if on_cpu else {"gpu": gpu}),
               "settings": vars(args), "results": []}
     started = time.perf_counter()
     for workload_name in args.workloads.split(","):

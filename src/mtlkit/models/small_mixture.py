@@ -62,11 +62,7 @@ def _layer(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bo
     if relu:
         # The bias joins the ReLU's pass: addmm / baddbmm would copy it into all B columns of the
         # output first and have the GEMM read them back (W1's experts: 118 us against 88 + 10).
-        if shared:
-            out = torch.mm(weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
-        else:
-            out = torch.bmm(weight.transpose(1, 2), h)
-        return _add_relu_(out, bias.unsqueeze(2))
+        return _add_relu_(_product(h, weight, bias, shared), bias.unsqueeze(2))
     if shared:
         return torch.addmm(bias.view(-1, 1), weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
     return torch.baddbmm(bias.unsqueeze(2), weight.transpose(1, 2), h)
@@ -252,11 +248,15 @@ def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: b
     """:func:`_layer` without the ReLU, in differentiable operators (shapes as there). A GEMM then an
     add, not ``_layer``'s ``addmm`` / ``baddbmm``, whose broadcast bias inductor keeps as a copy: with
     them W1's compiled steps took 7 % longer (PLE 1,663 vs 1,553 us, MMoE 1,185 vs 1,104)."""
+    return _product(h, weight, bias, shared) + bias.unsqueeze(2)
+
+
+def _product(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
+    """A stacked linear layer's GEMM without its bias (shapes as in :func:`_layer`; ``bias`` gives
+    the stacks' count and width)."""
     if shared:
-        out = torch.mm(weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
-    else:
-        out = torch.bmm(weight.transpose(1, 2), h)
-    return out + bias.unsqueeze(2)
+        return torch.mm(weight.t(), h).view(bias.shape[0], bias.shape[1], h.shape[1])
+    return torch.bmm(weight.transpose(1, 2), h)
 
 
 def small_mixture(

@@ -191,9 +191,9 @@ def _resolve_device(name: str) -> torch.device:
         raise ConfigError(f"training.device: unknown device {name!r}; expected 'auto', 'cpu' or 'cuda[:N]'") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is not None and device.index >= count or count == 0:
-            raise ConfigError(f"training.device: {name!r} asked for, but this machine has "
-                              f"{count} CUDA device(s); use 'auto' or 'cpu'{' or cuda:0..' + str(count - 1) if count else ''}")
+        if (device.index or 0) >= count:
+            choices = "'auto' or 'cpu'" + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else "")
+            raise ConfigError(f"training.device: {name!r} asked for, but this machine has {count} CUDA device(s); use {choices}")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
     return device
