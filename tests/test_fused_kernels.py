@@ -90,7 +90,7 @@ def test_fused_path_only_for_large_activations():
     stack.FUSED_MIN_ACTIVATIONS = 10 * 4 * 8
     assert "StackedReluMLP" not in type(stack(torch.randn(9, 3)).grad_fn).__name__
     assert "StackedReluMLP" in type(stack(torch.randn(10, 3)).grad_fn).__name__
-    # Off a CPU autograd's modules run: on an H200 they were faster (docs/performance.md, round 13).
+    # Off a CPU autograd's modules run: on an H200 they were faster (docs/performance-log.md, round 13).
     assert not stack.takes_fused_path(torch.empty(10, 3, device="meta"))
 
 

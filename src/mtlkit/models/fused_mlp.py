@@ -20,7 +20,7 @@ Forwards that record no gradient (evaluation, prediction, serving) need none of 
 GEMM runs on the parameters as stored, without a bias, and the bias is added in the ReLU's own pass
 (``aten::_add_relu_``), so no operand is copied and every GEMM keeps the layer's own width (the
 constant column's widths, 129, 257 and 514, made ESMM's inference 20 % slower on an AMD EPYC), and
-no GEMM reads back a broadcast copy of its bias (``docs/performance.md``, rounds 9 and 11).
+no GEMM reads back a broadcast copy of its bias (``docs/performance-log.md``, rounds 9 and 11).
 
 The maths is that of :class:`~mtlkit.models.layers.StackedMLP` with ReLU, no norm and no dropout;
 ``tests/test_fused_kernels.py`` checks both agree, forward and backward.

@@ -221,7 +221,7 @@ class StackedMLP(nn.Module):
             self.norms.append(_StackedNorm(norm, num_stacks, size) if norm and (activate_last or not last) else nn.Identity())
             width = size
         # Not in place: on the strided per-expert views an in-place ReLU measured 10-20 % slower
-        # (autograd has to rebase the views), see docs/performance.md.
+        # (autograd has to rebase the views), see docs/performance-log.md.
         self.activation = get_activation(activation)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.activate_last = activate_last
@@ -242,7 +242,7 @@ class StackedMLP(nn.Module):
     # about a million activations in a layer (W2's experts: 4.2 M, 18 % less time per step), and costs
     # 4-16 % on small stacks (W1's experts, 0.13 M; W2's towers, 0.26 M). On a GPU, whose memory is
     # fast and whose step is paced by kernel launches, autograd's modules were faster (an H200: W2
-    # MMoE 2.45 against 3.07 ms per step, PLE 3.84 against 5.37). See docs/performance.md.
+    # MMoE 2.45 against 3.07 ms per step, PLE 3.84 against 5.37). See docs/performance-log.md, round 13.
     FUSED_MIN_ACTIVATIONS = 1 << 20
 
     def takes_fused_path(self, x: torch.Tensor) -> bool:

@@ -212,7 +212,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
 
     The node is opaque to inductor; these operators let it fuse each ReLU, softmax and mixing into
     the loops around the GEMMs and derive the backward itself (W1 PLE: a training step 1.4-1.5x
-    faster than the node's, docs/performance.md, round 12). Above the first level, experts whose
+    faster than the node's, docs/performance-log.md, round 12). Above the first level, experts whose
     input groups come in runs read their group through ``expand`` and ``cat`` rather than a gather,
     whose backward inductor turns into a serial scatter (half a millisecond on W1 PLE).
     """

@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above a dynamic 
 at start, raised to the largest block freed so far) with fresh ``mmap`` pages, and hands the top of
 its heap back to the kernel whenever more than twice that threshold is free there. A step whose
 temporaries land at the top of the heap then gives their pages back at the end of every step and
-page-faults them in again in the next one. Measured on a 2-core AMD EPYC VM (``docs/performance.md``,
+page-faults them in again in the next one. Measured on a 2-core AMD EPYC VM (``docs/performance-log.md``,
 round 9): W1 PLE's step took up to 554 page faults and 1.25 ms of system time per 2-3 ms step (under
 2 faults and 20-50 us with the thresholds below), W2 PLE's 1,500-7,300 faults and up to 14 ms per
 130-150 ms step (0.2-2,300 with them).

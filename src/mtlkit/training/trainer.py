@@ -65,7 +65,7 @@ class TrainerConfig:
             first compile of 16-21 s for a model's two batch shapes (a few seconds from inductor's
             cache after that); W1's Shared-Bottom and W2's models train slower compiled. Off by
             default: it pays for long runs of small mixtures, not for short runs
-            (docs/performance.md, round 12).
+            (docs/performance-log.md, round 12).
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
