@@ -243,14 +243,17 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
             for name in chunks:
                 chunks[name].append(outputs[name].float().cpu())
         outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
-        data = data.to("cpu")  # the losses and metrics are computed on the host, with the outputs
-        losses = task_losses(outputs, data.labels, data.label_mask, tasks, data.sample_weight)
-        metrics = task_metrics(outputs, data.labels, data.label_mask, tasks)
+        # The losses and metrics are computed on the host, with the outputs: only the labels come
+        # back from a GPU-held table, never its inputs.
+        labels, label_mask = data.labels.cpu(), data.label_mask.cpu()
+        sample_weight = None if data.sample_weight is None else data.sample_weight.cpu()
+        losses = task_losses(outputs, labels, label_mask, tasks, sample_weight)
+        metrics = task_metrics(outputs, labels, label_mask, tasks)
         if groups is not None:
             for k, task in enumerate(tasks):
                 if task.type == "binary":
-                    mask = data.label_mask[:, k]
-                    metrics[task.name]["gauc"] = group_auc(outputs[task.name][mask, 0], data.labels[mask, k], groups[mask])
+                    mask = label_mask[:, k]
+                    metrics[task.name]["gauc"] = group_auc(outputs[task.name][mask, 0], labels[mask, k], groups[mask])
         return {t.name: {"loss": float(losses[t.name]), **metrics[t.name]} for t in tasks}
     finally:
         model.train(was_training)
