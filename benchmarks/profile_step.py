@@ -16,12 +16,22 @@ from benchmarks.libraries import build_mtlkit
 from benchmarks.workloads import WORKLOADS, make_data
 
 
+def samples_seen(rows: int, batch_size: int, steps: int) -> int:
+    """Samples that ``steps`` trainer steps read from a table of ``rows``: the trainer keeps each
+    epoch's last, partial batch, and a table smaller than a batch makes every batch that small."""
+    full, rest = divmod(rows, batch_size)
+    epoch = [batch_size] * full + ([rest] if rest else [])
+    return sum(epoch[i % len(epoch)] for i in range(steps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", default="W1")
     parser.add_argument("--model", default="mmoe")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=None,
+                        help="rows of the workload's table (default: batch size x steps); fewer rows than a "
+                             "batch make every batch that small")
     parser.add_argument("--shapes", action="store_true",
                         help="one row per operator and input shapes: which tensors each operator touches. Not for "
                              "times: recording shapes made W2's GEMMs that write into an out= view 3-6x slower")
@@ -29,7 +39,9 @@ def main() -> None:
     from mtlkit.training import Trainer, TrainerConfig
 
     workload = WORKLOADS[args.workload]
-    data = make_data(workload, args.rows or workload.batch_size * args.steps)
+    rows = args.rows or workload.batch_size * args.steps
+    data = make_data(workload, rows)
+    samples = samples_seen(rows, workload.batch_size, args.steps)
     model, tasks, dataset = build_mtlkit(workload, args.model, data)
     config = TrainerConfig(batch_size=workload.batch_size, max_steps=args.steps, max_epochs=None, eval_every=args.steps,
                            patience=None, progress=False)
@@ -37,8 +49,8 @@ def main() -> None:
     start = time.perf_counter()
     Trainer(model, config).fit(dataset)
     seconds = time.perf_counter() - start
-    print(f"{args.workload} {args.model}: {args.steps * workload.batch_size / seconds:,.0f} samples/s through the trainer, "
-          f"{1e3 * seconds / args.steps:.3f} ms/step")
+    print(f"{args.workload} {args.model}: {samples / seconds:,.0f} samples/s through the trainer, "
+          f"{1e3 * seconds / args.steps:.3f} ms/step ({samples / args.steps:,.0f} rows a step on average)")
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         Trainer(model, config).fit(dataset)
     print(prof.key_averages(group_by_input_shape=args.shapes).table(

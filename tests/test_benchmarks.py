@@ -138,6 +138,19 @@ def test_data_path_cost_runs_on_a_tiny_size(tmp_path):
     assert "trainer's batches" in done.stdout
 
 
+def test_profile_step_counts_the_rows_its_steps_really_read():
+    from benchmarks.profile_step import samples_seen
+
+    # Two full batches, the epoch's partial one (452 rows), then the next epoch's first.
+    assert samples_seen(2500, 1024, 4) == 1024 + 1024 + 452 + 1024
+    assert samples_seen(45, 1024, 3) == 3 * 45  # a table smaller than a batch
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--workload", "W1", "--model", "mmoe",
+                           "--steps", "3", "--rows", "45"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(45 rows a step on average)" in done.stdout
+    assert "_SmallMixture" in done.stdout  # the profiler's table of the step's operators
+
+
 def test_step_glue_checks_its_functions_against_the_model_and_runs(tmp_path):
     # The script exits non-zero when a hand-written step's loss or gradients differ from the model's
     # (exactly for the same ops, to 1e-5 for the batch-last ones), so this also keeps it truthful.
