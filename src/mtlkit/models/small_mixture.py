@@ -203,7 +203,7 @@ class _SmallMixture(torch.autograd.Function):
             # The level below's mixture: each of its outputs gets the gradients of the experts that
             # read it and of the gate that read it.
             grad_mixed = torch.zeros_like(h).index_add_(0, groups, grad)
-            grad_mixed[: grad_gate_input.shape[0]] += grad_gate_input
+            grad_mixed[: grad_gate_input.shape[0]].add_(grad_gate_input)  # `+=` on a slice also copies it onto itself
         return (None, None, *grads)
 
 
