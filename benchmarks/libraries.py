@@ -138,17 +138,9 @@ def _quiet():
 
 
 def _timed_trainer_windows(one_window: Callable[[], None], rows: int, windows: int, device: str = "cpu") -> list[float]:
-    """Samples/s of whole calls of a reference trainer (each call is one epoch over ``rows``)."""
-    one_window()  # warm-up
-    sync = synchronizer(device)
-    rates = []
-    for _ in range(windows):
-        sync()
-        start = time.perf_counter()
-        one_window()
-        sync()
-        rates.append(rows / (time.perf_counter() - start))
-    return rates
+    """Samples/s of whole calls of a reference trainer (each call is one epoch over ``rows``, one
+    of them a warm-up)."""
+    return _windows(one_window, rows, windows, steps=1, warmup=1, device=device)
 
 
 def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.Tensor, loss_fn, batch: int,
