@@ -215,3 +215,18 @@ def test_targets_cover_every_model_a_target_names():
     assert all(v["status"].startswith("not judged: mtlkit") for v in verdicts)
     assert len([v for v in verdicts if v["workload"] == "W2" and v["model"] == "esmm"]) == \
         len([t for t in TARGETS if t.workload == "W2" and (t.models is None or "esmm" in t.models)])
+
+
+def test_fused_epilogue_checks_each_kernel_against_gemm_and_relu_and_runs(tmp_path):
+    # The script exits non-zero when a fused kernel's output differs from GEMM + ReLU, so this also
+    # keeps its comparison honest; inductor's variants are left out (with the reason) where it cannot build them.
+    out = tmp_path / "epilogue.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.fused_epilogue", "--rows", "64", "--calls", "2", "--rounds", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    timings = json.loads(out.read_text())
+    assert {"first layer: MKL mm alone", "first layer: MKL mm, then bias + ReLU pass", "first layer: oneDNN linear, ReLU post-op",
+            "second layer: MKL bmm alone", "second layer: MKL bmm, then ReLU pass"} <= set(timings)
+    assert all(len(values) == 1 and values[0] > 0 for values in timings.values())
+    for variant in ("first layer: inductor template, frozen", "second layer: inductor template"):
+        assert variant in timings or f"{variant}: not timed" in done.stdout

@@ -1,0 +1,133 @@
+"""Whether a GEMM with the ReLU in its epilogue could pay on this CPU, with the kernels torch offers.
+
+W2's training step stays under 80 % of its GEMM-only bound because of the memory-bound passes beside
+its GEMMs: the ReLUs, the backward's masks, the adds (docs/performance.md). Only a GEMM that applies
+the ReLU while its output tile is still in cache would remove such a pass. This times, at W2 MMoE's
+two expert layers and in one process, alternating, every way torch can run a GEMM then a ReLU on a CPU:
+
+* MKL's GEMM alone: what the GEMM-only bound counts;
+* MKL's GEMM, then the bias and ReLU as one separate in-place pass: what mtlkit runs;
+* oneDNN's linear with a ReLU post-op (``torch.ops.mkldnn._linear_pointwise``) on a weight packed
+  beforehand (training would have to pack it again every step). First layer only: it has no
+  batched form;
+* inductor's C++ GEMM template with the ReLU in its epilogue (``max_autotune``, its CPP backend
+  alone). In torch 2.13 it takes ``bmm`` with weights that change (training), and ``mm`` only with
+  frozen weights, that is at inference.
+
+A fused kernel can gain at most the separate pass's time (GEMM and pass, less the GEMM alone); it pays
+only if it runs its GEMM about as fast as MKL. Each variant's output is checked against the plain
+one before it is timed.
+
+    python -m benchmarks.fused_epilogue [--rows 2048] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks.alternating import print_timings, time_alternating
+from benchmarks.workloads import WORKLOADS
+
+
+def _inductor_template(fn: Callable[..., torch.Tensor], *args: torch.Tensor, freeze: bool = False):
+    """``fn`` compiled with inductor's C++ GEMM template as the only GEMM choice, its parameters
+    frozen into constants where ``freeze``; ``(None, reason)`` where inductor cannot build it (no C++
+    compiler) or the generated code does not use the template. Called under ``no_grad``, as compiled."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP", "freezing": freeze}
+    try:
+        with inductor_config.patch(options), torch.no_grad():
+            compiled = torch.compile(fn, dynamic=False)
+            _, sources = run_and_get_code(compiled, *args)
+    except Exception as error:  # inductor raises many kinds of errors when it cannot build a kernel
+        return None, f"inductor could not build it: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    # The template's kernels are built on a generated "micro_gemm"; the ReLU then shows in the kernel's
+    # name (W2's second layer: one cpp_fused_bmm_relu kernel).
+    if not any("micro_gemm" in source for source in sources):
+        return None, "inductor chose no C++ GEMM template for this GEMM"
+    return compiled, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=WORKLOADS["W2"].batch_size, help="batch rows (W2: 2,048)")
+    parser.add_argument("--calls", type=int, default=20, help="calls per timing")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
+    args = parser.parse_args()
+    from mtlkit.files import write_json
+    from mtlkit.models.fused_mlp import _add_relu_
+    from mtlkit.training.memory import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does: otherwise each fresh output page-faults inside its GEMM
+    workload = WORKLOADS["W2"]
+    experts, (hidden, width) = workload.num_experts, workload.expert_hidden[:2]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.rows, workload.input_dim, generator=generator)
+    weight = torch.randn(workload.input_dim, experts * hidden, generator=generator) / workload.input_dim ** 0.5
+    bias = torch.randn(experts * hidden, generator=generator)
+    # The second layer as the trainer runs it: each expert's input with its constant-1 column.
+    h = torch.relu(torch.randn(experts, args.rows, hidden + 1, generator=generator))
+    weight2 = torch.randn(experts, hidden + 1, width, generator=generator) / hidden ** 0.5
+
+    class FirstLayer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.bias = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(bias.clone())
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.relu(inputs @ self.weight + self.bias)
+
+    def second_layer(inputs: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.bmm(inputs, matrices))
+
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), args.rows)
+    first_template, first_why = _inductor_template(FirstLayer().eval(), x, freeze=True)
+    second_template, second_why = _inductor_template(second_layer, h, weight2)
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "first layer: MKL mm alone": lambda: torch.mm(x, weight),
+        "first layer: MKL mm, then bias + ReLU pass": lambda: _add_relu_(torch.mm(x, weight), bias),
+        "first layer: oneDNN linear, ReLU post-op": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu", [], ""),
+        "second layer: MKL bmm alone": lambda: torch.bmm(h, weight2),
+        "second layer: MKL bmm, then ReLU pass": lambda: torch.bmm(h, weight2).relu_(),
+    }
+    if first_template is not None:
+        variants["first layer: inductor template, frozen"] = lambda: first_template(x)
+    if second_template is not None:
+        variants["second layer: inductor template"] = lambda: second_template(h, weight2)
+    for name, why in (("first layer: inductor template, frozen", first_why), ("second layer: inductor template", second_why)):
+        if why:
+            print(f"{name}: not timed, {why}")
+
+    with torch.no_grad():
+        expected = {"first": torch.relu(x @ weight + bias), "second": torch.relu(torch.bmm(h, weight2))}
+        for name, run in variants.items():
+            if "alone" not in name and not torch.allclose(run(), expected[name.split()[0]], rtol=1e-4, atol=1e-4):
+                raise SystemExit(f"{name}: its output differs from GEMM + ReLU")
+
+        def timed(name: str, calls: int) -> float:
+            run = variants[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            return (time.perf_counter() - start) / calls
+
+        seconds = time_alternating(timed, list(variants), args.rounds, args.calls)
+    print(f"W2 MMoE's expert layers, {args.rows} rows: {args.rounds} x {args.calls} calls each, alternating "
+          f"(first layer [{args.rows} x {workload.input_dim}] @ [{workload.input_dim} x {experts * hidden}], "
+          f"second {experts} x [{args.rows} x {hidden + 1}] @ [{hidden + 1} x {width}])")
+    for layer, base in (("first", "first layer: MKL mm alone"), ("second", "second layer: MKL bmm alone")):
+        print_timings({name: values for name, values in seconds.items() if name.startswith(layer)}, base, "vs alone")
+    if args.out is not None:
+        write_json(args.out, seconds)
+
+
+if __name__ == "__main__":
+    main()
