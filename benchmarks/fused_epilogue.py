@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
     args = parser.parse_args()
     from mtlkit.files import write_json
-    from mtlkit.models.fused_mlp import _add_relu_
+    from mtlkit.models.fused_mlp import _add_relu_, _relu_grad_
     from mtlkit.training.memory import keep_freed_memory
 
     keep_freed_memory()  # as the trainer does: otherwise each fresh output page-faults inside its GEMM
@@ -76,6 +76,10 @@ def main() -> None:
     # The second layer as the trainer runs it: each expert's input with its constant-1 column.
     h = torch.relu(torch.randn(experts, args.rows, hidden + 1, generator=generator))
     weight2 = torch.randn(experts, hidden + 1, width, generator=generator) / hidden ** 0.5
+    # The backward's input gradient into the first layer, masked by that layer's ReLU.
+    grad2 = torch.randn(experts, args.rows, width, generator=generator)
+    weight2_t = weight2[:, :hidden].transpose(1, 2).contiguous()
+    h_rows = h[:, :, :hidden].contiguous()
 
     class FirstLayer(torch.nn.Module):
         def __init__(self) -> None:
@@ -88,29 +92,39 @@ def main() -> None:
     def second_layer(inputs: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
         return torch.relu(torch.bmm(inputs, matrices))
 
+    def masked_gradient(grad: torch.Tensor, matrices: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
+        return torch.where(activated > 0, torch.bmm(grad, matrices), 0.0)
+
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), args.rows)
     first_template, first_why = _inductor_template(FirstLayer().eval(), x, freeze=True)
     second_template, second_why = _inductor_template(second_layer, h, weight2)
+    mask_template, mask_why = _inductor_template(masked_gradient, grad2, weight2_t, h_rows)
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "first layer: MKL mm alone": lambda: torch.mm(x, weight),
         "first layer: MKL mm, then bias + ReLU pass": lambda: _add_relu_(torch.mm(x, weight), bias),
         "first layer: oneDNN linear, ReLU post-op": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu", [], ""),
         "second layer: MKL bmm alone": lambda: torch.bmm(h, weight2),
         "second layer: MKL bmm, then ReLU pass": lambda: torch.bmm(h, weight2).relu_(),
+        "gradient: MKL bmm alone": lambda: torch.bmm(grad2, weight2_t),
+        "gradient: MKL bmm, then mask pass": lambda: _relu_grad_(torch.bmm(grad2, weight2_t), h_rows),
     }
     if first_template is not None:
         variants["first layer: inductor template, frozen"] = lambda: first_template(x)
     if second_template is not None:
         variants["second layer: inductor template"] = lambda: second_template(h, weight2)
-    for name, why in (("first layer: inductor template, frozen", first_why), ("second layer: inductor template", second_why)):
+    if mask_template is not None:
+        variants["gradient: inductor template, mask in epilogue"] = lambda: mask_template(grad2, weight2_t, h_rows)
+    for name, why in (("first layer: inductor template, frozen", first_why), ("second layer: inductor template", second_why),
+                      ("gradient: inductor template, mask in epilogue", mask_why)):
         if why:
             print(f"{name}: not timed, {why}")
 
     with torch.no_grad():
-        expected = {"first": torch.relu(x @ weight + bias), "second": torch.relu(torch.bmm(h, weight2))}
+        expected = {"first layer": torch.relu(x @ weight + bias), "second layer": torch.relu(torch.bmm(h, weight2)),
+                    "gradient": masked_gradient(grad2, weight2_t, h_rows)}
         for name, run in variants.items():
-            if "alone" not in name and not torch.allclose(run(), expected[name.split()[0]], rtol=1e-4, atol=1e-4):
-                raise SystemExit(f"{name}: its output differs from GEMM + ReLU")
+            if "alone" not in name and not torch.allclose(run(), expected[name.split(":")[0]], rtol=1e-4, atol=1e-4):
+                raise SystemExit(f"{name}: its output differs from GEMM + ReLU (or mask)")
 
         def timed(name: str, calls: int) -> float:
             run = variants[name]
@@ -123,7 +137,9 @@ def main() -> None:
     print(f"W2 MMoE's expert layers, {args.rows} rows: {args.rounds} x {args.calls} calls each, alternating "
           f"(first layer [{args.rows} x {workload.input_dim}] @ [{workload.input_dim} x {experts * hidden}], "
           f"second {experts} x [{args.rows} x {hidden + 1}] @ [{hidden + 1} x {width}])")
-    for layer, base in (("first", "first layer: MKL mm alone"), ("second", "second layer: MKL bmm alone")):
+    print(f"gradient: {experts} x [{args.rows} x {width}] @ [{width} x {hidden}], masked by the first layer's ReLU")
+    for layer, base in (("first", "first layer: MKL mm alone"), ("second", "second layer: MKL bmm alone"),
+                        ("gradient", "gradient: MKL bmm alone")):
         print_timings({name: values for name, values in seconds.items() if name.startswith(layer)}, base, "vs alone")
     if args.out is not None:
         write_json(args.out, seconds)
