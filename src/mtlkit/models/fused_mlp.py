@@ -230,10 +230,16 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
     for g, size in enumerate(group_sizes):
         part = flat[:, start * width : (start + size) * width]
         if needs_params:
-            both = torch.mm(first_inputs[g].t(), part).view(in_features + 1, size, width)[:, :, :out]
             if shared:
-                grad_weight, grad_bias = both[:-1].reshape(in_features, -1), both[-1]
+                # One GEMM per stack, written straight into the parameters' [in (+ 1), S * out] layout
+                # and skipping the constant columns, where one mm over all columns needs its result
+                # copied out (W2's first layer: as fast as the mm, and 0.17 ms of copy saved).
+                both = grad.new_empty(in_features + 1, size, out)
+                torch.bmm(first_inputs[g].t().expand(size, -1, -1), part.view(batch, size, width)[:, :, :out].transpose(0, 1),
+                          out=both.transpose(0, 1))
+                grad_weight, grad_bias = both[:-1].view(in_features, -1), both[-1]
             else:
+                both = torch.mm(first_inputs[g].t(), part).view(in_features + 1, size, width)[:, :, :out]
                 grad_weight[start : start + size] = both[:-1].transpose(0, 1)
                 grad_bias[start : start + size] = both[-1]
         if needs_input:
