@@ -3,16 +3,17 @@
 W2's training step stays under 80 % of its GEMM-only bound because of the memory-bound passes beside
 its GEMMs: the ReLUs, the backward's masks, the adds (docs/performance.md). Only a GEMM that applies
 the ReLU while its output tile is still in cache would remove such a pass. This times, at W2 MMoE's
-two expert layers and in one process, alternating, every way torch can run a GEMM then a ReLU on a CPU:
+two expert layers and at the backward's input gradient into the first (masked by its ReLU), in one
+process and alternating, every way torch can run a GEMM then a ReLU or a mask on a CPU:
 
 * MKL's GEMM alone: what the GEMM-only bound counts;
-* MKL's GEMM, then the bias and ReLU as one separate in-place pass: what mtlkit runs;
+* MKL's GEMM, then the bias and ReLU (or the mask) as one separate in-place pass: what mtlkit runs;
 * oneDNN's linear with a ReLU post-op (``torch.ops.mkldnn._linear_pointwise``) on a weight packed
   beforehand (training would have to pack it again every step). First layer only: it has no
   batched form;
-* inductor's C++ GEMM template with the ReLU in its epilogue (``max_autotune``, its CPP backend
-  alone). In torch 2.13 it takes ``bmm`` with weights that change (training), and ``mm`` only with
-  frozen weights, that is at inference.
+* inductor's C++ GEMM template with the ReLU or the mask in its epilogue (``max_autotune``, its CPP
+  backend alone). In torch 2.13 it takes ``bmm`` with weights that change (training), and ``mm``
+  only with frozen weights, that is at inference.
 
 A fused kernel can gain at most the separate pass's time (GEMM and pass, less the GEMM alone); it pays
 only if it runs its GEMM about as fast as MKL. Each variant's output is checked against the plain
@@ -95,19 +96,23 @@ def main() -> None:
     def masked_gradient(grad: torch.Tensor, matrices: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
         return torch.where(activated > 0, torch.bmm(grad, matrices), 0.0)
 
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), args.rows)
+    # oneDNN's linear needs its weight packed for it (again after every optimizer step, in training).
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), args.rows) if torch.backends.mkldnn.is_available() else None
     first_template, first_why = _inductor_template(FirstLayer().eval(), x, freeze=True)
     second_template, second_why = _inductor_template(second_layer, h, weight2)
     mask_template, mask_why = _inductor_template(masked_gradient, grad2, weight2_t, h_rows)
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "first layer: MKL mm alone": lambda: torch.mm(x, weight),
         "first layer: MKL mm, then bias + ReLU pass": lambda: _add_relu_(torch.mm(x, weight), bias),
-        "first layer: oneDNN linear, ReLU post-op": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu", [], ""),
         "second layer: MKL bmm alone": lambda: torch.bmm(h, weight2),
         "second layer: MKL bmm, then ReLU pass": lambda: torch.bmm(h, weight2).relu_(),
         "gradient: MKL bmm alone": lambda: torch.bmm(grad2, weight2_t),
         "gradient: MKL bmm, then mask pass": lambda: _relu_grad_(torch.bmm(grad2, weight2_t), h_rows),
     }
+    if packed is not None:
+        variants["first layer: oneDNN linear, ReLU post-op"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu", [], "")
+    else:
+        print("first layer: oneDNN linear, ReLU post-op: not timed, this torch has no oneDNN")
     if first_template is not None:
         variants["first layer: inductor template, frozen"] = lambda: first_template(x)
     if second_template is not None:
