@@ -1,4 +1,5 @@
-"""Whether a GEMM with the ReLU in its epilogue could pay on this CPU, with the kernels torch offers.
+"""Whether fused kernels could pay on this CPU, with those torch offers: GEMMs with the ReLU in their
+epilogue, and one generated loop for the memory-bound passes around the experts' mixing.
 
 W2's training step stays under 80 % of its GEMM-only bound because of the memory-bound passes beside
 its GEMMs: the ReLUs, the backward's masks, the adds (docs/performance.md). Only a GEMM that applies
@@ -14,6 +15,14 @@ process and alternating, every way torch can run a GEMM then a ReLU or a mask on
 * inductor's C++ GEMM template with the ReLU or the mask in its epilogue (``max_autotune``, its CPP
   backend alone). In torch 2.13 it takes ``bmm`` with weights that change (training), and ``mm``
   only with frozen weights, that is at inference.
+
+Two more cases need no GEMM template: the memory-bound passes around the mixing of the experts'
+outputs, which inductor's plain elementwise code can fuse into one loop. In the backward, mtlkit runs
+the mixing's gradient as a ``bmm`` into a batch-major ``[B, S, D]`` buffer, then moves it into the
+experts' stack-major ``[S, B, D]`` layout with their ReLU mask applied; one generated loop writes the
+masked stack-major gradient directly. At inference, mtlkit adds the second layer's bias in the ReLU's
+pass over the experts' ``[S, B, D]`` output, then mixes with a ``bmm``; one generated loop reads that
+output once and writes only the ``[B, G, D]`` mixtures.
 
 A fused kernel can gain at most the separate pass's time (GEMM and pass, less the GEMM alone); it pays
 only if it runs its GEMM about as fast as MKL. Each variant's output is checked against the plain
@@ -53,6 +62,18 @@ def _inductor_template(fn: Callable[..., torch.Tensor], *args: torch.Tensor, fre
     # name (W2's second layer: one cpp_fused_bmm_relu kernel).
     if not any("micro_gemm" in source for source in sources):
         return None, "inductor chose no C++ GEMM template for this GEMM"
+    return compiled, None
+
+
+def _inductor_elementwise(fn: Callable[..., torch.Tensor], *args: torch.Tensor):
+    """``fn`` compiled by inductor with its default choices (the elementwise loops it generates);
+    ``(None, reason)`` where it cannot build it."""
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+        with torch.no_grad():
+            compiled(*args)
+    except Exception as error:  # as in _inductor_template
+        return None, f"inductor could not build it: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     return compiled, None
 
 
@@ -96,6 +117,26 @@ def main() -> None:
     def masked_gradient(grad: torch.Tensor, matrices: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
         return torch.where(activated > 0, torch.bmm(grad, matrices), 0.0)
 
+    # The mixing of the experts' outputs ([S, B, D], after the ReLU) by G gates ([B, G, S]).
+    gates = 2  # one per task: W2's click and conversion
+    gate_weights = torch.softmax(torch.randn(args.rows, gates, experts, generator=generator), dim=-1)
+    mixed_grad = torch.randn(args.rows, gates, width, generator=generator)
+    expert_out = torch.relu(torch.randn(experts, args.rows, width, generator=generator))
+    expert_bias = torch.randn(experts, 1, width, generator=generator)
+
+    def mixing_backward_unfused() -> torch.Tensor:
+        batch_major = torch.bmm(gate_weights.transpose(1, 2), mixed_grad)  # as _MixExperts' backward
+        moved = torch.empty(experts, args.rows, width)  # as _StackedReluMLP's backward
+        return torch.ops.aten.threshold_backward.grad_input(batch_major.transpose(0, 1), expert_out, 0, grad_input=moved)
+
+    def mixing_backward(weights: torch.Tensor, grad: torch.Tensor, activated: torch.Tensor) -> torch.Tensor:
+        per_expert = weights.permute(2, 0, 1).unsqueeze(-1)  # [S, B, G, 1]
+        return torch.where(activated > 0, (per_expert * grad.unsqueeze(0)).sum(2), 0.0)
+
+    def inference_mixing(weights: torch.Tensor, pre_activation: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        activated = torch.relu(pre_activation + bias).transpose(0, 1)  # [B, S, D]
+        return (weights.unsqueeze(-1) * activated.unsqueeze(1)).sum(2)
+
     # oneDNN's linear needs its weight packed for it (again after every optimizer step, in training).
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), args.rows) if torch.backends.mkldnn.is_available() else None
     first_template, first_why = _inductor_template(FirstLayer().eval(), x, freeze=True)
@@ -119,14 +160,26 @@ def main() -> None:
         variants["second layer: inductor template"] = lambda: second_template(h, weight2)
     if mask_template is not None:
         variants["gradient: inductor template, mask in epilogue"] = lambda: mask_template(grad2, weight2_t, h_rows)
-    for name, why in (("first layer: inductor template, frozen", first_why), ("second layer: inductor template", second_why),
+    mixing_backward_fused, mixing_backward_why = _inductor_elementwise(mixing_backward, gate_weights, mixed_grad, expert_out)
+    inference_mixing_fused, inference_mixing_why = _inductor_elementwise(inference_mixing, gate_weights, expert_out, expert_bias)
+    variants["mixing backward: MKL bmm, then masked move (mtlkit)"] = mixing_backward_unfused
+    if mixing_backward_fused is not None:
+        variants["mixing backward: inductor loop"] = lambda: mixing_backward_fused(gate_weights, mixed_grad, expert_out)
+    variants["mixing inference: bias + ReLU pass, then MKL bmm (mtlkit)"] = lambda: torch.bmm(
+        gate_weights, torch.ops.aten._add_relu(expert_out, expert_bias).transpose(0, 1))
+    if inference_mixing_fused is not None:
+        variants["mixing inference: inductor loop"] = lambda: inference_mixing_fused(gate_weights, expert_out, expert_bias)
+    for name, why in (("mixing backward: inductor loop", mixing_backward_why), ("mixing inference: inductor loop", inference_mixing_why),
+                      ("first layer: inductor template, frozen", first_why), ("second layer: inductor template", second_why),
                       ("gradient: inductor template, mask in epilogue", mask_why)):
         if why:
             print(f"{name}: not timed, {why}")
 
     with torch.no_grad():
         expected = {"first layer": torch.relu(x @ weight + bias), "second layer": torch.relu(torch.bmm(h, weight2)),
-                    "gradient": masked_gradient(grad2, weight2_t, h_rows)}
+                    "gradient": masked_gradient(grad2, weight2_t, h_rows),
+                    "mixing backward": mixing_backward(gate_weights, mixed_grad, expert_out),
+                    "mixing inference": inference_mixing(gate_weights, expert_out, expert_bias)}
         for name, run in variants.items():
             if "alone" not in name and not torch.allclose(run(), expected[name.split(":")[0]], rtol=1e-4, atol=1e-4):
                 raise SystemExit(f"{name}: its output differs from GEMM + ReLU (or mask)")
@@ -143,9 +196,11 @@ def main() -> None:
           f"(first layer [{args.rows} x {workload.input_dim}] @ [{workload.input_dim} x {experts * hidden}], "
           f"second {experts} x [{args.rows} x {hidden + 1}] @ [{hidden + 1} x {width}])")
     print(f"gradient: {experts} x [{args.rows} x {width}] @ [{width} x {hidden}], masked by the first layer's ReLU")
-    for layer, base in (("first", "first layer: MKL mm alone"), ("second", "second layer: MKL bmm alone"),
-                        ("gradient", "gradient: MKL bmm alone")):
-        print_timings({name: values for name, values in seconds.items() if name.startswith(layer)}, base, "vs alone")
+    for layer, base, label in (("first", "first layer: MKL mm alone", "vs alone"), ("second", "second layer: MKL bmm alone", "vs alone"),
+                               ("gradient", "gradient: MKL bmm alone", "vs alone"),
+                               ("mixing backward", "mixing backward: MKL bmm, then masked move (mtlkit)", "vs mtlkit"),
+                               ("mixing inference", "mixing inference: bias + ReLU pass, then MKL bmm (mtlkit)", "vs mtlkit")):
+        print_timings({name: values for name, values in seconds.items() if name.startswith(layer)}, base, label)
     if args.out is not None:
         write_json(args.out, seconds)
 

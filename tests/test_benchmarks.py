@@ -226,8 +226,10 @@ def test_fused_epilogue_checks_each_kernel_against_gemm_and_relu_and_runs(tmp_pa
     assert done.returncode == 0, done.stdout + done.stderr
     timings = json.loads(out.read_text())
     assert {"first layer: MKL mm alone", "first layer: MKL mm, then bias + ReLU pass", "second layer: MKL bmm alone", "second layer: MKL bmm, then ReLU pass",
-            "gradient: MKL bmm alone", "gradient: MKL bmm, then mask pass"} <= set(timings)
+            "gradient: MKL bmm alone", "gradient: MKL bmm, then mask pass", "mixing backward: MKL bmm, then masked move (mtlkit)",
+            "mixing inference: bias + ReLU pass, then MKL bmm (mtlkit)"} <= set(timings)
     assert all(len(values) == 1 and values[0] > 0 for values in timings.values())
     for variant in ("first layer: oneDNN linear, ReLU post-op", "first layer: inductor template, frozen",
-                    "second layer: inductor template", "gradient: inductor template, mask in epilogue"):
+                    "second layer: inductor template", "gradient: inductor template, mask in epilogue",
+                    "mixing backward: inductor loop", "mixing inference: inductor loop"):
         assert variant in timings or f"{variant}: not timed" in done.stdout
