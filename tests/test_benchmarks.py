@@ -23,7 +23,10 @@ def test_benchmark_suite_runs_on_a_tiny_size(tmp_path):
     assert abs(entry["flops_per_sample"] - 5.03e6) / 5.03e6 < 0.02
     # Inference is the forward alone: a third of that (backward = 2 x forward for every GEMM).
     assert abs(entry["inference_flops_per_sample"] - 5.03e6 / 3) / (5.03e6 / 3) < 0.02
-    assert 0 < entry["inference_gemm_bound_samples_per_s"] < entry["inference_roofline_samples_per_s"] * 1.5
+    # The bound and the roofline come from separate timings, which a busy machine can skew by 2x or
+    # more, so these margins are wide: they catch a bound timed on the wrong GEMMs or in wrong units.
+    # A forward holds a third of a training step's GEMM work, so its bound is higher.
+    assert entry["gemm_bound_samples_per_s"] < entry["inference_gemm_bound_samples_per_s"] < entry["inference_roofline_samples_per_s"] * 10
     ours = entry["libraries"]["mtlkit"]
     assert ours["trainer_median"] > 0 and ours["inference_median"] > 0 and ours["peak_rss_mb_max"] > 0
     assert ours["inference_share_of_roofline"] == ours["inference_median"] / entry["inference_roofline_samples_per_s"]
