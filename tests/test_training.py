@@ -112,7 +112,9 @@ def test_shuffled_batches_carry_their_rows_labels_and_masks(missing):
     y = torch.stack([x[:, 0], -x[:, 0]], 1)
     if missing:
         y[::3, 1] = float("nan")
-    data = MultiTaskTensors(x, y, ["a", "b"])
+    weight = torch.arange(10, dtype=torch.float32) + 0.5
+    data = MultiTaskTensors(x, y, ["a", "b"], sample_weight=weight)
+    # Every tensor of a batch must hold the same rows: inputs, labels, masks and weights.
     batches = list(data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert [len(b.labels) for b in batches] == [4, 4, 2]
     rows = torch.cat([b.inputs[:, 0] for b in batches]).long() // 3
@@ -121,7 +123,12 @@ def test_shuffled_batches_carry_their_rows_labels_and_masks(missing):
         index = (batch.inputs[:, 0] // 3).long()
         torch.testing.assert_close(batch.labels, y[index], equal_nan=True)
         assert torch.equal(batch.label_mask, ~torch.isnan(y[index]))
+        assert torch.equal(batch.sample_weight, weight[index])
         assert batch.all_labelled is not missing
+    kept = list(data.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True))
+    assert [len(b.labels) for b in kept] == [4, 4]
+    for batch in kept:
+        assert torch.equal(batch.sample_weight, weight[(batch.inputs[:, 0] // 3).long()])
 
 
 def test_a_dataset_moves_whole_and_counts_its_bytes():
