@@ -44,6 +44,11 @@ from benchmarks.alternating import print_timings, time_alternating
 from benchmarks.workloads import WORKLOADS
 
 
+def _could_not_build(error: Exception) -> str:
+    """Why a variant is left out: the first line of inductor's error."""
+    return f"inductor could not build it: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
 def _inductor_template(fn: Callable[..., torch.Tensor], *args: torch.Tensor, freeze: bool = False):
     """``fn`` compiled with inductor's C++ GEMM template as the only GEMM choice, its parameters
     frozen into constants where ``freeze``; ``(None, reason)`` where inductor cannot build it (no C++
@@ -57,7 +62,7 @@ def _inductor_template(fn: Callable[..., torch.Tensor], *args: torch.Tensor, fre
             compiled = torch.compile(fn, dynamic=False)
             _, sources = run_and_get_code(compiled, *args)
     except Exception as error:  # inductor raises many kinds of errors when it cannot build a kernel
-        return None, f"inductor could not build it: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return None, _could_not_build(error)
     # The template's kernels are built on a generated "micro_gemm"; the ReLU then shows in the kernel's
     # name (W2's second layer: one cpp_fused_bmm_relu kernel).
     if not any("micro_gemm" in source for source in sources):
@@ -73,7 +78,7 @@ def _inductor_elementwise(fn: Callable[..., torch.Tensor], *args: torch.Tensor):
         with torch.no_grad():
             compiled(*args)
     except Exception as error:  # as in _inductor_template
-        return None, f"inductor could not build it: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return None, _could_not_build(error)
     return compiled, None
 
 
