@@ -194,6 +194,10 @@ class MultiTaskTensors:
         # Drawn on the host from the CPU generator: the same seed gives the same order on every device.
         order = torch.randperm(n, generator=generator).to(self.device) if shuffle else None
         stop = n - n % batch_size if drop_last and n >= batch_size else n
+        # Every label present: each batch's mask is a broadcast view of one row of True, built once
+        # per pass (per batch it cost 7 us of W1's 49 us data path; round 18).
+        labelled_row = self.label_mask.new_ones(1, self.labels.shape[1]) if all_labelled else None
+        full_mask = labelled_row.expand(batch_size, -1) if all_labelled else None
         for start in range(0, stop, batch_size):
             end = min(start + batch_size, n)
             if order is None:
@@ -202,12 +206,16 @@ class MultiTaskTensors:
             else:
                 index = order[start:end]
                 take = lambda t: t.index_select(0, index)  # noqa: E731
-            labels = take(self.labels)
+            if not all_labelled:
+                label_mask = take(self.label_mask)
+            elif end - start == batch_size:
+                label_mask = full_mask
+            else:
+                label_mask = labelled_row.expand(end - start, -1)
             yield Batch(
                 map_inputs(self.inputs, take),
-                labels,
-                # Every label present: a broadcast view of True instead of one more gather per step.
-                self.label_mask.new_ones(1, labels.shape[1]).expand(labels.shape) if all_labelled else take(self.label_mask),
+                take(self.labels),
+                label_mask,
                 None if self.sample_weight is None else take(self.sample_weight),
                 all_labelled,
             )
