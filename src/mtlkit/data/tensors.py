@@ -195,7 +195,7 @@ class MultiTaskTensors:
         order = torch.randperm(n, generator=generator).to(self.device) if shuffle else None
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         # Every label present: each batch's mask is a broadcast view of one row of True, built once
-        # per pass (per batch it cost 7 us of W1's 49 us data path; round 18).
+        # per pass (per batch it cost 7-9 us of W1's 47-50 us a batch; docs/performance-log.md, round 18).
         labelled_row = self.label_mask.new_ones(1, self.labels.shape[1]) if all_labelled else None
         full_mask = labelled_row.expand(batch_size, -1) if all_labelled else None
         for start in range(0, stop, batch_size):
