@@ -94,6 +94,29 @@ def test_fused_path_only_for_large_activations():
     assert not stack.takes_fused_path(torch.empty(10, 3, device="meta"))
 
 
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_small_stacks_without_gradients_take_the_fused_forward(monkeypatch, shared_input):
+    """Below the size threshold a stack trains through autograd's modules, and evaluates through
+    the fused forward (plain GEMMs, bias in the ReLU's pass), with the same numbers."""
+    import mtlkit.models.fused_mlp as fused_mlp
+
+    torch.manual_seed(6)
+    stack = StackedMLP(3, 5, (4, 2), shared_input=shared_input, activate_last=False).double()
+    x = torch.randn((7, 5) if shared_input else (7, 3, 5), dtype=torch.double)
+    calls = []
+    forward = fused_mlp._forward_without_grad
+    monkeypatch.setattr(fused_mlp, "_forward_without_grad", lambda *args: calls.append(1) or forward(*args))
+    recorded = stack(x)
+    assert calls == [] and "StackedReluMLP" not in type(recorded.grad_fn).__name__
+    with torch.no_grad():
+        evaluated = stack(x)
+    with torch.inference_mode():
+        served = stack.forward_stack_major(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(evaluated, recorded.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(served, recorded.detach().transpose(0, 1), atol=1e-12, rtol=0)
+
+
 def test_other_activations_and_norms_take_the_module_path():
     assert not StackedMLP(2, 3, (4,), activation="gelu").fused
     assert not StackedMLP(2, 3, (4,), norm="layer").fused
