@@ -157,7 +157,8 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
         return self.small_mixture and small_mixture_applies(x, levels or self._mixture_levels(), self.towers)
 
     def _mixture_levels(self) -> list:
-        return [(level.experts, level.gates) for level in self.levels]
+        # The modules' own dictionaries: getattr costs about 0.5 us a submodule (small_mixture._member).
+        return [(level._modules["experts"], level._modules["gates"]) for level in self._modules["levels"]]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         levels = self._mixture_levels()
