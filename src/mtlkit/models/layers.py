@@ -251,7 +251,7 @@ class StackedMLP(nn.Module):
         # Without gradients the fused path is plain GEMMs with the bias added in the ReLU's pass, which
         # beats addmm's broadcast bias copy and an out-of-place ReLU at every size measured (inference,
         # round 19: W1 Shared-Bottom 121 -> 103 us a batch, W2 Shared-Bottom 2.46 -> 2.23 ms, W2 MMoE's
-        # towers about 0.1 ms); the size threshold is about the fused backward's Python.
+        # towers about 0.07 ms); the size threshold is about the fused backward's Python.
         return (self.fused and x.device.type == "cpu"
                 and (not torch.is_grad_enabled() or x.shape[0] * self.max_activations_per_row >= self.FUSED_MIN_ACTIVATIONS))
 
