@@ -12,7 +12,6 @@ guessed:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.libraries import build_mtlkit

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from mtlkit.errors import ConfigError
 from mtlkit.models import MLP, ExpertBank, GateBank, StackedLinear

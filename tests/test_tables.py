@@ -1,8 +1,6 @@
 import gzip
-import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

@@ -388,7 +388,7 @@ class Trainer:
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
                     self._optimizer_step()
-                    torch._foreach_add_(running, [l.detach() for l in losses.values()])
+                    torch._foreach_add_(running, [loss.detach() for loss in losses.values()])
                     running_steps += 1
                     step += 1
                     advance(1)
