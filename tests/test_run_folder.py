@@ -69,6 +69,22 @@ def test_init_config_then_train(files):
     assert again.returncode == 2 and "exists" in again.stdout
 
 
+def test_init_config_leaves_out_identifiers_and_ignored_columns(files):
+    table = make_table(300, seed=2)
+    table.insert(0, "order_id", range(5000, 5300))
+    table.to_csv(files / "orders.csv", index=False)
+    done = mtlkit("init-config", "--data", str(files / "orders.csv"), "--labels", "click", "--ignore", "city, buy",
+                  "--out", str(files / "orders.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "left out 'order_id'" in " ".join(done.stdout.split())
+    schema = load_run_config(files / "orders.yaml").schema
+    features = {c.name for c in [*schema.dense, *schema.categorical, *schema.multi_valued]}
+    assert features == {"user", "price", "age", "tags", "watch_time"}
+    unknown = mtlkit("init-config", "--data", str(files / "orders.csv"), "--labels", "click", "--ignore", "colour",
+                     "--out", str(files / "other.yaml"))
+    assert unknown.returncode == 2 and "colour" in unknown.stdout and not (files / "other.yaml").exists()
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["training"].update(learnin_rate=0.1), "learnin_rate"),
     (lambda c: c["model"].update(num_experts=0), "num_experts"),

@@ -6,7 +6,7 @@ import torch
 
 from mtlkit import ConfigError, DataError
 from mtlkit.data.readers import iter_table, read_table
-from mtlkit.data.schema import TableSchema, infer_schema
+from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema
 from mtlkit.features import MISSING_TOKEN, FeatureEncoder, TablePreprocessor
 from mtlkit.models import TabularMultiTaskModel, build_model
 from mtlkit.training import load_checkpoint, save_checkpoint
@@ -55,6 +55,24 @@ def test_infer_schema(frame):
     assert {c.name for c in schema.categorical} >= {"city", "tags", "buy"}
     with pytest.raises(ConfigError, match="nope"):
         infer_schema(frame, ["nope"])
+    assert "city" not in {c.name for c in infer_schema(frame, ["click"], ignore=["city"]).categorical}
+    with pytest.raises(ConfigError, match=r"ignore.*\['colour'\]"):
+        infer_schema(frame, ["click"], ignore=["colour"])
+    features = [c for c in frame.columns if c != "click"]
+    with pytest.raises(ConfigError, match="no feature column left"):
+        infer_schema(frame, ["click"], ignore=features)
+
+
+def test_identifier_columns_are_unique_whole_numbers_or_text(frame):
+    frame = frame.assign(order_id=np.arange(len(frame)) * 7 + 1000,
+                         request=[f"req-{i:05d}" for i in range(len(frame))],
+                         amount=np.random.default_rng(0).random(len(frame)) * 100)  # all distinct, but continuous
+    frame.loc[3, "request"] = None  # a missing cell does not make an id repeat
+    columns = [c for c in frame.columns if c != "click"]
+    assert identifier_columns(frame, columns) == ["order_id", "request"]
+    # "user" repeats (a useful categorical feature); a table under min_rows says nothing.
+    assert identifier_columns(frame.head(50), columns) == []
+    assert identifier_columns(frame.assign(order_id=frame["order_id"] % 10), ["order_id"]) == []
 
 
 def test_csv_gzip_and_parquet_read_the_same(frame, schema, tmp_path):

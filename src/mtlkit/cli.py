@@ -199,14 +199,26 @@ def init_config_command(
     data: Path = typer.Option(..., "--data", help="A table to infer the schema from."),
     labels: str = typer.Option(..., help="Comma-separated label columns (one task each)."),
     out: Path = typer.Option(Path("run.yaml"), help="Where to write the starting config."),
+    ignore: str = typer.Option("", help="Comma-separated columns to leave out of the schema (ids, leaky columns)."),
 ) -> None:
-    """Write a starting run config with a schema inferred from a table, for you to edit."""
+    """Write a starting run config with a schema inferred from a table, for you to edit.
+
+    Columns holding a different whole number or text on every row look like row identifiers and are
+    left out too; each is named, so it can be put back in the schema by hand."""
     from mtlkit.experiments.tabular_run import dump_config, initial_config
 
     if out.exists():
         raise MtlkitError(f"{out} already exists; choose another --out")
-    dump_config(initial_config(data, [c.strip() for c in labels.split(",") if c.strip()]), out)
+    config, identifiers = initial_config(data, _names(labels), ignore=_names(ignore))
+    dump_config(config, out)
+    for column in identifiers:
+        console.print(f"left out {column!r}: a different value on every row looks like an identifier, not a feature "
+                      f"(add it to schema.dense or schema.categorical in {out} to use it)", highlight=False)
     console.print(f"wrote {out}; review the schema (dense vs categorical, task types), then: mtlkit train --config {out}")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _print_scores(scores: dict, title: str) -> None:

@@ -15,7 +15,7 @@ from mtlkit.configuration import check_count, from_mapping, to_plain
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec, validate_tasks
 
-__all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema", "infer_schema"]
+__all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema", "identifier_columns", "infer_schema"]
 
 NORMALIZATIONS = ("standard", "minmax", "none")
 POOLINGS = ("mean", "sum")
@@ -209,9 +209,10 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
     dense (with ``log`` when they are non-negative and heavy-tailed); other columns are categorical.
     Columns in ``ignore`` are left out.
     """
-    missing = [c for c in labels if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"labels: column(s) {missing} not in the table; columns are {list(frame.columns)}")
+    for key, names in (("labels", labels), ("ignore", ignore)):
+        missing = [c for c in names if c not in frame.columns]
+        if missing:
+            raise ConfigError(f"{key}: column(s) {missing} not in the table; columns are {list(frame.columns)}")
     tasks = []
     for name in labels:
         values = pd.to_numeric(frame[name], errors="coerce").dropna()
@@ -229,4 +230,27 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
             dense.append(DenseColumn(name=column, log=heavy))
         else:
             categorical.append(CategoricalColumn(name=column))
+    if not dense and not categorical:
+        raise ConfigError(f"no feature column left: every column is a label {list(labels)} or left out {list(ignore)}")
     return TableSchema(tasks=tasks, dense=dense, categorical=categorical)
+
+
+def identifier_columns(frame: pd.DataFrame, columns: Sequence[str], min_rows: int = 100) -> list[str]:
+    """The ``columns`` of ``frame`` that look like row identifiers (an order or request id), not features.
+
+    Such a column holds a different value on every one of at least ``min_rows`` non-missing cells, in
+    whole numbers or text. As a dense feature it is noise; as a categorical one every value of a new
+    table is unseen. A repeating id (a user or item id seen on many rows) is a useful categorical
+    feature and is not reported, nor is a column of fractional numbers, where a continuous measure is
+    all-distinct too.
+    """
+    found = []
+    for column in columns:
+        values = frame[column].dropna()
+        if len(values) < min_rows or values.nunique() != len(values):
+            continue
+        numeric = pd.to_numeric(values, errors="coerce")
+        if numeric.notna().all() and not (numeric == numeric.round()).all():
+            continue
+        found.append(column)
+    return found

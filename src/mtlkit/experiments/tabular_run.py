@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -22,7 +22,7 @@ import yaml
 
 from mtlkit.configuration import from_mapping
 from mtlkit.data.readers import iter_table, read_table, table_format
-from mtlkit.data.schema import TableSchema, infer_schema
+from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
@@ -301,17 +301,24 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
     return {"rows": rows, "out": str(out_file), "out_of_vocabulary": unseen}
 
 
-def initial_config(data_file: str | os.PathLike, labels: list[str], sample_rows: int = 100_000) -> dict[str, Any]:
-    """A starting run config (as plain data) with a schema inferred from the first rows of ``data_file``."""
+def initial_config(data_file: str | os.PathLike, labels: list[str], ignore: Sequence[str] = (),
+                   sample_rows: int = 100_000) -> tuple[dict[str, Any], list[str]]:
+    """A starting run config (as plain data) with a schema inferred from the first rows of ``data_file``.
+
+    Columns in ``ignore`` are left out, and so are those that look like row identifiers
+    (:func:`~mtlkit.data.schema.identifier_columns`). Returns the config and the identifiers left out.
+    """
     frame = next(iter_table(data_file, chunk_rows=sample_rows))
-    schema = infer_schema(frame, labels)
+    candidates = [c for c in frame.columns if c not in labels and c not in ignore]
+    identifiers = identifier_columns(frame, candidates)
+    schema = infer_schema(frame, labels, ignore=[*ignore, *identifiers])
     return {
         "data": {"train": str(Path(data_file).resolve()), "valid": None, "test": None, "valid_fraction": 0.1},
         "schema": schema.to_dict(),
         "model": {"name": "mmoe", "num_experts": 8, "expert_hidden": [64], "tower_hidden": [32]},
         "training": TrainerConfig(max_epochs=10, batch_size=1024, patience=3).to_dict(),
         "seed": 0,
-    }
+    }, identifiers
 
 
 def dump_config(data: dict[str, Any], path: str | os.PathLike) -> Path:
