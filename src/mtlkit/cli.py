@@ -59,7 +59,7 @@ def reproduce_mmoe_synthetic(
     if correlations:
         changes["correlations"] = tuple(_parse_floats(correlations, "--correlations"))
     if models:
-        changes["models"] = tuple(m.strip() for m in models.split(",") if m.strip())
+        changes["models"] = tuple(_names(models))
     config = dataclasses.replace(PROFILES[profile], **changes)
     console.print(f"[bold]mmoe-synthetic[/] profile={config.profile} seeds={config.seeds} steps={config.steps} "
                   f"correlations={list(config.correlations)} -> {out}")
@@ -111,7 +111,7 @@ def reproduce_mmoe_census(
 
     config = CensusExperimentConfig(
         data_dir=str(data), group=group, protocol=protocol, seeds=seeds,
-        models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else DEFAULT_MODELS,
+        models=tuple(_names(models)) if models else DEFAULT_MODELS,
         gbdt=gbdt, hyperparameters=str(hyperparameters) if hyperparameters else None)
     out = out or Path("runs") / f"mmoe-census-g{group}-{protocol}"
     console.print(f"[bold]mmoe-census[/] group={group} protocol={protocol} seeds={seeds} models={list(config.models)} -> {out}")
@@ -188,7 +188,7 @@ def predict_command(
     """Predict every task for every row, streaming the table in chunks."""
     from mtlkit.experiments.tabular_run import predict_run
 
-    keep_columns = tuple(c.strip() for c in keep.split(",") if c.strip()) if keep else ()
+    keep_columns = tuple(_names(keep)) if keep else ()
     result = predict_run(run, data, out, keep_columns)
     unseen = {k: v for k, v in result["out_of_vocabulary"].items() if v}
     console.print(f"wrote {result['rows']} rows to {out}" + (f"; out-of-vocabulary values: {unseen}" if unseen else ""))
@@ -218,6 +218,7 @@ def init_config_command(
 
 
 def _names(text: str) -> list[str]:
+    """The names of a comma-separated option, blanks dropped."""
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
