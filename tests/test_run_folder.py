@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -49,11 +50,10 @@ def test_train_evaluate_predict_from_the_command_line(files):
     predictions = pd.read_csv(files / "p.csv")
     assert list(predictions.columns) == ["user", "click", "buy", "watch"] and len(predictions) == 200
     assert predictions["click"].between(0, 1).all()
-    # Streaming in chunks of 64 rows gives the same numbers as one forward over all rows.
-    loaded = load_run(run)
-    encoded = loaded.preprocessor.transform(pd.read_parquet(files / "test.parquet"), with_labels=False)
-    direct = loaded.model.predict(encoded.tensors.inputs)
-    torch.testing.assert_close(torch.tensor(predictions["click"].to_numpy(), dtype=torch.float32), direct["click"], atol=1e-6, rtol=0)
+    # Streaming in chunks of 64 rows gives the same numbers as one pass over all rows.
+    direct, _ = load_run(run).predict(pd.read_parquet(files / "test.parquet"))
+    for task in ("click", "buy", "watch"):
+        torch.testing.assert_close(torch.tensor(predictions[task].to_numpy(), dtype=torch.float32), direct[task], atol=1e-5, rtol=1e-6)
     predict_run(run, files / "test.parquet", files / "p.parquet")
     assert pd.read_parquet(files / "p.parquet")["watch"].notna().all()
 
@@ -102,6 +102,46 @@ def test_bad_configs_fail_before_training_and_leave_nothing(files, edit, message
     assert "error" in done.stdout and __import__("re").search(message, done.stdout.replace("\n", ""))
     assert not (files / "bad-run").exists()
     assert not [p for p in files.iterdir() if p.name.startswith(".bad-run")]
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_a_regression_label_in_seconds(files, standardize):
+    """Watch time in seconds around 20,000: trained standardised, the model predicts on the label's
+    scale; trained raw, its outputs start 20,000 away and a few dozen Adam steps cannot get there."""
+    for name, rows, seed in (("train.csv", 800, 0), ("test.csv", 200, 1)):
+        table = make_table(rows, seed=seed)
+        table.assign(watch_time=20_000 + 600 * table["watch_time"]).to_csv(files / name, index=False)
+    config = load_run_config(files / "run.yaml")
+    config.data.test = str(files / "test.csv")
+    config.schema.standardize_labels = standardize
+    config.training.max_epochs = 8
+    run = train_run(config, files / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    labels = pd.read_csv(files / "test.csv")["watch_time"]
+    predict_run(run, files / "test.csv", files / "p.csv")
+    predicted = pd.read_csv(files / "p.csv")["watch"][labels.notna()]
+    labels = labels.dropna()
+    # Metrics and predictions are in seconds either way, and agree with each other.
+    assert metrics["test"]["watch"]["mse"] == pytest.approx(((predicted - labels) ** 2).mean(), rel=1e-4)
+    assert metrics["test"]["watch"]["mae"] == pytest.approx((predicted - labels).abs().mean(), rel=1e-4)
+    variance = labels.var(ddof=0)
+    if standardize:
+        stats = metrics["standardized_labels"]["watch"]
+        assert 20_000 < stats["mean"] < 21_000 and 100 < stats["std"] < 1_000  # watch is defined on clicks, score > 0
+        assert metrics["test"]["watch"]["mse"] < 2 * variance  # about the variance after 80 steps
+        assert metrics["test"]["watch"]["loss"] == pytest.approx(metrics["test"]["watch"]["mse"] / stats["std"] ** 2, rel=1e-4)
+        assert "standardised" in (run / "report.md").read_text()
+    else:
+        assert "standardized_labels" not in metrics
+        assert metrics["test"]["watch"]["mse"] > 100 * variance
+        assert metrics["test"]["watch"]["loss"] == pytest.approx(metrics["test"]["watch"]["mse"], rel=1e-4)
+
+
+def test_the_label_scale_example_runs(tmp_path):
+    done = subprocess.run([sys.executable, "examples/label_scale.py", "--seeds", "1", "--rows", "3000"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "watch_mse_over_noise" in done.stdout and done.stdout.count("'standardize_labels': True") == 2
 
 
 @pytest.mark.parametrize("mutate, message", [

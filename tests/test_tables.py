@@ -40,6 +40,7 @@ def test_schema_round_trip_and_required_columns(schema):
     ({"multi_valued": [{"name": "tags", "pooling": "max"}]}, "pooling"),
     ({"colour": 1}, "colour"),
     ({"dense": [], "categorical": [], "multi_valued": []}, "at least one feature"),
+    ({"standardize_labels": "no"}, "schema.standardize_labels: expected true or false"),
 ])
 def test_bad_schemas_name_the_key(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -96,9 +97,41 @@ def test_chunked_fit_equals_whole_fit(frame, schema, tmp_path):
     whole = TablePreprocessor(schema).fit(read_table(tmp_path / "t.csv"))
     chunked = TablePreprocessor(schema).fit(iter_table(tmp_path / "t.csv", chunk_rows=97))
     assert chunked.vocabularies == whole.vocabularies
-    for column, stats in whole.dense_statistics.items():
-        for key, value in stats.items():
-            assert chunked.dense_statistics[column][key] == pytest.approx(value, rel=1e-9)
+    for statistics in ("dense_statistics", "label_statistics"):
+        for column, stats in getattr(whole, statistics).items():
+            for key, value in stats.items():
+                assert getattr(chunked, statistics)[column][key] == pytest.approx(value, rel=1e-9)
+    assert set(whole.label_statistics) == {"watch"}
+
+
+def test_regression_labels_are_standardised_on_their_labelled_training_rows(frame, schema, tmp_path):
+    pre = TablePreprocessor(schema).fit(frame)
+    watch = frame["watch_time"].dropna()  # labelled on clicked rows only
+    stats = pre.label_statistics["watch"]
+    assert stats["mean"] == pytest.approx(watch.mean()) and stats["std"] == pytest.approx(watch.std(ddof=0))
+    labels = pre.transform(frame).tensors.labels
+    standardised = labels[:, 2][labels[:, 2].isfinite()].double()
+    assert standardised.mean().item() == pytest.approx(0, abs=1e-6) and standardised.std(correction=0).item() == pytest.approx(1, rel=1e-5)
+    assert torch.equal(labels[:, :2], torch.tensor(frame[["click", "buy"]].to_numpy(), dtype=torch.float32))  # binary: as read
+    back = pre.to_label_units("watch", labels[:, 2][labels[:, 2].isfinite()])
+    np.testing.assert_allclose(back.numpy(), watch.to_numpy(), rtol=1e-5, atol=1e-6)  # float32 labels
+    assert torch.equal(pre.to_label_units("click", labels[:, 0]), labels[:, 0])
+    # Metrics move with the scale: mse by the variance, mae by the standard deviation; the loss stays.
+    scores = pre.scores_in_label_units({"click": {"loss": 0.5, "auc": 0.7}, "watch": {"loss": 0.5, "mse": 0.5, "mae": 0.25, "count": 9}})
+    assert scores["click"] == {"loss": 0.5, "auc": 0.7}
+    assert scores["watch"] == pytest.approx({"loss": 0.5, "mse": 0.5 * stats["std"] ** 2, "mae": 0.25 * stats["std"], "count": 9})
+    # Saved and reloaded; a file from before label statistics existed loads with raw labels.
+    pre.save(tmp_path / "pre.json")
+    assert TablePreprocessor.load(tmp_path / "pre.json").label_statistics == pre.label_statistics
+    data = pre.to_dict()
+    del data["label_statistics"]
+    old = TablePreprocessor.from_dict(data)
+    as_read = torch.tensor(frame[["click", "buy", "watch_time"]].to_numpy(), dtype=torch.float32)
+    assert old.label_statistics == {}
+    torch.testing.assert_close(old.transform(frame).tensors.labels, as_read, rtol=0, atol=0, equal_nan=True)
+    raw = TablePreprocessor(TableSchema.from_dict({**SCHEMA, "standardize_labels": False})).fit(frame)
+    assert raw.label_statistics == {}
+    torch.testing.assert_close(raw.transform(frame).tensors.labels, as_read, rtol=0, atol=0, equal_nan=True)
 
 
 def test_preprocessing_values(frame, schema):

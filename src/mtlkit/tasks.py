@@ -14,8 +14,8 @@ none of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,11 @@ class TaskType:
             dimensions, so that tasks of this type are scored together in one pass over their
             stacked outputs (:class:`TaskOutputs`). Leave it False for a loss that reduces over
             a dimension or reads the output's shape.
+        metric_scale_powers: for a target on an arbitrary numeric scale (regression), how each
+            metric grows when the labels are multiplied by ``s``: ``{"mse": 2, "mae": 1}`` means
+            ``s**2`` and ``s``. Tables standardise such labels for training
+            (``TableSchema.standardize_labels``) and report these metrics in the labels' own units.
+            None (binary): labels are never rescaled.
     """
 
     name: str
@@ -63,6 +68,7 @@ class TaskType:
     metrics: tuple[str, ...]
     higher_is_better: bool
     elementwise_loss: bool = False
+    metric_scale_powers: Mapping[str, int] | None = field(default=None, compare=False)  # a dict: kept out of the hash
 
 
 _TASK_TYPES: dict[str, TaskType] = {}
@@ -134,6 +140,7 @@ register_task_type(
         metrics=("mse", "mae"),
         higher_is_better=False,
         elementwise_loss=True,
+        metric_scale_powers={"mse": 2, "mae": 1},
     )
 )
 

@@ -119,6 +119,10 @@ class TableSchema:
         default_embedding_dim: embedding width of categorical columns that do not set one.
         missing_values: cell values that mean "missing" (besides empty cells and NaN). Missing
             categorical values become one explicit ``<missing>`` category.
+        standardize_labels: train regression tasks (task types with ``metric_scale_powers``) on
+            their labels minus the training mean, over the training standard deviation, so that a
+            watch time in seconds neither swamps the other tasks' losses nor starts thousands of
+            steps away from its mean; predictions and metrics stay in the labels' own units.
     """
 
     tasks: Sequence[TaskSpec]
@@ -129,9 +133,12 @@ class TableSchema:
     group_column: str | None = None
     default_embedding_dim: int = 8
     missing_values: Sequence[str] = field(default_factory=lambda: ("",))
+    standardize_labels: bool = True
 
     def __post_init__(self) -> None:
         self.tasks = validate_tasks(self.tasks)
+        if not isinstance(self.standardize_labels, bool):
+            raise ConfigError(f"schema.standardize_labels: expected true or false, got {self.standardize_labels!r}")
         self.dense = _columns(DenseColumn, self.dense, "dense")
         self.categorical = _columns(CategoricalColumn, self.categorical, "categorical")
         self.multi_valued = _columns(MultiValuedColumn, self.multi_valued, "multi_valued")
@@ -190,6 +197,7 @@ class TableSchema:
             "group_column": self.group_column,
             "default_embedding_dim": self.default_embedding_dim,
             "missing_values": list(self.missing_values),
+            "standardize_labels": self.standardize_labels,
         }
 
 

@@ -153,17 +153,19 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     result = Trainer(model, training).fit(train.tensors, valid.tensors)
 
     batch = training.eval_batch_size
+    in_units = preprocessor.scores_in_label_units
     metrics: dict[str, Any] = {
         "model": config.model["name"],
         "parameters": model.count_parameters(),
         "best_step": result.best_step, "steps": result.steps, "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 2),
         "rows": {"train": len(train.tensors), "valid": len(valid.tensors), **({"test": len(test.tensors)} if test else {})},
-        "valid": evaluate(model, valid.tensors, model.tasks, batch, groups=valid.groups),
+        "valid": in_units(evaluate(model, valid.tensors, model.tasks, batch, groups=valid.groups)),
+        **({"standardized_labels": preprocessor.label_statistics} if preprocessor.label_statistics else {}),
         "out_of_vocabulary": {"valid": valid.out_of_vocabulary, **({"test": test.out_of_vocabulary} if test else {})},
     }
     if test is not None:
-        metrics["test"] = evaluate(model, test.tensors, model.tasks, batch, groups=test.groups)
+        metrics["test"] = in_units(evaluate(model, test.tensors, model.tasks, batch, groups=test.groups))
 
     if not is_main_process():  # under torchrun, rank 0 alone writes the run folder
         barrier()
@@ -175,7 +177,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         preprocessor.save(staging / "preprocessing.json")
         save_checkpoint(staging / "model.pt", model, metadata={"best_step": result.best_step})
         write_json(staging / "metrics.json", metrics)
-        history = pd.DataFrame(result.history)
+        history = pd.DataFrame([in_units({row["task"]: row})[row["task"]] for row in result.history])
         history.to_csv(staging / "history.csv", index=False)
         plot_learning_curves(history, staging / "learning_curves.png", f"{config.model['name']}: loss per task")
         metrics["seconds"] = round(time.perf_counter() - started, 2)
@@ -207,6 +209,9 @@ def _report(config: RunConfig, metrics: dict[str, Any]) -> str:
             cells = [f"{values[m]:.4f}" if m in values else "" for m in names]
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {int(values['count'])} |")
         lines.append("")
+    for task, stats in metrics.get("standardized_labels", {}).items():
+        lines.append(f"Task {task} was trained on its labels standardised (training mean {stats['mean']:.6g}, standard "
+                     f"deviation {stats['std']:.6g}): its loss is on that scale, its other metrics in the labels' units.")
     unseen = {k: v for k, v in metrics["out_of_vocabulary"].get("valid", {}).items() if v}
     lines.append(f"Out-of-vocabulary values in validation: {unseen or 'none'}.")
     lines += ["", "![learning curves](learning_curves.png)", ""]
@@ -220,6 +225,18 @@ class LoadedRun:
     config: RunConfig
     preprocessor: TablePreprocessor
     model: TabularMultiTaskModel
+
+    def predict(self, frame: pd.DataFrame, source: str = "table") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """``({task: (N,) predictions}, {column: out-of-vocabulary rows})`` for the rows of ``frame``:
+        probabilities for binary tasks, values in the label's units for regression (the model itself
+        predicts standardised labels, see ``TableSchema.standardize_labels``). Labels are not read."""
+        encoded = self.preprocessor.transform(frame, source=source, with_labels=False)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch in encoded.tensors.batches(self.config.training.eval_batch_size):
+            for name, value in self.model.predict(batch.inputs).items():
+                parts.setdefault(name, []).append(value)
+        predictions = {name: self.preprocessor.to_label_units(name, torch.cat(values)) for name, values in parts.items()}
+        return predictions, encoded.out_of_vocabulary
 
 
 def load_run(run_dir: str | os.PathLike) -> LoadedRun:
@@ -248,14 +265,15 @@ def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> di
     schema = run.preprocessor.schema
     frame = read_table(data_file, schema.required_columns)
     encoded = run.preprocessor.transform(frame, source=str(data_file))
-    scores = evaluate(run.model, encoded.tensors, run.model.tasks, run.config.training.eval_batch_size,
-                      groups=encoded.groups)
+    scores = run.preprocessor.scores_in_label_units(evaluate(
+        run.model, encoded.tensors, run.model.tasks, run.config.training.eval_batch_size, groups=encoded.groups))
     return {"data": str(data_file), "rows": len(frame), "metrics": scores, "out_of_vocabulary": encoded.out_of_vocabulary}
 
 
 def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,
                 keep_columns: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Write one prediction column per task (probability for binary, value for regression), chunk by chunk.
+    """Write one prediction column per task (probability for binary, value in the label's units for
+    regression), chunk by chunk.
 
     Labels are not needed. ``keep_columns`` are copied through (e.g. an id). The output is written to a
     temporary file and renamed, so an error midway leaves no partial file.
@@ -272,14 +290,10 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
         writer = None
         try:
             for i, chunk in enumerate(iter_table(data_file, columns, run.config.data.chunk_rows)):
-                encoded = run.preprocessor.transform(chunk, source=str(data_file), with_labels=False)
-                for key, count in encoded.out_of_vocabulary.items():
+                predictions, out_of_vocabulary = run.predict(chunk, source=str(data_file))
+                for key, count in out_of_vocabulary.items():
                     unseen[key] = unseen.get(key, 0) + count
-                predictions = {}
-                for batch in encoded.tensors.batches(run.config.training.eval_batch_size):
-                    for name, value in run.model.predict(batch.inputs).items():
-                        predictions.setdefault(name, []).append(value)
-                table = pd.DataFrame({name: torch.cat(parts).numpy() for name, parts in predictions.items()})
+                table = pd.DataFrame({name: values.numpy() for name, values in predictions.items()})
                 for column in reversed(keep_columns):
                     table.insert(0, column, chunk[column].to_numpy())
                 rows += len(table)

@@ -9,7 +9,10 @@ Encoding conventions:
 - missing categorical cells become the explicit value ``<missing>``;
 - multi-valued cells are padded with -1 up to ``max_length``;
 - dense columns with ``embed_values`` also give a categorical code of their exact value, placed after
-  the declared categorical columns.
+  the declared categorical columns;
+- regression labels (with ``TableSchema.standardize_labels``) become ``(label - mean) / std`` of the
+  training rows where that task is labelled; :meth:`TablePreprocessor.to_label_units` and
+  :meth:`TablePreprocessor.scores_in_label_units` turn outputs and metrics back into the labels' units.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -31,6 +34,7 @@ from mtlkit.data.tensors import MultiTaskTensors
 from mtlkit.errors import DataError
 from mtlkit.features.encoder import EncoderConfig
 from mtlkit.files import write_json
+from mtlkit.tasks import TaskSpec
 
 __all__ = ["MISSING_TOKEN", "EncodedTable", "TablePreprocessor"]
 
@@ -104,6 +108,7 @@ class TablePreprocessor:
         self.schema = schema
         self.vocabularies: dict[str, list[str]] = {}
         self.dense_statistics: dict[str, dict[str, float]] = {}
+        self.label_statistics: dict[str, dict[str, float]] = {}  # {task: {"mean", "std"}} of standardised labels
 
     # ----------------------------------------------------------------------------------- fitting
     @property
@@ -118,6 +123,8 @@ class TablePreprocessor:
         counts: dict[str, pd.Series] = {}
         moments = {c.name: np.zeros(4) for c in schema.dense}  # count, sum of raw, sum and sum of squares of transformed
         extremes = {c.name: [math.inf, -math.inf] for c in schema.dense}
+        scaled = self._standardized_tasks()
+        label_moments = {t.name: np.zeros(3) for t in scaled}  # count, sum, sum of squares
         rows = 0
         for frame in frames:
             check_columns(frame, schema.required_columns, source)
@@ -145,6 +152,10 @@ class TablePreprocessor:
                 if raw.size:
                     extremes[column.name][0] = min(extremes[column.name][0], float(transformed.min()))
                     extremes[column.name][1] = max(extremes[column.name][1], float(transformed.max()))
+            for task in scaled:
+                label = self._label(frame, task, source)
+                label = label[~np.isnan(label)]
+                label_moments[task.name] += (label.size, label.sum(), np.square(label).sum())
         if rows == 0:
             raise DataError(f"{source}: no rows to fit the preprocessing on")
         self.vocabularies = {}
@@ -164,7 +175,28 @@ class TablePreprocessor:
             std = math.sqrt(max(t_sq / n - mean * mean, 0.0))
             low, high = extremes[column.name]
             self.dense_statistics[column.name] = {"fill": float(fill), "mean": mean, "std": std, "min": low, "max": high}
+        self.label_statistics = {}
+        for name, (n, total, squares) in label_moments.items():
+            if n:  # a task without a labelled training row has nothing to learn from; its labels stay as they are
+                mean = total / n
+                std = math.sqrt(max(squares / n - mean * mean, 0.0))
+                self.label_statistics[name] = {"mean": float(mean), "std": std if std > 0 else 1.0}
         return self
+
+    def _standardized_tasks(self) -> list[TaskSpec]:
+        """The tasks whose labels :meth:`fit` standardises (see ``TableSchema.standardize_labels``)."""
+        if not self.schema.standardize_labels:
+            return []
+        return [t for t in self.schema.tasks if t.task_type.metric_scale_powers]
+
+    def _label(self, frame: pd.DataFrame, task: TaskSpec, source: str) -> np.ndarray:
+        """A task's raw labels (float64), NaN where missing or outside its sample space."""
+        missing_values = self.schema.missing_values
+        values = _as_number(frame[task.label_column], task.label_column, source, missing_values)
+        if task.sample_space:
+            inside = _as_number(frame[task.sample_space], task.sample_space, source, missing_values) == 1
+            values = np.where(inside, values, np.nan)
+        return values
 
     # ------------------------------------------------------------------------------ transforming
     @staticmethod
@@ -208,15 +240,14 @@ class TablePreprocessor:
             inputs["multi_valued"] = torch.from_numpy(
                 np.stack([self._multi_codes(frame[c.name], c, oov) for c in schema.multi_valued], 1))
         if with_labels:
-            labels = np.stack([_as_number(frame[t.label_column], t.label_column, source, schema.missing_values)
-                               for t in schema.tasks], 1)
+            labels = np.stack([self._label(frame, t, source) for t in schema.tasks], 1)
             for k, task in enumerate(schema.tasks):
-                if task.sample_space:
-                    inside = _as_number(frame[task.sample_space], task.sample_space, source, schema.missing_values) == 1
-                    labels[~inside, k] = np.nan
+                where = f"{source}: label column {task.label_column!r} (task {task.name!r})"
+                task.task_type.check_labels(torch.from_numpy(labels[:, k]), where)
+                stats = self.label_statistics.get(task.name)
+                if stats:
+                    labels[:, k] = (labels[:, k] - stats["mean"]) / stats["std"]
             labels_tensor = torch.from_numpy(labels.astype(np.float32))
-            for k, task in enumerate(schema.tasks):
-                task.task_type.check_labels(labels_tensor[:, k], f"{source}: label column {task.label_column!r} (task {task.name!r})")
             weight = None
             if schema.weight_column:
                 w = _as_number(frame[schema.weight_column], schema.weight_column, source, schema.missing_values)
@@ -261,6 +292,29 @@ class TablePreprocessor:
         out[rows, positions] = codes
         return out
 
+    # ------------------------------------------------------------------------------ label units
+    def to_label_units(self, task: str, values: torch.Tensor) -> torch.Tensor:
+        """Predictions of ``task`` made on its standardised scale, in its label's units (``values``
+        itself for a task whose labels are not standardised). Shape kept."""
+        stats = self.label_statistics.get(task)
+        return values if stats is None else values * stats["std"] + stats["mean"]
+
+    def scores_in_label_units(self, scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        """``{task: {metric: value}}`` with the metrics of standardised tasks in their labels' units
+        (``mse`` times the variance, ``mae`` times the standard deviation; see
+        ``TaskType.metric_scale_powers``). ``loss`` stays the training objective, on the standardised scale."""
+        tasks = {t.name: t for t in self.schema.tasks}
+        out = {}
+        for name, values in scores.items():
+            values = dict(values)
+            stats = self.label_statistics.get(name)
+            if stats is not None:
+                for metric, power in tasks[name].task_type.metric_scale_powers.items():
+                    if metric in values:
+                        values[metric] = values[metric] * stats["std"] ** power
+            out[name] = values
+        return out
+
     # ------------------------------------------------------------------------------- model input
     def encoder_config(self) -> EncoderConfig:
         """Sizes of the feature encoder that reads this preprocessor's tensors."""
@@ -280,7 +334,7 @@ class TablePreprocessor:
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
         return {"format": FORMAT, "schema": self.schema.to_dict(), "vocabularies": self.vocabularies,
-                "dense_statistics": self.dense_statistics}
+                "dense_statistics": self.dense_statistics, "label_statistics": self.label_statistics}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TablePreprocessor":
@@ -289,6 +343,8 @@ class TablePreprocessor:
         out = cls(TableSchema.from_dict(data["schema"]))
         out.vocabularies = {k: list(v) for k, v in data["vocabularies"].items()}
         out.dense_statistics = {k: dict(v) for k, v in data["dense_statistics"].items()}
+        # Files written before labels were standardised have none: their models predict raw labels.
+        out.label_statistics = {k: dict(v) for k, v in data.get("label_statistics", {}).items()}
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
