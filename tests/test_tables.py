@@ -53,7 +53,14 @@ def test_infer_schema(frame):
     dense = {c.name: c for c in schema.dense}
     assert {"price", "age"} <= set(dense)  # numeric with many distinct values
     assert dense["price"].log and not dense["age"].log
-    assert {c.name for c in schema.categorical} >= {"city", "tags", "buy"}
+    assert {c.name for c in schema.categorical} >= {"city", "buy"}
+    assert [(c.name, c.separator, c.max_length) for c in schema.multi_valued] == [("tags", "|", 3)]  # "a|c": lists of up to 3
+    # Whole numbers in a column named like an id are categories; other numbers stay dense.
+    ids = frame.assign(user_id=frame["user"] * 1000 + 7, itemId=frame["user"] + 1, paid=frame["user"] + 0.5,
+                       valid=frame["user"] + 3, note=np.where(np.arange(len(frame)) % 50 == 0, "a|b", "plain text"))
+    inferred = infer_schema(ids, ["click"])
+    assert {"user_id", "itemId", "note"} <= {c.name for c in inferred.categorical}  # a rare "|" is not a list
+    assert {"paid", "valid", "user"} <= {c.name for c in inferred.dense}
     with pytest.raises(ConfigError, match="nope"):
         infer_schema(frame, ["nope"])
     assert "city" not in {c.name for c in infer_schema(frame, ["click"], ignore=["city"]).categorical}

@@ -6,6 +6,7 @@ validated when built, with errors that name the offending key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,6 +20,8 @@ __all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema
 
 NORMALIZATIONS = ("standard", "minmax", "none")
 POOLINGS = ("mean", "sum")
+# "user_id", "item-id", "id", "userId", "ItemID"; not "paid" or "valid".
+_ID_NAME = re.compile(r"(?:^|[_\-. ])(?:id|Id|ID)$|[a-z0-9](?:Id|ID)$")
 
 
 @dataclass
@@ -214,8 +217,10 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
 
     Label columns become tasks: ``binary`` when their non-missing values are all 0/1, else
     ``regression``. Numeric columns with more than ``max_categories_for_numeric`` distinct values are
-    dense (with ``log`` when they are non-negative and heavy-tailed); other columns are categorical.
-    Columns in ``ignore`` are left out.
+    dense (with ``log`` when they are non-negative and heavy-tailed), except whole numbers in a column
+    named like an id (``user_id``, ``itemId``), which are categorical: a user id's numeric order means
+    nothing. Text columns whose cells list values separated by ``|`` (``"action|comedy"``) are
+    multi-valued; other columns are categorical. Columns in ``ignore`` are left out.
     """
     for key, names in (("labels", labels), ("ignore", ignore)):
         missing = [c for c in names if c not in frame.columns]
@@ -226,21 +231,47 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
         values = pd.to_numeric(frame[name], errors="coerce").dropna()
         kind = "binary" if len(values) and values.isin([0, 1]).all() else "regression"
         tasks.append(TaskSpec(name=name, type=kind))
-    dense, categorical = [], []
+    dense, categorical, multi_valued = [], [], []
     for column in frame.columns:
         if column in labels or column in ignore:
             continue
         series = frame[column]
         numeric = pd.to_numeric(series, errors="coerce")
         is_numeric = numeric.notna().sum() >= 0.99 * series.notna().sum() and numeric.notna().any()
-        if is_numeric and numeric.nunique() > max_categories_for_numeric:
-            heavy = bool(numeric.min() >= 0 and numeric.quantile(0.99) > 10 * max(numeric.median(), 1.0))
-            dense.append(DenseColumn(name=column, log=heavy))
+        if is_numeric:
+            whole_id = bool(_ID_NAME.search(str(column)) and (numeric.dropna() == numeric.dropna().round()).all())
+            if numeric.nunique() > max_categories_for_numeric and not whole_id:
+                heavy = bool(numeric.min() >= 0 and numeric.quantile(0.99) > 10 * max(numeric.median(), 1.0))
+                dense.append(DenseColumn(name=column, log=heavy))
+                continue
         else:
-            categorical.append(CategoricalColumn(name=column))
-    if not dense and not categorical:
+            max_length = _listed_values(series)
+            if max_length:
+                multi_valued.append(MultiValuedColumn(name=column, max_length=max_length))
+                continue
+        categorical.append(CategoricalColumn(name=column))
+    if not dense and not categorical and not multi_valued:
         raise ConfigError(f"no feature column left: every column is a label {list(labels)} or left out {list(ignore)}")
-    return TableSchema(tasks=tasks, dense=dense, categorical=categorical)
+    return TableSchema(tasks=tasks, dense=dense, categorical=categorical, multi_valued=multi_valued)
+
+
+def _listed_values(series: pd.Series, separator: str = "|") -> int | None:
+    """For a text column whose cells are lists (``"a|b"``): the number of values to keep per row (the
+    99th percentile of the lists' lengths, at most 64); None when it does not look like one.
+
+    A list column has the separator in at least a tenth of its cells, and fewer distinct values than
+    distinct cells (the same values recur in different combinations); a rare ``|`` in free text, or
+    a category that merely contains one, does not qualify.
+    """
+    text = series.dropna().astype(str)
+    text = text[text.str.strip() != ""]
+    if text.empty or text.str.contains(separator, regex=False).mean() < 0.1:
+        return None
+    lists = text.str.split(separator, regex=False).map(lambda cell: [v for v in cell if v])
+    values = lists.explode().dropna()
+    if values.nunique() >= text.nunique():
+        return None
+    return int(min(64, max(1, lists.map(len).quantile(0.99, interpolation="higher"))))
 
 
 def identifier_columns(frame: pd.DataFrame, columns: Sequence[str], min_rows: int = 100) -> list[str]:
