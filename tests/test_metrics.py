@@ -6,7 +6,7 @@ import torch
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from mtlkit.training.metrics import group_auc, log_loss, roc_auc
+from mtlkit.training.metrics import accuracy, group_auc, log_loss, roc_auc
 
 
 def brute_force_auc(scores, labels):
@@ -42,3 +42,14 @@ def test_group_auc_weights_groups_by_size_and_skips_single_class_groups():
     groups = torch.tensor([0, 0, 1, 1, 1, 2, 2])
     # group 0: AUC 1 (2 rows); group 1: pos 0.2 vs neg 0.8, 0.3 -> 0 (3 rows); group 2 single class.
     assert group_auc(scores, labels, groups) == pytest.approx((1.0 * 2 + 0.0 * 3) / 5)
+
+
+def test_multiclass_accuracy_and_log_loss_match_sklearn():
+    from sklearn.metrics import accuracy_score
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 4, generator=g) * 2
+    labels = torch.randint(0, 4, (300,), generator=g).float()
+    probabilities = torch.softmax(logits.double(), 1).numpy()
+    assert log_loss(logits, labels) == pytest.approx(sk_log_loss(labels, probabilities, labels=[0, 1, 2, 3]), abs=1e-9)
+    assert accuracy(logits, labels) == pytest.approx(accuracy_score(labels, probabilities.argmax(1)), abs=1e-12)

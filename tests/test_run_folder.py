@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -135,6 +136,39 @@ def test_a_regression_label_in_seconds(files, standardize):
         assert "standardized_labels" not in metrics
         assert metrics["test"]["watch"]["mse"] > 100 * variance
         assert metrics["test"]["watch"]["loss"] == pytest.approx(metrics["test"]["watch"]["mse"], rel=1e-4)
+
+
+def test_a_multiclass_task_from_a_table(files):
+    """A class index per row (0 Paris, 1 Lyon, 2 elsewhere; missing on some rows) trained beside a click:
+    scored by accuracy and log loss, predicted as the most likely class and each class's probability."""
+    def with_segment(table):
+        segment = np.select([table["city"] == "paris", table["city"] == "lyon"], [0, 1], 2).astype(float)
+        segment[::9] = np.nan
+        return table.assign(segment=segment)
+
+    with_segment(make_table(800, seed=0)).to_csv(files / "train.csv", index=False)
+    with_segment(make_table(200, seed=1)).to_parquet(files / "test.parquet", index=False)
+    config = yaml.safe_load((files / "run.yaml").read_text())
+    config["schema"]["tasks"] = [{"name": "click"}, {"name": "segment", "type": "multiclass", "num_classes": 3}]
+    config["training"].update(max_epochs=40, learning_rate=0.01, patience=None)
+    (files / "run.yaml").write_text(yaml.safe_dump(config))
+    run = train_run(load_run_config(files / "run.yaml"), files / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]["segment"]) == {"loss", "count", "accuracy", "logloss"}
+    assert metrics["test"]["segment"]["accuracy"] > 0.9 and metrics["test"]["segment"]["count"] == 200 - 23
+    predict_run(run, files / "test.parquet", files / "p.csv")
+    predicted = pd.read_csv(files / "p.csv")
+    assert list(predicted.columns) == ["click", "segment", "segment_p0", "segment_p1", "segment_p2"]
+    probabilities = predicted[["segment_p0", "segment_p1", "segment_p2"]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert (predicted["segment"].to_numpy() == probabilities.argmax(1)).all()
+    labels = pd.read_parquet(files / "test.parquet")["segment"]
+    hits = (predicted["segment"][labels.notna()] == labels.dropna()).mean()
+    assert hits == pytest.approx(metrics["test"]["segment"]["accuracy"])
+    # A class index the task does not have is an error naming the column.
+    with_segment(make_table(200, seed=1)).assign(segment=3).to_parquet(files / "test.parquet", index=False)
+    with pytest.raises(DataError, match="'segment'.*num_classes 3"):
+        evaluate_run(run, files / "test.parquet")
 
 
 def test_the_label_scale_example_runs(tmp_path):

@@ -19,8 +19,8 @@ def _module_path(model, x):
         model.small_mixture = True
 
 
-def _outputs_and_grads(outputs, x, params):
-    stacked = torch.cat([outputs[t.name] for t in TASKS], dim=1)
+def _outputs_and_grads(outputs, x, params, tasks=TASKS):
+    stacked = torch.cat([outputs[t.name] for t in tasks], dim=1)
     upstream = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(7), dtype=stacked.dtype)
     return stacked.detach(), torch.autograd.grad(stacked, [x, *params], upstream)
 
@@ -50,6 +50,25 @@ def test_small_mixture_equals_the_module_path(name, config):
     params = list(model.parameters())
     fast, fast_grads = _outputs_and_grads(model(x), x, params)
     plain, plain_grads = _outputs_and_grads(_module_path(model, x), x, params)
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name,config", [CONFIGS[0], CONFIGS[3], CONFIGS[5], CONFIGS[7]])
+def test_heads_of_different_widths(name, config):
+    """A multiclass head (4 logits) beside one-wide heads: the stacked heads are padded to 4 and each
+    task reads its own width, on both paths."""
+    tasks = [TaskSpec("genre", "multiclass", num_classes=4), TaskSpec("b", "binary"), TaskSpec("c", "regression")]
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=9, tasks=tasks, **config).double()
+    x = torch.randn(13, 9, dtype=torch.double, requires_grad=True)
+    assert model.takes_small_mixture_path(x)
+    params = list(model.parameters())
+    outputs = model(x)
+    assert [tuple(outputs[t.name].shape) for t in tasks] == [(13, 4), (13, 1), (13, 1)]
+    fast, fast_grads = _outputs_and_grads(outputs, x, params, tasks)
+    plain, plain_grads = _outputs_and_grads(_module_path(model, x), x, params, tasks)
     torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
     for fast_grad, plain_grad in zip(fast_grads, plain_grads):
         torch.testing.assert_close(fast_grad, plain_grad, atol=1e-12, rtol=0)

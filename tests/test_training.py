@@ -202,6 +202,53 @@ def test_binary_labels_out_of_range():
         Trainer(model, TrainerConfig(max_epochs=1, progress=False)).fit(data)
 
 
+def test_a_multiclass_task_beside_binary_and_regression_ones():
+    """Class indices as labels, some missing; one cross-entropy over the labelled rows; accuracy
+    monitored upwards; predictions are class probabilities."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 6, generator=g)
+    genre = x[:, :3].argmax(1).float()
+    genre[::5] = float("nan")
+    data = MultiTaskTensors(x, torch.stack([(x[:, 3] > 0).float(), genre, x[:, 4]], 1), ["click", "genre", "time"])
+    tasks = [TaskSpec("click"), TaskSpec("genre", "multiclass", num_classes=3), TaskSpec("time", "regression")]
+    outputs = {"click": torch.zeros(3000, 1), "genre": torch.randn(3000, 3, generator=g), "time": torch.zeros(3000, 1)}
+    labelled = genre.isfinite()
+    loss = task_losses(outputs, data.labels, data.label_mask, tasks)["genre"]
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(outputs["genre"][labelled], genre[labelled].long()).item(), rel=1e-6)
+    train, valid = data.split([0.8, 0.2], seed=0)
+    model = build_model("mmoe", input_dim=6, tasks=tasks, num_experts=4, expert_hidden=[16])
+    result = Trainer(model, TrainerConfig(max_epochs=15, batch_size=128, monitor="genre/accuracy", progress=False)).fit(train, valid)
+    scores = result.final("valid")["genre"]
+    assert scores["count"] == valid.label_mask[:, 1].sum().item() and scores["accuracy"] == result.best_value
+    assert max(r["accuracy"] for r in result.history if r["split"] == "valid" and r["task"] == "genre") == result.best_value
+    assert scores["accuracy"] > 0.8  # three classes: a third by chance
+    probabilities = model.predict(x[:5])["genre"]
+    assert probabilities.shape == (5, 3) and torch.allclose(probabilities.sum(1), torch.ones(5))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(name="genre", type="multiclass"), "genre.*num_classes"),
+    (dict(name="genre", type="multiclass", num_classes=1), "num_classes.*>= 2"),
+    (dict(name="click", type="binary", num_classes=3), "num_classes is for multiclass"),
+    (dict(name="genre", type="multiclass", classes=3), "unknown key.*classes"),
+])
+def test_bad_multiclass_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        TaskSpec.from_dict(spec)
+
+
+@pytest.mark.parametrize("label, message", [(3.0, r"num_classes 3.*0 \.\. 2.*\[3\.0\]"), (1.5, "class indices"), (-1.0, "class indices")])
+def test_multiclass_labels_out_of_range(label, message):
+    labels = torch.zeros(10, 1)
+    labels[4] = label
+    data = MultiTaskTensors(torch.randn(10, 3), labels, ["genre"])
+    task = TaskSpec("genre", "multiclass", num_classes=3)
+    assert TaskSpec.from_dict(task.to_dict()) == task and task.output_dim == 3
+    model = build_model("shared_bottom", input_dim=3, tasks=[task])
+    with pytest.raises(DataError, match=message):
+        Trainer(model, TrainerConfig(max_epochs=1, progress=False)).fit(data)
+
+
 @pytest.mark.parametrize("options, key", [
     (dict(learning_rate=0), "learning_rate"),
     (dict(batch_size=0), "batch_size"),

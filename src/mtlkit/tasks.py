@@ -3,9 +3,11 @@
 A :class:`TaskSpec` is the single source of truth for one prediction target: heads, losses,
 metrics, predictions and report columns are all keyed by ``TaskSpec.name``, never by position.
 
-A :class:`TaskType` says what a task's head emits and how it is scored. New types (for example
-``multiclass``) are added with :func:`register_task_type`; models never need to change because they
-only ask a task type for its ``output_dim``.
+A :class:`TaskType` says what a task's head emits and how it is scored: ``binary`` (one logit,
+binary cross-entropy), ``regression`` (one value, squared error) and ``multiclass`` (one logit per
+class, cross-entropy; the task sets ``num_classes``). New types are added with
+:func:`register_task_type`; models never need to change because they only ask a task for its
+``output_dim``.
 
 This module sits below every layer (data, features, models, objectives, training) and imports
 none of them.
@@ -40,12 +42,14 @@ class TaskType:
 
     Attributes:
         name: registry key, e.g. ``"binary"``.
-        output_dim: width of the head's raw output for one sample.
+        output_dim: width of the head's raw output for one sample; None where each task sets it
+            (``TaskSpec.num_classes`` of a ``multiclass`` task).
         loss: ``(output [B, output_dim], label [B]) -> per-sample loss [B]``. Takes raw model
             output (logits), never probabilities. With ``elementwise_loss`` it must also take
             ``(output [..., output_dim], label [...]) -> [...]`` element by element.
         predict: ``output [B, output_dim] -> prediction [B]`` (or ``[B, C]``), e.g. a sigmoid.
-        check_labels: raises :class:`DataError` when finite labels are outside the allowed range.
+        check_labels: raises :class:`DataError` when finite labels are outside the allowed range
+            (:meth:`TaskSpec.check_labels` adds the class range of a task with ``num_classes``).
         metrics: metric names (see ``mtlkit.training.metrics``) reported for this type; the first
             is the one early stopping and reports treat as primary.
         higher_is_better: for the primary metric.
@@ -61,7 +65,7 @@ class TaskType:
     """
 
     name: str
-    output_dim: int
+    output_dim: int | None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     predict: Callable[[torch.Tensor], torch.Tensor]
     check_labels: Callable[[torch.Tensor, str], None]
@@ -128,6 +132,29 @@ register_task_type(
         metrics=("auc", "logloss"),
         higher_is_better=True,
         elementwise_loss=True,
+    )
+)
+def _multiclass_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, label.long(), reduction="none")
+
+
+def _check_class_indices(label: torch.Tensor, where: str) -> None:
+    finite = label[torch.isfinite(label)]
+    bad = (finite < 0) | (finite != finite.round())
+    if bool(bad.any()):
+        example = finite[bad][:3].tolist()
+        raise DataError(f"{where}: a multiclass task needs class indices 0, 1, ..., num_classes - 1, found {example}")
+
+
+register_task_type(
+    TaskType(
+        name="multiclass",
+        output_dim=None,
+        loss=_multiclass_loss,
+        predict=lambda output: torch.softmax(output, dim=1),
+        check_labels=_check_class_indices,
+        metrics=("accuracy", "logloss"),
+        higher_is_better=True,
     )
 )
 register_task_type(
@@ -200,6 +227,8 @@ class TaskSpec:
         sample_space: optional column marking the rows where this task is defined (value 1); other
             rows count as unlabelled for it (the PLE paper's per-task sample space; ESMM's CVR task is
             defined on clicked rows: ``sample_space="click"``).
+        num_classes: the number of classes of a ``multiclass`` task (>= 2), whose labels are the
+            class indices ``0 .. num_classes - 1``; only for such task types.
     """
 
     name: str
@@ -207,13 +236,20 @@ class TaskSpec:
     label: str | None = None
     weight: float = 1.0
     sample_space: str | None = None
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"task name must be a non-empty string, got {self.name!r}")
-        get_task_type(self.type)
+        task_type = get_task_type(self.type)
         if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0):
             raise ConfigError(f"task {self.name!r}: weight must be a finite number >= 0, got {self.weight!r}")
+        if task_type.output_dim is None:
+            if not (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool) and self.num_classes >= 2):
+                raise ConfigError(f"task {self.name!r}: a {self.type} task needs num_classes, a whole number >= 2, "
+                                  f"got {self.num_classes!r}")
+        elif self.num_classes is not None:
+            raise ConfigError(f"task {self.name!r}: num_classes is for multiclass tasks, not {self.type}")
 
     @property
     def label_column(self) -> str:
@@ -228,12 +264,25 @@ class TaskSpec:
     @property
     def output_dim(self) -> int:
         """Width of this task's raw model output."""
-        return self.task_type.output_dim
+        return self.task_type.output_dim or self.num_classes
+
+    def check_labels(self, label: torch.Tensor, where: str) -> None:
+        """Raise a :class:`DataError` naming ``where`` when a finite label is not one this task can take."""
+        self.task_type.check_labels(label, where)
+        if self.num_classes is not None:
+            finite = label[torch.isfinite(label)]
+            beyond = finite[finite >= self.num_classes]
+            if beyond.numel():
+                raise DataError(f"{where}: task {self.name!r} has num_classes {self.num_classes}, so its labels are "
+                                f"0 .. {self.num_classes - 1}; found {beyond[:3].tolist()}")
 
     def to_dict(self) -> dict:
-        """Plain-data form, for configs and checkpoints."""
-        return {"name": self.name, "type": self.type, "label": self.label, "weight": self.weight,
-                "sample_space": self.sample_space}
+        """Plain-data form, for configs and checkpoints (``num_classes`` only where set)."""
+        out = {"name": self.name, "type": self.type, "label": self.label, "weight": self.weight,
+               "sample_space": self.sample_space}
+        if self.num_classes is not None:
+            out["num_classes"] = self.num_classes
+        return out
 
     @classmethod
     def from_dict(cls, data: dict | "TaskSpec") -> "TaskSpec":
@@ -241,16 +290,16 @@ class TaskSpec:
         if isinstance(data, TaskSpec):
             return data
         if not isinstance(data, dict):
-            raise ConfigError(f"a task must be a mapping with keys name/type/label/weight/sample_space, got {data!r}")
-        unknown = set(data) - {"name", "type", "label", "weight", "sample_space"}
+            raise ConfigError(f"a task must be a mapping with keys {', '.join(_TASK_KEYS)}, got {data!r}")
+        unknown = set(data) - set(_TASK_KEYS)
         if unknown:
-            raise ConfigError(
-                f"task {data.get('name')!r}: unknown key(s) {sorted(unknown)}; "
-                "expected name, type, label, weight, sample_space"
-            )
+            raise ConfigError(f"task {data.get('name')!r}: unknown key(s) {sorted(unknown)}; expected {', '.join(_TASK_KEYS)}")
         if "name" not in data:
             raise ConfigError(f"task {data!r} is missing the key 'name'")
         return cls(**data)
+
+
+_TASK_KEYS = ("name", "type", "label", "weight", "sample_space", "num_classes")
 
 
 def validate_tasks(tasks) -> tuple[TaskSpec, ...]:

@@ -227,9 +227,10 @@ class LoadedRun:
     model: TabularMultiTaskModel
 
     def predict(self, frame: pd.DataFrame, source: str = "table") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """``({task: (N,) predictions}, {column: out-of-vocabulary rows})`` for the rows of ``frame``:
-        probabilities for binary tasks, values in the label's units for regression (the model itself
-        predicts standardised labels, see ``TableSchema.standardize_labels``). Labels are not read."""
+        """``({task: predictions}, {column: out-of-vocabulary rows})`` for the rows of ``frame``:
+        ``(N,)`` probabilities for binary tasks, ``(N,)`` values in the label's units for regression
+        (the model itself predicts standardised labels, see ``TableSchema.standardize_labels``),
+        ``(N, C)`` class probabilities for multiclass. Labels are not read."""
         encoded = self.preprocessor.transform(frame, source=source, with_labels=False)
         parts: dict[str, list[torch.Tensor]] = {}
         for batch in encoded.tensors.batches(self.config.training.eval_batch_size):
@@ -273,7 +274,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> di
 def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,
                 keep_columns: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write one prediction column per task (probability for binary, value in the label's units for
-    regression), chunk by chunk.
+    regression, the most likely class and then each class's probability for multiclass), chunk by chunk.
 
     Labels are not needed. ``keep_columns`` are copied through (e.g. an id). The output is written to a
     temporary file and renamed, so an error midway leaves no partial file.
@@ -293,7 +294,7 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
                 predictions, out_of_vocabulary = run.predict(chunk, source=str(data_file))
                 for key, count in out_of_vocabulary.items():
                     unseen[key] = unseen.get(key, 0) + count
-                table = pd.DataFrame({name: values.numpy() for name, values in predictions.items()})
+                table = _prediction_table(predictions)
                 for column in reversed(keep_columns):
                     table.insert(0, column, chunk[column].to_numpy())
                 rows += len(table)
@@ -313,6 +314,20 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
 
     atomic_write(out_file, write)
     return {"rows": rows, "out": str(out_file), "out_of_vocabulary": unseen}
+
+
+def _prediction_table(predictions: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """One column per task, and for a multiclass task (``(N, C)`` probabilities) its most likely
+    class followed by one ``<task>_p<c>`` column per class."""
+    columns: dict[str, Any] = {}
+    for name, values in predictions.items():
+        if values.dim() == 1:
+            columns[name] = values.numpy()
+            continue
+        columns[name] = values.argmax(1).numpy()
+        for c in range(values.shape[1]):
+            columns[f"{name}_p{c}"] = values[:, c].numpy()
+    return pd.DataFrame(columns)
 
 
 def initial_config(data_file: str | os.PathLike, labels: list[str], ignore: Sequence[str] = (),

@@ -243,7 +243,7 @@ class TablePreprocessor:
             labels = np.stack([self._label(frame, t, source) for t in schema.tasks], 1)
             for k, task in enumerate(schema.tasks):
                 where = f"{source}: label column {task.label_column!r} (task {task.name!r})"
-                task.task_type.check_labels(torch.from_numpy(labels[:, k]), where)
+                task.check_labels(torch.from_numpy(labels[:, k]), where)
                 stats = self.label_statistics.get(task.name)
                 if stats:
                     labels[:, k] = (labels[:, k] - stats["mean"]) / stats["std"]

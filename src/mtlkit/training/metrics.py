@@ -62,8 +62,16 @@ def group_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) 
 
 
 def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean binary cross-entropy computed from logits (stable, never log(0))."""
+    """Mean cross-entropy computed from logits (stable, never log(0)): binary for ``(N,)`` logits,
+    over classes for ``(N, C)`` logits and class-index labels."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.double(), labels.long()).item()
     return F.binary_cross_entropy_with_logits(logits.double().reshape(-1), labels.double().reshape(-1)).item()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose highest logit (of ``(N, C)``) is their class index."""
+    return (logits.argmax(1) == labels.long()).double().mean().item()
 
 
 def mean_squared_error(predictions: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,10 +85,15 @@ def mean_absolute_error(predictions: torch.Tensor, labels: torch.Tensor) -> floa
 # Every metric takes the raw model output of the task (first column for one-wide heads) and the labels.
 METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "auc": roc_auc,
+    "accuracy": accuracy,
     "logloss": log_loss,
     "mse": mean_squared_error,
     "mae": mean_absolute_error,
 }
+
+
+# Metrics where more is better (early stopping and reports turn the others' direction around).
+HIGHER_IS_BETTER = frozenset({"auc", "gauc", "accuracy"})
 
 
 def task_metrics(

@@ -26,7 +26,7 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec
 from mtlkit.training.memory import keep_freed_memory
-from mtlkit.training.metrics import group_auc, task_metrics
+from mtlkit.training.metrics import HIGHER_IS_BETTER, group_auc, task_metrics
 from mtlkit.training.optimizer import build_adam
 from mtlkit.training.progress import progress_bar
 
@@ -217,7 +217,7 @@ def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str
             f"the number and order of label columns must match the model's tasks (K={len(model_names)})"
         )
     for k, task in enumerate(tasks):
-        task.task_type.check_labels(data.labels[:, k], f"{split} labels of task {task.name!r}")
+        task.check_labels(data.labels[:, k], f"{split} labels of task {task.name!r}")
 
 
 @torch.no_grad()
@@ -323,7 +323,7 @@ class Trainer:
 
     @property
     def _higher_is_better(self) -> bool:
-        return self.config.monitor.endswith("/auc")
+        return self.config.monitor.split("/")[-1] in HIGHER_IS_BETTER
 
     def _monitored(self, scores: dict[str, dict[str, float]]) -> float:
         """The monitored value of one evaluation."""
