@@ -214,7 +214,8 @@ def test_a_multiclass_task_beside_binary_and_regression_ones():
     outputs = {"click": torch.zeros(3000, 1), "genre": torch.randn(3000, 3, generator=g), "time": torch.zeros(3000, 1)}
     labelled = genre.isfinite()
     loss = task_losses(outputs, data.labels, data.label_mask, tasks)["genre"]
-    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(outputs["genre"][labelled], genre[labelled].long()).item(), rel=1e-6)
+    expected = torch.nn.functional.cross_entropy(outputs["genre"][labelled], genre[labelled].long())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     train, valid = data.split([0.8, 0.2], seed=0)
     model = build_model("mmoe", input_dim=6, tasks=tasks, num_experts=4, expert_hidden=[16])
     result = Trainer(model, TrainerConfig(max_epochs=15, batch_size=128, monitor="genre/accuracy", progress=False)).fit(train, valid)

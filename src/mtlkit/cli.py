@@ -182,7 +182,8 @@ def evaluate_command(
 def predict_command(
     run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),
     data: Path = typer.Option(..., "--data", help="A table with the feature columns (labels not needed)."),
-    out: Path = typer.Option(..., "--out", help="Output table, CSV or Parquet by its name: one column per task (a multiclass task adds one per class)."),
+    out: Path = typer.Option(..., "--out", help="Output table, CSV or Parquet by its name: one column per task "
+                             "(a multiclass task adds one per class)."),
     keep: Optional[str] = typer.Option(None, help="Comma-separated input columns to copy into the output (e.g. an id)."),
 ) -> None:
     """Predict every task for every row, streaming the table in chunks."""
