@@ -158,8 +158,8 @@ def test_a_multiclass_task_from_a_table(files):
     assert metrics["test"]["segment"]["accuracy"] > 0.9 and metrics["test"]["segment"]["count"] == 200 - 23
     predict_run(run, files / "test.parquet", files / "p.csv")
     predicted = pd.read_csv(files / "p.csv")
-    assert list(predicted.columns) == ["click", "segment", "segment_p0", "segment_p1", "segment_p2"]
-    probabilities = predicted[["segment_p0", "segment_p1", "segment_p2"]].to_numpy()
+    assert list(predicted.columns) == ["click", "segment", "segment_p_0", "segment_p_1", "segment_p_2"]
+    probabilities = predicted[["segment_p_0", "segment_p_1", "segment_p_2"]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-5)
     assert (predicted["segment"].to_numpy() == probabilities.argmax(1)).all()
     labels = pd.read_parquet(files / "test.parquet")["segment"]
@@ -169,6 +169,35 @@ def test_a_multiclass_task_from_a_table(files):
     with_segment(make_table(200, seed=1)).assign(segment=3).to_parquet(files / "test.parquet", index=False)
     with pytest.raises(DataError, match="'segment'.*num_classes 3"):
         evaluate_run(run, files / "test.parquet")
+
+
+def test_multiclass_labels_by_name(files):
+    """Class names become indices in sorted order; predictions name the class; a class the training
+    rows never had, or a num_classes that does not match the names, is an error naming the column."""
+    def with_region(table):
+        return table.assign(region=table["city"].map({"paris": "north", "lyon": "south", "nice": "south", "NA": "east"}))
+
+    with_region(make_table(800, seed=0)).to_csv(files / "train.csv", index=False)
+    with_region(make_table(200, seed=1)).to_parquet(files / "test.parquet", index=False)
+    config = yaml.safe_load((files / "run.yaml").read_text())
+    config["schema"]["tasks"] = [{"name": "click"}, {"name": "region", "type": "multiclass", "num_classes": 3}]
+    config["training"].update(max_epochs=40, learning_rate=0.01, patience=None)
+    (files / "run.yaml").write_text(yaml.safe_dump(config))
+    run = train_run(load_run_config(files / "run.yaml"), files / "run")
+    assert json.loads((run / "preprocessing.json").read_text())["label_classes"] == {"region": ["east", "north", "south"]}
+    assert json.loads((run / "metrics.json").read_text())["test"]["region"]["accuracy"] > 0.9
+    predict_run(run, files / "test.parquet", files / "p.parquet")
+    predicted = pd.read_parquet(files / "p.parquet")
+    assert list(predicted.columns) == ["click", "region", "region_p_east", "region_p_north", "region_p_south"]
+    expected = with_region(make_table(200, seed=1))["region"]
+    assert (predicted["region"] == expected).mean() > 0.9
+    with_region(make_table(200, seed=1)).replace({"region": {"east": "west"}}).to_parquet(files / "odd.parquet", index=False)
+    with pytest.raises(DataError, match="'region' holds 'west'.*classes \\['east', 'north', 'south'\\]"):
+        evaluate_run(run, files / "odd.parquet")
+    config["schema"]["tasks"][1]["num_classes"] = 4
+    (files / "run.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(DataError, match="'region' holds 3 class names.*num_classes 4"):
+        train_run(load_run_config(files / "run.yaml"), files / "run-4")
 
 
 def test_the_label_scale_example_runs(tmp_path):

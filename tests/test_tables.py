@@ -273,3 +273,20 @@ def test_tabular_model_checkpoint_round_trip(frame, schema, tmp_path):
     model.eval(), loaded.eval()
     for key, value in model(inputs).items():
         torch.testing.assert_close(loaded(inputs)[key], value)
+
+
+def test_multiclass_labels_by_index_or_by_name(frame, tmp_path):
+    frame = frame.assign(region=frame["city"].map({"paris": "north", "lyon": "south", "nice": "south", "NA": "east"}),
+                         size=frame["user"] % 4)
+    frame.loc[::7, "region"] = None  # unlabelled rows
+    schema = TableSchema.from_dict({**SCHEMA, "tasks": [{"name": "region", "type": "multiclass", "num_classes": 3},
+                                                        {"name": "size", "type": "multiclass", "num_classes": 4}]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    whole = TablePreprocessor(schema).fit(frame)
+    chunked = TablePreprocessor(schema).fit(iter_table(tmp_path / "t.csv", chunk_rows=97))
+    assert whole.label_classes == chunked.label_classes == {"region": ["east", "north", "south"]}  # "size" holds indices
+    labels = whole.transform(frame).tensors.labels
+    expected = frame["region"].map({"east": 0, "north": 1, "south": 2}).to_numpy(dtype=float)
+    np.testing.assert_array_equal(labels[:, 0].numpy(), expected)
+    np.testing.assert_array_equal(labels[:, 1].numpy(), frame["size"].to_numpy(dtype=float))
+    assert TablePreprocessor.from_dict(whole.to_dict()).label_classes == whole.label_classes

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -294,7 +295,7 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
                 predictions, out_of_vocabulary = run.predict(chunk, source=str(data_file))
                 for key, count in out_of_vocabulary.items():
                     unseen[key] = unseen.get(key, 0) + count
-                table = _prediction_table(predictions)
+                table = _prediction_table(predictions, run.preprocessor.label_classes)
                 for column in reversed(keep_columns):
                     table.insert(0, column, chunk[column].to_numpy())
                 rows += len(table)
@@ -316,17 +317,20 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
     return {"rows": rows, "out": str(out_file), "out_of_vocabulary": unseen}
 
 
-def _prediction_table(predictions: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+def _prediction_table(predictions: Mapping[str, torch.Tensor], class_names: Mapping[str, Sequence[str]]) -> pd.DataFrame:
     """One column per task, and for a multiclass task (``(N, C)`` probabilities) its most likely
-    class followed by one ``<task>_p<c>`` column per class."""
+    class (its name where the labels were names, see ``class_names``) followed by one
+    ``<task>_p_<class>`` column of probabilities per class."""
     columns: dict[str, Any] = {}
     for name, values in predictions.items():
         if values.dim() == 1:
             columns[name] = values.numpy()
             continue
-        columns[name] = values.argmax(1).numpy()
-        for c in range(values.shape[1]):
-            columns[f"{name}_p{c}"] = values[:, c].numpy()
+        classes = list(class_names.get(name, range(values.shape[1])))
+        best = values.argmax(1).numpy()
+        columns[name] = np.asarray(classes, dtype=object)[best] if name in class_names else best
+        for c, label in enumerate(classes):
+            columns[f"{name}_p_{label}"] = values[:, c].numpy()
     return pd.DataFrame(columns)
 
 

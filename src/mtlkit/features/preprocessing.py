@@ -11,7 +11,8 @@ Encoding conventions:
 - dense columns with ``embed_values`` also give a categorical code of their exact value, placed after
   the declared categorical columns;
 - regression labels (with ``TableSchema.standardize_labels``) become ``(label - mean) / std`` of the
-  training rows where that task is labelled; :meth:`TablePreprocessor.to_label_units` and
+  training rows where that task is labelled; a multiclass label column holds class indices, or class
+  names, which become indices in sorted order; :meth:`TablePreprocessor.to_label_units` and
   :meth:`TablePreprocessor.scores_in_label_units` turn outputs and metrics back into the labels' units.
 """
 
@@ -109,6 +110,7 @@ class TablePreprocessor:
         self.vocabularies: dict[str, list[str]] = {}
         self.dense_statistics: dict[str, dict[str, float]] = {}
         self.label_statistics: dict[str, dict[str, float]] = {}  # {task: {"mean", "std"}} of standardised labels
+        self.label_classes: dict[str, list[str]] = {}  # {task: class names, index order} of multiclass tasks labelled by name
 
     # ----------------------------------------------------------------------------------- fitting
     @property
@@ -125,6 +127,8 @@ class TablePreprocessor:
         extremes = {c.name: [math.inf, -math.inf] for c in schema.dense}
         scaled = self._standardized_tasks()
         label_moments = {t.name: np.zeros(3) for t in scaled}  # count, sum, sum of squares
+        class_tasks = [t for t in schema.tasks if t.num_classes is not None]
+        class_values: dict[str, set[str]] = {t.name: set() for t in class_tasks}
         rows = 0
         for frame in frames:
             check_columns(frame, schema.required_columns, source)
@@ -156,6 +160,11 @@ class TablePreprocessor:
                 label = self._label(frame, task, source)
                 label = label[~np.isnan(label)]
                 label_moments[task.name] += (label.size, label.sum(), np.square(label).sum())
+            for task in class_tasks:
+                text = _as_text(frame[task.label_column], schema.missing_values)
+                if task.sample_space:
+                    text = text[_as_number(frame[task.sample_space], task.sample_space, source, schema.missing_values) == 1]
+                class_values[task.name].update(text[text != MISSING_TOKEN].unique())
         if rows == 0:
             raise DataError(f"{source}: no rows to fit the preprocessing on")
         self.vocabularies = {}
@@ -181,6 +190,16 @@ class TablePreprocessor:
                 mean = total / n
                 std = math.sqrt(max(squares / n - mean * mean, 0.0))
                 self.label_statistics[name] = {"mean": float(mean), "std": std if std > 0 else 1.0}
+        self.label_classes = {}
+        for task in class_tasks:
+            values = sorted(class_values[task.name])
+            if pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").notna().all():
+                continue  # class indices: read as numbers and checked against num_classes
+            if len(values) != task.num_classes:
+                raise DataError(f"{source}: label column {task.label_column!r} holds {len(values)} class names in the "
+                                f"training rows ({values[:10]}{' ...' if len(values) > 10 else ''}), but task "
+                                f"{task.name!r} declares num_classes {task.num_classes}")
+            self.label_classes[task.name] = values
         return self
 
     def _standardized_tasks(self) -> list[TaskSpec]:
@@ -190,9 +209,22 @@ class TablePreprocessor:
         return [t for t in self.schema.tasks if t.task_type.metric_scale_powers]
 
     def _label(self, frame: pd.DataFrame, task: TaskSpec, source: str) -> np.ndarray:
-        """A task's raw labels (float64), NaN where missing or outside its sample space."""
+        """A task's raw labels (float64; class indices for class names), NaN where missing or outside
+        its sample space."""
         missing_values = self.schema.missing_values
-        values = _as_number(frame[task.label_column], task.label_column, source, missing_values)
+        classes = self.label_classes.get(task.name)
+        if classes is None:
+            values = _as_number(frame[task.label_column], task.label_column, source, missing_values)
+        else:
+            text = _as_text(frame[task.label_column], missing_values)
+            index = pd.Index(classes).get_indexer(text)
+            missing = (text == MISSING_TOKEN).to_numpy()
+            unknown = np.flatnonzero((index < 0) & ~missing)
+            if unknown.size:
+                row = int(unknown[0])
+                raise DataError(f"{source}: label column {task.label_column!r} holds {text.iloc[row]!r} at row {row}, "
+                                f"not one of task {task.name!r}'s classes {classes}")
+            values = np.where(missing, np.nan, index.astype(np.float64))
         if task.sample_space:
             inside = _as_number(frame[task.sample_space], task.sample_space, source, missing_values) == 1
             values = np.where(inside, values, np.nan)
@@ -334,7 +366,8 @@ class TablePreprocessor:
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
         return {"format": FORMAT, "schema": self.schema.to_dict(), "vocabularies": self.vocabularies,
-                "dense_statistics": self.dense_statistics, "label_statistics": self.label_statistics}
+                "dense_statistics": self.dense_statistics, "label_statistics": self.label_statistics,
+                "label_classes": self.label_classes}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TablePreprocessor":
@@ -345,6 +378,7 @@ class TablePreprocessor:
         out.dense_statistics = {k: dict(v) for k, v in data["dense_statistics"].items()}
         # Files written before labels were standardised have none: their models predict raw labels.
         out.label_statistics = {k: dict(v) for k, v in data.get("label_statistics", {}).items()}
+        out.label_classes = {k: [str(c) for c in v] for k, v in data.get("label_classes", {}).items()}
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
