@@ -50,6 +50,8 @@ def test_bad_schemas_name_the_key(change, message):
 def test_infer_schema(frame):
     schema = infer_schema(frame, ["click", "watch_time"])
     assert [(t.name, t.type) for t in schema.tasks] == [("click", "binary"), ("watch_time", "regression")]
+    named = infer_schema(frame, ["click", "city"]).tasks[1]  # text labels: one class per name
+    assert (named.type, named.num_classes) == ("multiclass", 4)
     dense = {c.name: c for c in schema.dense}
     assert {"price", "age"} <= set(dense)  # numeric with many distinct values
     assert dense["price"].log and not dense["age"].log

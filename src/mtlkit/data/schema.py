@@ -215,8 +215,8 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
                  ignore: Sequence[str] = ()) -> TableSchema:
     """A starting schema for a table, for the user to edit.
 
-    Label columns become tasks: ``binary`` when their non-missing values are all 0/1, else
-    ``regression``. Numeric columns with more than ``max_categories_for_numeric`` distinct values are
+    Label columns become tasks: ``binary`` when their non-missing values are all 0/1, ``multiclass``
+    (one class per distinct value) when they are text, else ``regression``. Numeric columns with more than ``max_categories_for_numeric`` distinct values are
     dense (with ``log`` when they are non-negative and heavy-tailed), except whole numbers in a column
     named like an id (``user_id``, ``itemId``), which are categorical: a user id's numeric order means
     nothing. Text columns whose cells list values separated by ``|`` (``"action|comedy"``) are
@@ -228,7 +228,11 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
             raise ConfigError(f"{key}: column(s) {missing} not in the table; columns are {list(frame.columns)}")
     tasks = []
     for name in labels:
-        values = pd.to_numeric(frame[name], errors="coerce").dropna()
+        present = frame[name].dropna()
+        values = pd.to_numeric(present, errors="coerce")
+        if values.isna().any():  # names: one class per distinct value
+            tasks.append(TaskSpec(name=name, type="multiclass", num_classes=max(2, int(present.astype(str).nunique()))))
+            continue
         kind = "binary" if len(values) and values.isin([0, 1]).all() else "regression"
         tasks.append(TaskSpec(name=name, type=kind))
     dense, categorical, multi_valued = [], [], []
