@@ -216,11 +216,12 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
     """A starting schema for a table, for the user to edit.
 
     Label columns become tasks: ``binary`` when their non-missing values are all 0/1, ``multiclass``
-    (one class per distinct value) when they are text, else ``regression``. Numeric columns with more than ``max_categories_for_numeric`` distinct values are
-    dense (with ``log`` when they are non-negative and heavy-tailed), except whole numbers in a column
-    named like an id (``user_id``, ``itemId``), which are categorical: a user id's numeric order means
-    nothing. Text columns whose cells list values separated by ``|`` (``"action|comedy"``) are
-    multi-valued; other columns are categorical. Columns in ``ignore`` are left out.
+    (one class per distinct value) when they are text, else ``regression``. Numeric columns with more
+    than ``max_categories_for_numeric`` distinct values are dense (with ``log`` when they are
+    non-negative and heavy-tailed), except whole numbers in a column named like an id (``user_id``,
+    ``itemId``), which are categorical: a user id's numeric order means nothing. Text columns whose
+    cells list values separated by ``|`` (``"action|comedy"``) are multi-valued; other columns are
+    categorical. Columns in ``ignore`` are left out.
     """
     for key, names in (("labels", labels), ("ignore", ignore)):
         missing = [c for c in names if c not in frame.columns]

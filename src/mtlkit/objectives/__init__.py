@@ -1,5 +1,6 @@
-"""Objectives: per-task masked losses and loss weighting."""
+"""Objectives: per-task masked losses, loss weighting and gradient surgery."""
 
+from mtlkit.objectives.gradient_surgery import get_gradient_surgery, list_gradient_surgeries, pcgrad, register_gradient_surgery
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
     DynamicWeighting, FixedWeighting, LossWeighting, UncertaintyWeighting,
@@ -7,4 +8,5 @@ from mtlkit.objectives.weighting import (
 )
 
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "UncertaintyWeighting",
-           "build_weighting", "list_weightings", "register_weighting"]
+           "build_weighting", "list_weightings", "register_weighting",
+           "pcgrad", "get_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

@@ -23,7 +23,7 @@ from torch import nn
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.objectives import LossWeighting, build_weighting, task_losses
+from mtlkit.objectives import LossWeighting, build_weighting, get_gradient_surgery, task_losses
 from mtlkit.tasks import TaskSpec
 from mtlkit.training.memory import keep_freed_memory
 from mtlkit.training.metrics import HIGHER_IS_BETTER, group_auc, task_metrics
@@ -55,6 +55,10 @@ class TrainerConfig:
         gradient_clip: clip the global gradient norm to this value (None: off).
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
+        gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
+            (``"pcgrad"``, :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one
+            backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``) and
+            one process (not under torchrun). None: the weighted sum's gradient.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
             its free memory (batches are then gathered on the GPU), else each batch is copied over.
@@ -87,6 +91,7 @@ class TrainerConfig:
     gradient_clip: float | None = None
     weighting: str = "fixed"
     weighting_options: dict = field(default_factory=dict)
+    gradient_surgery: str | None = None
     device: str = "auto"
     compile: bool = False
     keep_freed_memory: bool = True
@@ -117,6 +122,8 @@ class TrainerConfig:
             raise ConfigError(f"training.gradient_clip: expected a number > 0 or null, got {self.gradient_clip!r}")
         if not isinstance(self.monitor, str) or (self.monitor != "loss" and self.monitor.count("/") != 1):
             raise ConfigError(f"training.monitor: expected 'loss' or 'TASK/METRIC', got {self.monitor!r}")
+        if self.gradient_surgery is not None:
+            get_gradient_surgery(self.gradient_surgery)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
@@ -301,6 +308,15 @@ class Trainer:
                 self._objective = _compiled(self._forward_objective)
             else:
                 self._losses = _compiled(self._forward_losses)
+        self._surgery = None
+        if self.config.gradient_surgery is not None:
+            if self.distributed:
+                raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
+            if any(True for _ in self.weighting.parameters()):
+                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic), "
+                                  f"not {self.config.weighting!r}")
+            self._surgery = get_gradient_surgery(self.config.gradient_surgery)
+            self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
         parameters = list(self.model.parameters()) + list(self.weighting.parameters())
         self.optimizer, self._zero_grad, self._optimizer_step = build_adam(
             parameters, self.config.learning_rate, self.config.weight_decay, self.device, self.distributed)
@@ -320,6 +336,27 @@ class Trainer:
     def _forward_objective(self, *batch_fields) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses = self._losses(*batch_fields)
         return self.weighting(losses)[0], losses
+
+    def _surgery_backward(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Set every parameter's gradient to the configured surgery of the tasks' own gradients of
+        ``w_k L_k`` (tasks of weight 0 left out: they have none)."""
+        weights = self.weighting(losses)[1]
+        terms = [float(weights[t.name]) * losses[t.name] for t in self.tasks if float(weights[t.name]) != 0.0]
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        flat = []
+        for k, term in enumerate(terms):
+            grads = torch.autograd.grad(term, parameters, retain_graph=k < len(terms) - 1, allow_unused=True)
+            flat.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
+                                   for p, g in zip(parameters, grads)]))
+        combined = self._surgery(torch.stack(flat), self._surgery_generator)
+        offset = 0
+        for p in parameters:
+            part = combined[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = part.clone()
+            else:
+                p.grad.copy_(part)
 
     @property
     def _higher_is_better(self) -> bool:
@@ -384,7 +421,10 @@ class Trainer:
                         batch = batch.to(self.device)
                     total, losses = self.batch_objective(batch)
                     self._zero_grad()
-                    total.backward()
+                    if self._surgery is None:
+                        total.backward()
+                    else:
+                        self._surgery_backward(losses)
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
                     self._optimizer_step()

@@ -1,0 +1,66 @@
+"""Does PCGrad help where tasks are unrelated? Shared-Bottom and MMoE, with and without it, on the
+MMoE paper's synthetic generator at several task correlations.
+
+Each (correlation, seed) draws one data set (20,000 rows, 10 % held out); every model trains on it
+for the same number of steps with Adam. The table shows, per correlation and model, the two tasks'
+mean validation MSE (lower is better) averaged over seeds without and with PCGrad, and PCGrad's MSE
+over the plain one's seed by seed (mean, min, max; the data's scale differs between seeds), and how
+much longer it trains:
+
+    python examples/pcgrad_synthetic.py --seeds 3
+
+About 2 minutes on 2 cores with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import torch
+
+from mtlkit.data import make_synthetic
+from mtlkit.models import build_model
+from mtlkit.training import Trainer, TrainerConfig
+
+MODELS = {"shared_bottom": {"bottom_hidden": [64]}, "mmoe": {"num_experts": 8, "expert_hidden": [16]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--correlations", default="0,0.5,0.9")
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    rows = []
+    for correlation in (float(c) for c in args.correlations.split(",")):
+        for seed in range(args.seeds):
+            data = make_synthetic(correlation=correlation, num_rows=20_000, seed=seed)
+            train, valid = data.to_tensors().split([0.9, 0.1], seed=seed)
+            for name, options in MODELS.items():
+                for surgery in (None, "pcgrad"):
+                    torch.manual_seed(seed)
+                    model = build_model(name, input_dim=100, tasks=data.tasks, **options)
+                    config = TrainerConfig(max_steps=args.steps, max_epochs=None, batch_size=256, patience=None,
+                                           eval_every=args.steps, progress=False, gradient_surgery=surgery, seed=seed)
+                    started = time.perf_counter()
+                    scores = Trainer(model, config).fit(train, valid).final("valid")
+                    rows.append({"correlation": correlation, "seed": seed, "model": name, "pcgrad": surgery is not None,
+                                 "mse": sum(s["mse"] for s in scores.values()) / len(scores),
+                                 "seconds": time.perf_counter() - started})
+                    print(rows[-1], flush=True)
+    runs = pd.DataFrame(rows).pivot_table(index=["correlation", "model", "seed"], columns="pcgrad", values=["mse", "seconds"])
+    paired = pd.DataFrame({
+        "mse_plain": runs[("mse", False)], "mse_pcgrad": runs[("mse", True)],
+        # The data's scale differs from seed to seed, so PCGrad is judged seed by seed: its MSE over the plain one's.
+        "ratio": runs[("mse", True)] / runs[("mse", False)],
+        "time_ratio": runs[("seconds", True)] / runs[("seconds", False)]})
+    table = paired.groupby(["correlation", "model"]).agg(
+        mse_plain=("mse_plain", "mean"), mse_pcgrad=("mse_pcgrad", "mean"), ratio_mean=("ratio", "mean"),
+        ratio_min=("ratio", "min"), ratio_max=("ratio", "max"), time_ratio=("time_ratio", "mean"))
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()
