@@ -200,6 +200,40 @@ def test_multiclass_labels_by_name(files):
         train_run(load_run_config(files / "run.yaml"), files / "run-4")
 
 
+@pytest.mark.parametrize("model", [{"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
+                                   {"name": "ple", "num_levels": 2, "expert_hidden": [256, 128], "tower_hidden": [8]}])
+def test_export_serves_the_runs_predictions_with_pytorch_alone(files, model):
+    """Dense, categorical and multi-valued inputs, two binary tasks and a standardised regression
+    task; small (the one-node CPU path) and large (fused) experts. The program, loaded in a process
+    that never imports mtlkit, gives LoadedRun.predict's numbers for any batch size."""
+    config = load_run_config(files / "run.yaml")
+    config.model = model
+    config.training.max_epochs = 1
+    run = train_run(config, files / "run")
+    done = mtlkit("export", str(run), "--out", str(files / "model.pt2"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not [p for p in files.iterdir() if p.name.startswith(".model.pt2")]  # no temporary file left
+    frame = pd.read_parquet(files / "test.parquet")
+    loaded = load_run(run)
+    expected, _ = loaded.predict(frame)
+    inputs = dict(loaded.preprocessor.transform(frame, with_labels=False).tensors.inputs)
+    torch.save({"inputs": inputs, "expected": expected}, files / "case.pt")
+    script = (
+        "import sys, torch\n"
+        f"case = torch.load({str(files / 'case.pt')!r}, weights_only=True)\n"
+        f"program = torch.export.load({str(files / 'model.pt2')!r}).module()\n"
+        "for rows in (len(case['inputs']['dense']), 1, 7):\n"
+        "    out = program({k: v[:rows] for k, v in case['inputs'].items()})\n"
+        "    assert set(out) == set(case['expected']), out.keys()\n"
+        "    for task, value in out.items():\n"
+        "        torch.testing.assert_close(value, case['expected'][task][:rows], atol=1e-5, rtol=1e-5)\n"
+        "assert not any(name.startswith('mtlkit') for name in sys.modules)\n"
+        "print('served')\n")
+    served = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=files)
+    assert served.returncode == 0 and "served" in served.stdout, served.stdout + served.stderr
+    assert loaded.preprocessor.label_statistics["watch"]["std"] != 1.0  # the regression really was standardised
+
+
 def test_the_label_scale_example_runs(tmp_path):
     done = subprocess.run([sys.executable, "examples/label_scale.py", "--seeds", "1", "--rows", "3000"],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])

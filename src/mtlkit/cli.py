@@ -195,6 +195,19 @@ def predict_command(
     console.print(f"wrote {result['rows']} rows to {out}" + (f"; out-of-vocabulary values: {unseen}" if unseen else ""))
 
 
+@app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),
+    out: Path = typer.Option(..., "--out", help="The program to write (.pt2)."),
+) -> None:
+    """Export a trained run as a torch.export program that serves predictions with PyTorch alone."""
+    from mtlkit.experiments.serving import export_run
+
+    export_run(run, out)
+    console.print(f"wrote {out}: torch.export.load('{out}').module()(inputs) with the encoded inputs of "
+                  f"{run}/preprocessing.json gives every task's predictions")
+
+
 @app.command("init-config")
 def init_config_command(
     data: Path = typer.Option(..., "--data", help="A table to infer the schema from."),
