@@ -234,6 +234,22 @@ def test_export_serves_the_runs_predictions_with_pytorch_alone(files, model):
     assert loaded.preprocessor.label_statistics["watch"]["std"] != 1.0  # the regression really was standardised
 
 
+def test_undefined_metrics_are_null_in_strict_json(files):
+    """Validation rows of one class leave that task's AUC undefined: null in metrics.json (which
+    strict JSON readers accept, unlike NaN) and n/a on the console."""
+    table = make_table(800, seed=0)
+    table.assign(buy=0).to_csv(files / "train.csv", index=False)
+    config = yaml.safe_load((files / "run.yaml").read_text())
+    del config["data"]["test"]
+    (files / "run.yaml").write_text(yaml.safe_dump(config))
+    done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (files / "run" / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert metrics["valid"]["buy"]["auc"] is None and metrics["valid"]["click"]["auc"] > 0.5
+    assert "n/a" in done.stdout
+
+
 def test_the_label_scale_example_runs(tmp_path):
     done = subprocess.run([sys.executable, "examples/label_scale.py", "--seeds", "1", "--rows", "3000"],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])

@@ -240,8 +240,15 @@ def _print_scores(scores: dict, title: str) -> None:
     names = sorted({m for s in scores.values() for m in s if m != "count"})
     table = Table("task", *names, "labelled rows", title=title)
     for task, values in scores.items():
-        table.add_row(task, *[f"{values[m]:.4f}" if m in values else "" for m in names], str(int(values["count"])))
+        table.add_row(task, *[_cell(values[m]) if m in values else "" for m in names], str(int(values["count"])))
     console.print(table)
+
+
+def _cell(value) -> str:
+    """A metric in a table: 4 decimals; "n/a" where it is undefined (NaN, or null read back from JSON)."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.4f}"
 
 
 def _parse_floats(text: str, option: str) -> list[float]:

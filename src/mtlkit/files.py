@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,8 +36,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Atomically write JSON, indented."""
-    return write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+    """Atomically write JSON, indented. NaN and infinities (an AUC of a one-class split) are written
+    as ``null``: Python reads ``NaN``, but strict JSON readers (``jq``, browsers) refuse it."""
+    return write_text(path, json.dumps(_strict(data), indent=2, allow_nan=False) + "\n")
+
+
+def _strict(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _strict(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_strict(value) for value in data]
+    return data
 
 
 def read_json_lines(path: str | os.PathLike) -> list[Any]:
