@@ -134,6 +134,8 @@ register_task_type(
         elementwise_loss=True,
     )
 )
+
+
 def _multiclass_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, label.long(), reduction="none")
 

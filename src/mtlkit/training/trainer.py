@@ -342,6 +342,8 @@ class Trainer:
         ``w_k L_k`` (tasks of weight 0 left out: they have none)."""
         weights = self.weighting(losses)[1]
         terms = [float(weights[t.name]) * losses[t.name] for t in self.tasks if float(weights[t.name]) != 0.0]
+        if not terms:
+            return  # every weight 0: the gradients stay zero
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         flat = []
         for k, term in enumerate(terms):
