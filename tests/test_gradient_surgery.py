@@ -77,6 +77,19 @@ def test_the_trainer_steps_pcgrad_of_each_tasks_own_gradient():
     assert (own @ expected >= -1e-6).all()
 
 
+def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
+    """A weight-0 task (ESMM's CVR) has no gradient to project; with every weight 0 nothing moves."""
+    tasks = [TaskSpec("a", "regression", weight=0.0), TaskSpec("b", "regression", weight=0.0)]
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=tasks)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+    trainer = Trainer(model, TrainerConfig(max_steps=3, batch_size=100, progress=False, gradient_surgery="pcgrad"))
+    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator: calls.append(grads) or grads.sum(0))
+    trainer.fit(_data(1.0))
+    assert calls == [] and all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="cagrad"), r"gradient_surgery.*'cagrad'.*\['pcgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
