@@ -138,6 +138,18 @@ def test_a_regression_label_in_seconds(files, standardize):
         assert metrics["test"]["watch"]["loss"] == pytest.approx(metrics["test"]["watch"]["mse"], rel=1e-4)
 
 
+def _train_with_a_multiclass_task(files, add_label, task):
+    """Train the fixture's run on tables given a multiclass label column by ``add_label``, with the
+    tasks click and ``task``; returns the config (as plain data) and the run folder."""
+    add_label(make_table(800, seed=0)).to_csv(files / "train.csv", index=False)
+    add_label(make_table(200, seed=1)).to_parquet(files / "test.parquet", index=False)
+    config = yaml.safe_load((files / "run.yaml").read_text())
+    config["schema"]["tasks"] = [{"name": "click"}, task]
+    config["training"].update(max_epochs=40, learning_rate=0.01, patience=None)
+    (files / "run.yaml").write_text(yaml.safe_dump(config))
+    return config, train_run(load_run_config(files / "run.yaml"), files / "run")
+
+
 def test_a_multiclass_task_from_a_table(files):
     """A class index per row (0 Paris, 1 Lyon, 2 elsewhere; missing on some rows) trained beside a click:
     scored by accuracy and log loss, predicted as the most likely class and each class's probability."""
@@ -146,13 +158,7 @@ def test_a_multiclass_task_from_a_table(files):
         segment[::9] = np.nan
         return table.assign(segment=segment)
 
-    with_segment(make_table(800, seed=0)).to_csv(files / "train.csv", index=False)
-    with_segment(make_table(200, seed=1)).to_parquet(files / "test.parquet", index=False)
-    config = yaml.safe_load((files / "run.yaml").read_text())
-    config["schema"]["tasks"] = [{"name": "click"}, {"name": "segment", "type": "multiclass", "num_classes": 3}]
-    config["training"].update(max_epochs=40, learning_rate=0.01, patience=None)
-    (files / "run.yaml").write_text(yaml.safe_dump(config))
-    run = train_run(load_run_config(files / "run.yaml"), files / "run")
+    _, run = _train_with_a_multiclass_task(files, with_segment, {"name": "segment", "type": "multiclass", "num_classes": 3})
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["test"]["segment"]) == {"loss", "count", "accuracy", "logloss"}
     assert metrics["test"]["segment"]["accuracy"] > 0.9 and metrics["test"]["segment"]["count"] == 200 - 23
@@ -177,13 +183,7 @@ def test_multiclass_labels_by_name(files):
     def with_region(table):
         return table.assign(region=table["city"].map({"paris": "north", "lyon": "south", "nice": "south", "NA": "east"}))
 
-    with_region(make_table(800, seed=0)).to_csv(files / "train.csv", index=False)
-    with_region(make_table(200, seed=1)).to_parquet(files / "test.parquet", index=False)
-    config = yaml.safe_load((files / "run.yaml").read_text())
-    config["schema"]["tasks"] = [{"name": "click"}, {"name": "region", "type": "multiclass", "num_classes": 3}]
-    config["training"].update(max_epochs=40, learning_rate=0.01, patience=None)
-    (files / "run.yaml").write_text(yaml.safe_dump(config))
-    run = train_run(load_run_config(files / "run.yaml"), files / "run")
+    config, run = _train_with_a_multiclass_task(files, with_region, {"name": "region", "type": "multiclass", "num_classes": 3})
     assert json.loads((run / "preprocessing.json").read_text())["label_classes"] == {"region": ["east", "north", "south"]}
     assert json.loads((run / "metrics.json").read_text())["test"]["region"]["accuracy"] > 0.9
     predict_run(run, files / "test.parquet", files / "p.parquet")
