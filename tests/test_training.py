@@ -85,6 +85,20 @@ def test_monitor_on_a_metric():
         Trainer(model, TrainerConfig(max_epochs=1, monitor="click/ndcg", progress=False)).fit(train, valid)
 
 
+def test_monitor_on_group_auc():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 5, generator=g)
+    data = MultiTaskTensors(x, (x[:, :1] + 0.5 * torch.randn(900, 1, generator=g) > 0).float(), ["click"])
+    train, valid = data.split([0.6, 0.4])
+    users = torch.arange(len(valid)) % 30
+    model = build_model("mmoe", input_dim=5, tasks=[TaskSpec("click")], num_experts=2)
+    result = Trainer(model, TrainerConfig(max_epochs=4, monitor="click/gauc", progress=False)).fit(train, valid, valid_groups=users)
+    gaucs = [r["gauc"] for r in result.history if r["split"] == "valid"]
+    assert len(gaucs) == 4 and result.best_value == max(gaucs) and 0.5 < result.best_value <= 1.0
+    with pytest.raises(DataError, match="valid_groups.*360.*359"):
+        Trainer(model, TrainerConfig(max_epochs=1, progress=False)).fit(train, valid, valid_groups=users[1:])
+
+
 def test_missing_labels_are_excluded_from_loss():
     outputs = {"a": torch.tensor([[0.0], [1.0], [2.0]]), "b": torch.tensor([[1.0], [1.0], [1.0]])}
     labels = torch.tensor([[0.0, float("nan")], [float("nan"), float("nan")], [1.0, float("nan")]])

@@ -151,7 +151,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
                                                   **config.model_options})
     model = TabularMultiTaskModel(encoder, backbone)
     training = TrainerConfig.from_dict({**config.training.to_dict(), "progress": progress and config.training.progress})
-    result = Trainer(model, training).fit(train.tensors, valid.tensors)
+    result = Trainer(model, training).fit(train.tensors, valid.tensors, valid_groups=valid.groups)
 
     batch = training.eval_batch_size
     in_units = preprocessor.scores_in_label_units

@@ -46,7 +46,8 @@ class TrainerConfig:
             of ``max_steps`` and ``max_epochs`` is required.
         eval_every: evaluate every this many steps (None: once per epoch).
         patience: stop after this many evaluations without improvement (None: never stop early).
-        monitor: ``"loss"`` (task-weighted mean validation loss) or ``"TASK/METRIC"`` (e.g. ``"income/auc"``).
+        monitor: ``"loss"`` (task-weighted mean validation loss) or ``"TASK/METRIC"`` (e.g. ``"income/auc"``;
+            ``"click/gauc"`` with ``fit``'s ``valid_groups``).
         min_delta: smallest change that counts as an improvement.
         restore_best: load the best evaluated weights at the end.
         eval_batch_size: rows per forward during evaluation.
@@ -376,14 +377,20 @@ class Trainer:
 
     def fit(self, train: MultiTaskTensors, valid: MultiTaskTensors | None = None,
             extra_eval: Mapping[str, MultiTaskTensors] | None = None,
-            step_callback: Callable[[int], None] | None = None) -> FitResult:
+            step_callback: Callable[[int], None] | None = None,
+            valid_groups: torch.Tensor | None = None) -> FitResult:
         """Train; evaluate on ``valid`` (early stopping, best-weight restore) and on ``extra_eval`` sets
         (recorded in the history only, never used for decisions). ``step_callback(step)`` is called
-        after every optimizer step (benchmarks time windows of steps with it)."""
+        after every optimizer step (benchmarks time windows of steps with it). ``valid_groups``
+        (``(len(valid),)`` group ids, e.g. users) adds each binary task's ``gauc`` to the validation
+        scores, so that ``monitor`` can be ``"click/gauc"``."""
         c = self.config
         _check_tasks(self.tasks, train, "train")
         if valid is not None:
             _check_tasks(self.tasks, valid, "valid")
+        if valid_groups is not None and (valid is None or len(valid_groups) != len(valid)):
+            raise DataError(f"valid_groups: expected one group id per validation row "
+                            f"({0 if valid is None else len(valid)}), got {len(valid_groups)}")
         for name, data in (extra_eval or {}).items():
             _check_tasks(self.tasks, data, name)
         train = _to_training_device(train, self.device)
@@ -443,7 +450,7 @@ class Trainer:
                         torch._foreach_zero_(running)
                         running_steps = 0
                         if valid is not None:
-                            scores = evaluate(self.model, valid, self.tasks, c.eval_batch_size, self.device)
+                            scores = evaluate(self.model, valid, self.tasks, c.eval_batch_size, self.device, valid_groups)
                             record("valid", scores)
                             value = self._monitored(scores)
                             improved = (value > best_value + c.min_delta) if self._higher_is_better else (value < best_value - c.min_delta)
