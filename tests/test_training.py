@@ -99,6 +99,29 @@ def test_monitor_on_group_auc():
         Trainer(model, TrainerConfig(max_epochs=1, progress=False)).fit(train, valid, valid_groups=users[1:])
 
 
+@pytest.mark.parametrize("schedule, warmup", [("constant", 0), ("constant", 4), ("linear", 0), ("cosine", 4)])
+def test_learning_rate_schedules(schedule, warmup):
+    """The rate each step used: a linear rise over the warm-up, then constant, linear or cosine to 0."""
+    x = torch.randn(1000, 5)
+    model = build_model("mmoe", input_dim=5, tasks=[TaskSpec("y", "regression")])
+    trainer = Trainer(model, TrainerConfig(max_steps=20, batch_size=100, progress=False, learning_rate=0.01,
+                                           lr_schedule=schedule, warmup_steps=warmup))
+    used = []
+    trainer._optimizer_step = (lambda step: lambda: (used.append(trainer.optimizer.param_groups[0]["lr"]), step()))(
+        trainer._optimizer_step)
+    trainer.fit(MultiTaskTensors(x, x[:, :1], ["y"]))
+    expected = []
+    for step in range(20):
+        if step < warmup:  # torch's LinearLR: from 1 / warmup of the rate, reaching it at step ``warmup``
+            expected.append(0.01 * (1 / warmup + (1 - 1 / warmup) * step / warmup))
+            continue
+        progress = (step - warmup) / (20 - warmup)
+        expected.append(0.01 * {"constant": 1.0, "linear": 1 - progress, "cosine": (1 + math.cos(math.pi * progress)) / 2}[schedule])
+    assert used == pytest.approx(expected, abs=1e-9)
+    # Without a schedule Adam's kernel is called directly; a scheduler wraps Optimizer.step.
+    assert ("step" in vars(trainer.optimizer)) == (schedule != "constant" or warmup > 0)
+
+
 def test_missing_labels_are_excluded_from_loss():
     outputs = {"a": torch.tensor([[0.0], [1.0], [2.0]]), "b": torch.tensor([[1.0], [1.0], [1.0]])}
     labels = torch.tensor([[0.0, float("nan")], [float("nan"), float("nan")], [1.0, float("nan")]])
@@ -271,6 +294,8 @@ def test_multiclass_labels_out_of_range(label, message):
     (dict(patience=0), "patience"),
     (dict(monitor="auc"), "monitor"),
     (dict(progress="yes"), "progress"),
+    (dict(lr_schedule="step"), "lr_schedule"),
+    (dict(warmup_steps=-1), "warmup_steps"),
 ])
 def test_bad_trainer_options(options, key):
     with pytest.raises(ConfigError, match=key):

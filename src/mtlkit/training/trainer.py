@@ -32,13 +32,18 @@ from mtlkit.training.progress import progress_bar
 
 __all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate"]
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
 
 @dataclass
 class TrainerConfig:
     """Training options, validated on creation.
 
     Args:
-        learning_rate: Adam's learning rate (> 0).
+        learning_rate: Adam's learning rate (> 0), the peak of a schedule.
+        lr_schedule: ``"constant"``, or a decay over the run's steps after the warm-up: ``"linear"``
+            (to 0) or ``"cosine"`` (to 0), with ``torch.optim.lr_scheduler``.
+        warmup_steps: steps over which the learning rate rises linearly to ``learning_rate`` first (0: none).
         weight_decay: Adam's L2 weight decay (>= 0).
         batch_size: training rows per step.
         max_steps: stop after this many optimizer steps (None: no limit).
@@ -77,6 +82,8 @@ class TrainerConfig:
     """
 
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     batch_size: int = 256
     max_steps: int | None = None
@@ -125,6 +132,10 @@ class TrainerConfig:
             raise ConfigError(f"training.monitor: expected 'loss' or 'TASK/METRIC', got {self.monitor!r}")
         if self.gradient_surgery is not None:
             get_gradient_surgery(self.gradient_surgery)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"training.lr_schedule: expected one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ConfigError(f"training.warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainerConfig":
@@ -338,6 +349,22 @@ class Trainer:
         losses = self._losses(*batch_fields)
         return self.weighting(losses)[0], losses
 
+    def _lr_scheduler(self, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The learning-rate schedule over ``total_steps`` optimizer steps (None: a constant rate, and
+        Adam's kernel keeps its direct call: a scheduler wraps ``Optimizer.step``)."""
+        c, optimizer = self.config, self.optimizer
+        from torch.optim import lr_scheduler
+
+        warmup = min(c.warmup_steps, total_steps)
+        decay_steps = max(1, total_steps - warmup)
+        decay = {"constant": None,
+                 "linear": lambda: lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=decay_steps),
+                 "cosine": lambda: lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps)}[c.lr_schedule]
+        if warmup == 0:
+            return None if decay is None else decay()
+        rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
+        return rise if decay is None else lr_scheduler.SequentialLR(optimizer, [rise, decay()], milestones=[warmup])
+
     def _surgery_backward(self, losses: Mapping[str, torch.Tensor]) -> None:
         """Set every parameter's gradient to the configured surgery of the tasks' own gradients of
         ``w_k L_k`` (tasks of weight 0 left out: they have none)."""
@@ -405,6 +432,7 @@ class Trainer:
         limits = [s for s in (c.max_steps, c.max_epochs and c.max_epochs * steps_per_epoch) if s]
         total_steps = min(limits)
         eval_every = c.eval_every or steps_per_epoch
+        scheduler = self._lr_scheduler(total_steps)
 
         history: list[dict[str, Any]] = []
         best_value = -math.inf if self._higher_is_better else math.inf
@@ -437,6 +465,8 @@ class Trainer:
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
                     self._optimizer_step()
+                    if scheduler is not None:
+                        scheduler.step()
                     torch._foreach_add_(running, [loss.detach() for loss in losses.values()])
                     running_steps += 1
                     step += 1
