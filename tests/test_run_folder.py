@@ -57,6 +57,9 @@ def test_train_evaluate_predict_from_the_command_line(files):
         torch.testing.assert_close(torch.tensor(predictions[task].to_numpy(), dtype=torch.float32), direct[task], atol=1e-5, rtol=1e-6)
     predict_run(run, files / "test.parquet", files / "p.parquet")
     assert pd.read_parquet(files / "p.parquet")["watch"].notna().all()
+    done = mtlkit("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "q.csv"), "--keep", "user,click")
+    assert done.returncode == 2 and "--keep: ['click'] would overwrite" in done.stdout.replace("\n", "")
+    assert not (files / "q.csv").exists() and not [p for p in files.iterdir() if p.name.startswith(".q.csv")]
 
 
 def test_init_config_then_train(files):

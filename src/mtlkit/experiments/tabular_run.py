@@ -296,6 +296,10 @@ def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_fi
                 for key, count in out_of_vocabulary.items():
                     unseen[key] = unseen.get(key, 0) + count
                 table = _prediction_table(predictions, run.preprocessor.label_classes)
+                clash = [c for c in keep_columns if c in table.columns]
+                if clash:
+                    raise ConfigError(f"--keep: {clash} would overwrite prediction columns of the same name "
+                                      f"{list(table.columns)}; copy them under another name first")
                 for column in reversed(keep_columns):
                     table.insert(0, column, chunk[column].to_numpy())
                 rows += len(table)
