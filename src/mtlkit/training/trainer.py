@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim import lr_scheduler
 
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
@@ -349,12 +350,10 @@ class Trainer:
         losses = self._losses(*batch_fields)
         return self.weighting(losses)[0], losses
 
-    def _lr_scheduler(self, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    def _lr_scheduler(self, total_steps: int) -> lr_scheduler.LRScheduler | None:
         """The learning-rate schedule over ``total_steps`` optimizer steps (None: a constant rate, and
         Adam's kernel keeps its direct call: a scheduler wraps ``Optimizer.step``)."""
         c, optimizer = self.config, self.optimizer
-        from torch.optim import lr_scheduler
-
         warmup = min(c.warmup_steps, total_steps)
         decay_steps = max(1, total_steps - warmup)
         decay = {"constant": None,
