@@ -273,6 +273,24 @@ def test_bad_training_tables(files, mutate, message):
     assert not (files / "run").exists()
 
 
+def test_config_values_overridden_from_the_command_line(files):
+    config = load_run_config(files / "run.yaml", ["training.max_epochs=2", "model.expert_hidden=[8, 4]",
+                                                  "training.lr_schedule=cosine", "schema.standardize_labels=false"])
+    assert config.training.max_epochs == 2 and config.training.lr_schedule == "cosine"
+    assert config.model["expert_hidden"] == [8, 4] and config.schema.standardize_labels is False
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_run_config(files / "run.yaml", ["training"])
+    with pytest.raises(ConfigError, match="training.max_epochs is not a mapping"):
+        load_run_config(files / "run.yaml", ["training.max_epochs.x=1"])
+    with pytest.raises(ConfigError, match="lerning_rate"):  # validated like the file itself
+        load_run_config(files / "run.yaml", ["training.lerning_rate=0.1"])
+    done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"), "--set", "training.max_epochs=1",
+                  "--set", "model.name=shared_bottom", "--set", "model={name: shared_bottom, bottom_hidden: [8]}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = yaml.safe_load((files / "run" / "config.yaml").read_text())
+    assert saved["model"] == {"name": "shared_bottom", "bottom_hidden": [8]} and saved["training"]["max_epochs"] == 1
+
+
 def test_empty_config_file_and_bad_yaml(files):
     (files / "empty.yaml").write_text("")
     with pytest.raises(ConfigError, match="mapping"):

@@ -142,6 +142,8 @@ def train_command(
     config: Path = typer.Option(..., "--config", help="Run config (YAML or TOML): data, schema, model, training."),
     out: Optional[Path] = typer.Option(None, help="Run folder to create (default: runs/<config name>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set training.max_epochs=5 "
+                                             "--set model.name=ple (repeatable; values read as YAML)."),
 ) -> None:
     """Train a model on your own table and write a run folder."""
     import json
@@ -150,7 +152,7 @@ def train_command(
     from mtlkit.training.distributed import init_distributed, is_main_process
 
     init_distributed()  # a no-op unless launched by torchrun
-    run_config = load_run_config(config)
+    run_config = load_run_config(config, set_ or ())
     folder = train_run(run_config, out or Path("runs") / config.stem, overwrite=overwrite)
     if not is_main_process():
         return

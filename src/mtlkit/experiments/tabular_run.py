@@ -108,16 +108,40 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_run_config(path: str | os.PathLike) -> RunConfig:
-    """Read and validate a YAML or TOML run config; data paths become relative to its folder."""
+def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a YAML or TOML run config; data paths become relative to its folder.
+
+    ``overrides`` are ``"section.key=value"`` strings (``"training.max_epochs=5"``, ``"model.name=ple"``,
+    ``"model.expert_hidden=[64, 32]"``), each value read as YAML, applied before validation.
+    """
     path = Path(path)
     data = _read_mapping(path)
+    for override in overrides:
+        _override(data, override)
     config = from_mapping(RunConfig, data, str(path))
     for key in ("train", "valid", "test"):
         value = getattr(config.data, key)
         if value is not None and not Path(value).is_absolute():
             setattr(config.data, key, str((path.parent / value).resolve()))
     return config
+
+
+def _override(data: dict[str, Any], override: str) -> None:
+    """Set ``data[a][b] = value`` for ``"a.b=value"`` (the value read as YAML), in place."""
+    key, sep, text = override.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set: expected KEY=VALUE with a dotted key (training.max_epochs=5), got {override!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {key}: not a YAML value ({error})") from None
+    node = data
+    for depth, part in enumerate(keys[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(keys[:depth + 1])} is not a mapping")
+    node[keys[-1]] = value
 
 
 def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
