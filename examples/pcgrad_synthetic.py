@@ -9,7 +9,7 @@ much longer it trains:
 
     python examples/pcgrad_synthetic.py --seeds 3
 
-About 2 minutes on 2 cores with the defaults.
+About a minute on 2 cores with the defaults.
 """
 
 from __future__ import annotations
