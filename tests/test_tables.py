@@ -292,3 +292,25 @@ def test_multiclass_labels_by_index_or_by_name(frame, tmp_path):
     np.testing.assert_array_equal(labels[:, 0].numpy(), expected)
     np.testing.assert_array_equal(labels[:, 1].numpy(), frame["size"].to_numpy(dtype=float))
     assert TablePreprocessor.from_dict(whole.to_dict()).label_classes == whole.label_classes
+
+
+def test_boolean_columns_read_as_one_and_zero(frame, schema, tmp_path):
+    """A boolean label or dense column (Parquet's bool, CSV's True / False with empty cells) is 1 / 0."""
+    as_numbers = TablePreprocessor(schema).fit(frame)
+    expected = as_numbers.transform(frame).tensors
+    flagged = frame.assign(click=frame["click"].astype(bool))
+    flagged.to_parquet(tmp_path / "t.parquet", index=False)
+    flagged.to_csv(tmp_path / "t.csv", index=False)
+    for name in ("t.parquet", "t.csv"):
+        table = read_table(tmp_path / name, schema.required_columns)
+        torch.testing.assert_close(as_numbers.transform(table).tensors.labels, expected.labels, equal_nan=True)
+    gaps = flagged.assign(click=flagged["click"].astype(object))
+    gaps.loc[:4, "click"] = None
+    gaps.to_csv(tmp_path / "gaps.csv", index=False)
+    labels = as_numbers.transform(read_table(tmp_path / "gaps.csv", schema.required_columns)).tensors.labels
+    assert labels[:5, 0].isnan().all() and torch.equal(labels[5:, 0], expected.labels[5:, 0])
+    with_flag = TableSchema.from_dict({**SCHEMA, "dense": [*SCHEMA["dense"], "paid"]})
+    paid = frame.assign(paid=frame["age"] > 40)
+    dense = TablePreprocessor(with_flag).fit(paid).transform(paid).tensors.inputs["dense"][:, 2].double()
+    ones = (frame["age"] > 40).to_numpy(dtype=float)
+    np.testing.assert_allclose(dense.numpy(), (ones - ones.mean()) / ones.std(), atol=1e-6)  # standardised 0 / 1

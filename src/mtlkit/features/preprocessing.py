@@ -68,12 +68,15 @@ def _as_text(series: pd.Series, missing_values: tuple[str, ...]) -> pd.Series:
 
 
 def _as_number(series: pd.Series, column: str, source: str, missing_values: tuple[str, ...]) -> np.ndarray:
-    """Numeric values (NaN where missing); a non-numeric cell is an error naming the column."""
-    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+    """Numeric values (NaN where missing); booleans (and the cells ``true`` / ``false`` in any case)
+    are 1 and 0; a non-numeric cell is an error naming the column."""
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
     else:
         text = series.astype("string")
         missing = text.isna() | text.isin(missing_values) | (text.str.strip() == "")
+        # A boolean column with empty cells reaches here as text (CSV) or objects (Parquet).
+        text = text.mask(text.str.lower() == "true", "1").mask(text.str.lower() == "false", "0")
         values = pd.to_numeric(text.mask(missing, None), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         bad = np.isnan(values) & ~missing.to_numpy()
         if bad.any():
