@@ -255,7 +255,7 @@ def _cell(value) -> str:
 
 def _parse_floats(text: str, option: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        return [float(part) for part in _names(text)]
     except ValueError:
         raise MtlkitError(f"{option}: expected comma-separated numbers, got {text!r}") from None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -32,27 +32,20 @@ class ServingModel(nn.Module):
     """A run's model returning predictions, regression ones back in their labels' units.
 
     Args:
-        model: the trained model (``model(inputs) -> {task: raw output}``).
-        label_units: ``{task: (mean, std)}`` of the tasks trained on standardised labels.
+        model: the trained model (a :class:`~mtlkit.models.MultiTaskModel`).
+        to_label_units: ``(task, predictions) -> predictions`` in the label's units
+            (:meth:`~mtlkit.features.TablePreprocessor.to_label_units`).
 
     Input: the encoded tensors; output: ``{task: (B,) or (B, C)}`` (see the module docstring).
     """
 
-    def __init__(self, model: nn.Module, label_units: Mapping[str, tuple[float, float]]) -> None:
+    def __init__(self, model: nn.Module, to_label_units: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.model = model
-        self.label_units = dict(label_units)
+        self.to_label_units = to_label_units
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self.model(inputs)
-        predictions = {}
-        for task in self.model.tasks:
-            value = task.task_type.predict(outputs[task.name])
-            if task.name in self.label_units:
-                mean, std = self.label_units[task.name]
-                value = value * std + mean
-            predictions[task.name] = value
-        return predictions
+        return {name: self.to_label_units(name, value) for name, value in self.model.predict(inputs).items()}
 
 
 @contextlib.contextmanager
@@ -73,8 +66,7 @@ def export_run(run_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:
     """Write ``out_file`` (``.pt2``), the run's model as a ``torch.export`` program (module docstring),
     with a dynamic batch size. Written to a temporary file and renamed."""
     run = load_run(run_dir)
-    label_units = {task: (stats["mean"], stats["std"]) for task, stats in run.preprocessor.label_statistics.items()}
-    serving = ServingModel(run.model, label_units).eval().requires_grad_(False)  # callable without no_grad
+    serving = ServingModel(run.model, run.preprocessor.to_label_units).eval().requires_grad_(False)  # callable without no_grad
     # Traced on two rows (a batch of one would be specialised to 1) whose every cell is missing: the
     # preprocessing turns them into inputs of every kind and width the schema has.
     schema = run.preprocessor.schema

@@ -166,7 +166,7 @@ class TablePreprocessor:
             for task in class_tasks:
                 text = _as_text(frame[task.label_column], schema.missing_values)
                 if task.sample_space:
-                    text = text[_as_number(frame[task.sample_space], task.sample_space, source, schema.missing_values) == 1]
+                    text = text[self._in_sample_space(frame, task, source)]
                 class_values[task.name].update(text[text != MISSING_TOKEN].unique())
         if rows == 0:
             raise DataError(f"{source}: no rows to fit the preprocessing on")
@@ -229,9 +229,12 @@ class TablePreprocessor:
                                 f"not one of task {task.name!r}'s classes {classes}")
             values = np.where(missing, np.nan, index.astype(np.float64))
         if task.sample_space:
-            inside = _as_number(frame[task.sample_space], task.sample_space, source, missing_values) == 1
-            values = np.where(inside, values, np.nan)
+            values = np.where(self._in_sample_space(frame, task, source), values, np.nan)
         return values
+
+    def _in_sample_space(self, frame: pd.DataFrame, task: TaskSpec, source: str) -> np.ndarray:
+        """``(N,)`` bool: the rows where ``task`` is defined (its ``sample_space`` column is 1)."""
+        return _as_number(frame[task.sample_space], task.sample_space, source, self.schema.missing_values) == 1
 
     # ------------------------------------------------------------------------------ transforming
     @staticmethod
