@@ -158,7 +158,7 @@ def train_command(
         return
     metrics = json.loads((folder / "metrics.json").read_text())
     _print_scores(metrics.get("test") or metrics["valid"], "test" if "test" in metrics else "valid")
-    console.print(f"wrote {folder}/ (config.yaml, preprocessing.json, model.pt, metrics.json, learning_curves.png, report.md)")
+    console.print(f"wrote {folder}/ ({', '.join(sorted(p.name for p in folder.iterdir()))})")
 
 
 @app.command("evaluate")
@@ -208,6 +208,36 @@ def export_command(
     export_run(run, out)
     console.print(f"wrote {out}: torch.export.load('{out}').module()(inputs) with the encoded inputs of "
                   f"{run}/preprocessing.json gives every task's predictions")
+
+
+@app.command("gates")
+def gates_command(
+    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train' (omoe, mmoe, cgc or ple)."),
+    data: Path = typer.Option(..., "--data", help="A table with the feature columns (labels not needed)."),
+    out: Optional[Path] = typer.Option(None, help="Also write gate_usage.json and gate_usage.png into this folder."),
+) -> None:
+    """How the gates spread their weight over the experts: mean weight per gate and expert, effective
+    number of experts, row entropy and experts no gate uses."""
+    from mtlkit.experiments.tabular_run import gate_usage_run
+    from mtlkit.reports.gate_usage import save_gate_usage
+
+    usages = gate_usage_run(run, data)
+    for path, usage in usages.items():
+        # Experts as rows: a level has many experts and few gates, so the table stays narrow.
+        table = Table("expert", *usage.gate_names, title=f"{path}: mean gate weight")
+        for e, expert in enumerate(usage.expert_names):
+            table.add_row(expert, *[f"{w:.3f}" if chosen else "" for w, chosen in zip(usage.mean_weight[:, e], usage.choices[:, e])],
+                          end_section=e == len(usage.expert_names) - 1)
+        table.add_row("effective experts", *[f"{n:.2f} of {int(c)}" for n, c in zip(usage.effective_experts, usage.choices.sum(1))])
+        table.add_row("row entropy", *[f"{h:.2f}" for h in usage.row_entropy])
+        console.print(table)
+        unused = usage.unused_experts()
+        console.print(f"{usage.rows} rows; experts below 1% of every gate that can choose them: {', '.join(unused) or 'none'}",
+                      highlight=False)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        written = save_gate_usage(usages, out, f"{run.name}: mean gate weights", rows=str(data))
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
 @app.command("init-config")

@@ -2,7 +2,9 @@
 
 A run folder holds: ``config.yaml`` (the resolved config), ``preprocessing.json`` (the fitted
 preprocessing), ``model.pt`` (the best checkpoint), ``metrics.json``, ``history.csv``,
-``learning_curves.png`` and ``report.md``. It is written into a temporary folder and renamed at the
+``learning_curves.png``, ``report.md`` and, for mixtures of experts, ``gate_usage.json`` and
+``gate_usage.png`` (how the gates spread their weight over the experts on the validation rows,
+:mod:`mtlkit.reports.gate_usage`). It is written into a temporary folder and renamed at the
 end, so a failed run leaves nothing half-written behind.
 """
 
@@ -28,12 +30,13 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import TabularMultiTaskModel, build_model, model_config
+from mtlkit.reports.gate_usage import GateUsage, gate_usage_markdown, measure_gate_usage, save_gate_usage
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
 from mtlkit.training.distributed import barrier, is_main_process
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
-           "dump_config", "LoadedRun", "load_run"]
+           "dump_config", "LoadedRun", "load_run", "gate_usage_run"]
 
 
 @dataclass
@@ -205,8 +208,11 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         history = pd.DataFrame([in_units({row["task"]: row})[row["task"]] for row in result.history])
         history.to_csv(staging / "history.csv", index=False)
         plot_learning_curves(history, staging / "learning_curves.png", f"{config.model['name']}: loss per task")
+        gates = measure_gate_usage(model, (b.inputs for b in valid.tensors.batches(batch)))
+        if gates:
+            save_gate_usage(gates, staging, f"{config.model['name']}: mean gate weights, validation rows", rows="valid")
         metrics["seconds"] = round(time.perf_counter() - started, 2)
-        write_text(staging / "report.md", _report(config, metrics))
+        write_text(staging / "report.md", _report(config, metrics, gates))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -217,7 +223,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     return out
 
 
-def _report(config: RunConfig, metrics: dict[str, Any]) -> str:
+def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, GateUsage]) -> str:
     lines = [f"# mtlkit run: {config.model['name']}", "",
              f"- training rows {metrics['rows']['train']}, validation rows {metrics['rows']['valid']}"
              + (f", test rows {metrics['rows']['test']}" if "test" in metrics["rows"] else ""),
@@ -240,6 +246,12 @@ def _report(config: RunConfig, metrics: dict[str, Any]) -> str:
     unseen = {k: v for k, v in metrics["out_of_vocabulary"].get("valid", {}).items() if v}
     lines.append(f"Out-of-vocabulary values in validation: {unseen or 'none'}.")
     lines += ["", "![learning curves](learning_curves.png)", ""]
+    if gates:
+        lines += ["## gates (validation rows)", "",
+                  "How each gate spreads its weight over the experts it can choose: effective experts = exp(entropy of "
+                  "its mean weights) (1: always the same expert); row entropy = a row's weight entropy over its "
+                  "maximum (0: every row goes to one expert, a polarised gate). Full matrices in gate_usage.json.", "",
+                  gate_usage_markdown(gates), "", "![gate weights](gate_usage.png)", ""]
     return "\n".join(lines)
 
 
@@ -294,6 +306,23 @@ def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> di
     scores = run.preprocessor.scores_in_label_units(evaluate(
         run.model, encoded.tensors, run.model.tasks, run.config.training.eval_batch_size, groups=encoded.groups))
     return {"data": str(data_file), "rows": len(frame), "metrics": scores, "out_of_vocabulary": encoded.out_of_vocabulary}
+
+
+def gate_usage_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, GateUsage]:
+    """How the gates of a trained mixture of experts spread their weight over the experts on the rows
+    of a table (labels not needed), read chunk by chunk: ``{gate bank path: GateUsage}``."""
+    run = load_run(run_dir)
+    if not run.model.gate_banks():
+        raise ConfigError(f"{run_dir}: model {run.model.registry_name!r} has no gates; gate usage needs one of "
+                          "omoe, mmoe, cgc, ple")
+
+    def batches():
+        for chunk in iter_table(data_file, run.preprocessor.schema.feature_names, run.config.data.chunk_rows):
+            encoded = run.preprocessor.transform(chunk, source=str(data_file), with_labels=False)
+            for batch in encoded.tensors.batches(run.config.training.eval_batch_size):
+                yield batch.inputs
+
+    return measure_gate_usage(run.model, batches())
 
 
 def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,

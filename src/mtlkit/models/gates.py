@@ -84,13 +84,15 @@ class GateBank(nn.Module):
     (:meth:`num_excluded_parameters`).
 
     The weights of the last forward are kept in ``last_weights`` only while ``record`` is True, so
-    analysis costs nothing when it is off.
+    analysis costs nothing when it is off. ``gate_names`` and ``choice_names`` label the gates (the
+    task each serves) and the experts for reports such as :mod:`mtlkit.reports.gate_usage`.
 
     Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, G, num_choices)``; each row sums to 1.
     """
 
     def __init__(self, num_gates: int, input_dim: int, num_choices: int, shared_input: bool = True, temperature: float = 1.0,
-                 choices: Sequence[Sequence[int]] | None = None) -> None:
+                 choices: Sequence[Sequence[int]] | None = None, gate_names: Sequence[str] | None = None,
+                 choice_names: Sequence[str] | None = None) -> None:
         super().__init__()
         if num_choices < 1:
             raise ConfigError(f"a gate needs at least one expert to choose from, got {num_choices}")
@@ -100,6 +102,8 @@ class GateBank(nn.Module):
         self.temperature = float(temperature)
         self.record = False
         self.last_weights: torch.Tensor | None = None
+        self.gate_names = _labels(gate_names, num_gates, "gate")
+        self.choice_names = _labels(choice_names, num_choices, "expert")
         self.choice_mask: torch.Tensor | None
         if choices is None:
             self.choice_mask = None
@@ -128,6 +132,14 @@ class GateBank(nn.Module):
         if self.record:
             self.last_weights = weights.detach()
         return weights
+
+
+def _labels(names: Sequence[str] | None, count: int, kind: str) -> list[str]:
+    if names is None:
+        return [f"{kind} {i}" for i in range(count)]
+    if len(names) != count:
+        raise ConfigError(f"{kind}_names: expected {count} names, got {len(names)}")
+    return list(names)
 
 
 def mix_experts(gate_weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,8 @@ class _MixtureOfExperts(MultiTaskModel):
                                   activation=c.activation, dropout=c.dropout, norm=c.norm)
         self.one_gate = self.num_gates_per_model == 1
         num_gates = 1 if self.one_gate else c.num_tasks
-        self.gates = GateBank(num_gates, c.input_dim, c.num_experts, shared_input=True, temperature=c.gate_temperature)
+        self.gates = GateBank(num_gates, c.input_dim, c.num_experts, shared_input=True, temperature=c.gate_temperature,
+                              gate_names=["all tasks"] if self.one_gate else [t.name for t in c.tasks])
         self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 

@@ -87,8 +87,11 @@ class _ExtractionLevel(torch.nn.Module):
         shared = list(range(K * Et, total))
         self.choices = [list(range(k * Et, (k + 1) * Et)) + shared for k in range(K)] + ([] if last else [list(range(total))])
         self.num_gates = len(self.choices)
+        tasks = [t.name for t in c.tasks]
         self.gates = GateBank(self.num_gates, input_dim, total, shared_input=first, temperature=c.gate_temperature,
-                              choices=self.choices)
+                              choices=self.choices, gate_names=tasks + ([] if last else ["shared"]),
+                              choice_names=[f"{task} {i}" for task in tasks for i in range(Et)]
+                              + [f"shared {i}" for i in range(Es)])
         self.output_dim = self.experts.output_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

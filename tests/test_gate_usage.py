@@ -1,0 +1,134 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mtlkit import ConfigError
+from mtlkit.data.readers import read_table
+from mtlkit.experiments.tabular_run import gate_usage_run, load_run, load_run_config, train_run
+from mtlkit.models import build_model
+from mtlkit.reports.gate_usage import measure_gate_usage
+
+from tables import SCHEMA, make_table
+
+
+@pytest.mark.parametrize("name", ["omoe", "mmoe", "cgc", "ple"])
+def test_summaries_equal_the_recorded_weights_whatever_the_batching(name):
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=7, tasks=["a", "b", "c"], num_experts=5) if name in ("omoe", "mmoe") else \
+        build_model(name, input_dim=7, tasks=["a", "b", "c"], num_shared_experts=3, num_task_experts=2)
+    x = torch.randn(300, 7)
+    with model.recording_gates() as recorded:
+        model.eval()(x)
+    whole = measure_gate_usage(model, [x])
+    chunked = measure_gate_usage(model, x.split(64))
+    assert set(whole) == set(recorded)
+    for path, weights in recorded.items():
+        w = weights.double()
+        for usage in (whole[path], chunked[path]):
+            assert usage.rows == 300
+            np.testing.assert_allclose(usage.mean_weight, w.mean(0).numpy(), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(usage.mean_weight.sum(1), 1.0, rtol=1e-6)
+            top = torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).double().mean(0)
+            np.testing.assert_allclose(usage.top_share, top.numpy())
+            entropy = -(torch.special.xlogy(w, w).sum(-1)).mean(0).numpy() / np.log(usage.choices.sum(1))
+            np.testing.assert_allclose(usage.row_entropy, entropy, rtol=1e-6)
+            assert (usage.mean_weight[~usage.choices] == 0).all()
+            assert ((usage.effective_experts >= 1 - 1e-9) & (usage.effective_experts <= usage.choices.sum(1) + 1e-9)).all()
+
+
+def test_names_say_which_task_and_which_experts():
+    ple = build_model("ple", input_dim=4, tasks=["click", "buy"], num_shared_experts=2, num_task_experts=1, num_levels=2)
+    usage = measure_gate_usage(ple, [torch.randn(20, 4)])
+    first, last = usage["levels.0.gates"], usage["levels.1.gates"]
+    assert first.gate_names == ["click", "buy", "shared"] and last.gate_names == ["click", "buy"]
+    assert first.expert_names == ["click 0", "buy 0", "shared 0", "shared 1"]
+    # A task's gate chooses its own expert and the shared ones; the shared gate all of them.
+    assert first.choices.tolist() == [[True, False, True, True], [False, True, True, True], [True] * 4]
+    assert measure_gate_usage(build_model("omoe", input_dim=4, tasks=["a", "b"]), [torch.randn(5, 4)])["gates"].gate_names == ["all tasks"]
+    assert measure_gate_usage(build_model("shared_bottom", input_dim=4, tasks=["a", "b"]), [torch.randn(5, 4)]) == {}
+
+
+def test_polarised_and_uniform_gates_are_told_apart():
+    model = build_model("mmoe", input_dim=6, tasks=["a", "b"], num_experts=4)
+    x = torch.randn(50, 6)
+    with torch.no_grad():
+        model.gates.linear.weight.zero_()
+        model.gates.linear.bias.zero_()
+    uniform = measure_gate_usage(model, [x])["gates"]
+    np.testing.assert_allclose(uniform.effective_experts, [4, 4])
+    np.testing.assert_allclose(uniform.row_entropy, [1, 1])
+    np.testing.assert_allclose(uniform.overlap(), np.ones((2, 2)))
+    with torch.no_grad():  # gate a always picks expert 0, gate b expert 2: experts 1 and 3 are dead
+        model.gates.linear.bias.copy_(torch.tensor([[30.0, 0, 0, 0], [0, 0, 30.0, 0]]))
+    polarised = measure_gate_usage(model, [x])["gates"]
+    np.testing.assert_allclose(polarised.effective_experts, [1, 1], atol=1e-9)
+    np.testing.assert_allclose(polarised.row_entropy, [0, 0], atol=1e-9)
+    np.testing.assert_allclose(polarised.overlap(), np.eye(2), atol=1e-9)
+    assert polarised.top_share[0, 0] == 1 and polarised.top_share[1, 2] == 1
+    assert polarised.unused_experts() == ["expert 1", "expert 3"]
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    make_table(600, seed=0).to_csv(tmp_path / "train.csv", index=False)
+    make_table(150, seed=1).drop(columns=["click", "buy", "watch_time"]).to_csv(tmp_path / "rows.csv", index=False)
+    config = {"data": {"train": "train.csv", "valid_fraction": 0.2, "chunk_rows": 64},
+              "schema": SCHEMA,
+              "model": {"name": "ple", "num_shared_experts": 2, "num_task_experts": 1, "num_levels": 2,
+                        "expert_hidden": [8], "tower_hidden": [4]},
+              "training": {"max_epochs": 2, "batch_size": 64, "progress": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def test_a_run_folder_reports_its_gates_and_the_command_reads_them_on_any_table(run_files, monkeypatch):
+    monkeypatch.chdir(run_files)
+    run = train_run(load_run_config(run_files / "run.yaml"), run_files / "run", progress=False)
+    written = json.loads((run / "gate_usage.json").read_text())
+    assert written["rows"] == "valid" and set(written["gate_banks"]) == {"backbone.levels.0.gates", "backbone.levels.1.gates"}
+    first = written["gate_banks"]["backbone.levels.0.gates"]
+    assert first["gates"] == ["click", "buy", "watch", "shared"] and first["mean_weight"][0][1] is None  # click can't pick buy's expert
+    assert (run / "gate_usage.png").stat().st_size > 0
+    report = (run / "report.md").read_text()
+    assert "## gates (validation rows)" in report and "| backbone.levels.1.gates | watch |" in report
+
+    # Streamed in chunks of 64 rows, the same numbers as one pass over the whole table.
+    usage = gate_usage_run(run, run_files / "rows.csv")
+    loaded = load_run(run)
+    encoded = loaded.preprocessor.transform(read_table(run_files / "rows.csv"), with_labels=False)
+    direct = measure_gate_usage(loaded.model, [encoded.tensors.batches(1000).__next__().inputs])
+    for path in direct:
+        assert usage[path].rows == 150
+        np.testing.assert_allclose(usage[path].mean_weight, direct[path].mean_weight, rtol=1e-6, atol=1e-9)
+
+    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "gates", str(run), "--data", str(run_files / "rows.csv"),
+                           "--out", str(run_files / "gates")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "backbone.levels.0.gates" in done.stdout and "effective" in done.stdout
+    assert json.loads((run_files / "gates" / "gate_usage.json").read_text())["rows"] == str(run_files / "rows.csv")
+
+
+def test_models_without_gates_say_so(run_files, monkeypatch):
+    monkeypatch.chdir(run_files)
+    config = load_run_config(run_files / "run.yaml", ["model={name: shared_bottom, bottom_hidden: [8], tower_hidden: [4]}"])
+    run = train_run(config, run_files / "sb", progress=False)
+    assert not (run / "gate_usage.json").exists() and "## gates" not in (run / "report.md").read_text()
+    with pytest.raises(ConfigError, match="'shared_bottom' has no gates"):
+        gate_usage_run(run, run_files / "rows.csv")
+    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "gates", str(run), "--data", str(run_files / "rows.csv")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "has no gates" in done.stdout
+
+
+def test_the_gate_usage_example_runs():
+    done = subprocess.run([sys.executable, "examples/gate_usage_synthetic.py", "--seeds", "1", "--steps", "30",
+                           "--correlations", "0,1"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "overlap" in done.stdout and "effective_experts" in done.stdout
