@@ -16,8 +16,11 @@ train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
 torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
 model = build_model("mmoe", input_dim=20, tasks=data.tasks, num_experts=4)
 before = evaluate(model, valid, model.tasks)["y1"]["loss"]
-result = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None)).fit(train, valid)
+weighting = sys.argv[2] if len(sys.argv) > 2 else "fixed"
+trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting))
+result = trainer.fit(train, valid)
 after = evaluate(model, valid, model.tasks)["y1"]["loss"]
-torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after},
+torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after,
+            "weights": trainer.weighting.current_weights()},
            f"{sys.argv[1]}/rank{rank}.pt")
 torch.distributed.destroy_process_group()

@@ -316,7 +316,7 @@ def test_weightings():
     assert sum(p.numel() for p in uncertainty.parameters()) == 2
     assert uncertainty(losses)[0].item() == pytest.approx(4.0)
     with pytest.raises(ConfigError, match="weighting"):
-        build_weighting("gradnorm", tasks)
+        build_weighting("mgda", tasks)
 
 
 @pytest.mark.parametrize("weighting", ["fixed", "dynamic"])

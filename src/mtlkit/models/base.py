@@ -121,6 +121,12 @@ class MultiTaskModel(nn.Module):
         finally:
             self.train(was_training)
 
+    def shared_layer_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the last layer that every task's output depends on (GradNorm balances
+        the tasks' gradient norms there); a :class:`ConfigError` for models without one."""
+        raise ConfigError(f"model {self.registry_name!r} has no layer that every task shares; GradNorm needs one "
+                          "(shared_bottom, omoe, mmoe, cgc, ple)")
+
     def gate_banks(self) -> dict[str, GateBank]:
         """All gate banks of the model, by module path."""
         return {name: m for name, m in self.named_modules() if isinstance(m, GateBank)}

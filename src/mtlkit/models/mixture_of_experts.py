@@ -58,6 +58,10 @@ class _MixtureOfExperts(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
+    def shared_layer_parameters(self) -> list[torch.nn.Parameter]:
+        """The experts' last layer (every gate mixes every expert)."""
+        return list(self.experts.linears[-1].parameters())
+
     def takes_small_mixture_path(self, x: torch.Tensor, levels: list | None = None) -> bool:
         """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
         return self.small_mixture and small_mixture_applies(x, levels or [(self.experts, self.gates)], self.towers)

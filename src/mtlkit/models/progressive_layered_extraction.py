@@ -155,6 +155,11 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, width, c.tower_hidden, shared_input=False,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
+    def shared_layer_parameters(self) -> list[torch.nn.Parameter]:
+        """The last level's experts' last layer: one stacked tensor of the shared experts, which every
+        task's gate mixes, and the task experts, each of which only its own task reaches."""
+        return list(self.levels[-1].experts.linears[-1].parameters())
+
     def takes_small_mixture_path(self, x: torch.Tensor, levels: list | None = None) -> bool:
         """Whether ``forward(x)`` runs as one batch-last node (:mod:`mtlkit.models.small_mixture`)."""
         return self.small_mixture and small_mixture_applies(x, levels or self._mixture_levels(), self.towers)

@@ -49,5 +49,9 @@ class SharedBottomModel(MultiTaskModel):
         self.towers = TaskTowers(c.tasks, self.bottom.output_dim, c.tower_hidden, shared_input=True,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 
+    def shared_layer_parameters(self) -> list[torch.nn.Parameter]:
+        """The bottom's last layer."""
+        return list(self.bottom.linears[-1].parameters())
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.towers(self.bottom(x)[:, 0])

@@ -30,5 +30,8 @@ class TabularMultiTaskModel(MultiTaskModel):
         self.encoder = encoder
         self.backbone = backbone
 
+    def shared_layer_parameters(self) -> list[torch.nn.Parameter]:
+        return self.backbone.shared_layer_parameters()
+
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.backbone(self.encoder(inputs))

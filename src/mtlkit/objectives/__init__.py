@@ -3,10 +3,11 @@
 from mtlkit.objectives.gradient_surgery import get_gradient_surgery, list_gradient_surgeries, pcgrad, register_gradient_surgery
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
-    DynamicWeighting, FixedWeighting, LossWeighting, UncertaintyWeighting,
+    DynamicWeightAverage, DynamicWeighting, FixedWeighting, GradNormWeighting, LossWeighting, UncertaintyWeighting,
     build_weighting, list_weightings, register_weighting,
 )
 
-__all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "UncertaintyWeighting",
+__all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
+           "UncertaintyWeighting", "GradNormWeighting",
            "build_weighting", "list_weightings", "register_weighting",
            "pcgrad", "get_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

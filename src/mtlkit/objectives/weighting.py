@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mtlkit.errors import ConfigError
@@ -16,13 +17,20 @@ from mtlkit.objectives.losses import TaskLosses
 from mtlkit.tasks import TaskSpec
 
 __all__ = [
-    "LossWeighting", "FixedWeighting", "DynamicWeighting", "UncertaintyWeighting",
+    "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage", "UncertaintyWeighting",
+    "GradNormWeighting",
     "register_weighting", "build_weighting", "list_weightings",
 ]
 
 
 class LossWeighting(nn.Module):
-    """Base class. ``forward(losses) -> (total, {task: weight})``."""
+    """Base class. ``forward(losses) -> (total, {task: weight})``.
+
+    A weighting that learns from the tasks' gradients sets ``balances_gradients`` and implements
+    :meth:`balance`, which the trainer calls every step between the forward and the backward.
+    """
+
+    balances_gradients: bool = False
 
     def __init__(self, tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
@@ -33,6 +41,24 @@ class LossWeighting(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the trainer after every epoch (for schedules)."""
+
+    def balance(self, losses: Mapping[str, torch.Tensor], shared: Sequence[torch.Tensor]) -> None:
+        """Set the gradients of this weighting's own parameters from ``losses`` (their graphs are kept
+        for the model's backward) and ``shared``, the parameters of the model's last shared layer."""
+        raise NotImplementedError
+
+    @property
+    def joins_compiled_graph(self) -> bool:
+        """Whether ``training.compile`` may trace this weighting with the model and losses: not one
+        with an epoch schedule (every new epoch would recompile) or with a step of its own."""
+        return type(self).on_epoch_end is LossWeighting.on_epoch_end
+
+    def current_weights(self) -> dict[str, float]:
+        """``{task: weight}`` as the next step will use them (logged in the training history)."""
+        return {name: float(w) for name, w in self._weights_for_log().items()}
+
+    def _weights_for_log(self) -> Mapping[str, float | torch.Tensor]:
+        return getattr(self, "weights")
 
 
 class FixedWeighting(LossWeighting):
@@ -77,6 +103,56 @@ class DynamicWeighting(FixedWeighting):
         self.weights = {name: self.initial[name] * self.gammas[name] ** (epoch + 1) for name in self.task_names}
 
 
+class DynamicWeightAverage(FixedWeighting):
+    """Dynamic Weight Average (Liu, Johns and Davison, CVPR 2019): a task whose training loss fell
+    less over the last epoch gets more weight in the next.
+
+    ``w_k(t) = w_k0 * K * softmax_k(r(t-1) / temperature)`` with ``r_k(t-1) = L_k(t-1) / L_k(t-2)``,
+    the ratio of the task's mean training losses over the last two epochs (``w_k0``: the task's own
+    weight); the first two epochs use ``w_k0``. The epoch means are kept in this module (one addition
+    of the detached ``(K,)`` losses per step, no host sync) and, under torchrun, averaged over the
+    processes so that every replica uses the same weights.
+
+    Args:
+        temperature: softness of the softmax; large values tend to equal weights (the paper: 2).
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec], temperature: float = 2.0) -> None:
+        super().__init__(tasks)
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ConfigError(f"weighting.temperature: expected a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.initial = dict(self.weights)
+        self.epoch_means: list[torch.Tensor] = []  # the last two epochs' (K,) mean losses
+        self._sums: torch.Tensor | None = None
+        self._steps = 0
+
+    def forward(self, losses):
+        vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
+        if vector is None:
+            vector = torch.stack([losses[name] for name in self.task_names])
+        if self.training:
+            sums = vector.detach()
+            self._sums = sums.clone() if self._sums is None else self._sums.add_(sums)
+            self._steps += 1
+        return super().forward(losses)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self._sums is None:
+            return
+        means = self._sums / self._steps
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        self.epoch_means = (self.epoch_means + [means])[-2:]
+        self._sums, self._steps = None, 0
+        if len(self.epoch_means) == 2:
+            previous, last = self.epoch_means
+            ratios = last / previous.clamp_min(torch.finfo(last.dtype).tiny)
+            factors = (len(self.task_names) * torch.softmax(ratios / self.temperature, dim=0)).tolist()
+            self.weights = {name: self.initial[name] * f for name, f in zip(self.task_names, factors)}
+
+
 class UncertaintyWeighting(LossWeighting):
     """Homoscedastic-uncertainty weighting (Kendall et al., 2018): ``sum_k exp(-s_k) L_k + s_k``.
 
@@ -87,6 +163,9 @@ class UncertaintyWeighting(LossWeighting):
         super().__init__(tasks)
         self.log_variance = nn.Parameter(torch.zeros(len(tasks)))
 
+    def _weights_for_log(self):
+        return dict(zip(self.task_names, torch.exp(-self.log_variance.detach()).tolist()))
+
     def forward(self, losses):
         total = 0.0
         weights: dict[str, float | torch.Tensor] = {}
@@ -95,6 +174,81 @@ class UncertaintyWeighting(LossWeighting):
             total = total + precision * losses[name] + self.log_variance[k]
             weights[name] = precision.detach()
         return total, weights
+
+
+class GradNormWeighting(LossWeighting):
+    """GradNorm (Chen et al., ICML 2018): weights learned so that the tasks' gradients on the last
+    layer every task shares have balanced norms, larger for tasks that have trained less.
+
+    The weights are ``w_k = w_k0 * K * softmax(logits)_k`` (``w_k0``: the task's own weight; the
+    softmax keeps their sum at ``K`` without renormalising after each step). The model steps on
+    ``sum_k w_k L_k`` with the weights held constant. Each step, :meth:`balance` sets the logits'
+    gradient to that of ``sum_k |G_k - mean(G) * r_k ** alpha|``, where ``G_k = w_k ||grad_W L_k||`` is
+    task ``k``'s gradient norm on the shared layer ``W`` and ``r_k`` its loss over its first step's
+    loss, relative to the tasks' mean of that ratio (the target is held constant); the trainer's Adam
+    then steps them with the model. That costs one backward pass per task down to ``W`` each step.
+
+    Args:
+        alpha: how strongly tasks that lag behind are favoured (the paper: 0.5-3; 0 balances the
+            gradient norms alone).
+    """
+
+    balances_gradients = True
+
+    def __init__(self, tasks: Sequence[TaskSpec], alpha: float = 1.5) -> None:
+        super().__init__(tasks)
+        if not (isinstance(alpha, (int, float)) and alpha >= 0):
+            raise ConfigError(f"weighting.alpha: expected a number >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.logits = nn.Parameter(torch.zeros(len(tasks)))
+        self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
+        self.register_buffer("initial_losses", torch.full((len(tasks),), float("nan")))
+
+    @property
+    def joins_compiled_graph(self) -> bool:
+        return False  # balance() takes gradients of single losses between the forward and the backward
+
+    def weight_vector(self) -> torch.Tensor:
+        """``(K,)`` the current weights, differentiable with respect to ``logits``."""
+        return self.base_weights * len(self.task_names) * torch.softmax(self.logits, dim=0)
+
+    def _weights_for_log(self):
+        return dict(zip(self.task_names, self.weight_vector().detach().tolist()))
+
+    def _loss_vector(self, losses) -> torch.Tensor:
+        vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
+        return torch.stack([losses[name] for name in self.task_names]) if vector is None else vector
+
+    def forward(self, losses):
+        weights = self.weight_vector().detach()
+        return (weights * self._loss_vector(losses)).sum(), dict(zip(self.task_names, weights.unbind()))
+
+    def balance(self, losses, shared):
+        """Set ``logits.grad`` to the gradient of the GradNorm loss of this step's ``losses``."""
+        vector = self._loss_vector(losses)
+        norms = []
+        for name in self.task_names:
+            grads = torch.autograd.grad(losses[name], shared, retain_graph=True, allow_unused=True)
+            squares = [(g * g).sum() for g in grads if g is not None]
+            norms.append(torch.stack(squares).sum().sqrt() if squares else vector.new_zeros(()))
+        with torch.no_grad():
+            if torch.isnan(self.initial_losses).any():
+                self.initial_losses.copy_(vector.detach())
+            ratio = vector.detach() / self.initial_losses.clamp_min(torch.finfo(vector.dtype).tiny)
+        active = self.base_weights > 0  # a task of weight 0 has no gradient to balance
+        norm_vector = torch.stack(norms)
+        with torch.enable_grad():
+            gradient_norms = (self.weight_vector() * norm_vector)[active]
+            relative = ratio[active] / ratio[active].mean()
+            target = (gradient_norms.mean() * relative ** self.alpha).detach()
+            (grad,) = torch.autograd.grad((gradient_norms - target).abs().sum(), self.logits)
+        if dist.is_available() and dist.is_initialized():  # the same weights on every replica
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+        if self.logits.grad is None:
+            self.logits.grad = grad
+        else:
+            self.logits.grad.copy_(grad)
 
 
 _WEIGHTINGS: dict[str, Callable[..., LossWeighting]] = {}
@@ -123,4 +277,6 @@ def build_weighting(name: str, tasks: Sequence[TaskSpec], **options: Any) -> Los
 
 register_weighting("fixed", FixedWeighting)
 register_weighting("dynamic", DynamicWeighting)
+register_weighting("dwa", DynamicWeightAverage)
 register_weighting("uncertainty", UncertaintyWeighting)
+register_weighting("gradnorm", GradNormWeighting)

@@ -60,11 +60,13 @@ class TrainerConfig:
         seed: seeds initialisation-independent randomness of training (shuffling, dropout).
         progress: show a progress bar.
         gradient_clip: clip the global gradient norm to this value (None: off).
-        weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"uncertainty"``).
-        weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``).
+        weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"dwa"``, ``"uncertainty"``,
+            ``"gradnorm"``; :mod:`mtlkit.objectives.weighting`).
+        weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``,
+            ``{"temperature": 2}`` for ``dwa``, ``{"alpha": 1.5}`` for ``gradnorm``).
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
             (``"pcgrad"``, :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one
-            backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``) and
+            backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``) and
             one process (not under torchrun). None: the weighted sum's gradient.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
@@ -313,11 +315,18 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
+        # GradNorm-like weightings take each task's gradient on the shared layer before the backward.
+        self._balanced_parameters = self.model.shared_layer_parameters() if self.weighting.balances_gradients else None
         self._losses, self._objective = self._forward_losses, self._forward_objective
-        if self.config.compile:
+        if self.config.compile and (self._balanced_parameters is not None or self.config.gradient_surgery is not None):
+            # Measured in torch 2.13: a second backward through one compiled graph (retain_graph, one
+            # per task) returned zero gradients, so these per-task gradients are taken eagerly.
+            warnings.warn("training.compile: not used with gradnorm or gradient_surgery, which take one backward "
+                          "pass per task (torch.compile's backward runs once per graph); training eagerly")
+        elif self.config.compile:
             # A weighting with an epoch schedule stays out of the graph, which every new epoch would
             # recompile; any other joins it (its few operators fuse into the losses' loops).
-            if type(self.weighting).on_epoch_end is LossWeighting.on_epoch_end:
+            if self.weighting.joins_compiled_graph:
                 self._objective = _compiled(self._forward_objective)
             else:
                 self._losses = _compiled(self._forward_losses)
@@ -326,7 +335,7 @@ class Trainer:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
             if any(True for _ in self.weighting.parameters()):
-                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic), "
+                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa), "
                                   f"not {self.config.weighting!r}")
             self._surgery = get_gradient_surgery(self.config.gradient_surgery)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
@@ -457,6 +466,8 @@ class Trainer:
                         batch = batch.to(self.device)
                     total, losses = self.batch_objective(batch)
                     self._zero_grad()
+                    if self._balanced_parameters is not None:
+                        self.weighting.balance(losses, self._balanced_parameters)
                     if self._surgery is None:
                         total.backward()
                     else:
@@ -475,7 +486,8 @@ class Trainer:
                     if step % eval_every == 0 or step == total_steps:
                         # The only host sync: once per evaluation, never per step.
                         means = (torch.stack(running) / running_steps).tolist()
-                        record("train", {t.name: {"loss": v} for t, v in zip(self.tasks, means)})
+                        weights = self.weighting.current_weights()
+                        record("train", {t.name: {"loss": v, "weight": weights[t.name]} for t, v in zip(self.tasks, means)})
                         torch._foreach_zero_(running)
                         running_steps = 0
                         if valid is not None:

@@ -1,0 +1,138 @@
+"""Adaptive loss weightings: Dynamic Weight Average and GradNorm, against their papers' formulas."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtlkit import ConfigError, TaskSpec
+from mtlkit.data import MultiTaskTensors, make_synthetic
+from mtlkit.models import build_model
+from mtlkit.objectives import DynamicWeightAverage, GradNormWeighting, build_weighting
+from mtlkit.training import Trainer, TrainerConfig
+
+
+def test_dwa_follows_the_ratio_of_the_last_two_epochs_mean_losses():
+    tasks = [TaskSpec("a", weight=2.0), TaskSpec("b"), TaskSpec("c")]
+    dwa = DynamicWeightAverage(tasks, temperature=2.0)
+    epochs = [[(4.0, 1.0, 2.0), (2.0, 3.0, 2.0)], [(2.0, 1.0, 1.0), (2.0, 1.0, 3.0)], [(1.0, 1.0, 1.0)]]
+    for epoch, steps in enumerate(epochs):
+        for values in steps:
+            losses = dict(zip("abc", map(torch.tensor, values)))
+            total, weights = dwa(losses)
+            assert total.item() == pytest.approx(sum(weights[k] * v for k, v in zip("abc", values)))
+        if epoch == 0:  # one epoch seen: the tasks' own weights
+            dwa.on_epoch_end(epoch)
+            assert dwa.weights == {"a": 2.0, "b": 1.0, "c": 1.0}
+        elif epoch == 1:
+            dwa.on_epoch_end(epoch)
+            ratios = [2.0 / 3.0, 1.0 / 2.0, 2.0 / 2.0]  # epoch means (2, 1, 2) over (3, 2, 2)
+            soft = [math.exp(r / 2) for r in ratios]
+            expected = [3 * s / sum(soft) for s in soft]
+            for name, base, value in zip("abc", (2.0, 1.0, 1.0), expected):
+                assert dwa.weights[name] == pytest.approx(base * value)
+            assert dwa.current_weights() == pytest.approx(dwa.weights)
+    dwa.on_epoch_end(2)  # now the ratios of epoch 3 over epoch 2: (0.5, 1, 0.5)
+    soft = [math.exp(r / 2) for r in (0.5, 1.0, 0.5)]
+    assert dwa.weights["b"] == pytest.approx(3 * soft[1] / sum(soft))
+    with pytest.raises(ConfigError, match="weighting.temperature"):
+        build_weighting("dwa", tasks, temperature=0)
+
+
+def _shared_model_and_losses(scale_b: float = 1.0):
+    torch.manual_seed(0)
+    model = build_model("shared_bottom", input_dim=5, tasks=["a", "b"], bottom_hidden=[6], tower_hidden=[3])
+    x = torch.randn(40, 5)
+    outputs = model(x)
+    losses = {"a": outputs["a"].pow(2).mean(), "b": scale_b * (outputs["b"] - 1).pow(2).mean()}
+    return model, losses
+
+
+def test_gradnorm_gradient_is_the_papers_loss_gradient():
+    model, losses = _shared_model_and_losses()
+    weighting = GradNormWeighting([TaskSpec("a"), TaskSpec("b")], alpha=1.5)
+    with torch.no_grad():
+        weighting.logits.copy_(torch.tensor([0.3, -0.2]))
+        weighting.initial_losses.copy_(torch.tensor([2.0, 0.5]))
+    shared = model.shared_layer_parameters()
+    weighting.balance(losses, shared)
+
+    # By hand: G_k = w_k ||grad_W L_k||, r_k = (L_k / L_k(0)) / mean, target = mean(G) r^alpha held constant.
+    logits = torch.tensor([0.3, -0.2], requires_grad=True)
+    w = 2 * torch.softmax(logits, 0)
+    norms = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[k], shared, retain_graph=True)]).norm()
+                         for k in "ab"])
+    G = w * norms
+    ratio = torch.stack([losses["a"].detach() / 2.0, losses["b"].detach() / 0.5])
+    target = (G.mean() * (ratio / ratio.mean()) ** 1.5).detach()
+    (expected,) = torch.autograd.grad((G - target).abs().sum(), logits)
+    torch.testing.assert_close(weighting.logits.grad, expected)
+
+    total, weights = weighting(losses)  # the model's objective holds the weights constant
+    torch.testing.assert_close(total, weights["a"] * losses["a"] + weights["b"] * losses["b"])
+    total.backward()  # the graphs were kept for the model's backward
+    assert model.shared_layer_parameters()[0].grad is not None
+    assert sum(weighting.current_weights().values()) == pytest.approx(2.0)
+
+
+def test_gradnorm_takes_weight_from_the_task_with_the_larger_gradients():
+    """Task y2's labels are 10x task y1's: its loss and gradients dwarf y1's. GradNorm moves weight to
+    y1, step by step (Adam moves the logits by about the learning rate a step; the fixed weighting
+    would keep 1 and 1)."""
+    data = make_synthetic(correlation=0.5, num_rows=2000, input_dim=20, num_sine_terms=0, seed=0)
+    tensors = data.to_tensors()
+    labels = tensors.labels.clone()
+    labels[:, 1] *= 10
+    tensors = MultiTaskTensors(tensors.inputs, labels, tensors.task_names)
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=20, tasks=data.tasks, num_experts=4)
+    config = TrainerConfig(max_steps=200, max_epochs=None, batch_size=128, eval_every=100, progress=False,
+                           weighting="gradnorm", weighting_options={"alpha": 1.0})
+    trainer = Trainer(model, config)
+    result = trainer.fit(tensors)
+    weights = trainer.weighting.current_weights()
+    assert weights["y1"] > 1.5 * weights["y2"] and sum(weights.values()) == pytest.approx(2.0)
+    logged = [row["weight"] for row in result.history if row["split"] == "train" and row["task"] == "y1"]
+    assert logged[-1] == pytest.approx(weights["y1"]) and 1.0 < logged[0] < logged[1]
+
+
+@pytest.mark.parametrize("name", ["single_task", "cross_stitch"])
+def test_gradnorm_needs_a_shared_layer(name):
+    data = make_synthetic(correlation=0.5, num_rows=200, input_dim=8, seed=0)
+    model = build_model(name, input_dim=8, tasks=data.tasks)
+    with pytest.raises(ConfigError, match="no layer that every task shares"):
+        Trainer(model, TrainerConfig(weighting="gradnorm", progress=False))
+    with pytest.raises(ConfigError, match="weighting.alpha"):
+        build_weighting("gradnorm", data.tasks, alpha=-1)
+    with pytest.raises(ConfigError, match="gradient_surgery"):
+        Trainer(build_model("mmoe", input_dim=8, tasks=data.tasks),
+                TrainerConfig(weighting="gradnorm", gradient_surgery="pcgrad", progress=False))
+
+
+@pytest.mark.parametrize("options", [{"weighting": "gradnorm"}, {"gradient_surgery": "pcgrad"}])
+def test_per_task_backward_passes_train_eagerly_under_the_compile_switch(options):
+    # A second backward through one compiled graph gave zero gradients (torch 2.13), so these stay eager.
+    data = make_synthetic(correlation=0.5, num_rows=600, input_dim=20, num_sine_terms=0, seed=0)
+    train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
+
+    def history(compile: bool):
+        torch.manual_seed(0)
+        model = build_model("ple", input_dim=20, tasks=data.tasks, num_levels=2, expert_hidden=[8])
+        config = TrainerConfig(max_steps=10, max_epochs=None, eval_every=5, batch_size=64, progress=False,
+                               compile=compile, **options)
+        return Trainer(model, config).fit(train, valid).history
+
+    with pytest.warns(UserWarning, match="training.compile: not used"):
+        compiled = history(True)
+    assert compiled == history(False)
+
+
+def test_the_loss_weighting_example_runs():
+    done = subprocess.run([sys.executable, "examples/loss_weighting.py", "--seeds", "1", "--rows", "3000",
+                           "--weightings", "fixed,dwa,gradnorm"], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "gradnorm" in done.stdout and "time_vs_fixed" in done.stdout
