@@ -6,7 +6,9 @@ import torch
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from mtlkit.training.metrics import accuracy, group_auc, log_loss, roc_auc
+from mtlkit import ConfigError
+from mtlkit.training import TrainerConfig
+from mtlkit.training.metrics import accuracy, calibration, group_auc, log_loss, normalized_entropy, roc_auc
 
 
 def brute_force_auc(scores, labels):
@@ -53,3 +55,23 @@ def test_multiclass_accuracy_and_log_loss_match_sklearn():
     probabilities = torch.softmax(logits.double(), 1).numpy()
     assert log_loss(logits, labels) == pytest.approx(sk_log_loss(labels, probabilities, labels=[0, 1, 2, 3]), abs=1e-9)
     assert accuracy(logits, labels) == pytest.approx(accuracy_score(labels, probabilities.argmax(1)), abs=1e-12)
+
+
+def test_normalized_entropy_and_calibration():
+    g = torch.Generator().manual_seed(1)
+    labels = (torch.rand(500, generator=g) < 0.2).float()
+    rate = labels.mean().item()
+    # A model that predicts the base rate everywhere knows nothing: NE 1, calibration 1.
+    base = torch.full((500,), math.log(rate / (1 - rate)))
+    assert normalized_entropy(base, labels) == pytest.approx(1.0, abs=1e-6)
+    assert calibration(base, labels) == pytest.approx(1.0, abs=1e-6)
+    logits = torch.randn(500, generator=g) + 3 * (labels - 0.5)
+    entropy = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert normalized_entropy(logits, labels) == pytest.approx(sk_log_loss(labels, torch.sigmoid(logits.double())) / entropy, abs=1e-9)
+    assert normalized_entropy(logits, labels) < 1
+    doubled = torch.logit(2 * torch.sigmoid(base.double()))  # every probability twice too high
+    assert calibration(doubled, labels) == pytest.approx(2.0, abs=1e-6)
+    assert math.isnan(normalized_entropy(logits, torch.ones(500))) and math.isnan(calibration(logits, torch.zeros(500)))
+    with pytest.raises(ConfigError, match="best at 1"):
+        TrainerConfig(monitor="click/calibration")
+    TrainerConfig(monitor="click/ne")

@@ -129,7 +129,7 @@ register_task_type(
         loss=_binary_loss,
         predict=lambda output: torch.sigmoid(output[:, 0]),
         check_labels=_check_binary,
-        metrics=("auc", "logloss"),
+        metrics=("auc", "logloss", "ne", "calibration"),
         higher_is_better=True,
         elementwise_loss=True,
     )

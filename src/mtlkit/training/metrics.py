@@ -69,6 +69,23 @@ def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return F.binary_cross_entropy_with_logits(logits.double().reshape(-1), labels.double().reshape(-1)).item()
 
 
+def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Log loss over the entropy of the rows' own positive rate (He et al., ADKDD 2014): below 1 the
+    model knows more than the base rate; comparable across data sets of different click rates.
+    Undefined (NaN) when every label is the same."""
+    rate = labels.double().mean()
+    base = -(torch.special.xlogy(rate, rate) + torch.special.xlogy(1 - rate, 1 - rate)).item()
+    return log_loss(logits, labels) / base if base > 0 else float("nan")
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Predicted positives over observed ones, ``sum(p) / sum(y)``: 1 when the probabilities are right on
+    average (what bidding and ranking by expected value need), above 1 when they overpredict.
+    Undefined (NaN) without positive labels."""
+    positives = labels.double().sum().item()
+    return torch.sigmoid(logits.double()).sum().item() / positives if positives > 0 else float("nan")
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of rows whose highest logit (of ``(N, C)``) is their class index."""
     return (logits.argmax(1) == labels.long()).double().mean().item()
@@ -87,6 +104,8 @@ METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "auc": roc_auc,
     "accuracy": accuracy,
     "logloss": log_loss,
+    "ne": normalized_entropy,
+    "calibration": calibration,
     "mse": mean_squared_error,
     "mae": mean_absolute_error,
 }
@@ -94,6 +113,8 @@ METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
 
 # Metrics where more is better (early stopping and reports turn the others' direction around).
 HIGHER_IS_BETTER = frozenset({"auc", "gauc", "accuracy"})
+# Metrics best at a target value rather than at one end: no direction to stop early on.
+NOT_MONITORABLE = frozenset({"calibration"})
 
 
 def task_metrics(

@@ -27,7 +27,7 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, get_gradient_surgery, task_losses
 from mtlkit.tasks import TaskSpec
 from mtlkit.training.memory import keep_freed_memory
-from mtlkit.training.metrics import HIGHER_IS_BETTER, group_auc, task_metrics
+from mtlkit.training.metrics import HIGHER_IS_BETTER, NOT_MONITORABLE, group_auc, task_metrics
 from mtlkit.training.optimizer import build_adam
 from mtlkit.training.progress import progress_bar
 
@@ -133,6 +133,9 @@ class TrainerConfig:
             raise ConfigError(f"training.gradient_clip: expected a number > 0 or null, got {self.gradient_clip!r}")
         if not isinstance(self.monitor, str) or (self.monitor != "loss" and self.monitor.count("/") != 1):
             raise ConfigError(f"training.monitor: expected 'loss' or 'TASK/METRIC', got {self.monitor!r}")
+        if self.monitor.split("/")[-1] in NOT_MONITORABLE:
+            raise ConfigError(f"training.monitor: {self.monitor!r} is best at 1, not at one end, so it cannot say which "
+                              "evaluation is best; monitor e.g. TASK/auc, TASK/logloss or TASK/ne")
         if self.gradient_surgery is not None:
             get_gradient_surgery(self.gradient_surgery)
         if self.lr_schedule not in LR_SCHEDULES:
