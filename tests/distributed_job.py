@@ -18,7 +18,7 @@ model = build_model("mmoe", input_dim=20, tasks=data.tasks, num_experts=4)
 before = evaluate(model, valid, model.tasks)["y1"]["loss"]
 weighting = sys.argv[2] if len(sys.argv) > 2 else "fixed"
 trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting))
-result = trainer.fit(train, valid)
+result = trainer.fit(train, valid, state_file=f"{sys.argv[1]}/state.pt")  # rank 0 saves after each epoch
 after = evaluate(model, valid, model.tasks)["y1"]["loss"]
 torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after,
             "weights": trainer.weighting.current_weights()},

@@ -24,6 +24,7 @@ def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port):
         torch.testing.assert_close(ranks[1]["state"][name], value)  # DDP kept the replicas identical
     assert ranks[0]["after"] < 0.5 * ranks[0]["before"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["loop"]["epoch"] == 4  # saved after epochs 1-4 of 5
     assert (ranks[0]["weights"] == {"y1": 1.0, "y2": 1.0}) == (weighting == "fixed")
 
 

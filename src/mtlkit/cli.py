@@ -142,18 +142,24 @@ def train_command(
     config: Path = typer.Option(..., "--config", help="Run config (YAML or TOML): data, schema, model, training."),
     out: Optional[Path] = typer.Option(None, help="Run folder to create (default: runs/<config name>)."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished epoch (the state "
+                                "is saved beside --out after every epoch); without it an interrupted run starts afresh."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value, e.g. --set training.max_epochs=5 "
                                              "--set model.name=ple (repeatable; values read as YAML)."),
 ) -> None:
     """Train a model on your own table and write a run folder."""
     import json
 
-    from mtlkit.experiments.tabular_run import load_run_config, train_run
+    from mtlkit.experiments.tabular_run import load_run_config, train_run, training_state_path
     from mtlkit.training.distributed import init_distributed, is_main_process
 
     init_distributed()  # a no-op unless launched by torchrun
     run_config = load_run_config(config, set_ or ())
-    folder = train_run(run_config, out or Path("runs") / config.stem, overwrite=overwrite)
+    out = out or Path("runs") / config.stem
+    if resume and is_main_process():
+        state = training_state_path(out)
+        console.print(f"resuming from {state}" if state.exists() else f"no saved state at {state}; starting afresh")
+    folder = train_run(run_config, out, overwrite=overwrite, resume=resume)
     if not is_main_process():
         return
     metrics = json.loads((folder / "metrics.json").read_text())

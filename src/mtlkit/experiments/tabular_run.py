@@ -36,7 +36,7 @@ from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, s
 from mtlkit.training.distributed import barrier, is_main_process
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
-           "dump_config", "LoadedRun", "load_run", "gate_usage_run"]
+           "dump_config", "LoadedRun", "load_run", "gate_usage_run", "training_state_path"]
 
 
 @dataclass
@@ -147,11 +147,26 @@ def _override(data: dict[str, Any], override: str) -> None:
     node[keys[-1]] = value
 
 
-def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True) -> Path:
-    """Fit the preprocessing, train, score and write the run folder ``out_dir``; returns its path."""
+def training_state_path(out_dir: str | os.PathLike) -> Path:
+    """Where :func:`train_run` keeps the state of an unfinished run: beside the run folder, which only
+    appears once training is over."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.training-state.pt"
+
+
+def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True,
+              resume: bool = False) -> Path:
+    """Fit the preprocessing, train, score and write the run folder ``out_dir``; returns its path.
+
+    The training state is saved after every epoch (:func:`training_state_path`) and removed when the
+    run folder is written; with ``resume`` a run that was interrupted continues from its last saved
+    epoch (to the same numbers as an uninterrupted run), otherwise it starts afresh."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another output folder or pass --overwrite")
+    state_file = training_state_path(out)
+    if state_file.exists() and not resume and is_main_process():
+        state_file.unlink()
     started = time.perf_counter()
     schema = config.schema
     columns = schema.required_columns
@@ -178,7 +193,9 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
                                                   **config.model_options})
     model = TabularMultiTaskModel(encoder, backbone)
     training = TrainerConfig.from_dict({**config.training.to_dict(), "progress": progress and config.training.progress})
-    result = Trainer(model, training).fit(train.tensors, valid.tensors, valid_groups=valid.groups)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank sees the same state file, or none
+    result = Trainer(model, training).fit(train.tensors, valid.tensors, valid_groups=valid.groups, state_file=state_file)
 
     batch = training.eval_batch_size
     in_units = preprocessor.scores_in_label_units
@@ -216,6 +233,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
+        state_file.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -68,6 +68,13 @@ class FixedWeighting(LossWeighting):
         super().__init__(tasks)
         self.weights = {t.name: float(t.weight) for t in tasks}
 
+    def get_extra_state(self) -> dict[str, Any]:
+        # Schedules change the weights between epochs; a resumed run needs them (and DWA its loss means).
+        return {"weights": dict(self.weights)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.weights = dict(state["weights"])
+
     def forward(self, losses):
         vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
         if vector is not None and all(w == 1.0 for w in self.weights.values()):
@@ -137,6 +144,13 @@ class DynamicWeightAverage(FixedWeighting):
             self._steps += 1
         return super().forward(losses)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "epoch_means": [m.tolist() for m in self.epoch_means]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.epoch_means = [torch.tensor(m) for m in state["epoch_means"]]
+
     def on_epoch_end(self, epoch: int) -> None:
         if self._sums is None:
             return
@@ -144,7 +158,7 @@ class DynamicWeightAverage(FixedWeighting):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)
             means /= dist.get_world_size()
-        self.epoch_means = (self.epoch_means + [means])[-2:]
+        self.epoch_means = (self.epoch_means + [means.cpu()])[-2:]  # one host copy an epoch
         self._sums, self._steps = None, 0
         if len(self.epoch_means) == 2:
             previous, last = self.epoch_means

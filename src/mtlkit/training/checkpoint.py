@@ -19,9 +19,11 @@ from mtlkit.files import atomic_write
 from mtlkit.features import EncoderConfig, FeatureEncoder
 from mtlkit.models import MultiTaskModel, TabularMultiTaskModel, build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "TRAINING_STATE_FORMAT", "save_checkpoint", "load_checkpoint", "save_training_state",
+           "load_training_state"]
 
 CHECKPOINT_FORMAT = "mtlkit-checkpoint/1"
+TRAINING_STATE_FORMAT = "mtlkit-training-state/1"
 
 
 def save_checkpoint(path: str | os.PathLike, model: MultiTaskModel, metadata: dict[str, Any] | None = None,
@@ -57,3 +59,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         model = TabularMultiTaskModel(FeatureEncoder(EncoderConfig.from_dict(payload["encoder_config"])), model)
     model.load_state_dict(payload["state_dict"])
     return model, payload
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Atomically write the state of an unfinished training run (plain containers and tensors only),
+    for :meth:`~mtlkit.training.Trainer.fit` to resume from."""
+    return atomic_write(path, lambda tmp: torch.save({"format": TRAINING_STATE_FORMAT, **state}, tmp))
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by :func:`save_training_state` (``weights_only=True``: nothing is unpickled)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise DataError(f"training state {path}: not readable ({error})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        raise DataError(f"training state {path}: expected format {TRAINING_STATE_FORMAT!r}")
+    return state

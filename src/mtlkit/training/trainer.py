@@ -26,6 +26,7 @@ from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, get_gradient_surgery, task_losses
 from mtlkit.tasks import TaskSpec
+from mtlkit.training.checkpoint import load_training_state, save_training_state
 from mtlkit.training.memory import keep_freed_memory
 from mtlkit.training.metrics import HIGHER_IS_BETTER, NOT_MONITORABLE, group_auc, task_metrics
 from mtlkit.training.optimizer import build_adam
@@ -416,12 +417,19 @@ class Trainer:
     def fit(self, train: MultiTaskTensors, valid: MultiTaskTensors | None = None,
             extra_eval: Mapping[str, MultiTaskTensors] | None = None,
             step_callback: Callable[[int], None] | None = None,
-            valid_groups: torch.Tensor | None = None) -> FitResult:
+            valid_groups: torch.Tensor | None = None,
+            state_file: str | os.PathLike | None = None) -> FitResult:
         """Train; evaluate on ``valid`` (early stopping, best-weight restore) and on ``extra_eval`` sets
         (recorded in the history only, never used for decisions). ``step_callback(step)`` is called
         after every optimizer step (benchmarks time windows of steps with it). ``valid_groups``
         (``(len(valid),)`` group ids, e.g. users) adds each binary task's ``gauc`` to the validation
-        scores, so that ``monitor`` can be ``"click/gauc"``."""
+        scores, so that ``monitor`` can be ``"click/gauc"``.
+
+        ``state_file``: after every epoch that does not end the run, the whole training state
+        (weights, optimizer, weighting, learning-rate schedule, random generators, history, early
+        stopping) is written there atomically; a ``fit`` that finds the file resumes after that
+        epoch, and on the CPU ends with exactly the numbers of a run never interrupted. The file is
+        left in place; a different configuration, table size or model is a :class:`ConfigError`."""
         c = self.config
         _check_tasks(self.tasks, train, "train")
         if valid is not None:
@@ -458,7 +466,17 @@ class Trainer:
             for name, values in scores.items():
                 history.append({"step": step, "epoch": epoch, "split": split, "task": name, **values})
 
+        identity = self._run_identity(train, total_steps)
+        resumed_seconds = 0.0
+        if state_file is not None and os.path.exists(state_file):
+            saved = self._restore(state_file, identity, scheduler, generator)
+            step, epoch, stale = saved["step"], saved["epoch"], saved["stale"]
+            best_value, best_step, best_state = saved["best_value"], saved["best_step"], saved["best_state"]
+            history, running_steps, resumed_seconds = saved["history"], saved["running_steps"], saved["seconds"]
+            running = [value.to(self.device) for value in saved["running"]]
+
         with progress_bar(total_steps, "training", enabled=c.progress and self.rank == 0) as advance:
+            advance(step)
             while step < total_steps and not stopped_early:
                 shard = train
                 if self.world_size > 1:
@@ -513,10 +531,56 @@ class Trainer:
                         break
                 epoch += 1
                 self.weighting.on_epoch_end(epoch - 1)
+                if state_file is not None and step < total_steps and not stopped_early:
+                    self._save_state(state_file, identity, scheduler, generator, {
+                        "step": step, "epoch": epoch, "stale": stale, "best_value": best_value, "best_step": best_step,
+                        "best_state": best_state, "history": history, "running": [r.cpu() for r in running],
+                        "running_steps": running_steps, "seconds": resumed_seconds + time.perf_counter() - start})
 
         if valid is None:
             best_step, best_value = step, math.nan
         elif best_state is not None:
             self.model.load_state_dict(best_state)
         return FitResult(history=history, best_step=best_step, best_value=best_value,
-                         steps=step, stopped_early=stopped_early, seconds=time.perf_counter() - start)
+                         steps=step, stopped_early=stopped_early, seconds=resumed_seconds + time.perf_counter() - start)
+
+    def _run_identity(self, train: MultiTaskTensors, total_steps: int) -> dict[str, Any]:
+        """What a saved training state must match to be resumed: the same training, model and table size."""
+        options = {k: v for k, v in self.config.to_dict().items() if k not in ("progress", "device")}
+        return {"config": options, "train_rows": len(train), "total_steps": total_steps, "world_size": self.world_size,
+                "tasks": [t.name for t in self.tasks],
+                "parameters": {name: list(p.shape) for name, p in self.model.named_parameters()}}
+
+    def _save_state(self, path, identity, scheduler, generator, loop: dict[str, Any]) -> None:
+        if self.rank == 0:
+            save_training_state(path, {
+                "identity": identity, "loop": loop,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "weighting": self.weighting.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "surgery_generator": self._surgery_generator.get_state() if self._surgery is not None else None})
+        if self.distributed:
+            dist.barrier()  # no rank moves on before the file is whole
+
+    def _restore(self, path, identity, scheduler, generator) -> dict[str, Any]:
+        state = load_training_state(path)
+        if state["identity"] != identity:
+            saved = state["identity"]
+            differs = sorted(k for k in identity if saved.get(k) != identity[k])
+            detail = {k: (saved.get(k), identity[k]) for k in differs if k != "parameters"}
+            raise ConfigError(f"training state {path}: saved by a different run ({', '.join(differs)} differ"
+                              f"{': ' + str(detail) if detail else ''}); delete it to start afresh")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weighting.load_state_dict(state["weighting"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["cpu_rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if state["surgery_generator"] is not None and self._surgery is not None:
+            self._surgery_generator.set_state(state["surgery_generator"])
+        return state["loop"]

@@ -1,0 +1,106 @@
+"""Training interrupted after some epochs resumes from its state file with exactly the numbers of an
+uninterrupted run (CPU), whatever the weighting, schedule and early-stopping state."""
+
+import pytest
+import torch
+
+from mtlkit import ConfigError, DataError
+from mtlkit.data import make_synthetic
+from mtlkit.models import build_model
+from mtlkit.training import Trainer, TrainerConfig
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _splits():
+    data = make_synthetic(correlation=0.5, num_rows=900, input_dim=12, num_sine_terms=1, seed=0)
+    return data.tasks, data.to_tensors().split([0.8, 0.2], seed=0)
+
+
+def _fit(tasks, train, valid, state_file=None, stop_at=None, model_name="mmoe", **options):
+    torch.manual_seed(0)
+    model = build_model(model_name, input_dim=12, tasks=tasks, **({"dropout": 0.1} if model_name != "esmm" else {}))
+    config = TrainerConfig(max_epochs=6, batch_size=64, eval_every=7, patience=None, progress=False, **options)
+
+    def interrupt(step):
+        if step == stop_at:
+            raise Interrupted
+
+    trainer = Trainer(model, config)
+    result = trainer.fit(train, valid, state_file=state_file, step_callback=interrupt if stop_at else None)
+    return model, result, trainer
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"weighting": "dwa", "lr_schedule": "cosine", "warmup_steps": 5},
+    {"weighting": "gradnorm", "model_name": "ple"},
+    {"weighting": "uncertainty", "weight_decay": 1e-4},
+    {"gradient_surgery": "pcgrad", "weighting": "dynamic", "weighting_options": {"gamma": 0.8}},
+])
+def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, options):
+    tasks, (train, valid) = _splits()
+    reference, expected, _ = _fit(tasks, train, valid, **options)
+    state = tmp_path / "state.pt"
+    with pytest.raises(Interrupted):  # 12 steps an epoch: stops in the fourth epoch, saved after the third
+        _fit(tasks, train, valid, state_file=state, stop_at=40, **options)
+    assert state.is_file()
+    model, resumed, trainer = _fit(tasks, train, valid, state_file=state, **options)
+    assert resumed.steps == expected.steps == 72
+    assert resumed.history == expected.history
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_a_state_from_another_run_is_refused(tmp_path):
+    tasks, (train, valid) = _splits()
+    state = tmp_path / "state.pt"
+    with pytest.raises(Interrupted):
+        _fit(tasks, train, valid, state_file=state, stop_at=30)
+    with pytest.raises(ConfigError, match="saved by a different run.*config"):
+        _fit(tasks, train, valid, state_file=state, learning_rate=0.01)
+    with pytest.raises(ConfigError, match="train_rows"):
+        _fit(tasks, valid, train, state_file=state)
+    state.write_bytes(b"not a state")
+    with pytest.raises(DataError, match="training state .* not readable"):
+        _fit(tasks, train, valid, state_file=state)
+
+
+def test_an_interrupted_command_line_run_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tables import SCHEMA, make_table
+
+    make_table(600, seed=0).to_csv(tmp_path / "train.csv", index=False)
+    config = {"data": {"train": "train.csv", "valid_fraction": 0.2},
+              "schema": SCHEMA, "model": {"name": "mmoe", "num_experts": 3, "expert_hidden": [8], "tower_hidden": [4]},
+              "training": {"max_epochs": 4, "batch_size": 64, "progress": False, "patience": None}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    def train(out, *extra):
+        return subprocess.run([sys.executable, "-m", "mtlkit.cli", "train", "--config", "run.yaml", "--out", out, *extra],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    assert train("straight").returncode == 0
+    # Interrupted during its third epoch (8 steps an epoch): the state of epoch 2 stays beside the folder.
+    script = ("import sys; from mtlkit.training import Trainer\n"
+              "fit = Trainer.fit\n"
+              "def stop(step):\n"
+              "    if step == 20: raise SystemExit(3)\n"
+              "Trainer.fit = lambda self, *a, **k: fit(self, *a, step_callback=stop, **k)\n"
+              "from mtlkit.cli import main; sys.argv = ['mtlkit', 'train', '--config', 'run.yaml', '--out', 'resumed']; main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 3, done.stdout + done.stderr
+    state = tmp_path / ".resumed.training-state.pt"
+    assert state.is_file() and not (tmp_path / "resumed").exists()
+    done = train("resumed", "--resume")
+    assert done.returncode == 0 and "resuming from" in done.stdout, done.stdout + done.stderr
+    assert not state.exists()
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"] for name in ("straight", "resumed"))
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0)
