@@ -246,6 +246,35 @@ def gates_command(
         console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+@app.command("importance")
+def importance_command(
+    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),
+    data: Path = typer.Option(..., "--data", help="A labelled table (CSV, CSV.gz or Parquet), e.g. the test split."),
+    repeats: int = typer.Option(3, min=1, help="Shuffles per column (mean and standard deviation over them)."),
+    rows: Optional[int] = typer.Option(None, min=1, help="Score a seeded sample of this many rows (faster on big tables)."),
+    seed: int = typer.Option(0, help="Seed of the shuffles and of the sample."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table as CSV here."),
+) -> None:
+    """Permutation importance of every feature column for every task: how much each task's main metric
+    (AUC, MSE, accuracy) gets worse when the column is shuffled."""
+    from mtlkit.experiments.tabular_run import importance_run
+    from mtlkit.files import atomic_write
+
+    result = importance_run(run, data, repeats=repeats, seed=seed, max_rows=rows)
+    tasks = list(result.metrics)
+    table = Table("column", *[f"{t}: {result.metrics[t]} {'drop' if result.metrics[t] in ('auc', 'accuracy') else 'rise'}"
+                              for t in tasks],
+                  title=f"permutation importance ({repeats} shuffles; mean +- std); baseline "
+                        + ", ".join(f"{t} {result.metrics[t]} {_cell(result.baseline[t])}" for t in tasks))
+    ranked = result.table()
+    for column, values in ranked.iterrows():
+        table.add_row(str(column), *[f"{values[t]:.4f} +- {values[f'{t}_std']:.4f}" for t in tasks])
+    console.print(table)
+    if out:
+        atomic_write(out, lambda tmp: ranked.to_csv(tmp))
+        console.print(f"wrote {out}")
+
+
 @app.command("init-config")
 def init_config_command(
     data: Path = typer.Option(..., "--data", help="A table to infer the schema from."),

@@ -30,13 +30,15 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import TabularMultiTaskModel, build_model, model_config
+from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import GateUsage, gate_usage_markdown, measure_gate_usage, save_gate_usage
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
 from mtlkit.training.distributed import barrier, is_main_process
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
-           "dump_config", "LoadedRun", "load_run", "gate_usage_run", "training_state_path"]
+           "dump_config", "LoadedRun", "load_run", "gate_usage_run", "training_state_path",
+           "importance_run"]
 
 
 @dataclass
@@ -341,6 +343,25 @@ def gate_usage_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> 
                 yield batch.inputs
 
     return measure_gate_usage(run.model, batches())
+
+
+def importance_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, repeats: int = 3, seed: int = 0,
+                   max_rows: int | None = None) -> FeatureImportance:
+    """Permutation importance of every feature column for every task of a trained run, on a labelled
+    table (a seeded sample of ``max_rows`` rows of it, if given): see
+    :mod:`mtlkit.reports.feature_importance`."""
+    run = load_run(run_dir)
+    schema = run.preprocessor.schema
+    frame = read_table(data_file, schema.required_columns)
+    if max_rows is not None and len(frame) > max_rows:
+        frame = frame.sample(n=max_rows, random_state=seed).reset_index(drop=True)
+
+    def score(table: pd.DataFrame):
+        encoded = run.preprocessor.transform(table, source=str(data_file))
+        return run.preprocessor.scores_in_label_units(evaluate(
+            run.model, encoded.tensors, run.model.tasks, run.config.training.eval_batch_size))
+
+    return permutation_importance(frame, schema.feature_names, run.model.tasks, score, repeats=repeats, seed=seed)
 
 
 def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,
