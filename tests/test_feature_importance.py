@@ -58,3 +58,23 @@ def test_importance_from_the_command_line(run, tmp_path):
     assert "auc drop" in done.stdout and "mse rise" in done.stdout
     written = pd.read_csv(tmp_path / "importance.csv", index_col="column")
     assert set(written.index) == {"ad", "price", "noise"} and {"click", "click_std", "spend", "spend_std"} <= set(written.columns)
+
+
+def test_runs_compared_side_by_side(run, tmp_path):
+    from mtlkit import ConfigError, DataError
+    from mtlkit.experiments.tabular_run import compare_runs
+
+    folder, _ = run
+    config = load_run_config(folder / "config.yaml", ["model={name: shared_bottom, bottom_hidden: [8], tower_hidden: [4]}"])
+    other = train_run(config, tmp_path / "sb", progress=False)
+    frame = compare_runs([folder, other], split="valid")
+    assert list(frame["model"]) == ["mmoe", "shared_bottom"]
+    assert {"click/auc", "click/logloss", "click/ne", "click/calibration", "spend/mse", "spend/mae"} <= set(frame.columns)
+    with pytest.raises(DataError, match="no test scores"):
+        compare_runs([folder], split="test")
+    with pytest.raises(ConfigError, match="split"):
+        compare_runs([folder], split="train")
+    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "compare", str(folder), str(other), "--split", "valid",
+                           "--out", str(tmp_path / "runs.csv")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "shared_bottom" in done.stdout and pd.read_csv(tmp_path / "runs.csv").shape[0] == 2

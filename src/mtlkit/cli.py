@@ -246,6 +246,37 @@ def gates_command(
         console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+@app.command("compare")
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Run folders written by 'mtlkit train'."),
+    split: str = typer.Option("test", help="test or valid: which scores of each run's metrics.json."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table as CSV here."),
+) -> None:
+    """Several runs side by side: model, size, training time and every task metric; the best value of
+    each metric in bold."""
+    from mtlkit.experiments.tabular_run import compare_runs
+    from mtlkit.files import atomic_write
+    from mtlkit.training.metrics import HIGHER_IS_BETTER, NOT_MONITORABLE
+
+    frame = compare_runs(runs, split)
+    # Runs as columns: one compares a few runs on many metrics, so the table stays narrow.
+    table = Table("", *[Path(r).name for r in frame.index], title=f"{split} scores")
+    table.add_row("model", *frame["model"])
+    table.add_row("parameters", *[f"{int(v):,}" for v in frame["parameters"]])
+    table.add_row("best step", *[str(v) for v in frame["best_step"]])
+    table.add_row("training seconds", *[f"{v:.1f}" for v in frame["train_seconds"]], end_section=True)
+    for column in (c for c in frame.columns if "/" in c):
+        metric, values = column.split("/")[-1], frame[column].astype(float)
+        best = None
+        if metric not in NOT_MONITORABLE and values.notna().any() and len(frame) > 1:
+            best = values.idxmax() if metric in HIGHER_IS_BETTER else values.idxmin()
+        table.add_row(column, *[f"[bold]{_cell(v)}[/]" if run_name == best else _cell(v) for run_name, v in values.items()])
+    console.print(table)
+    if out:
+        atomic_write(out, lambda tmp: frame.to_csv(tmp))
+        console.print(f"wrote {out}")
+
+
 @app.command("importance")
 def importance_command(
     run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),

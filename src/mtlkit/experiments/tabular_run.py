@@ -38,7 +38,7 @@ from mtlkit.training.distributed import barrier, is_main_process
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
            "dump_config", "LoadedRun", "load_run", "gate_usage_run", "training_state_path",
-           "importance_run"]
+           "importance_run", "compare_runs"]
 
 
 @dataclass
@@ -343,6 +343,29 @@ def gate_usage_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> 
                 yield batch.inputs
 
     return measure_gate_usage(run.model, batches())
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], split: str = "test") -> pd.DataFrame:
+    """One row per run folder: model, parameters, best step, training seconds and every task metric
+    (``<task>/<metric>``) on ``split`` (``"test"`` or ``"valid"``), from each run's ``metrics.json``."""
+    import json
+
+    if split not in ("test", "valid"):
+        raise ConfigError(f"split: expected 'test' or 'valid', got {split!r}")
+    rows = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "metrics.json"
+        if not path.is_file():
+            raise DataError(f"{run_dir}: not a run folder (no metrics.json)")
+        metrics = json.loads(path.read_text())
+        if split not in metrics:
+            raise DataError(f"{run_dir}: no {split} scores (its config has no {split} table); compare on --split valid")
+        row = {"run": str(run_dir), "model": metrics["model"], "parameters": metrics["parameters"],
+               "best_step": metrics["best_step"], "train_seconds": metrics["train_seconds"]}
+        for task, values in metrics[split].items():
+            row.update({f"{task}/{name}": value for name, value in values.items() if name != "count"})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
 
 
 def importance_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, repeats: int = 3, seed: int = 0,
