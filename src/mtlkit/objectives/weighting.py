@@ -54,11 +54,13 @@ class LossWeighting(nn.Module):
         return type(self).on_epoch_end is LossWeighting.on_epoch_end
 
     def current_weights(self) -> dict[str, float]:
-        """``{task: weight}`` as the next step will use them (logged in the training history)."""
-        return {name: float(w) for name, w in self._weights_for_log().items()}
+        """``{task: weight}`` as the next step will use them (logged in the training history; NaN
+        for a weighting that does not say)."""
+        weights = self._weights_for_log()
+        return {name: float(weights[name]) if name in weights else float("nan") for name in self.task_names}
 
     def _weights_for_log(self) -> Mapping[str, float | torch.Tensor]:
-        return getattr(self, "weights")
+        return getattr(self, "weights", {})
 
 
 class FixedWeighting(LossWeighting):
@@ -217,6 +219,7 @@ class GradNormWeighting(LossWeighting):
         self.logits = nn.Parameter(torch.zeros(len(tasks)))
         self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
         self.register_buffer("initial_losses", torch.full((len(tasks),), float("nan")))
+        self._has_initial_losses = False
 
     @property
     def joins_compiled_graph(self) -> bool:
@@ -246,8 +249,10 @@ class GradNormWeighting(LossWeighting):
             squares = [(g * g).sum() for g in grads if g is not None]
             norms.append(torch.stack(squares).sum().sqrt() if squares else vector.new_zeros(()))
         with torch.no_grad():
-            if torch.isnan(self.initial_losses).any():
-                self.initial_losses.copy_(vector.detach())
+            if not self._has_initial_losses:  # a Python flag: no host sync per step after the first
+                if torch.isnan(self.initial_losses).any():  # not restored from a saved state
+                    self.initial_losses.copy_(vector.detach())
+                self._has_initial_losses = True
             ratio = vector.detach() / self.initial_losses.clamp_min(torch.finfo(vector.dtype).tiny)
         active = self.base_weights > 0  # a task of weight 0 has no gradient to balance
         norm_vector = torch.stack(norms)

@@ -569,7 +569,10 @@ class Trainer:
         if state["identity"] != identity:
             saved = state["identity"]
             differs = sorted(k for k in identity if saved.get(k) != identity[k])
-            detail = {k: (saved.get(k), identity[k]) for k in differs if k != "parameters"}
+            # Saved then now, for what differs (the training options key by key; not every parameter shape).
+            detail = {k: (saved.get(k), identity[k]) for k in differs if k not in ("parameters", "config")}
+            old, new = saved.get("config", {}), identity["config"]
+            detail.update({f"training.{k}": (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)})
             raise ConfigError(f"training state {path}: saved by a different run ({', '.join(differs)} differ"
                               f"{': ' + str(detail) if detail else ''}); delete it to start afresh")
         self.model.load_state_dict(state["model"])
