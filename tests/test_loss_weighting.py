@@ -136,3 +136,19 @@ def test_the_loss_weighting_example_runs():
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "gradnorm" in done.stdout and "time_vs_fixed" in done.stdout
+
+
+@pytest.mark.parametrize("weighting, panels", [("fixed", 2), ("gradnorm", 3)])
+def test_learning_curves_show_the_weights_when_they_change(tmp_path, monkeypatch, weighting, panels):
+    import pandas as pd
+
+    from mtlkit.reports import plots
+
+    data = make_synthetic(correlation=0.5, num_rows=600, input_dim=8, num_sine_terms=0, seed=0)
+    torch.manual_seed(0)
+    config = TrainerConfig(max_steps=40, max_epochs=None, batch_size=64, eval_every=10, progress=False, weighting=weighting)
+    history = pd.DataFrame(Trainer(build_model("mmoe", input_dim=8, tasks=data.tasks), config).fit(data.to_tensors()).history)
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: drawn.append(len(figure.axes)))
+    plots.plot_learning_curves(history, tmp_path / "curves.png")
+    assert drawn == [panels]

@@ -103,13 +103,28 @@ def plot_final_loss_distribution(summary: pd.DataFrame, path: str | os.PathLike,
 
 
 def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike, title: str = "learning curves") -> Path:
-    """Per-task loss against steps for each split (train / valid / ...), one panel per task.
+    """Per-task loss against steps for each split (train / valid / ...), one panel per task, and a
+    panel of the loss weights when a weighting changed them during training (``dwa``, ``gradnorm``, ...).
 
     Args:
-        history: the trainer's history rows (columns ``step, split, task, loss``).
+        history: the trainer's history rows (columns ``step, split, task, loss``; ``weight`` on the
+            training rows).
     """
     tasks = list(dict.fromkeys(history["task"]))
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    train_rows = history[history["split"] == "train"]
+    weights = train_rows.pivot_table(index="step", columns="task", values="weight") if "weight" in history else None
+    changing = weights is not None and bool((weights.nunique() > 1).any())
+    panels = len(tasks) + changing
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    if changing:
+        ax = axes[0, -1]
+        for task in tasks:
+            ax.plot(weights.index, weights[task], label=task)
+        ax.set_title("loss weights")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("weight")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     for ax, task in zip(axes[0], tasks):
         part = history[history["task"] == task]
         for split in dict.fromkeys(part["split"]):
