@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--weightings", default=",".join(WEIGHTINGS))
+    parser.add_argument("--weighting-learning-rate", type=float, default=None,
+                        help="training.weighting_learning_rate (uncertainty and gradnorm; default: the model's)")
     args = parser.parse_args()
     scale = 600.0  # seconds
     rows = []
@@ -50,7 +52,9 @@ def main() -> None:
                                 "standardize_labels": standardize},
                         model={"name": "mmoe", "num_experts": 4, "expert_hidden": [32], "tower_hidden": [16]},
                         training={"max_epochs": 15, "batch_size": 512, "patience": 3, "progress": False,
-                                  "weighting": weighting},
+                                  "weighting": weighting,
+                                  "weighting_learning_rate": args.weighting_learning_rate
+                                  if weighting in ("uncertainty", "gradnorm") else None},
                         seed=seed)
                     run = train_run(config, folder / "run", overwrite=True)
                     metrics = json.loads((run / "metrics.json").read_text())

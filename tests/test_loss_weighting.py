@@ -152,3 +152,28 @@ def test_learning_curves_show_the_weights_when_they_change(tmp_path, monkeypatch
     monkeypatch.setattr(plots, "save_figure", lambda figure, path: drawn.append(len(figure.axes)))
     plots.plot_learning_curves(history, tmp_path / "curves.png")
     assert drawn == [panels]
+
+
+def test_the_weightings_own_learning_rate():
+    # y2's labels 10x y1's: its loss is about 100x, so its log variance has far to go (about log 100).
+    data = make_synthetic(correlation=0.5, num_rows=600, input_dim=8, num_sine_terms=0, seed=0)
+    tensors = data.to_tensors()
+    tensors = MultiTaskTensors(tensors.inputs, tensors.labels * torch.tensor([1.0, 10.0]), tensors.task_names)
+
+    def moved(**options):
+        torch.manual_seed(0)
+        trainer = Trainer(build_model("mmoe", input_dim=8, tasks=data.tasks),
+                          TrainerConfig(max_steps=30, max_epochs=None, batch_size=64, progress=False, weighting="uncertainty",
+                                        weight_decay=0.01, **options))
+        trainer.fit(tensors)
+        return trainer, trainer.weighting.log_variance.detach()[1].item()
+
+    trainer, fast = moved(weighting_learning_rate=0.05)
+    assert [(g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups] == [(1e-3, 0.01), (0.05, 0.0)]
+    _, slow = moved()
+    # Adam moves a parameter by about its learning rate a step: 30 steps reach about 1.5 and 0.03.
+    assert fast > 1.0 and 0 < slow < 0.05
+    with pytest.raises(ConfigError, match="weighting_learning_rate: weighting 'fixed' learns no parameters"):
+        Trainer(build_model("mmoe", input_dim=8, tasks=data.tasks), TrainerConfig(weighting_learning_rate=0.1, progress=False))
+    with pytest.raises(ConfigError, match="weighting_learning_rate"):
+        TrainerConfig(weighting_learning_rate=0)

@@ -82,7 +82,7 @@ class FlatParameters:
         )
 
 
-def _adam(parameters: list[nn.Parameter], learning_rate: float, weight_decay: float) -> torch.optim.Adam:
+def _adam(parameters: list, learning_rate: float, weight_decay: float) -> torch.optim.Adam:
     """Adam with the fused kernel (one kernel for all parameters), or the multi-tensor one where the
     fused kernel is unavailable; the update is the same."""
     try:
@@ -143,17 +143,18 @@ class TrainerAdam(NamedTuple):
 
 
 def build_adam(parameters: Sequence[nn.Parameter], learning_rate: float, weight_decay: float,
-               device: torch.device, distributed: bool = False) -> TrainerAdam:
+               device: torch.device, distributed: bool = False, extra_groups: Sequence[dict] = ()) -> TrainerAdam:
     """The trainer's Adam: over one flat buffer where that suits (:meth:`FlatParameters.suits`), else
     over the parameters themselves; ``step`` calls the fused kernel directly where it can (module
-    docstring), else ``optimizer.step()``."""
+    docstring), else ``optimizer.step()``. ``extra_groups``: more parameter groups with options of
+    their own (``{"params": [...], "lr": ...}``), stepped per tensor."""
     parameters = list(parameters)
-    if FlatParameters.suits(parameters, weight_decay, device, distributed):
+    if not extra_groups and FlatParameters.suits(parameters, weight_decay, device, distributed):
         flat = FlatParameters(parameters)
         optimizer = _adam([flat.parameter], learning_rate, weight_decay)
         zero_grad = flat.zero_grad
     else:
-        optimizer = _adam(parameters, learning_rate, weight_decay)
+        optimizer = _adam([{"params": parameters}, *extra_groups] if extra_groups else parameters, learning_rate, weight_decay)
         zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
 
     def step() -> None:

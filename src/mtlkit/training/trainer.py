@@ -65,6 +65,8 @@ class TrainerConfig:
             ``"gradnorm"``; :mod:`mtlkit.objectives.weighting`).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``,
             ``{"temperature": 2}`` for ``dwa``, ``{"alpha": 1.5}`` for ``gradnorm``).
+        weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
+            (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
             (``"pcgrad"``, :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one
             backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``) and
@@ -103,6 +105,7 @@ class TrainerConfig:
     gradient_clip: float | None = None
     weighting: str = "fixed"
     weighting_options: dict = field(default_factory=dict)
+    weighting_learning_rate: float | None = None
     gradient_surgery: str | None = None
     device: str = "auto"
     compile: bool = False
@@ -117,6 +120,10 @@ class TrainerConfig:
 
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"training.learning_rate: expected a number > 0, got {self.learning_rate!r}")
+        if self.weighting_learning_rate is not None and not (
+                isinstance(self.weighting_learning_rate, (int, float)) and math.isfinite(self.weighting_learning_rate)
+                and self.weighting_learning_rate > 0):
+            raise ConfigError(f"training.weighting_learning_rate: expected a number > 0 or null, got {self.weighting_learning_rate!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ConfigError(f"training.weight_decay: expected a number >= 0, got {self.weight_decay!r}")
         positive_int("batch_size", self.batch_size)
@@ -343,9 +350,17 @@ class Trainer:
                                   f"not {self.config.weighting!r}")
             self._surgery = get_gradient_surgery(self.config.gradient_surgery)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
-        parameters = list(self.model.parameters()) + list(self.weighting.parameters())
+        own = list(self.weighting.parameters())
+        if self.config.weighting_learning_rate is None:
+            parameters, groups = list(self.model.parameters()) + own, ()
+        elif not own:
+            raise ConfigError(f"training.weighting_learning_rate: weighting {self.config.weighting!r} learns no parameters; "
+                              "it applies to uncertainty and gradnorm")
+        else:
+            parameters, groups = list(self.model.parameters()), [{"params": own, "lr": self.config.weighting_learning_rate,
+                                                                  "weight_decay": 0.0}]
         self.optimizer, self._zero_grad, self._optimizer_step = build_adam(
-            parameters, self.config.learning_rate, self.config.weight_decay, self.device, self.distributed)
+            parameters, self.config.learning_rate, self.config.weight_decay, self.device, self.distributed, groups)
         spec_weights = {t.name: t.weight for t in self.tasks}
         total = sum(spec_weights.values())
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
