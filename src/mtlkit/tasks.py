@@ -4,8 +4,10 @@ A :class:`TaskSpec` is the single source of truth for one prediction target: hea
 metrics, predictions and report columns are all keyed by ``TaskSpec.name``, never by position.
 
 A :class:`TaskType` says what a task's head emits and how it is scored: ``binary`` (one logit,
-binary cross-entropy), ``regression`` (one value, squared error) and ``multiclass`` (one logit per
-class, cross-entropy; the task sets ``num_classes``). New types are added with
+binary cross-entropy), ``regression`` (one value, squared error), ``huber`` (one value, Huber loss:
+squared near the label, linear beyond one unit, which on standardised labels is one standard
+deviation), ``poisson`` (one log-rate, Poisson negative log-likelihood, for counts) and
+``multiclass`` (one logit per class, cross-entropy; the task sets ``num_classes``). New types are added with
 :func:`register_task_type`; models never need to change because they only ask a task for its
 ``output_dim``.
 
@@ -62,6 +64,8 @@ class TaskType:
             ``s**2`` and ``s``. Tables standardise such labels for training
             (``TableSchema.standardize_labels``) and report these metrics in the labels' own units.
             None (binary): labels are never rescaled.
+        metrics_on_predictions: the metrics read ``predict(output)`` (a Poisson task's rate) rather
+            than the raw output (a logit, a log-rate).
     """
 
     name: str
@@ -73,6 +77,7 @@ class TaskType:
     higher_is_better: bool
     elementwise_loss: bool = False
     metric_scale_powers: Mapping[str, int] | None = field(default=None, compare=False)  # a dict: kept out of the hash
+    metrics_on_predictions: bool = False
 
 
 _TASK_TYPES: dict[str, TaskType] = {}
@@ -170,6 +175,52 @@ register_task_type(
         higher_is_better=False,
         elementwise_loss=True,
         metric_scale_powers={"mse": 2, "mae": 1},
+    )
+)
+
+
+
+def _huber_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.huber_loss(output[..., 0], label, reduction="none", delta=1.0)
+
+
+register_task_type(
+    TaskType(
+        name="huber",
+        output_dim=1,
+        loss=_huber_loss,
+        predict=lambda output: output[:, 0],
+        check_labels=_check_nothing,
+        metrics=("mse", "mae"),
+        higher_is_better=False,
+        elementwise_loss=True,
+        metric_scale_powers={"mse": 2, "mae": 1},
+    )
+)
+
+
+def _poisson_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    # exp(o) - y * o: the negative log-likelihood without its label-only term (log y!).
+    return F.poisson_nll_loss(output[..., 0], label, log_input=True, full=False, reduction="none")
+
+
+def _check_counts(label: torch.Tensor, where: str) -> None:
+    finite = label[torch.isfinite(label)]
+    if bool((finite < 0).any()):
+        raise DataError(f"{where}: a poisson task needs counts >= 0, found {finite[finite < 0][:3].tolist()}")
+
+
+register_task_type(
+    TaskType(
+        name="poisson",
+        output_dim=1,
+        loss=_poisson_loss,
+        predict=lambda output: torch.exp(output[:, 0]),
+        check_labels=_check_counts,
+        metrics=("deviance", "mae"),
+        higher_is_better=False,
+        elementwise_loss=True,
+        metrics_on_predictions=True,
     )
 )
 

@@ -91,6 +91,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels.long()).double().mean().item()
 
 
+def poisson_deviance(rates: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean Poisson deviance ``2 (y log(y / mu) - (y - mu))`` of predicted rates ``mu`` (> 0): 0 for
+    perfect predictions; the count analogue of the MSE."""
+    mu, y = rates.double().reshape(-1), labels.double().reshape(-1)
+    return (2 * (torch.special.xlogy(y, y) - torch.special.xlogy(y, mu) - (y - mu))).mean().item()
+
+
 def mean_squared_error(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return torch.mean((predictions.double().reshape(-1) - labels.double().reshape(-1)) ** 2).item()
 
@@ -99,7 +106,8 @@ def mean_absolute_error(predictions: torch.Tensor, labels: torch.Tensor) -> floa
     return torch.mean((predictions.double().reshape(-1) - labels.double().reshape(-1)).abs()).item()
 
 
-# Every metric takes the raw model output of the task (first column for one-wide heads) and the labels.
+# Every metric takes the task's raw model output (first column for one-wide heads; its predictions for task types
+# with ``metrics_on_predictions``) and the labels.
 METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "auc": roc_auc,
     "accuracy": accuracy,
@@ -108,6 +116,7 @@ METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     "calibration": calibration,
     "mse": mean_squared_error,
     "mae": mean_absolute_error,
+    "deviance": poisson_deviance,
 }
 
 
@@ -136,6 +145,8 @@ def task_metrics(
     for k, task in enumerate(tasks):
         mask = label_mask[:, k]
         output = outputs[task.name][mask]
+        if task.task_type.metrics_on_predictions:
+            output = task.task_type.predict(output).reshape(len(output), -1)
         label = labels[mask, k]
         values: dict[str, float] = {"count": float(mask.sum())}
         for name in task.task_type.metrics:
