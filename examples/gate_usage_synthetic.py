@@ -9,6 +9,7 @@ of its mean weights, 1 to 8), the row entropy (0: each row goes to one expert) a
 MSE of the two tasks:
 
     python examples/gate_usage_synthetic.py --seeds 3
+    python examples/gate_usage_synthetic.py --seeds 3 --gate-dropout 0.1   # gates trained with dropout
 
 About a minute on 2 cores with the defaults.
 """
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--correlations", default="0,0.5,0.9,1")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--gate-dropout", type=float, default=0.0, help="the model's gate_dropout (training only)")
     args = parser.parse_args()
     rows = []
     for correlation in (float(c) for c in args.correlations.split(",")):
@@ -39,7 +41,8 @@ def main() -> None:
             data = make_synthetic(correlation=correlation, num_rows=20_000, seed=seed)
             train, valid = data.to_tensors().split([0.9, 0.1], seed=seed)
             torch.manual_seed(seed)
-            model = build_model("mmoe", input_dim=100, tasks=data.tasks, num_experts=8, expert_hidden=[16])
+            model = build_model("mmoe", input_dim=100, tasks=data.tasks, num_experts=8, expert_hidden=[16],
+                                gate_dropout=args.gate_dropout)
             config = TrainerConfig(max_steps=args.steps, max_epochs=None, batch_size=256, patience=None,
                                    eval_every=args.steps, progress=False, seed=seed)
             scores = Trainer(model, config).fit(train, valid).final("valid")

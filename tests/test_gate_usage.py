@@ -132,3 +132,41 @@ def test_the_gate_usage_example_runs():
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "overlap" in done.stdout and "effective_experts" in done.stdout
+
+
+@pytest.mark.parametrize("name", ["mmoe", "ple"])
+def test_gate_dropout_ignores_experts_in_training_only(name):
+    from mtlkit import ConfigError
+
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=6, tasks=["a", "b"], gate_dropout=0.3)
+    x = torch.randn(4000, 6)
+    with model.recording_gates() as recorded:
+        model.train()(x)
+    for path, weights in recorded.items():
+        allowed = torch.ones(weights.shape[1:], dtype=torch.bool)
+        mask = model.gate_banks()[path].choice_mask
+        if mask is not None:
+            allowed = torch.isfinite(mask)
+            assert (weights[:, ~allowed] == 0).all()  # PLE's excluded experts stay out
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+        dropped = (weights[:, allowed] == 0).double().mean().item()
+        assert 0.25 < dropped < 0.32  # 0.3, less the rows that would have lost every expert
+    assert not model.takes_small_mixture_path(x)  # the fused node has no gate dropout
+    model.eval()
+    assert model.takes_small_mixture_path(x)
+    with model.recording_gates() as recorded:
+        model(x)
+    assert all((w[:, torch.isfinite(model.gate_banks()[p].choice_mask)] > 0).all() if model.gate_banks()[p].choice_mask is not None
+               else (w > 0).all() for p, w in recorded.items())
+    with pytest.raises(ConfigError, match="gate_dropout: expected a number in \\[0, 1\\)"):
+        build_model(name, input_dim=6, tasks=["a", "b"], gate_dropout=1.0)
+
+
+def test_a_gate_that_drops_everything_keeps_every_expert():
+    model = build_model("mmoe", input_dim=4, tasks=["a"], num_experts=3, gate_dropout=0.999)
+    with model.recording_gates() as recorded:
+        model.train()(torch.randn(500, 4))
+    weights = recorded["gates"]
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(500, 1))

@@ -72,6 +72,13 @@ def check_count(value: Any, key: str, minimum: int) -> int:
     return value
 
 
+def check_probability(value: Any, key: str) -> float:
+    """Validate a probability in [0, 1) (a dropout rate), naming ``key`` in the error."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ConfigError(f"{key}: expected a number in [0, 1), got {value!r}")
+    return value
+
+
 def check_positive(value: Any, key: str) -> float:
     """Validate a number > 0, naming ``key`` in the error."""
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from mtlkit.configuration import check_count, check_sizes, from_mapping
+from mtlkit.configuration import check_count, check_probability, check_sizes, from_mapping
 from mtlkit.errors import ConfigError
 from mtlkit.models.gates import GateBank
 from mtlkit.models.layers import ACTIVATIONS, NORMS
@@ -45,8 +45,7 @@ class ModelConfig:
         self.tower_hidden = check_sizes(self.tower_hidden, "tower_hidden")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation: unknown {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            raise ConfigError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        check_probability(self.dropout, "dropout")
         if self.norm not in NORMS:
             raise ConfigError(f"norm: unknown {self.norm!r}; expected one of {list(NORMS)}")
 

@@ -87,12 +87,16 @@ class GateBank(nn.Module):
     analysis costs nothing when it is off. ``gate_names`` and ``choice_names`` label the gates (the
     task each serves) and the experts for reports such as :mod:`mtlkit.reports.gate_usage`.
 
+    With ``dropout`` > 0, in training, a gate ignores each expert for a row with that probability
+    (Zhao et al., RecSys 2019: "Recommending what video to watch next", against gates that collapse
+    onto a few experts); evaluation and prediction use every expert.
+
     Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, G, num_choices)``; each row sums to 1.
     """
 
     def __init__(self, num_gates: int, input_dim: int, num_choices: int, shared_input: bool = True, temperature: float = 1.0,
                  choices: Sequence[Sequence[int]] | None = None, gate_names: Sequence[str] | None = None,
-                 choice_names: Sequence[str] | None = None) -> None:
+                 choice_names: Sequence[str] | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         if num_choices < 1:
             raise ConfigError(f"a gate needs at least one expert to choose from, got {num_choices}")
@@ -100,6 +104,7 @@ class GateBank(nn.Module):
             raise ConfigError(f"gate_temperature must be > 0, got {temperature}")
         self.linear = StackedLinear(num_gates, input_dim, num_choices, shared_input=shared_input)
         self.temperature = float(temperature)
+        self.dropout = float(dropout)
         self.record = False
         self.last_weights: torch.Tensor | None = None
         self.gate_names = _labels(gate_names, num_gates, "gate")
@@ -117,6 +122,18 @@ class GateBank(nn.Module):
                 mask[g, list(chosen)] = 0.0
             self.register_buffer("choice_mask", mask, persistent=False)
 
+    def _drop_choices(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each gate ignores each of its experts for a row with probability ``dropout`` (logit -inf: the
+        softmax renormalises over the rest); a row that would lose them all keeps them all."""
+        keep = torch.rand_like(logits) >= self.dropout  # (G, E, B)
+        if self.choice_mask is not None:
+            allowed = torch.isfinite(self.choice_mask)[:, :, None]
+            keep &= allowed
+            keep |= allowed & ~keep.any(dim=1, keepdim=True)
+        else:
+            keep |= ~keep.any(dim=1, keepdim=True)
+        return logits.masked_fill(~keep, float("-inf"))
+
     def num_excluded_parameters(self) -> int:
         """Weights and biases of excluded choices: parameters that can never affect the gates."""
         if self.choice_mask is None:
@@ -128,6 +145,8 @@ class GateBank(nn.Module):
         logits = self.linear.forward_batch_last(x, bias)  # (G, E, B)
         if self.temperature != 1.0:
             logits = logits / self.temperature
+        if self.dropout > 0 and self.training:
+            logits = self._drop_choices(logits)
         weights = torch.softmax(logits, dim=1).permute(2, 0, 1)
         if self.record:
             self.last_weights = weights.detach()

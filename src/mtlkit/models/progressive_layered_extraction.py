@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from mtlkit.errors import ConfigError
-from mtlkit.configuration import check_count, check_positive, check_sizes
+from mtlkit.configuration import check_count, check_positive, check_probability, check_sizes
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
@@ -28,12 +28,15 @@ class CGCConfig(ModelConfig):
         num_task_experts: experts owned by each task (>= 0); at least one expert per task in all.
         expert_hidden: layer widths of each expert.
         gate_temperature: softmax temperature of the gates (> 0).
+        gate_dropout: in training, the probability that a gate ignores one of its experts for a row
+            (see :class:`~mtlkit.models.MixtureOfExpertsConfig`); 0 turns it off.
     """
 
     num_shared_experts: int = 4
     num_task_experts: int = 2
     expert_hidden: Sequence[int] = (16,)
     gate_temperature: float = 1.0
+    gate_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +46,7 @@ class CGCConfig(ModelConfig):
             raise ConfigError("num_shared_experts + num_task_experts must be >= 1 (each task needs an expert), got 0")
         self.expert_hidden = check_sizes(self.expert_hidden, "expert_hidden", allow_empty=False)
         check_positive(self.gate_temperature, "gate_temperature")
+        check_probability(self.gate_dropout, "gate_dropout")
 
     @property
     def levels(self) -> int:
@@ -89,7 +93,7 @@ class _ExtractionLevel(torch.nn.Module):
         self.num_gates = len(self.choices)
         tasks = [t.name for t in c.tasks]
         self.gates = GateBank(self.num_gates, input_dim, total, shared_input=first, temperature=c.gate_temperature,
-                              choices=self.choices, gate_names=tasks + ([] if last else ["shared"]),
+                              dropout=c.gate_dropout, choices=self.choices, gate_names=tasks + ([] if last else ["shared"]),
                               choice_names=[f"{task} {i}" for task in tasks for i in range(Et)]
                               + [f"shared {i}" for i in range(Es)])
         self.output_dim = self.experts.output_dim
