@@ -246,6 +246,45 @@ def gates_command(
         console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+@app.command("sweep")
+def sweep_command(
+    config: Path = typer.Option(..., "--config", help="The run config every point starts from."),
+    grid: list[str] = typer.Option(..., "--grid", help="KEY=[VALUE, ...], values read as YAML (repeatable; every "
+                                   "combination is a point), e.g. --grid 'model.name=[mmoe, ple]' "
+                                   "--grid 'training.learning_rate=[0.001, 0.003]'."),
+    seeds: int = typer.Option(3, min=1, help="Runs per point: the config's seed and the next ones."),
+    out: Path = typer.Option(..., "--out", help="Sweep folder: one run folder per point and seed, runs.csv, summary.csv, "
+                             "summary.md (resumes a sweep found there)."),
+    split: str = typer.Option("test", help="test or valid: the scores summarised."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value at every point (repeatable)."),
+) -> None:
+    """Train one config at every point of a grid of settings, several seeds each, and summarise each
+    point's metrics as mean +- std over its seeds."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mtlkit.experiments.sweep import run_sweep
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("sweep", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        summary = run_sweep(config, grid, out, seeds=seeds, overrides=set_ or (), split=split, on_progress=on_progress)
+    keys = [c for c in summary.columns[1:] if c != "seeds" and not c.endswith(("_mean", "_std"))]
+    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    # Points as columns, settings and metrics as rows: a sweep has a few points and many metrics.
+    table = Table("", *[f"point {p}" for p in summary["point"]], title=f"{split} scores, mean +- std over {seeds} seed(s)")
+    for key in keys:
+        table.add_row(key, *[str(v) for v in summary[key]], end_section=key == keys[-1])
+    for metric in metrics:
+        table.add_row(metric, *[f"{_cell(m)} +- {_cell(d)}"  # one seed: no spread, n/a
+                                for m, d in zip(summary[metric + "_mean"], summary[metric + "_std"])])
+    console.print(table)
+    console.print(f"wrote {out}/ (one run folder per point and seed, runs.csv, summary.csv, summary.md)")
+
+
 @app.command("compare")
 def compare_command(
     runs: list[Path] = typer.Argument(..., help="Run folders written by 'mtlkit train'."),
