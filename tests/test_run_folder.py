@@ -328,3 +328,14 @@ def test_mismatched_run_files_and_prediction_errors(files):
         predict_run(run, files / "nofeature.csv", files / "out.csv")
     assert not (files / "out.csv").exists()
     assert not [p for p in files.iterdir() if p.name.startswith(".out.csv")]
+
+
+def test_training_on_a_folder_of_parts_and_a_glob(files):
+    frame = pd.read_csv(files / "train.csv", dtype=str, keep_default_na=False)
+    (files / "parts").mkdir()
+    frame.iloc[:500].to_csv(files / "parts" / "part-0.csv", index=False)
+    frame.iloc[500:].to_csv(files / "parts" / "part-1.csv", index=False)
+    config = load_run_config(files / "run.yaml", ["data.train=parts", "data.test=test*.parquet", "training.max_epochs=1"])
+    run = train_run(config, files / "parts-run", progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rows"] == {"train": 640, "valid": 160, "test": 200}

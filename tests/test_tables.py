@@ -314,3 +314,42 @@ def test_boolean_columns_read_as_one_and_zero(frame, schema, tmp_path):
     dense = TablePreprocessor(with_flag).fit(paid).transform(paid).tensors.inputs["dense"][:, 2].double()
     ones = (frame["age"] > 40).to_numpy(dtype=float)
     np.testing.assert_allclose(dense.numpy(), (ones - ones.mean()) / ones.std(), atol=1e-6)  # standardised 0 / 1
+
+
+def test_a_table_in_parts_a_folder_or_a_glob(tmp_path):
+    import pandas as pd
+
+    frame = make_table(90, seed=3)
+    parts = tmp_path / "clicks"
+    parts.mkdir()
+    for i, rows in enumerate((slice(0, 40), slice(40, 40), slice(40, 90))):  # the middle part has no rows
+        frame.iloc[rows].to_parquet(parts / f"part-{i:05d}.parquet", index=False)
+    (parts / "_SUCCESS").write_text("")
+    (parts / ".part-00000.parquet.crc").write_bytes(b"\x00")
+    whole = read_table(parts)
+    pd.testing.assert_frame_equal(whole, frame.reset_index(drop=True))
+    assert sum(len(c) for c in iter_table(parts, ["click"], chunk_rows=16)) == 90
+
+    for day, rows in (("2026-11-01", slice(0, 50)), ("2026-11-02", slice(50, 90))):
+        (tmp_path / f"day={day}").mkdir()
+        frame.iloc[rows].to_csv(tmp_path / f"day={day}" / "part-0.csv", index=False)
+    globbed = read_table(tmp_path / "day=*" / "part-*.csv")
+    assert len(globbed) == 90 and list(globbed["city"]) == list(frame["city"])  # "NA" stays a city, part by part
+
+    with pytest.raises(DataError, match="no file matches"):
+        read_table(tmp_path / "day=*" / "*.parquet")
+    frame.iloc[:5].to_csv(parts / "part-00009.csv", index=False)
+    with pytest.raises(DataError, match="mixes CSV and Parquet"):
+        read_table(parts)
+    (parts / "part-00009.csv").unlink()
+    frame.iloc[:5].drop(columns=["age"]).to_parquet(parts / "part-00009.parquet", index=False)
+    with pytest.raises(DataError, match="part-00009.parquet: missing column.*'age'"):
+        read_table(parts, ["age", "click"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="without table files"):
+        read_table(empty)
+    frame.iloc[0:0].to_parquet(empty / "part-0.parquet", index=False)
+    frame.iloc[0:0].to_parquet(empty / "part-1.parquet", index=False)
+    with pytest.raises(DataError, match="none of its 2 files has rows"):
+        read_table(empty / "*.parquet")
