@@ -42,6 +42,17 @@ def make_table(rows: int, scale: float, seed: int) -> pd.DataFrame:
     return table
 
 
+def run_config(folder: Path, standardize: bool, seed: int, **training) -> RunConfig:
+    """MMoE on ``folder``'s train.csv and test.csv (click, watch), with ``training`` options added."""
+    return RunConfig(
+        data={"train": str(folder / "train.csv"), "test": str(folder / "test.csv")},
+        schema={"tasks": [{"name": "click"}, {"name": "watch", "type": "regression"}],
+                "dense": [f"x{i}" for i in range(10)], "categorical": ["category"], "standardize_labels": standardize},
+        model={"name": "mmoe", "num_experts": 4, "expert_hidden": [32], "tower_hidden": [16]},
+        training={"max_epochs": 15, "batch_size": 512, "patience": 3, "progress": False, **training},
+        seed=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -57,15 +68,7 @@ def main() -> None:
                 table.iloc[:cut].to_csv(folder / "train.csv", index=False)
                 table.iloc[cut:].to_csv(folder / "test.csv", index=False)
                 for standardize in (True, False):
-                    config = RunConfig(
-                        data={"train": str(folder / "train.csv"), "test": str(folder / "test.csv")},
-                        schema={"tasks": [{"name": "click"}, {"name": "watch", "type": "regression"}],
-                                "dense": [f"x{i}" for i in range(10)], "categorical": ["category"],
-                                "standardize_labels": standardize},
-                        model={"name": "mmoe", "num_experts": 4, "expert_hidden": [32], "tower_hidden": [16]},
-                        training={"max_epochs": 15, "batch_size": 512, "patience": 3, "progress": False},
-                        seed=seed)
-                    run = train_run(config, folder / "run", overwrite=True)
+                    run = train_run(run_config(folder, standardize, seed), folder / "run", overwrite=True)
                     test = json.loads((run / "metrics.json").read_text())["test"]
                     rows.append({"seed": seed, "unit": unit, "standardize_labels": standardize,
                                  "click_auc": test["click"]["auc"],

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from label_scale import NOISE, make_table  # the table of examples/label_scale.py
-from mtlkit.experiments.tabular_run import RunConfig, train_run
+from label_scale import NOISE, make_table, run_config  # the table and run of examples/label_scale.py
+from mtlkit.experiments.tabular_run import train_run
 
 WEIGHTINGS = ("fixed", "dwa", "uncertainty", "gradnorm")
 
@@ -45,17 +45,9 @@ def main() -> None:
             table.iloc[cut:].to_csv(folder / "test.csv", index=False)
             for standardize in (False, True):
                 for weighting in args.weightings.split(","):
-                    config = RunConfig(
-                        data={"train": str(folder / "train.csv"), "test": str(folder / "test.csv")},
-                        schema={"tasks": [{"name": "click"}, {"name": "watch", "type": "regression"}],
-                                "dense": [f"x{i}" for i in range(10)], "categorical": ["category"],
-                                "standardize_labels": standardize},
-                        model={"name": "mmoe", "num_experts": 4, "expert_hidden": [32], "tower_hidden": [16]},
-                        training={"max_epochs": 15, "batch_size": 512, "patience": 3, "progress": False,
-                                  "weighting": weighting,
-                                  "weighting_learning_rate": args.weighting_learning_rate
-                                  if weighting in ("uncertainty", "gradnorm") else None},
-                        seed=seed)
+                    learned = weighting in ("uncertainty", "gradnorm")
+                    config = run_config(folder, standardize, seed, weighting=weighting,
+                                        weighting_learning_rate=args.weighting_learning_rate if learned else None)
                     run = train_run(config, folder / "run", overwrite=True)
                     metrics = json.loads((run / "metrics.json").read_text())
                     rows.append({"seed": seed, "standardize_labels": standardize, "weighting": weighting,

@@ -294,7 +294,6 @@ def compare_command(
     """Several runs side by side: model, size, training time and every task metric; the best value of
     each metric in bold."""
     from mtlkit.experiments.tabular_run import compare_runs
-    from mtlkit.files import atomic_write
     from mtlkit.training.metrics import HIGHER_IS_BETTER, NOT_MONITORABLE
 
     frame = compare_runs(runs, split)
@@ -312,8 +311,7 @@ def compare_command(
         table.add_row(column, *[f"[bold]{_cell(v)}[/]" if run_name == best else _cell(v) for run_name, v in values.items()])
     console.print(table)
     if out:
-        atomic_write(out, lambda tmp: frame.to_csv(tmp))
-        console.print(f"wrote {out}")
+        _write_csv(frame, out)
 
 
 @app.command("importance")
@@ -328,7 +326,6 @@ def importance_command(
     """Permutation importance of every feature column for every task: how much each task's main metric
     (AUC, MSE, accuracy) gets worse when the column is shuffled."""
     from mtlkit.experiments.tabular_run import importance_run
-    from mtlkit.files import atomic_write
 
     result = importance_run(run, data, repeats=repeats, seed=seed, max_rows=rows)
     tasks = list(result.metrics)
@@ -341,8 +338,7 @@ def importance_command(
         table.add_row(str(column), *[f"{values[t]:.4f} +- {values[f'{t}_std']:.4f}" for t in tasks])
     console.print(table)
     if out:
-        atomic_write(out, lambda tmp: ranked.to_csv(tmp))
-        console.print(f"wrote {out}")
+        _write_csv(ranked, out)
 
 
 @app.command("init-config")
@@ -366,6 +362,14 @@ def init_config_command(
         console.print(f"left out {column!r}: a different value on every row looks like an identifier, not a feature "
                       f"(add it to schema.dense or schema.categorical in {out} to use it)", highlight=False)
     console.print(f"wrote {out}; review the schema (dense vs categorical, task types), then: mtlkit train --config {out}")
+
+
+def _write_csv(frame, path: Path) -> None:
+    """A table as CSV (with its index), through a temporary file."""
+    from mtlkit.files import atomic_write
+
+    atomic_write(path, lambda tmp: frame.to_csv(tmp))
+    console.print(f"wrote {path}")
 
 
 def _names(text: str) -> list[str]:

@@ -17,6 +17,7 @@ none of them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -164,7 +165,7 @@ register_task_type(
         higher_is_better=True,
     )
 )
-register_task_type(
+_REGRESSION = register_task_type(
     TaskType(
         name="regression",
         output_dim=1,
@@ -179,24 +180,12 @@ register_task_type(
 )
 
 
-
 def _huber_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.huber_loss(output[..., 0], label, reduction="none", delta=1.0)
 
 
-register_task_type(
-    TaskType(
-        name="huber",
-        output_dim=1,
-        loss=_huber_loss,
-        predict=lambda output: output[:, 0],
-        check_labels=_check_nothing,
-        metrics=("mse", "mae"),
-        higher_is_better=False,
-        elementwise_loss=True,
-        metric_scale_powers={"mse": 2, "mae": 1},
-    )
-)
+# Regression in every respect but the loss: the same head, predictions, metrics and standardisation.
+register_task_type(dataclasses.replace(_REGRESSION, name="huber", loss=_huber_loss))
 
 
 def _poisson_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
