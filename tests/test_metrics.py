@@ -75,3 +75,17 @@ def test_normalized_entropy_and_calibration():
     with pytest.raises(ConfigError, match="best at 1"):
         TrainerConfig(monitor="click/calibration")
     TrainerConfig(monitor="click/ne")
+
+
+def test_reliability_bins_compare_predicted_and_observed_rates():
+    from mtlkit.reports.calibration import reliability_table
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.rand(20000, generator=g) * 0.2
+    y = (torch.rand(20000, generator=g) < p).float()  # calibrated by construction
+    table = reliability_table(p, y, bins=10)
+    assert list(table["rows"]) == [2000] * 10 and table["mean_predicted"].is_monotonic_increasing
+    assert (table["observed_rate"] - table["mean_predicted"]).abs().max() < 0.02
+    doubled = reliability_table(2 * p, y, bins=10)
+    ratio = (doubled["mean_predicted"] / doubled["observed_rate"]).iloc[2:]  # bins with enough positives
+    assert ((ratio > 1.6) & (ratio < 2.5)).all()

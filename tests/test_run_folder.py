@@ -35,8 +35,10 @@ def test_train_evaluate_predict_from_the_command_line(files):
     done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
     assert done.returncode == 0, done.stdout + done.stderr
     run = files / "run"
-    for name in ("config.yaml", "preprocessing.json", "model.pt", "metrics.json", "history.csv", "learning_curves.png", "report.md"):
+    for name in ("config.yaml", "preprocessing.json", "model.pt", "metrics.json", "history.csv", "learning_curves.png", "report.md",
+                 "calibration.png"):
         assert (run / name).stat().st_size > 0, name
+    assert "## calibration (test rows)" in (run / "report.md").read_text()
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["test"]) == {"click", "buy", "watch"} and "mse" in metrics["test"]["watch"]
     assert metrics["test"]["click"]["auc"] > 0.6  # the table has real signal for clicks

@@ -2,7 +2,7 @@
 
 A run folder holds: ``config.yaml`` (the resolved config), ``preprocessing.json`` (the fitted
 preprocessing), ``model.pt`` (the best checkpoint), ``metrics.json``, ``history.csv``,
-``learning_curves.png``, ``report.md`` and, for mixtures of experts, ``gate_usage.json`` and
+``learning_curves.png``, ``report.md``, ``calibration.png`` (binary tasks) and, for mixtures of experts, ``gate_usage.json`` and
 ``gate_usage.png`` (how the gates spread their weight over the experts on the validation rows,
 :mod:`mtlkit.reports.gate_usage`). It is written into a temporary folder and renamed at the
 end, so a failed run leaves nothing half-written behind.
@@ -30,6 +30,7 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import TabularMultiTaskModel, build_model, model_config
+from mtlkit.reports.calibration import plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import GateUsage, gate_usage_markdown, measure_gate_usage, save_gate_usage
 from mtlkit.reports.plots import plot_learning_curves
@@ -227,11 +228,16 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         history = pd.DataFrame([in_units({row["task"]: row})[row["task"]] for row in result.history])
         history.to_csv(staging / "history.csv", index=False)
         plot_learning_curves(history, staging / "learning_curves.png", f"{config.model['name']}: loss per task")
+        scored_split, scored = ("test", test) if test is not None else ("valid", valid)
+        reliability = _reliability_tables(model, scored.tensors, batch)
+        if reliability:
+            plot_reliability(reliability, staging / "calibration.png",
+                             f"{config.model['name']}: predicted against observed rates, {scored_split} rows")
         gates = measure_gate_usage(model, (b.inputs for b in valid.tensors.batches(batch)))
         if gates:
             save_gate_usage(gates, staging, f"{config.model['name']}: mean gate weights, validation rows", rows="valid")
         metrics["seconds"] = round(time.perf_counter() - started, 2)
-        write_text(staging / "report.md", _report(config, metrics, gates))
+        write_text(staging / "report.md", _report(config, metrics, gates, scored_split if reliability else None))
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -243,7 +249,22 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     return out
 
 
-def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, GateUsage]) -> str:
+def _reliability_tables(model: TabularMultiTaskModel, tensors, batch_size: int) -> dict[str, pd.DataFrame]:
+    """Each binary task's reliability table over its labelled rows (:mod:`mtlkit.reports.calibration`)."""
+    binary = [(k, t.name) for k, t in enumerate(model.tasks) if t.type == "binary"]
+    if not binary:
+        return {}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for _, name in binary}
+    for b in tensors.batches(batch_size):
+        predicted = model.predict(b.inputs)
+        for _, name in binary:
+            parts[name].append(predicted[name])
+    mask = tensors.label_mask
+    return {name: reliability_table(torch.cat(parts[name])[mask[:, k]], tensors.labels[mask[:, k], k])
+            for k, name in binary if bool(mask[:, k].any())}
+
+
+def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, GateUsage], calibrated_on: str | None) -> str:
     lines = [f"# mtlkit run: {config.model['name']}", "",
              f"- training rows {metrics['rows']['train']}, validation rows {metrics['rows']['valid']}"
              + (f", test rows {metrics['rows']['test']}" if "test" in metrics["rows"] else ""),
@@ -266,6 +287,11 @@ def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, Gate
     unseen = {k: v for k, v in metrics["out_of_vocabulary"].get("valid", {}).items() if v}
     lines.append(f"Out-of-vocabulary values in validation: {unseen or 'none'}.")
     lines += ["", "![learning curves](learning_curves.png)", ""]
+    if calibrated_on:
+        lines += [f"## calibration ({calibrated_on} rows)", "",
+                  "Each binary task's rows cut into ten groups by predicted probability: observed against mean predicted "
+                  "positive rate (on the diagonal when the probabilities are right).", "",
+                  "![calibration](calibration.png)", ""]
     if gates:
         lines += ["## gates (validation rows)", "",
                   "How each gate spreads its weight over the experts it can choose: effective experts = exp(entropy of "

@@ -1,0 +1,62 @@
+"""Reliability of predicted probabilities: predicted against observed positive rates, bin by bin.
+
+Ranking needs only the order of the scores (AUC); bidding, budgeting and ranking by expected value
+(pCTR x pCVR x price) need the probabilities themselves to be right. A model can have a good AUC and
+predict twice the real rate, and multi-task training shifts each task's rate differently, so a run
+shows each binary task's reliability curve next to its ``calibration`` metric.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtlkit.reports.plots import plt, save_figure
+
+__all__ = ["reliability_table", "plot_reliability"]
+
+
+def reliability_table(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> pd.DataFrame:
+    """Rows sorted by predicted probability and cut into ``bins`` groups of (nearly) equal size.
+
+    Shapes: ``(N,)`` and ``(N,)`` (labels 0/1). Returns one row per bin: ``mean_predicted``,
+    ``observed_rate`` and ``rows``; a calibrated model has the two rates equal in every bin.
+    """
+    p = probabilities.double().reshape(-1).numpy()
+    y = labels.double().reshape(-1).numpy()
+    if len(p) == 0:
+        raise ValueError("reliability_table: no rows")
+    order = np.argsort(p, kind="stable")
+    groups = np.array_split(order, min(bins, len(p)))
+    return pd.DataFrame({"mean_predicted": [p[g].mean() for g in groups], "observed_rate": [y[g].mean() for g in groups],
+                         "rows": [len(g) for g in groups]})
+
+
+def plot_reliability(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike, title: str) -> Path:
+    """One panel per task: observed against mean predicted rate per bin, on log axes when the rates
+    span more than a factor of 10 (click and conversion rates of a few percent), with the diagonal."""
+    figure, axes = plt.subplots(1, len(tables), figsize=(4.0 * len(tables), 3.8), squeeze=False)
+    for ax, (task, table) in zip(axes[0], tables.items()):
+        positive = table[(table["mean_predicted"] > 0) & (table["observed_rate"] > 0)]
+        low = min(table["mean_predicted"].min(), table["observed_rate"].min())
+        high = max(table["mean_predicted"].max(), table["observed_rate"].max())
+        ratio = table["mean_predicted"].mul(table["rows"]).sum() / max(table["observed_rate"].mul(table["rows"]).sum(), 1e-12)
+        if low > 0 and high / low > 10:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            table = positive
+        ax.plot([low, high], [low, high], color="grey", linewidth=1, linestyle="--", label="calibrated")
+        ax.plot(table["mean_predicted"], table["observed_rate"], marker="o", label=f"predicted / observed {ratio:.3f}")
+        ax.set_title(task)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel("observed positive rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure(figure, path)
