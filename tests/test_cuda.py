@@ -108,3 +108,38 @@ def test_compiled_training_on_the_gpu_matches_eager():
                                               progress=False, device="cuda", compile=compile_)).fit(train, valid)
         losses[compile_] = [row["loss"] for row in result.history]
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.parametrize("options", [{"weighting": "gradnorm"}, {"weighting": "dwa"}, {"weighting": "uncertainty",
+                                                                                        "weighting_learning_rate": 0.01}])
+def test_adaptive_weightings_and_resume_on_the_gpu(tmp_path, options):
+    tasks, (train, valid) = _synthetic()
+    torch.manual_seed(0)
+    model = build_model("ple", input_dim=20, tasks=tasks, gate_dropout=0.1)
+    config = TrainerConfig(max_epochs=3, batch_size=256, progress=False, device="cuda", patience=None, **options)
+    state = tmp_path / "state.pt"
+    first = Trainer(model, config).fit(train, valid, state_file=state)
+    assert state.is_file() and torch.load(state, weights_only=True)["loop"]["epoch"] == 2
+    weights = [row["weight"] for row in first.history if row["split"] == "train"]
+    assert all(w == w and w > 0 for w in weights)
+    resumed = Trainer(model, dataclasses.replace(config)).fit(train, valid, state_file=state)  # from epoch 2
+    assert resumed.steps == first.steps
+
+
+def test_run_folder_reports_on_the_gpu(tmp_path):
+    from mtlkit.experiments.tabular_run import RunConfig, train_run
+
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tables import SCHEMA, make_table
+
+    make_table(800, seed=0).to_csv(tmp_path / "train.csv", index=False)
+    make_table(200, seed=1).to_csv(tmp_path / "test.csv", index=False)
+    config = RunConfig(data={"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}, schema=SCHEMA,
+                       model={"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
+                       training={"max_epochs": 2, "batch_size": 64, "progress": False, "device": "cuda"})
+    run = train_run(config, tmp_path / "run", progress=False)
+    for name in ("gate_usage.json", "gate_usage.png", "calibration.png", "report.md"):
+        assert (run / name).stat().st_size > 0, name

@@ -27,8 +27,8 @@ def reliability_table(probabilities: torch.Tensor, labels: torch.Tensor, bins: i
     Shapes: ``(N,)`` and ``(N,)`` (labels 0/1). Returns one row per bin: ``mean_predicted``,
     ``observed_rate`` and ``rows``; a calibrated model has the two rates equal in every bin.
     """
-    p = probabilities.double().reshape(-1).numpy()
-    y = labels.double().reshape(-1).numpy()
+    p = probabilities.detach().double().reshape(-1).cpu().numpy()  # from wherever the model ran
+    y = labels.detach().double().reshape(-1).cpu().numpy()
     if len(p) == 0:
         raise ValueError("reliability_table: no rows")
     order = np.argsort(p, kind="stable")
