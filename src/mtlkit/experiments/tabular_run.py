@@ -2,14 +2,15 @@
 
 A run folder holds: ``config.yaml`` (the resolved config), ``preprocessing.json`` (the fitted
 preprocessing), ``model.pt`` (the best checkpoint), ``metrics.json``, ``history.csv``,
-``learning_curves.png``, ``report.md``, ``calibration.png`` (binary tasks) and, for mixtures of experts, ``gate_usage.json`` and
-``gate_usage.png`` (how the gates spread their weight over the experts on the validation rows,
-:mod:`mtlkit.reports.gate_usage`). It is written into a temporary folder and renamed at the
+``learning_curves.png``, ``report.md``, ``calibration.png`` (binary tasks) and, for mixtures of
+experts, ``gate_usage.json`` and ``gate_usage.png`` (how the gates spread their weight over the
+experts on the validation rows, :mod:`mtlkit.reports.gate_usage`). It is written into a temporary folder and renamed at the
 end, so a failed run leaves nothing half-written behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -374,8 +375,6 @@ def gate_usage_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], split: str = "test") -> pd.DataFrame:
     """One row per run folder: model, parameters, best step, training seconds and every task metric
     (``<task>/<metric>``) on ``split`` (``"test"`` or ``"valid"``), from each run's ``metrics.json``."""
-    import json
-
     if split not in ("test", "valid"):
         raise ConfigError(f"split: expected 'test' or 'valid', got {split!r}")
     rows = []
