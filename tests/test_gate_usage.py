@@ -114,6 +114,34 @@ def test_a_run_folder_reports_its_gates_and_the_command_reads_them_on_any_table(
     assert json.loads((run_files / "gates" / "gate_usage.json").read_text())["rows"] == str(run_files / "rows.csv")
 
 
+def test_gate_usage_by_the_values_of_a_column(run_files, monkeypatch):
+    from mtlkit.experiments.tabular_run import gate_usage_by_column_run
+
+    monkeypatch.chdir(run_files)
+    run = train_run(load_run_config(run_files / "run.yaml"), run_files / "run", progress=False)
+    table = read_table(run_files / "rows.csv")
+    groups = gate_usage_by_column_run(run, run_files / "rows.csv", "city", max_groups=2)
+    top = list(table["city"].value_counts().index[:2])
+    assert list(groups) == [*top, "(other)"]
+    assert sum(g["backbone.levels.1.gates"].rows for g in groups.values()) == 150
+    loaded = load_run(run)
+    for value, usage in groups.items():
+        rows = table[table["city"].isin(top) == (value != "(other)")]
+        rows = rows[rows["city"] == value] if value != "(other)" else rows
+        encoded = loaded.preprocessor.transform(rows.reset_index(drop=True), with_labels=False)
+        direct = measure_gate_usage(loaded.model, [next(encoded.tensors.batches(1000)).inputs])
+        for path, expected in direct.items():
+            assert usage[path].rows == len(rows)
+            np.testing.assert_allclose(usage[path].mean_weight, expected.mean_weight, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(usage[path].row_entropy, expected.row_entropy, rtol=1e-6, atol=1e-9)
+    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "gates", str(run), "--data", str(run_files / "rows.csv"),
+                           "--by", "city", "--max-groups", "2", "--out", str(run_files / "g")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = json.loads((run_files / "g" / "gate_usage_by_city.json").read_text())
+    assert list(written["groups"]) == [*top, "(other)"]
+
+
 def test_models_without_gates_say_so(run_files, monkeypatch):
     monkeypatch.chdir(run_files)
     config = load_run_config(run_files / "run.yaml", ["model={name: shared_bottom, bottom_hidden: [8], tower_hidden: [4]}"])

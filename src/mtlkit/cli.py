@@ -220,13 +220,38 @@ def export_command(
 def gates_command(
     run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train' (omoe, mmoe, cgc or ple)."),
     data: Path = typer.Option(..., "--data", help="A table with the feature columns (labels not needed)."),
-    out: Optional[Path] = typer.Option(None, help="Also write gate_usage.json and gate_usage.png into this folder."),
+    by: Optional[str] = typer.Option(None, help="Also split the rows by this column's values (a segment, a label): "
+                                     "one column per value in each gate's table."),
+    max_groups: int = typer.Option(8, min=1, help="With --by: the most frequent values shown; the rest as '(other)'."),
+    out: Optional[Path] = typer.Option(None, help="Also write gate_usage.json and gate_usage.png into this folder "
+                                       "(with --by: gate_usage_by_<column>.json)."),
 ) -> None:
     """How the gates spread their weight over the experts: mean weight per gate and expert, effective
     number of experts, row entropy and experts no gate uses."""
-    from mtlkit.experiments.tabular_run import gate_usage_run
+    from mtlkit.experiments.tabular_run import gate_usage_by_column_run, gate_usage_run
+    from mtlkit.files import write_json
     from mtlkit.reports.gate_usage import save_gate_usage
 
+    if by is not None:
+        groups = gate_usage_by_column_run(run, data, by, max_groups)
+        first = next(iter(groups.values()))
+        for path, usage in first.items():
+            for g, gate in enumerate(usage.gate_names):
+                # Experts as rows, one column per value of the column: how this gate's choice moves with it.
+                table = Table("expert", *[f"{by}={value} ({u[path].rows})" for value, u in groups.items()],
+                              title=f"{path}, gate {gate}: mean weight by {by}")
+                for e, expert in enumerate(usage.expert_names):
+                    if usage.choices[g, e]:
+                        table.add_row(expert, *[f"{u[path].mean_weight[g, e]:.3f}" for u in groups.values()])
+                table.add_row("effective experts", *[f"{u[path].effective_experts[g]:.2f}" for u in groups.values()],
+                              style="dim")
+                console.print(table)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            path = write_json(out / f"gate_usage_by_{by}.json", {"rows": str(data), "by": by, "groups": {
+                value: {bank: u.to_dict() for bank, u in usage.items()} for value, usage in groups.items()}})
+            console.print(f"wrote {path}")
+        return
     usages = gate_usage_run(run, data)
     for path, usage in usages.items():
         # Experts as rows: a level has many experts and few gates, so the table stays narrow.

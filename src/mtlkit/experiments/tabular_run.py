@@ -33,13 +33,15 @@ from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import TabularMultiTaskModel, build_model, model_config
 from mtlkit.reports.calibration import plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
-from mtlkit.reports.gate_usage import GateUsage, gate_usage_markdown, measure_gate_usage, save_gate_usage
+from mtlkit.reports.gate_usage import (
+    GateUsage, gate_usage_markdown, measure_gate_usage, measure_gate_usage_by_group, save_gate_usage,
+)
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
 from mtlkit.training.distributed import barrier, is_main_process
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
-           "dump_config", "LoadedRun", "load_run", "gate_usage_run", "training_state_path",
+           "dump_config", "LoadedRun", "load_run", "gate_usage_run", "gate_usage_by_column_run", "training_state_path",
            "importance_run", "compare_runs"]
 
 
@@ -358,18 +360,48 @@ def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> di
 def gate_usage_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, GateUsage]:
     """How the gates of a trained mixture of experts spread their weight over the experts on the rows
     of a table (labels not needed), read chunk by chunk: ``{gate bank path: GateUsage}``."""
+    run = _run_with_gates(run_dir)
+    return measure_gate_usage(run.model, (inputs for inputs, _ in _encoded_batches(run, data_file)))
+
+
+def gate_usage_by_column_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, column: str,
+                             max_groups: int = 8) -> dict[str, dict[str, GateUsage]]:
+    """:func:`gate_usage_run` for each value of ``column`` (any column of the table: a user segment, a
+    label, ...): ``{value: {gate bank path: GateUsage}}`` for its ``max_groups`` most frequent values,
+    the rest together as ``"(other)"``."""
+    if max_groups < 1:
+        raise ConfigError(f"max_groups: expected at least 1, got {max_groups}")
+    run = _run_with_gates(run_dir)
+    counts = pd.concat([chunk[column].astype(str) for chunk in iter_table(data_file, [column], run.config.data.chunk_rows)])
+    counts = counts.value_counts()
+    kept = list(counts.index[:max_groups])
+    names = kept + (["(other)"] if len(counts) > max_groups else [])
+    index = {value: i for i, value in enumerate(kept)}
+
+    def batches():
+        for inputs, chunk in _encoded_batches(run, data_file, [column]):
+            codes = chunk[column].astype(str).map(index).fillna(len(kept)).to_numpy(dtype=np.int64)
+            yield inputs, torch.from_numpy(codes)
+
+    return dict(zip(names, measure_gate_usage_by_group(run.model, batches(), len(names))))
+
+
+def _run_with_gates(run_dir: str | os.PathLike) -> LoadedRun:
     run = load_run(run_dir)
     if not run.model.gate_banks():
         raise ConfigError(f"{run_dir}: model {run.model.registry_name!r} has no gates; gate usage needs one of "
                           "omoe, mmoe, cgc, ple")
+    return run
 
-    def batches():
-        for chunk in iter_table(data_file, run.preprocessor.schema.feature_names, run.config.data.chunk_rows):
-            encoded = run.preprocessor.transform(chunk, source=str(data_file), with_labels=False)
-            for batch in encoded.tensors.batches(run.config.training.eval_batch_size):
-                yield batch.inputs
 
-    return measure_gate_usage(run.model, batches())
+def _encoded_batches(run: LoadedRun, data_file: str | os.PathLike, extra_columns: Sequence[str] = ()):
+    """``(inputs, rows of the table)`` per evaluation batch, the table read chunk by chunk (labels not needed)."""
+    columns = list(dict.fromkeys([*run.preprocessor.schema.feature_names, *extra_columns]))
+    size = run.config.training.eval_batch_size
+    for chunk in iter_table(data_file, columns, run.config.data.chunk_rows):
+        encoded = run.preprocessor.transform(chunk, source=str(data_file), with_labels=False)
+        for start, batch in zip(range(0, len(chunk), size), encoded.tensors.batches(size)):
+            yield batch.inputs, chunk.iloc[start:start + size]
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], split: str = "test") -> pd.DataFrame:

@@ -21,7 +21,8 @@ from mtlkit.files import write_json
 from mtlkit.models.base import MultiTaskModel
 from mtlkit.reports.plots import plt, save_figure
 
-__all__ = ["GateUsage", "measure_gate_usage", "gate_usage_markdown", "plot_gate_usage", "save_gate_usage"]
+__all__ = ["GateUsage", "measure_gate_usage", "measure_gate_usage_by_group", "gate_usage_markdown", "plot_gate_usage",
+           "save_gate_usage"]
 
 
 @dataclass
@@ -85,52 +86,72 @@ def _rounded(values: np.ndarray) -> list:
     return np.round(values.astype(float), 6).tolist()
 
 
-@torch.no_grad()
 def measure_gate_usage(model: MultiTaskModel, batches: Iterable[Any]) -> dict[str, GateUsage]:
     """Run ``model`` (in eval mode) over ``batches`` of its inputs and summarise every gate bank.
 
     Returns ``{gate bank path: GateUsage}`` (e.g. ``"backbone.gates"``, ``"backbone.levels.1.gates"``);
     empty for models without gates (Shared-Bottom, ESMM, ...).
     """
+    return measure_gate_usage_by_group(model, ((inputs, None) for inputs in batches), 1)[0]
+
+
+@torch.no_grad()
+def measure_gate_usage_by_group(model: MultiTaskModel, batches: Iterable[tuple[Any, torch.Tensor | None]],
+                                num_groups: int) -> list[dict[str, GateUsage]]:
+    """:func:`measure_gate_usage` for each group of rows (user segments, clicked or not, ...).
+
+    ``batches`` yields ``(inputs, group)`` with ``group`` ``(B,)`` integers in ``[0, num_groups)`` (None:
+    every row in group 0). Returns one ``{gate bank path: GateUsage}`` per group; a group without rows
+    is a :class:`DataError`.
+    """
     banks = model.gate_banks()
     if not banks:
-        return {}
+        return [{} for _ in range(num_groups)]
     weight_sums: dict[str, torch.Tensor] = {}
     top_counts: dict[str, torch.Tensor] = {}
     entropy_sums: dict[str, torch.Tensor] = {}
-    rows = 0
+    rows = torch.zeros(num_groups, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
-        for inputs in batches:
+        for inputs, group in batches:
             with model.recording_gates() as recorded:
                 model(inputs)
             for path, weights in recorded.items():
                 w = weights.double()  # (B, G, E)
+                g = torch.zeros(len(w), dtype=torch.long, device=w.device) if group is None else group.to(w.device)
                 if path not in weight_sums:
-                    weight_sums[path] = w.new_zeros(w.shape[1:])
-                    top_counts[path] = w.new_zeros(w.shape[1:])
-                    entropy_sums[path] = w.new_zeros(w.shape[1])
-                weight_sums[path] += w.sum(0)
-                top_counts[path] += torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).sum(0)
-                entropy_sums[path] -= torch.special.xlogy(w, w).sum((0, 2))
-            rows += len(next(iter(recorded.values()))) if recorded else 0
+                    weight_sums[path] = w.new_zeros((num_groups, *w.shape[1:]))
+                    top_counts[path] = w.new_zeros((num_groups, *w.shape[1:]))
+                    entropy_sums[path] = w.new_zeros((num_groups, w.shape[1]))
+                weight_sums[path].index_add_(0, g, w)
+                top_counts[path].index_add_(0, g, torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).double())
+                entropy_sums[path].index_add_(0, g, -torch.special.xlogy(w, w).sum(2))
+            if recorded:
+                size = len(next(iter(recorded.values())))
+                rows += torch.bincount(torch.zeros(size, dtype=torch.long) if group is None else group.cpu().long(),
+                                       minlength=num_groups).double()
     finally:
         model.train(was_training)
-    if rows == 0:
-        raise DataError("no rows to read the gate weights from")
-    usage = {}
-    for path, bank in banks.items():
-        choices = np.ones((len(bank.gate_names), len(bank.choice_names)), dtype=bool)
-        if bank.choice_mask is not None:
-            choices = ~torch.isinf(bank.choice_mask).cpu().numpy()
-        # A gate with one choice has nothing to spread; its entropy is 0, not 0/0.
-        scale = np.log(np.maximum(choices.sum(axis=1), 2))
-        usage[path] = GateUsage(
-            gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices,
-            mean_weight=(weight_sums[path] / rows).cpu().numpy(), top_share=(top_counts[path] / rows).cpu().numpy(),
-            row_entropy=(entropy_sums[path] / rows).cpu().numpy() / scale, rows=rows)
-    return usage
+    if bool((rows == 0).any()):
+        raise DataError("no rows to read the gate weights from" + (f" in group(s) {torch.nonzero(rows == 0).flatten().tolist()}"
+                                                                  if num_groups > 1 else ""))
+    result = []
+    for k in range(num_groups):
+        n = rows[k].item()
+        usage = {}
+        for path, bank in banks.items():
+            choices = np.ones((len(bank.gate_names), len(bank.choice_names)), dtype=bool)
+            if bank.choice_mask is not None:
+                choices = ~torch.isinf(bank.choice_mask).cpu().numpy()
+            # A gate with one choice has nothing to spread; its entropy is 0, not 0/0.
+            scale = np.log(np.maximum(choices.sum(axis=1), 2))
+            usage[path] = GateUsage(
+                gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices,
+                mean_weight=(weight_sums[path][k] / n).cpu().numpy(), top_share=(top_counts[path][k] / n).cpu().numpy(),
+                row_entropy=(entropy_sums[path][k] / n).cpu().numpy() / scale, rows=int(n))
+        result.append(usage)
+    return result
 
 
 def gate_usage_markdown(usages: Mapping[str, GateUsage]) -> str:
