@@ -85,6 +85,25 @@ def test_monitor_on_a_metric():
         Trainer(model, TrainerConfig(max_epochs=1, monitor="click/ndcg", progress=False)).fit(train, valid)
 
 
+def test_monitor_on_the_mean_of_a_metric_over_tasks():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(800, 5, generator=g)
+    y = torch.stack([(x[:, 0] > 0).float(), (x[:, 1] + x[:, 2] > 0).float(), x[:, 3]], 1)
+    tasks = [TaskSpec("click", "binary"), TaskSpec("buy", "binary"), TaskSpec("time", "regression")]
+    train, valid = MultiTaskTensors(x, y, ["click", "buy", "time"]).split([0.7, 0.3])
+    model = build_model("mmoe", input_dim=5, tasks=tasks, num_experts=2)
+    result = Trainer(model, TrainerConfig(max_epochs=4, monitor="mean/auc", progress=False)).fit(train, valid)
+    by_step = {}
+    for row in result.history:
+        if row["split"] == "valid" and "auc" in row:
+            by_step.setdefault(row["step"], []).append(row["auc"])
+    means = {step: sum(v) / len(v) for step, v in by_step.items()}
+    assert all(len(v) == 2 for v in by_step.values())  # the regression task reports no AUC
+    assert result.best_value == pytest.approx(max(means.values())) and result.best_step == max(means, key=means.get)
+    with pytest.raises(ConfigError, match="no task reports 'accuracy'"):
+        Trainer(model, TrainerConfig(max_epochs=1, monitor="mean/accuracy", progress=False)).fit(train, valid)
+
+
 def test_monitor_on_group_auc():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(900, 5, generator=g)

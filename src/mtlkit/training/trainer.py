@@ -54,7 +54,8 @@ class TrainerConfig:
         eval_every: evaluate every this many steps (None: once per epoch).
         patience: stop after this many evaluations without improvement (None: never stop early).
         monitor: ``"loss"`` (task-weighted mean validation loss) or ``"TASK/METRIC"`` (e.g. ``"income/auc"``;
-            ``"click/gauc"`` with ``fit``'s ``valid_groups``).
+            ``"click/gauc"`` with ``fit``'s ``valid_groups``); ``"mean/METRIC"`` (``"mean/auc"``) is the
+            mean of the metric over the tasks that report it (unless a task is called ``mean``).
         min_delta: smallest change that counts as an improvement.
         restore_best: load the best evaluated weights at the end.
         eval_batch_size: rows per forward during evaluation.
@@ -424,6 +425,13 @@ class Trainer:
         if self.config.monitor == "loss":
             return sum(self._monitor_weights[n] * scores[n]["loss"] for n in scores)
         task, metric = self.config.monitor.split("/")
+        if task == "mean" and task not in scores:
+            # Model selection across tasks: the plain mean over the tasks that report the metric.
+            values = [s[metric] for s in scores.values() if metric in s and s[metric] == s[metric]]
+            if not values:
+                available = sorted({m for s in scores.values() for m in s})
+                raise ConfigError(f"training.monitor: {self.config.monitor!r}: no task reports {metric!r}; available: {available}")
+            return sum(values) / len(values)
         if task not in scores or metric not in scores[task]:
             available = {n: sorted(v) for n, v in scores.items()}
             raise ConfigError(f"training.monitor: {self.config.monitor!r} is not reported; available: {available}")
