@@ -89,3 +89,56 @@ def test_reliability_bins_compare_predicted_and_observed_rates():
     doubled = reliability_table(2 * p, y, bins=10)
     ratio = (doubled["mean_predicted"] / doubled["observed_rate"]).iloc[2:]  # bins with enough positives
     assert ((ratio > 1.6) & (ratio < 2.5)).all()
+
+
+def test_weighted_metrics_match_sklearn():
+    from sklearn.metrics import accuracy_score, mean_absolute_error, mean_poisson_deviance, mean_squared_error
+
+    from mtlkit.training.metrics import METRICS
+
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 8, (400,), generator=g).double() / 4 - 1  # many ties
+    labels = (torch.rand(400, generator=g) < torch.sigmoid(2 * scores)).double()
+    weight = torch.rand(400, generator=g).double() * 3
+    assert roc_auc(scores, labels, weight) == pytest.approx(roc_auc_score(labels, scores, sample_weight=weight), abs=1e-12)
+    assert roc_auc(scores, labels, torch.ones(400)) == pytest.approx(roc_auc(scores, labels), abs=1e-12)
+    probabilities = torch.sigmoid(scores)
+    assert log_loss(scores, labels, weight) == pytest.approx(sk_log_loss(labels, probabilities, sample_weight=weight), abs=1e-9)
+    rate = (weight * labels).sum() / weight.sum()
+    entropy = -(rate * torch.log(rate) + (1 - rate) * torch.log(1 - rate)).item()
+    assert normalized_entropy(scores, labels, weight) == pytest.approx(log_loss(scores, labels, weight) / entropy, rel=1e-12)
+    assert calibration(scores, labels, weight) == pytest.approx(((weight * probabilities).sum() / (weight * labels).sum()).item())
+    logits = torch.randn(400, 3, generator=g)
+    classes = torch.randint(0, 3, (400,), generator=g).double()
+    assert accuracy(logits, classes, weight) == pytest.approx(accuracy_score(classes, logits.argmax(1), sample_weight=weight))
+    values, targets = torch.rand(400, generator=g) * 4, torch.poisson(torch.full((400,), 2.0), generator=g)
+    for name, reference in (("mse", mean_squared_error), ("mae", mean_absolute_error), ("deviance", mean_poisson_deviance)):
+        expected = reference(targets.numpy(), values.double().numpy(), sample_weight=weight.numpy())
+        assert METRICS[name](values, targets, weight) == pytest.approx(expected, rel=1e-9)
+
+
+def test_evaluation_weights_the_metrics_like_the_loss():
+    """Negatives sampled at 20 % with weight 5: the weighted metrics are the full table's."""
+    from mtlkit import TaskSpec
+    from mtlkit.data import MultiTaskTensors
+    from mtlkit.training import evaluate
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(20000, 1, generator=g)
+    y = (torch.rand(20000, generator=g) < torch.sigmoid(2 * x[:, 0] - 2)).float()
+    keep = (y == 1) | (torch.rand(20000, generator=g) < 0.2)
+    weight = torch.where(y == 1, 1.0, 5.0)[keep]
+
+    class Oracle(torch.nn.Module):
+        tasks = (TaskSpec("click"),)
+
+        def forward(self, inputs):
+            return {"click": 2 * inputs - 2}
+
+    full = evaluate(Oracle(), MultiTaskTensors(x, y[:, None], ["click"]), Oracle.tasks)["click"]
+    sampled = MultiTaskTensors(x[keep], y[keep, None], ["click"], sample_weight=weight)
+    weighted = evaluate(Oracle(), sampled, Oracle.tasks)["click"]
+    unweighted = evaluate(Oracle(), MultiTaskTensors(x[keep], y[keep, None], ["click"]), Oracle.tasks)["click"]
+    assert weighted["calibration"] == pytest.approx(full["calibration"], abs=0.05)
+    assert abs(unweighted["calibration"] - 1) > 0.3  # the sampled table's own rate is far higher
+    assert weighted["logloss"] == pytest.approx(full["logloss"], rel=0.05)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from mtlkit import ConfigError, DataError
+from mtlkit.data.readers import read_table
 from mtlkit.experiments.tabular_run import evaluate_run, load_run, load_run_config, predict_run, train_run
 
 from tables import SCHEMA, make_table
@@ -341,3 +342,17 @@ def test_training_on_a_folder_of_parts_and_a_glob(files):
     run = train_run(config, files / "parts-run", progress=False)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["rows"] == {"train": 640, "valid": 160, "test": 200}
+
+
+def test_metrics_count_rows_with_their_weight(files):
+    for name, rows, seed in (("train.csv", 800, 0), ("test.csv", 200, 1)):
+        table = make_table(rows, seed=seed)
+        table.assign(w=np.where(table["click"] == 1, 1.0, 5.0)).to_csv(files / name, index=False)
+    config = load_run_config(files / "run.yaml", ["data.test=test.csv", "schema.weight_column=w", "training.max_epochs=2"])
+    run = train_run(config, files / "weighted", progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = read_table(files / "test.csv")  # as the run reads it: the city "NA" stays a city
+    predicted, _ = load_run(run).predict(test)
+    p, y, w = predicted["click"].double().numpy(), test["click"].astype(float).to_numpy(), test["w"].astype(float).to_numpy()
+    assert metrics["test"]["click"]["calibration"] == pytest.approx((w * p).sum() / (w * y).sum(), rel=1e-5)
+    assert "weight from column 'w'" in (run / "report.md").read_text()

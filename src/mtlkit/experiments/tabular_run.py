@@ -287,6 +287,8 @@ def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, Gate
     for task, stats in metrics.get("standardized_labels", {}).items():
         lines.append(f"Task {task} was trained on its labels standardised (training mean {stats['mean']:.6g}, standard "
                      f"deviation {stats['std']:.6g}): its loss is on that scale, its other metrics in the labels' units.")
+    if config.schema.weight_column:
+        lines.append(f"Losses and metrics count each row with its weight from column {config.schema.weight_column!r}.")
     unseen = {k: v for k, v in metrics["out_of_vocabulary"].get("valid", {}).items() if v}
     lines.append(f"Out-of-vocabulary values in validation: {unseen or 'none'}.")
     lines += ["", "![learning curves](learning_curves.png)", ""]

@@ -26,18 +26,22 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     """Exact area under the ROC curve, ties counted as one half (Mann-Whitney U).
 
     Args:
         scores: ``(N,)`` any monotone score (logit or probability).
         labels: ``(N,)`` in {0, 1}.
+        weight: optional ``(N,)`` row weights: each (positive, negative) pair counts with the product
+            of their weights (as ``sklearn.metrics.roc_auc_score``'s ``sample_weight``).
 
     Returns NaN when only one class is present.
     """
     scores = scores.detach().reshape(-1).double()
     labels = labels.detach().reshape(-1)
     positives = labels == 1
+    if weight is not None:
+        return _weighted_auc(scores, positives, weight.detach().reshape(-1).double())
     num_pos = int(positives.sum())
     num_neg = labels.numel() - num_pos
     if num_pos == 0 or num_neg == 0:
@@ -45,6 +49,28 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = _average_ranks(scores)
     rank_sum = ranks[positives].sum().item()
     return (rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+
+
+def _weighted_auc(scores: torch.Tensor, positives: torch.Tensor, weight: torch.Tensor) -> float:
+    # Per distinct score: the positive weight there meets all negative weight below it, and half of
+    # the negative weight tied with it.
+    values, inverse = torch.unique(scores, return_inverse=True)
+    pos = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, weight * positives)
+    neg = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, weight * ~positives)
+    total_pos, total_neg = pos.sum().item(), neg.sum().item()
+    if total_pos <= 0 or total_neg <= 0:
+        return float("nan")
+    below = torch.cumsum(neg, 0) - neg
+    return (pos * (below + 0.5 * neg)).sum().item() / (total_pos * total_neg)
+
+
+def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> float:
+    """The mean of ``values`` (float64), weighted by ``weight`` when given (NaN for zero total weight)."""
+    if weight is None:
+        return values.mean().item()
+    w = weight.detach().reshape(-1).double()
+    total = w.sum().item()
+    return (values * w).sum().item() / total if total > 0 else float("nan")
 
 
 def group_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
@@ -61,54 +87,55 @@ def group_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) 
     return total / weight if weight else float("nan")
 
 
-def log_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def log_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     """Mean cross-entropy computed from logits (stable, never log(0)): binary for ``(N,)`` logits,
-    over classes for ``(N, C)`` logits and class-index labels."""
+    over classes for ``(N, C)`` logits and class-index labels; weighted by ``weight`` when given."""
     if logits.dim() == 2:
-        return F.cross_entropy(logits.double(), labels.long()).item()
-    return F.binary_cross_entropy_with_logits(logits.double().reshape(-1), labels.double().reshape(-1)).item()
+        return _mean(F.cross_entropy(logits.double(), labels.long(), reduction="none"), weight)
+    return _mean(F.binary_cross_entropy_with_logits(logits.double().reshape(-1), labels.double().reshape(-1),
+                                                    reduction="none"), weight)
 
 
-def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     """Log loss over the entropy of the rows' own positive rate (He et al., ADKDD 2014): below 1 the
     model knows more than the base rate; comparable across data sets of different click rates.
     Undefined (NaN) when every label is the same."""
-    rate = labels.double().mean()
+    rate = torch.tensor(_mean(labels.double().reshape(-1), weight), dtype=torch.float64)
     base = -(torch.special.xlogy(rate, rate) + torch.special.xlogy(1 - rate, 1 - rate)).item()
-    return log_loss(logits, labels) / base if base > 0 else float("nan")
+    return log_loss(logits, labels, weight) / base if base > 0 else float("nan")
 
 
-def calibration(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Predicted positives over observed ones, ``sum(p) / sum(y)``: 1 when the probabilities are right on
-    average (what bidding and ranking by expected value need), above 1 when they overpredict.
-    Undefined (NaN) without positive labels."""
-    positives = labels.double().sum().item()
-    return torch.sigmoid(logits.double()).sum().item() / positives if positives > 0 else float("nan")
+def calibration(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """Predicted positives over observed ones, ``sum(p) / sum(y)`` (each row counted with its weight):
+    1 when the probabilities are right on average (what bidding and ranking by expected value need),
+    above 1 when they overpredict. Undefined (NaN) without positive labels."""
+    observed = _mean(labels.double().reshape(-1), weight)
+    return _mean(torch.sigmoid(logits.double().reshape(-1)), weight) / observed if observed > 0 else float("nan")
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of rows whose highest logit (of ``(N, C)``) is their class index."""
-    return (logits.argmax(1) == labels.long()).double().mean().item()
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """Share of rows (of weight) whose highest logit (of ``(N, C)``) is their class index."""
+    return _mean((logits.argmax(1) == labels.long()).double(), weight)
 
 
-def poisson_deviance(rates: torch.Tensor, labels: torch.Tensor) -> float:
+def poisson_deviance(rates: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     """Mean Poisson deviance ``2 (y log(y / mu) - (y - mu))`` of predicted rates ``mu`` (> 0): 0 for
     perfect predictions; the count analogue of the MSE."""
     mu, y = rates.double().reshape(-1), labels.double().reshape(-1)
-    return (2 * (torch.special.xlogy(y, y) - torch.special.xlogy(y, mu) - (y - mu))).mean().item()
+    return _mean(2 * (torch.special.xlogy(y, y) - torch.special.xlogy(y, mu) - (y - mu)), weight)
 
 
-def mean_squared_error(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    return torch.mean((predictions.double().reshape(-1) - labels.double().reshape(-1)) ** 2).item()
+def mean_squared_error(predictions: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    return _mean((predictions.double().reshape(-1) - labels.double().reshape(-1)) ** 2, weight)
 
 
-def mean_absolute_error(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    return torch.mean((predictions.double().reshape(-1) - labels.double().reshape(-1)).abs()).item()
+def mean_absolute_error(predictions: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    return _mean((predictions.double().reshape(-1) - labels.double().reshape(-1)).abs(), weight)
 
 
 # Every metric takes the task's raw model output (first column for one-wide heads; its predictions for task types
-# with ``metrics_on_predictions``) and the labels.
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
+# with ``metrics_on_predictions``), the labels and optional row weights.
+METRICS: dict[str, Callable[..., float]] = {
     "auc": roc_auc,
     "accuracy": accuracy,
     "logloss": log_loss,
@@ -131,12 +158,16 @@ def task_metrics(
     labels: torch.Tensor,
     label_mask: torch.Tensor,
     tasks: Sequence[TaskSpec],
+    sample_weight: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """The metrics of each task's type, over that task's labelled rows.
 
     Args:
         outputs: ``{task: (N, output_dim)}`` raw outputs.
         labels, label_mask: ``(N, K)``.
+        sample_weight: optional ``(N,)`` row weights (the schema's ``weight_column``): every metric
+            then counts each row with its weight, as the loss does (a table whose negatives were
+            sampled at 10 % with weight 10 gets the metrics of the full table).
 
     Returns:
         ``{task: {metric: value, "count": labelled rows}}``.
@@ -148,10 +179,12 @@ def task_metrics(
         if task.task_type.metrics_on_predictions:
             output = task.task_type.predict(output).reshape(len(output), -1)
         label = labels[mask, k]
+        weight = None if sample_weight is None else sample_weight[mask]
         values: dict[str, float] = {"count": float(mask.sum())}
         for name in task.task_type.metrics:
             if name not in METRICS:
                 raise ConfigError(f"task type {task.type!r} asks for unknown metric {name!r}; known: {sorted(METRICS)}")
-            values[name] = METRICS[name](output[:, 0] if output.shape[1] == 1 else output, label) if label.numel() else float("nan")
+            scored = output[:, 0] if output.shape[1] == 1 else output
+            values[name] = METRICS[name](scored, label, weight) if label.numel() else float("nan")
         result[task.name] = values
     return result

@@ -282,7 +282,7 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
         labels, label_mask = data.labels.cpu(), data.label_mask.cpu()
         sample_weight = None if data.sample_weight is None else data.sample_weight.cpu()
         losses = task_losses(outputs, labels, label_mask, tasks, sample_weight)
-        metrics = task_metrics(outputs, labels, label_mask, tasks)
+        metrics = task_metrics(outputs, labels, label_mask, tasks, sample_weight)
         if groups is not None:
             for k, task in enumerate(tasks):
                 if task.type == "binary":
