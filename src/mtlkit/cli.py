@@ -351,10 +351,11 @@ def importance_command(
     """Permutation importance of every feature column for every task: how much each task's main metric
     (AUC, MSE, accuracy) gets worse when the column is shuffled."""
     from mtlkit.experiments.tabular_run import importance_run
+    from mtlkit.training.metrics import HIGHER_IS_BETTER
 
     result = importance_run(run, data, repeats=repeats, seed=seed, max_rows=rows)
     tasks = list(result.metrics)
-    table = Table("column", *[f"{t}: {result.metrics[t]} {'drop' if result.metrics[t] in ('auc', 'accuracy') else 'rise'}"
+    table = Table("column", *[f"{t}: {result.metrics[t]} {'drop' if result.metrics[t] in HIGHER_IS_BETTER else 'rise'}"
                               for t in tasks],
                   title=f"permutation importance ({repeats} shuffles; mean +- std); baseline "
                         + ", ".join(f"{t} {result.metrics[t]} {_cell(result.baseline[t])}" for t in tasks))

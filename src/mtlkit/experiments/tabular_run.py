@@ -252,18 +252,22 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     return out
 
 
+def _predict_tensors(model: TabularMultiTaskModel, tensors, batch_size: int) -> dict[str, torch.Tensor]:
+    """``{task: predictions}`` of ``model.predict`` over encoded tensors, batch by batch."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in tensors.batches(batch_size):
+        for name, value in model.predict(batch.inputs).items():
+            parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
 def _reliability_tables(model: TabularMultiTaskModel, tensors, batch_size: int) -> dict[str, pd.DataFrame]:
     """Each binary task's reliability table over its labelled rows (:mod:`mtlkit.reports.calibration`)."""
     binary = [(k, t.name) for k, t in enumerate(model.tasks) if t.type == "binary"]
     if not binary:
         return {}
-    parts: dict[str, list[torch.Tensor]] = {name: [] for _, name in binary}
-    for b in tensors.batches(batch_size):
-        predicted = model.predict(b.inputs)
-        for _, name in binary:
-            parts[name].append(predicted[name])
-    mask = tensors.label_mask
-    return {name: reliability_table(torch.cat(parts[name])[mask[:, k]], tensors.labels[mask[:, k], k])
+    predicted, mask = _predict_tensors(model, tensors, batch_size), tensors.label_mask
+    return {name: reliability_table(predicted[name][mask[:, k]], tensors.labels[mask[:, k], k])
             for k, name in binary if bool(mask[:, k].any())}
 
 
@@ -320,12 +324,8 @@ class LoadedRun:
         (the model itself predicts standardised labels, see ``TableSchema.standardize_labels``),
         ``(N, C)`` class probabilities for multiclass. Labels are not read."""
         encoded = self.preprocessor.transform(frame, source=source, with_labels=False)
-        parts: dict[str, list[torch.Tensor]] = {}
-        for batch in encoded.tensors.batches(self.config.training.eval_batch_size):
-            for name, value in self.model.predict(batch.inputs).items():
-                parts.setdefault(name, []).append(value)
-        predictions = {name: self.preprocessor.to_label_units(name, torch.cat(values)) for name, values in parts.items()}
-        return predictions, encoded.out_of_vocabulary
+        predicted = _predict_tensors(self.model, encoded.tensors, self.config.training.eval_batch_size)
+        return {name: self.preprocessor.to_label_units(name, value) for name, value in predicted.items()}, encoded.out_of_vocabulary
 
 
 def load_run(run_dir: str | os.PathLike) -> LoadedRun:

@@ -42,6 +42,12 @@ class LossWeighting(nn.Module):
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the trainer after every epoch (for schedules)."""
 
+    def _loss_vector(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(K,)`` the tasks' losses in this weighting's task order: the trainer's stacked vector when
+        it has one (no copy), else a stack."""
+        vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
+        return torch.stack([losses[name] for name in self.task_names]) if vector is None else vector
+
     def balance(self, losses: Mapping[str, torch.Tensor], shared: Sequence[torch.Tensor]) -> None:
         """Set the gradients of this weighting's own parameters from ``losses`` (their graphs are kept
         for the model's backward) and ``shared``, the parameters of the model's last shared layer."""
@@ -137,11 +143,8 @@ class DynamicWeightAverage(FixedWeighting):
         self._steps = 0
 
     def forward(self, losses):
-        vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
-        if vector is None:
-            vector = torch.stack([losses[name] for name in self.task_names])
         if self.training:
-            sums = vector.detach()
+            sums = self._loss_vector(losses).detach()
             self._sums = sums.clone() if self._sums is None else self._sums.add_(sums)
             self._steps += 1
         return super().forward(losses)
@@ -231,10 +234,6 @@ class GradNormWeighting(LossWeighting):
 
     def _weights_for_log(self):
         return dict(zip(self.task_names, self.weight_vector().detach().tolist()))
-
-    def _loss_vector(self, losses) -> torch.Tensor:
-        vector = losses.vector_for(self.task_names) if isinstance(losses, TaskLosses) else None
-        return torch.stack([losses[name] for name in self.task_names]) if vector is None else vector
 
     def forward(self, losses):
         weights = self.weight_vector().detach()

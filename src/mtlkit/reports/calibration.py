@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtlkit.reports.plots import plt, save_figure
+from mtlkit.reports.plots import label_axes, plt, save_figure
 
 __all__ = ["reliability_table", "plot_reliability"]
 
@@ -52,11 +52,7 @@ def plot_reliability(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike
             table = positive
         ax.plot([low, high], [low, high], color="grey", linewidth=1, linestyle="--", label="calibrated")
         ax.plot(table["mean_predicted"], table["observed_rate"], marker="o", label=f"predicted / observed {ratio:.3f}")
-        ax.set_title(task)
-        ax.set_xlabel("mean predicted probability")
-        ax.set_ylabel("observed positive rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_axes(ax, task, "mean predicted probability", "observed positive rate")
     figure.suptitle(title)
     figure.tight_layout()
     return save_figure(figure, path)

@@ -136,20 +136,21 @@ def measure_gate_usage_by_group(model: MultiTaskModel, batches: Iterable[tuple[A
     if bool((rows == 0).any()):
         raise DataError("no rows to read the gate weights from" + (f" in group(s) {torch.nonzero(rows == 0).flatten().tolist()}"
                                                                   if num_groups > 1 else ""))
+    choices = {}
+    for path, bank in banks.items():
+        allowed = np.ones((len(bank.gate_names), len(bank.choice_names)), dtype=bool)
+        choices[path] = allowed if bank.choice_mask is None else ~torch.isinf(bank.choice_mask).cpu().numpy()
+    # A gate with one choice has nothing to spread; its entropy is 0, not 0/0.
+    scales = {path: np.log(np.maximum(allowed.sum(axis=1), 2)) for path, allowed in choices.items()}
     result = []
     for k in range(num_groups):
         n = rows[k].item()
         usage = {}
         for path, bank in banks.items():
-            choices = np.ones((len(bank.gate_names), len(bank.choice_names)), dtype=bool)
-            if bank.choice_mask is not None:
-                choices = ~torch.isinf(bank.choice_mask).cpu().numpy()
-            # A gate with one choice has nothing to spread; its entropy is 0, not 0/0.
-            scale = np.log(np.maximum(choices.sum(axis=1), 2))
             usage[path] = GateUsage(
-                gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices,
+                gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices[path],
                 mean_weight=(weight_sums[path][k] / n).cpu().numpy(), top_share=(top_counts[path][k] / n).cpu().numpy(),
-                row_entropy=(entropy_sums[path][k] / n).cpu().numpy() / scale, rows=int(n))
+                row_entropy=(entropy_sums[path][k] / n).cpu().numpy() / scales[path], rows=int(n))
         result.append(usage)
     return result
 

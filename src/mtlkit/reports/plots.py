@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 
 from mtlkit.files import atomic_write  # noqa: E402
 
-__all__ = ["save_figure", "plot_loss_curves", "plot_final_loss_distribution", "plot_learning_curves", "plot_metric_bars"]
+__all__ = ["save_figure", "label_axes", "plot_loss_curves", "plot_final_loss_distribution", "plot_learning_curves", "plot_metric_bars"]
 
 MODEL_LABELS = {
     "single_task": "Single-Task",
@@ -33,6 +33,15 @@ MODEL_LABELS = {
 def model_label(name: str) -> str:
     """Display name of a registered model."""
     return MODEL_LABELS.get(name, name)
+
+
+def label_axes(ax: plt.Axes, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, a light grid and a small legend: the house style of a line panel."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def save_figure(figure: plt.Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -120,21 +129,13 @@ def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike, title: 
         ax = axes[0, -1]
         for task in tasks:
             ax.plot(weights.index, weights[task], label=task)
-        ax.set_title("loss weights")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("weight")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_axes(ax, "loss weights", "training step", "weight")
     for ax, task in zip(axes[0], tasks):
         part = history[history["task"] == task]
         for split in dict.fromkeys(part["split"]):
             rows = part[part["split"] == split]
             ax.plot(rows["step"], rows["loss"], label=split)
-        ax.set_title(task)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        label_axes(ax, task, "training step", "loss")
     figure.suptitle(title)
     return save_figure(figure, path)
 

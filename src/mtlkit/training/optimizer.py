@@ -154,7 +154,7 @@ def build_adam(parameters: Sequence[nn.Parameter], learning_rate: float, weight_
         optimizer = _adam([flat.parameter], learning_rate, weight_decay)
         zero_grad = flat.zero_grad
     else:
-        optimizer = _adam([{"params": parameters}, *extra_groups] if extra_groups else parameters, learning_rate, weight_decay)
+        optimizer = _adam([{"params": parameters}, *extra_groups], learning_rate, weight_decay)
         zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
 
     def step() -> None:

@@ -342,16 +342,16 @@ class Trainer:
                 self._objective = _compiled(self._forward_objective)
             else:
                 self._losses = _compiled(self._forward_losses)
+        own = list(self.weighting.parameters())  # learned weights (uncertainty, gradnorm)
         self._surgery = None
         if self.config.gradient_surgery is not None:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
-            if any(True for _ in self.weighting.parameters()):
+            if own:
                 raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa), "
                                   f"not {self.config.weighting!r}")
             self._surgery = get_gradient_surgery(self.config.gradient_surgery)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
-        own = list(self.weighting.parameters())
         if self.config.weighting_learning_rate is None:
             parameters, groups = list(self.model.parameters()) + own, ()
         elif not own:
