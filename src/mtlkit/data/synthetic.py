@@ -25,7 +25,8 @@ from mtlkit.data.tensors import MultiTaskTensors
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec
 
-__all__ = ["SyntheticConfig", "SyntheticData", "SYNTHETIC_PRESETS", "make_synthetic", "correlation_matrix"]
+__all__ = ["SyntheticConfig", "SyntheticData", "SYNTHETIC_PRESETS", "make_synthetic", "correlation_matrix",
+           "related_weight_vectors"]
 
 
 @dataclass
@@ -147,6 +148,14 @@ def _semidefinite_cholesky(matrix: np.ndarray) -> np.ndarray:
     return lower
 
 
+def related_weight_vectors(target: np.ndarray, input_dim: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``(K, d)`` vectors of norm ``scale`` whose cosine similarities are ``target`` (``K x K``, PSD,
+    unit diagonal): steps 1-2 of the recipe."""
+    # Orthonormal directions: QR of a Gaussian matrix gives a uniformly random orthonormal frame.
+    directions, _ = np.linalg.qr(rng.standard_normal((input_dim, target.shape[0])))
+    return scale * (_semidefinite_cholesky(target) @ directions.T)
+
+
 def make_synthetic(config: SyntheticConfig | None = None, **overrides: Any) -> SyntheticData:
     """Generate a synthetic multi-task regression dataset (see the module docstring).
 
@@ -175,9 +184,7 @@ def make_synthetic(config: SyntheticConfig | None = None, **overrides: Any) -> S
             raise ConfigError(f"{key}: expected a finite number >= 0, got {value!r}")
 
     rng = np.random.default_rng(c.seed)
-    # Orthonormal directions: QR of a Gaussian matrix gives a uniformly random orthonormal frame.
-    directions, _ = np.linalg.qr(rng.standard_normal((c.input_dim, k)))
-    weights = c.scale * (_semidefinite_cholesky(target) @ directions.T)  # [K, d]
+    weights = related_weight_vectors(target, c.input_dim, c.scale, rng)
     alpha = rng.normal(0.0, c.alpha_std, size=c.num_sine_terms)
     beta = rng.normal(0.0, c.beta_std, size=c.num_sine_terms)
     x = rng.standard_normal((c.num_rows, c.input_dim))

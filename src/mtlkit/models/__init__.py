@@ -6,6 +6,7 @@ Every model is built from a typed config through one registry::
     model = build_model("mmoe", input_dim=100, tasks=["y1", "y2"], num_experts=8)
 """
 
+from mtlkit.models.adaptive_information_transfer import AdaptiveInformationTransferModel, AITMConfig, funnel_violation
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
 from mtlkit.models.esmm import ESMMConfig, EntireSpaceMultiTaskModel, esmm_tasks
@@ -37,5 +38,5 @@ __all__ = [
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
     "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel",
-    "CrossStitchConfig", "CrossStitchNetwork",
+    "CrossStitchConfig", "CrossStitchNetwork", "AITMConfig", "AdaptiveInformationTransferModel", "funnel_violation",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -119,6 +119,12 @@ class MultiTaskModel(nn.Module):
             return {t.name: t.task_type.predict(outputs[t.name]) for t in self.tasks}
         finally:
             self.train(was_training)
+
+    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """A term the trainer adds to the weighted task losses, computed from the training forward's
+        ``outputs`` (a scalar; AITM's calibrator), or None (the default: no such term). Loss
+        weightings never scale it, and validation losses leave it out."""
+        return None
 
     def shared_layer_parameters(self) -> list[nn.Parameter]:
         """The parameters of the last layer that every task's output depends on (GradNorm balances

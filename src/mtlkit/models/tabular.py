@@ -30,6 +30,9 @@ class TabularMultiTaskModel(MultiTaskModel):
         self.encoder = encoder
         self.backbone = backbone
 
+    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        return self.backbone.auxiliary_loss(outputs)
+
     def shared_layer_parameters(self) -> list[torch.nn.Parameter]:
         return self.backbone.shared_layer_parameters()
 

@@ -330,6 +330,8 @@ class Trainer:
         # GradNorm-like weightings take each task's gradient on the shared layer before the backward.
         self._balanced_parameters = self.model.shared_layer_parameters() if self.weighting.balances_gradients else None
         self._losses, self._objective = self._forward_losses, self._forward_objective
+        # A model's own term of the objective (AITM's calibrator); models without one return None.
+        self._auxiliary_loss = getattr(self.model, "auxiliary_loss", lambda outputs: None)
         if self.config.compile and (self._balanced_parameters is not None or self.config.gradient_surgery is not None):
             # Measured in torch 2.13: a second backward through one compiled graph (retain_graph, one
             # per task) returned zero gradients, so these per-task gradients are taken eagerly.
@@ -367,17 +369,25 @@ class Trainer:
         self._monitor_weights = {n: (w / total if total > 0 else 1 / len(self.tasks)) for n, w in spec_weights.items()}
 
     def batch_objective(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted total loss and each task's loss on ``batch``: the training forward, through
-        ``torch.compile`` with ``compile`` (model, losses and weighting as one graph per batch shape;
-        a weighting with an epoch schedule stays eager)."""
+        """The total loss (the weighted task losses plus the model's auxiliary loss, if any) and each
+        task's loss on ``batch``: the training forward, through ``torch.compile`` with ``compile``
+        (model, losses and weighting as one graph per batch shape; a weighting with an epoch schedule
+        stays eager)."""
+        return self._step_objective(batch)[:2]
+
+    def _step_objective(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """:meth:`batch_objective` plus the auxiliary term on its own (None without one)."""
         return self._objective(batch.inputs, batch.labels, batch.label_mask, batch.sample_weight, batch.all_labelled)
 
-    def _forward_losses(self, inputs, labels, label_mask, sample_weight, all_labelled) -> dict[str, torch.Tensor]:
-        return task_losses(self.train_module(inputs), labels, label_mask, self.tasks, sample_weight, all_labelled)
+    def _forward_losses(self, inputs, labels, label_mask, sample_weight, all_labelled):
+        outputs = self.train_module(inputs)
+        losses = task_losses(outputs, labels, label_mask, self.tasks, sample_weight, all_labelled)
+        return losses, self._auxiliary_loss(outputs)
 
-    def _forward_objective(self, *batch_fields) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = self._losses(*batch_fields)
-        return self.weighting(losses)[0], losses
+    def _forward_objective(self, *batch_fields):
+        losses, auxiliary = self._losses(*batch_fields)
+        total = self.weighting(losses)[0]
+        return (total if auxiliary is None else total + auxiliary), losses, auxiliary
 
     def _lr_scheduler(self, total_steps: int) -> lr_scheduler.LRScheduler | None:
         """The learning-rate schedule over ``total_steps`` optimizer steps (None: a constant rate, and
@@ -393,20 +403,25 @@ class Trainer:
         rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
         return rise if decay is None else lr_scheduler.SequentialLR(optimizer, [rise, decay()], milestones=[warmup])
 
-    def _surgery_backward(self, losses: Mapping[str, torch.Tensor]) -> None:
+    def _surgery_backward(self, losses: Mapping[str, torch.Tensor], auxiliary: torch.Tensor | None = None) -> None:
         """Set every parameter's gradient to the configured surgery of the tasks' own gradients of
-        ``w_k L_k`` (tasks of weight 0 left out: they have none)."""
+        ``w_k L_k`` (tasks of weight 0 left out: they have none), plus the gradient of the model's
+        ``auxiliary`` term as it is (it belongs to no task, so no task's gradient is projected on it)."""
         weights = self.weighting(losses)[1]
         terms = [float(weights[t.name]) * losses[t.name] for t in self.tasks if float(weights[t.name]) != 0.0]
-        if not terms:
+        if not terms and auxiliary is None:
             return  # every weight 0: the gradients stay zero
         parameters = [p for p in self.model.parameters() if p.requires_grad]
-        flat = []
-        for k, term in enumerate(terms):
-            grads = torch.autograd.grad(term, parameters, retain_graph=k < len(terms) - 1, allow_unused=True)
-            flat.append(torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
-                                   for p, g in zip(parameters, grads)]))
-        combined = self._surgery(torch.stack(flat), self._surgery_generator)
+
+        def flat_gradient(term: torch.Tensor, retain: bool) -> torch.Tensor:
+            grads = torch.autograd.grad(term, parameters, retain_graph=retain, allow_unused=True)
+            return torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
+                              for p, g in zip(parameters, grads)])
+
+        flat = [flat_gradient(term, k < len(terms) - 1 or auxiliary is not None) for k, term in enumerate(terms)]
+        combined = self._surgery(torch.stack(flat), self._surgery_generator) if flat else 0.0
+        if auxiliary is not None:
+            combined = combined + flat_gradient(auxiliary, False)
         offset = 0
         for p in parameters:
             part = combined[offset : offset + p.numel()].view_as(p)
@@ -508,14 +523,14 @@ class Trainer:
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
                     if copy_batches:
                         batch = batch.to(self.device)
-                    total, losses = self.batch_objective(batch)
+                    total, losses, auxiliary = self._step_objective(batch)
                     self._zero_grad()
                     if self._balanced_parameters is not None:
                         self.weighting.balance(losses, self._balanced_parameters)
                     if self._surgery is None:
                         total.backward()
                     else:
-                        self._surgery_backward(losses)
+                        self._surgery_backward(losses, auxiliary)
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
                     self._optimizer_step()

@@ -1,0 +1,74 @@
+"""AITM against the other models on a synthetic conversion funnel (click -> cart -> purchase).
+
+Each seed draws one funnel (``mtlkit.data.make_funnel``: 200,000 rows, step rates 0.2, 0.3, 0.3, so
+about 2 % of impressions end in a purchase; 80/10/10 split). Every model trains with Adam, early
+stopping on the validation AUC averaged over the steps. The table shows each step's test AUC (mean
++- std over seeds), the AUC of the true probabilities (the best any model can do), and how often a
+model predicts a later step likelier than the one it needs (the share of test rows with some
+``p_t > p_{t-1}``; AITM's calibrator penalises exactly that):
+
+    python examples/funnel_aitm.py --seeds 3
+
+About five minutes on 2 cores with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mtlkit.data import make_funnel
+from mtlkit.models import build_model
+from mtlkit.training import Trainer, TrainerConfig
+
+STEPS, RATES = ("click", "cart", "purchase"), (0.2, 0.3, 0.3)
+# Networks of about the same size: AITM's per-step networks as in the authors' code.
+MODELS = {
+    "single_task": ("single_task", {"bottom_hidden": [128, 64, 32], "tower_hidden": []}),
+    "shared_bottom": ("shared_bottom", {"bottom_hidden": [128, 64, 32], "tower_hidden": [16]}),
+    "mmoe": ("mmoe", {"num_experts": 6, "expert_hidden": [64, 32], "tower_hidden": [16]}),
+    "ple": ("ple", {"num_shared_experts": 2, "num_task_experts": 1, "expert_hidden": [64, 32], "tower_hidden": [16]}),
+    "aitm (no calibrator)": ("aitm", {"calibration_weight": 0.0}),
+    "aitm": ("aitm", {}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--epochs", type=int, default=10)
+    args = parser.parse_args()
+    rows = []
+    for seed in range(args.seeds):
+        data = make_funnel(STEPS, RATES, num_rows=args.rows, seed=seed)
+        order = torch.randperm(args.rows, generator=torch.Generator().manual_seed(seed))
+        parts = order.tensor_split([int(0.8 * args.rows), int(0.9 * args.rows)])
+        train, valid, test = (data.to_tensors().subset(part) for part in parts)
+        labels, truth = data.labels[parts[2]].numpy(), data.probabilities[parts[2].numpy()]
+        rows.append({"seed": seed, "model": "true probabilities", "violations": 0.0,
+                     **{step: roc_auc_score(labels[:, t], truth[:, t]) for t, step in enumerate(STEPS)}})
+        for label, (name, options) in MODELS.items():
+            torch.manual_seed(seed)
+            model = build_model(name, input_dim=data.inputs.shape[1], tasks=data.tasks, **options)
+            config = TrainerConfig(max_epochs=args.epochs, batch_size=1024, patience=2, monitor="mean/auc",
+                                   learning_rate=1e-3, progress=False, seed=seed)
+            started = time.perf_counter()
+            Trainer(model, config).fit(train, valid)
+            predicted = torch.stack(list(model.predict(test.inputs).values()), dim=1)
+            rows.append({"seed": seed, "model": label, "seconds": time.perf_counter() - started,
+                         "violations": float((predicted[:, 1:] > predicted[:, :-1]).any(dim=1).float().mean()),
+                         **{step: roc_auc_score(labels[:, t], predicted[:, t].numpy()) for t, step in enumerate(STEPS)}})
+            print(rows[-1], flush=True)
+    runs = pd.DataFrame(rows)
+    table = runs.groupby("model", sort=False)[[*STEPS, "violations"]].agg(["mean", "std"])
+    print(f"\ntest AUC per step and share of rows predicted against the funnel, {args.seeds} seeds")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()
