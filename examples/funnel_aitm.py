@@ -5,7 +5,8 @@ about 2 % of impressions end in a purchase; 80/10/10 split). Every model trains 
 stopping on the validation AUC averaged over the steps. The table shows each step's test AUC (mean
 +- std over seeds), the AUC of the true probabilities (the best any model can do), and how often a
 model predicts a later step likelier than the one it needs (the share of test rows with some
-``p_t > p_{t-1}``; AITM's calibrator penalises exactly that):
+``p_t > p_{t-1}``; AITM's calibrator penalises exactly that). A second table gives each AUC's gap to
+the true probabilities' AUC on the same seed, since seeds draw funnels of different difficulty:
 
     python examples/funnel_aitm.py --seeds 3
 
@@ -68,6 +69,13 @@ def main() -> None:
     table = runs.groupby("model", sort=False)[[*STEPS, "violations"]].agg(["mean", "std"])
     print(f"\ntest AUC per step and share of rows predicted against the funnel, {args.seeds} seeds")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    # Seeds draw different funnels, some easier than others: each AUC is also shown as its gap to
+    # the true probabilities' AUC on the same seed (0 is the best possible), paired seed by seed.
+    truth = runs[runs.model == "true probabilities"].set_index("seed")[list(STEPS)]
+    gaps = runs[runs.model != "true probabilities"].set_index("seed")
+    gaps[list(STEPS)] = gaps[list(STEPS)] - truth
+    print("\nAUC minus the true probabilities' AUC (paired by seed)")
+    print(gaps.groupby("model", sort=False)[list(STEPS)].agg(["mean", "std"]).to_string(float_format=lambda v: f"{v:+.4f}"))
 
 
 if __name__ == "__main__":

@@ -198,3 +198,38 @@ def test_a_gate_that_drops_everything_keeps_every_expert():
     weights = recorded["gates"]
     assert torch.isfinite(weights).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(500, 1))
+
+
+@pytest.mark.parametrize("name", ["omoe", "mmoe", "cgc", "ple"])
+def test_top_k_gates_mix_only_their_best_experts(name):
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=6, tasks=["a", "b"], gate_top_k=2, **({"num_experts": 5} if "moe" in name else {}))
+    dense = build_model(name, input_dim=6, tasks=["a", "b"], **({"num_experts": 5} if "moe" in name else {}))
+    dense.load_state_dict(model.state_dict())
+    x = torch.randn(300, 6)
+    assert not model.takes_small_mixture_path(x)  # the fused node has no top-k
+    with model.recording_gates() as sparse, dense.recording_gates() as full:
+        model(x), dense(x)
+    for path, weights in sparse.items():
+        assert ((weights > 0).sum(-1) == 2).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+        if path.startswith("levels.") and not path.startswith("levels.0."):
+            continue  # a later PLE level reads the level below, which differs once it is sparse
+        # The two kept are the dense gate's two largest, renormalised.
+        best = full[path].topk(2, dim=-1)
+        kept = weights.gather(-1, best.indices)
+        torch.testing.assert_close(kept, best.values / best.values.sum(-1, keepdim=True))
+    # A row's unchosen experts get no gradient through its gate.
+    sum(o.sum() for o in model(x[:1]).values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_gate_top_k():
+    from mtlkit import ConfigError
+
+    for value, name in ((0, "mmoe"), (9, "mmoe"), (2.5, "mmoe"), (True, "ple"), (12, "cgc")):
+        with pytest.raises(ConfigError, match="gate_top_k"):
+            build_model(name, input_dim=6, tasks=["a", "b"], gate_top_k=value)
+    # A top_k of every expert is the dense gate, on the fused path.
+    model = build_model("mmoe", input_dim=6, tasks=["a", "b"], gate_top_k=8)
+    assert model.gates.top_k is None and model.takes_small_mixture_path(torch.randn(10, 6))

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from mtlkit.errors import ConfigError
 from mtlkit.models.layers import StackedLinear
 
-__all__ = ["GateBank", "mix_experts"]
+__all__ = ["GateBank", "mix_experts", "check_top_k"]
 
 # The largest gates x experts x width of a mixing whose expert gradient is summed over gates instead
 # of a bmm (measured crossover, see above).
@@ -91,12 +91,17 @@ class GateBank(nn.Module):
     (Zhao et al., RecSys 2019: "Recommending what video to watch next", against gates that collapse
     onto a few experts); evaluation and prediction use every expert.
 
+    With ``top_k``, each gate keeps only its ``top_k`` largest logits for a row and the softmax runs
+    over those (Shazeer et al., ICLR 2017: a sparse mixture); the other experts get weight exactly 0
+    and no gradient from that row. Every expert is still computed: on these sizes one dense batched
+    matmul is cheaper than gathering each row's experts.
+
     Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, G, num_choices)``; each row sums to 1.
     """
 
     def __init__(self, num_gates: int, input_dim: int, num_choices: int, shared_input: bool = True, temperature: float = 1.0,
                  choices: Sequence[Sequence[int]] | None = None, gate_names: Sequence[str] | None = None,
-                 choice_names: Sequence[str] | None = None, dropout: float = 0.0) -> None:
+                 choice_names: Sequence[str] | None = None, dropout: float = 0.0, top_k: int | None = None) -> None:
         super().__init__()
         if num_choices < 1:
             raise ConfigError(f"a gate needs at least one expert to choose from, got {num_choices}")
@@ -105,6 +110,9 @@ class GateBank(nn.Module):
         self.linear = StackedLinear(num_gates, input_dim, num_choices, shared_input=shared_input)
         self.temperature = float(temperature)
         self.dropout = float(dropout)
+        check_top_k(top_k, num_choices, "the gate's experts")
+        # A top_k that keeps every choice changes nothing: None, so that the fused paths stay open.
+        self.top_k = top_k if top_k is not None and top_k < num_choices else None
         self.record = False
         self.last_weights: torch.Tensor | None = None
         self.gate_names = _labels(gate_names, num_gates, "gate")
@@ -134,6 +142,12 @@ class GateBank(nn.Module):
             keep |= ~keep.any(dim=1, keepdim=True)
         return logits.masked_fill(~keep, float("-inf"))
 
+    def _keep_top_k(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits below each gate's ``top_k``-th largest for a row set to -inf (ties at the threshold
+        are all kept; an excluded choice's -inf stays -inf)."""
+        threshold = logits.topk(self.top_k, dim=1).values[:, -1:]  # (G, 1, B)
+        return logits.masked_fill(logits < threshold, float("-inf"))
+
     def num_excluded_parameters(self) -> int:
         """Weights and biases of excluded choices: parameters that can never affect the gates."""
         if self.choice_mask is None:
@@ -147,10 +161,21 @@ class GateBank(nn.Module):
             logits = logits / self.temperature
         if self.dropout > 0 and self.training:
             logits = self._drop_choices(logits)
+        if self.top_k is not None:
+            logits = self._keep_top_k(logits)
         weights = torch.softmax(logits, dim=1).permute(2, 0, 1)
         if self.record:
             self.last_weights = weights.detach()
         return weights
+
+
+def check_top_k(value: object, num_experts: int, experts: str) -> None:
+    """Validate a config's ``gate_top_k``: null or an integer in ``[1, num_experts]`` (``experts`` names
+    what bounds it, for the error)."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= num_experts:
+        raise ConfigError(f"gate_top_k: expected null or an integer from 1 to {experts} ({num_experts}), got {value!r}")
 
 
 def _labels(names: Sequence[str] | None, count: int, kind: str) -> list[str]:

@@ -301,7 +301,7 @@ def small_mixture(
 def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> bool:
     """Whether mixture levels ``[(experts, gates), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, ReLU experts and towers without norm or
-    dropout, no gate dropout in training, experts small enough (see the module docstring), no gate recording and no forward
+    dropout, no gate dropout in training nor top-k gates, experts small enough (see the module docstring), no gate recording and no forward
     hooks on the experts, gates or towers (their submodules' own hooks are not looked at: a model's
     ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused:
@@ -312,7 +312,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         first = level == 0
         if (not experts.fused or (_member(experts, "input_groups") is None) != first
                 or _member(gates, "linear").shared_input != first or gates.record
-                or (gates.dropout > 0 and gates.training)):
+                or (gates.dropout > 0 and gates.training) or gates.top_k is not None):
             return False
         if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:
             return False
