@@ -171,7 +171,7 @@ def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.T
 def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
                    warmup: int, device: str = "cpu") -> dict[str, list[float]]:
     from torch_rechub.basic.features import DenseFeature, SparseFeature
-    from torch_rechub.models.multi_task import ESMM, MMOE, PLE, SharedBottom
+    from torch_rechub.models.multi_task import AITM, ESMM, MMOE, PLE, SharedBottom
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator
 
@@ -203,6 +203,8 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
         half = len(sparse) // 2
         model = ESMM(sparse[:half], sparse[half:], cvr_params=expert, ctr_params=expert)
         x = {f"c{i}": data.categorical[:, i] for i in range(len(workload.vocab_sizes))}
+    elif model_name == "aitm":
+        model = AITM(features, 2, bottom_params=expert, tower_params_list=towers)
     else:
         raise KeyError(model_name)
     y = data.labels
@@ -232,8 +234,8 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import ESMM, MMOE, PLE, SharedBottom
 
-    if model_name == "omoe":
-        raise NotImplementedError("deepctr-torch has no OMoE")
+    if model_name in ("omoe", "aitm"):
+        raise NotImplementedError(f"deepctr-torch has no {model_name.upper()}")
     batch = workload.batch_size
     sparse = [SparseFeat(f"c{i}", vocabulary_size=v, embedding_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)]
     if workload.vocab_sizes:

@@ -5,7 +5,9 @@ linear softmax gates, towers [8] + Linear(8, 1); CGC/PLE with 4 shared + 2 task 
 W2 "census-like recsys": 7 dense + 33 categorical features (vocabularies 3..60), embedding dim 8
 (input width 271), 2 binary tasks, 8 experts MLP [256, 128], towers [64] + Linear(64, 1), batch 2048.
 Shared-Bottom's bottom is one expert's MLP. ESMM (W2 only) reads the 33 categorical features, with
-CTR and CVR towers of the expert MLP's sizes.
+CTR and CVR towers of the expert MLP's sizes. AITM (W2 only; not among the issue's targets) gives each
+task a network of the expert MLP's sizes and the towers [64] + Linear(64, 1), without the calibrator,
+which the reference implementation lacks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-MODELS = ("shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm")
+MODELS = ("shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm", "aitm")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Workload:
             return {**self.model_options("cgc"), "num_levels": self.num_levels}
         if model == "esmm":
             return {"tower_hidden": self.expert_hidden}
+        if model == "aitm":
+            return {**common, "bottom_hidden": self.expert_hidden, "calibration_weight": 0.0}
         raise KeyError(model)
 
 

@@ -10,6 +10,7 @@ MSE of the two tasks:
 
     python examples/gate_usage_synthetic.py --seeds 3
     python examples/gate_usage_synthetic.py --seeds 3 --gate-dropout 0.1   # gates trained with dropout
+    python examples/gate_usage_synthetic.py --seeds 3 --gate-top-k 2       # each gate mixes its 2 best experts
 
 About a minute on 2 cores with the defaults.
 """
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--correlations", default="0,0.5,0.9,1")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--gate-dropout", type=float, default=0.0, help="the model's gate_dropout (training only)")
+    parser.add_argument("--gate-top-k", type=int, default=None, help="the model's gate_top_k (default: every expert)")
     args = parser.parse_args()
     rows = []
     for correlation in (float(c) for c in args.correlations.split(",")):
@@ -42,7 +44,7 @@ def main() -> None:
             train, valid = data.to_tensors().split([0.9, 0.1], seed=seed)
             torch.manual_seed(seed)
             model = build_model("mmoe", input_dim=100, tasks=data.tasks, num_experts=8, expert_hidden=[16],
-                                gate_dropout=args.gate_dropout)
+                                gate_dropout=args.gate_dropout, gate_top_k=args.gate_top_k)
             config = TrainerConfig(max_steps=args.steps, max_epochs=None, batch_size=256, patience=None,
                                    eval_every=args.steps, progress=False, seed=seed)
             scores = Trainer(model, config).fit(train, valid).final("valid")
