@@ -110,6 +110,24 @@ def test_compiled_training_on_the_gpu_matches_eager():
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["mmoe", "ple", "aitm"])
+def test_bf16_training_on_the_gpu_learns_what_fp32_learns(name):
+    tasks, (train, valid) = _synthetic()
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(name, input_dim=20, tasks=tasks)
+        seen = []
+        linear = next(m for m in model.modules() if type(m).__name__ == "StackedLinear")
+        linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+        result = Trainer(model, TrainerConfig(max_epochs=3, batch_size=256, progress=False, device="cuda",
+                                              precision=precision)).fit(train, valid)
+        assert seen[0] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        losses[precision] = sum(s["loss"] for s in result.final("valid").values())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
 @pytest.mark.parametrize("options", [{"weighting": "gradnorm"}, {"weighting": "dwa"}, {"weighting": "uncertainty",
                                                                                         "weighting_learning_rate": 0.01}])
 def test_adaptive_weightings_and_resume_on_the_gpu(tmp_path, options):

@@ -32,6 +32,7 @@ __all__ = [
     "TaskType",
     "StackedDict",
     "TaskOutputs",
+    "in_float32",
     "register_task_type",
     "get_task_type",
     "list_task_types",
@@ -251,10 +252,21 @@ class TaskOutputs(StackedDict):
         super().__init__(stacked, names, [stacked[k] if dim == width else stacked[k, :, :dim] for k, dim in enumerate(output_dims)])
         self._full_width = all(dim == width for dim in output_dims)
 
+    def float(self) -> "TaskOutputs":
+        """The same outputs in float32, still one stack (the losses' one-pass path stays open)."""
+        return TaskOutputs(self._stack.float(), self._names, [v.shape[-1] for v in self._views])
+
     def stacked_for(self, names: Sequence[str]) -> torch.Tensor | None:
         """The ``(K, B, width)`` stack when its tasks are ``names`` in this order, every task's output is
         the stack's full width, and no value has been replaced since; otherwise None."""
         return self.stack_if_unchanged(names) if self._full_width else None
+
+
+def in_float32(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's outputs in float32 (after a forward under autocast), stacked ones kept stacked."""
+    if isinstance(outputs, TaskOutputs):
+        return outputs.float()
+    return {name: value.float() for name, value in outputs.items()}
 
 
 @dataclass(frozen=True)

@@ -246,13 +246,14 @@ class StackedMLP(nn.Module):
     FUSED_MIN_ACTIVATIONS = 1 << 20
 
     def takes_fused_path(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs the fused ReLU stack (on the CPU, ReLU, no norm, no dropout;
-        large enough, or at any size when no gradient is recorded)."""
+        """Whether ``forward(x)`` runs the fused ReLU stack (on the CPU, not under autocast, ReLU, no norm,
+        no dropout; large enough, or at any size when no gradient is recorded)."""
         # Without gradients the fused path is plain GEMMs with the bias added in the ReLU's pass, which
         # beats addmm's broadcast bias copy and an out-of-place ReLU at every size measured (inference,
         # round 19: W1 Shared-Bottom 121 -> 103 us a batch, W2 Shared-Bottom 2.46 -> 2.23 ms, W2 MMoE's
         # towers about 0.07 ms); the size threshold is about the fused backward's Python.
-        return (self.fused and x.device.type == "cpu"
+        # Under autocast (training.precision: bf16) autograd's modules run, in the autocast dtype.
+        return (self.fused and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
                 and (not torch.is_grad_enabled() or x.shape[0] * self.max_activations_per_row >= self.FUSED_MIN_ACTIVATIONS))
 
     def fused_forward(self, x: torch.Tensor, input_group_sizes: Sequence[int] | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.objectives import LossWeighting, build_weighting, get_gradient_surgery, task_losses
-from mtlkit.tasks import TaskSpec
+from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
 from mtlkit.training.memory import keep_freed_memory
 from mtlkit.training.metrics import HIGHER_IS_BETTER, NOT_MONITORABLE, group_auc, task_metrics
@@ -35,6 +35,8 @@ from mtlkit.training.progress import progress_bar
 __all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate"]
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# training.precision -> the autocast dtype of the training forward (None: no autocast).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -83,6 +85,11 @@ class TrainerConfig:
             cache after that); W1's Shared-Bottom and W2's models train slower compiled. Off by
             default: it pays for long runs of small mixtures, not for short runs
             (docs/performance-log.md, round 12).
+        precision: ``"fp32"``, or ``"bf16"``: the training forward under ``torch.autocast`` with
+            bfloat16 (matmuls in bf16, reductions and the losses in fp32; weights, gradients and
+            Adam's state stay fp32, so no loss scaling is needed). For GPUs with bf16 tensor cores;
+            evaluation, prediction and export stay in fp32. On the CPU the fused ReLU paths, written
+            for fp32, step aside for autograd's own modules.
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
@@ -110,6 +117,7 @@ class TrainerConfig:
     gradient_surgery: str | None = None
     device: str = "auto"
     compile: bool = False
+    precision: str = "fp32"
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -149,6 +157,8 @@ class TrainerConfig:
             get_gradient_surgery(self.gradient_surgery)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"training.lr_schedule: expected one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"training.precision: expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise ConfigError(f"training.warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
 
@@ -329,6 +339,7 @@ class Trainer:
             self.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
         # GradNorm-like weightings take each task's gradient on the shared layer before the backward.
         self._balanced_parameters = self.model.shared_layer_parameters() if self.weighting.balances_gradients else None
+        self._autocast_dtype = PRECISIONS[self.config.precision]
         self._losses, self._objective = self._forward_losses, self._forward_objective
         # A model's own term of the objective (AITM's calibrator); models without one return None.
         self._auxiliary_loss = getattr(self.model, "auxiliary_loss", lambda outputs: None)
@@ -380,7 +391,12 @@ class Trainer:
         return self._objective(batch.inputs, batch.labels, batch.label_mask, batch.sample_weight, batch.all_labelled)
 
     def _forward_losses(self, inputs, labels, label_mask, sample_weight, all_labelled):
-        outputs = self.train_module(inputs)
+        if self._autocast_dtype is None:
+            outputs = self.train_module(inputs)
+        else:
+            with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                outputs = self.train_module(inputs)
+            outputs = in_float32(outputs)
         losses = task_losses(outputs, labels, label_mask, self.tasks, sample_weight, all_labelled)
         return losses, self._auxiliary_loss(outputs)
 
