@@ -89,7 +89,8 @@ class TrainerConfig:
             bfloat16 (matmuls in bf16, reductions and the losses in fp32; weights, gradients and
             Adam's state stay fp32, so no loss scaling is needed). For GPUs with bf16 tensor cores;
             evaluation, prediction and export stay in fp32. On the CPU the fused ReLU paths, written
-            for fp32, step aside for autograd's own modules.
+            for fp32, step aside for autograd's own modules, and bf16 measured slower than fp32
+            (0.53-0.57x on an AVX-512 BF16 Xeon without AMX; README, "GPUs and several machines").
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
