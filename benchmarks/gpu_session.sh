@@ -5,7 +5,8 @@
 # 2. the rest of the test suite with CUDA visible, so every trainer test trains on the GPU
 #    (pytest-xdist's -n 8 where it is installed): 312 of 325 tests in 110 s there, so 150 s here;
 # 3. the benchmark suite on the GPU, one round: W1 MMoE and PLE, then W2 MMoE, PLE and ESMM
-#    (W2's took 178 s there with these settings), at most 160 s each.
+#    (W2's took 178 s there with these settings), at most 160 s each;
+# 4. training throughput in fp32 against bf16 (training.precision), W1 and W2 MMoE, at most 60 s.
 # The reference libraries are pure-Python wheels: on a machine without a package index, put
 # torch-rechub's and deepctr-torch's wheels in .whl/ (pip download --no-deps ... -d .whl) first.
 set -o pipefail
@@ -26,3 +27,6 @@ for workload in W1:mmoe,ple W2:mmoe,ple,esmm; do
         --windows 2 --window-seconds 0.1 --compile '' --out "$out/gpu_${workload%%:*}.json" > "$out/gpu_${workload%%:*}.log" 2>&1
     tail -8 "$out/gpu_${workload%%:*}.log"
 done
+step timeout 60 python3 -m benchmarks.precision --device cuda --workloads W1,W2 --models mmoe --repeats 1 \
+    --out "$out/precision_gpu.json" > "$out/precision_gpu.log" 2>&1
+tail -8 "$out/precision_gpu.log"

@@ -236,3 +236,14 @@ def test_fused_epilogue_checks_each_kernel_against_gemm_and_relu_and_runs(tmp_pa
                     "second layer: inductor template", "gradient: inductor template, mask in epilogue",
                     "mixing backward: inductor loop", "mixing inference: inductor loop"):
         assert variant in timings or f"{variant}: not timed" in done.stdout
+
+
+def test_precision_benchmark_runs_on_a_tiny_size(tmp_path):
+    out = tmp_path / "precision.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--workloads", "W1", "--steps", "6", "--repeats", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (entry,) = json.loads(out.read_text())
+    assert entry["workload"] == "W1" and entry["model"] == "mmoe"
+    assert all(len(v) == 1 and v[0] > 0 for v in entry["samples_per_s"].values())
+    assert entry["bf16_over_fp32"] == entry["samples_per_s"]["bf16"][0] / entry["samples_per_s"]["fp32"][0]

@@ -90,7 +90,7 @@ class TrainerConfig:
             Adam's state stay fp32, so no loss scaling is needed). For GPUs with bf16 tensor cores;
             evaluation, prediction and export stay in fp32. On the CPU the fused ReLU paths, written
             for fp32, step aside for autograd's own modules, and bf16 measured slower than fp32
-            (0.53-0.57x on an AVX-512 BF16 Xeon without AMX; README, "GPUs and several machines").
+            (0.52-0.54x on an AVX-512 BF16 Xeon without AMX, ``python -m benchmarks.precision``; README, "GPUs and several machines").
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
