@@ -61,16 +61,25 @@ class CategoricalColumn:
         name: column name (values are read as strings).
         embedding_dim: embedding width (``None``: the schema's ``default_embedding_dim``).
         min_frequency: training count below which a value goes to the out-of-vocabulary bucket.
+        hash_buckets: when > 0, no vocabulary: each value's embedding row is a stable hash of its text
+            modulo this many buckets (for ids with millions of values, or new ones every day: a value
+            unseen in training shares a row with some others instead of one OOV row). 0: a vocabulary
+            of the training values.
     """
 
     name: str
     embedding_dim: int | None = None
     min_frequency: int = 1
+    hash_buckets: int = 0
 
     def __post_init__(self) -> None:
         if self.embedding_dim is not None:
             check_count(self.embedding_dim, f"categorical column {self.name!r}: embedding_dim", 1)
         check_count(self.min_frequency, f"categorical column {self.name!r}: min_frequency", 1)
+        check_count(self.hash_buckets, f"categorical column {self.name!r}: hash_buckets", 0)
+        if self.hash_buckets and self.min_frequency != 1:
+            raise ConfigError(f"categorical column {self.name!r}: min_frequency applies to a vocabulary; "
+                              f"a column with hash_buckets has none (set one of them)")
 
 
 @dataclass

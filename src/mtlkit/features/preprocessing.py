@@ -5,7 +5,9 @@ beside the model and reloaded exactly for evaluation and prediction; no pickle a
 
 Encoding conventions:
 - categorical code 0 is the out-of-vocabulary bucket (values unseen in training or rarer than
-  ``min_frequency``); known values are 1.. in order of training frequency;
+  ``min_frequency``); known values are 1.. in order of training frequency; a column with
+  ``hash_buckets`` has no vocabulary and no OOV bucket: its codes are a stable hash of the value's text
+  modulo the buckets (``pandas.util.hash_array``, the same on every machine and run);
 - missing categorical cells become the explicit value ``<missing>``;
 - multi-valued cells are padded with -1 up to ``max_length``;
 - dense columns with ``embed_values`` also give a categorical code of their exact value, placed after
@@ -137,6 +139,8 @@ class TablePreprocessor:
             check_columns(frame, schema.required_columns, source)
             rows += len(frame)
             for column in schema.categorical:
+                if column.hash_buckets:
+                    continue  # no vocabulary to count
                 counted = _as_text(frame[column.name], schema.missing_values).value_counts()
                 counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
             for column in schema.value_embedded:
@@ -144,6 +148,8 @@ class TablePreprocessor:
                 counted = _value_text(frame[dense_name], dense_name, source, schema.missing_values).value_counts()
                 counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
             for column in schema.multi_valued:
+                if column.hash_buckets:
+                    continue
                 values = self._split(frame[column.name], column).explode().dropna()
                 counted = values.value_counts()
                 counts[column.name] = counted if column.name not in counts else counts[column.name].add(counted, fill_value=0)
@@ -267,7 +273,8 @@ class TablePreprocessor:
         codes = []
         for column in schema.categorical:
             code = self._codes(_as_text(frame[column.name], schema.missing_values), column)
-            oov[column.name] = int((code == 0).sum())
+            if not column.hash_buckets:  # a hashed column has no OOV bucket
+                oov[column.name] = int((code == 0).sum())
             codes.append(code)
         for column in schema.value_embedded:
             dense_name = column.name.split("#")[0]
@@ -315,6 +322,9 @@ class TablePreprocessor:
         return values
 
     def _codes(self, text: pd.Series, column: CategoricalColumn) -> np.ndarray:
+        if column.hash_buckets:
+            hashed = pd.util.hash_array(np.asarray(text, dtype=object), categorize=False)
+            return (hashed % np.uint64(column.hash_buckets)).astype(np.int64)
         index = pd.Index(self.vocabularies[column.name])
         return (index.get_indexer(text) + 1).astype(np.int64)  # -1 (unknown) becomes 0, the OOV bucket
 
@@ -323,7 +333,8 @@ class TablePreprocessor:
         lengths = lists.map(len).to_numpy()
         flat = pd.Series([v for cell in lists for v in cell], dtype=object)
         codes = self._codes(flat, column) if len(flat) else np.zeros(0, dtype=np.int64)
-        oov[column.name] = int((codes == 0).sum())
+        if not column.hash_buckets:
+            oov[column.name] = int((codes == 0).sum())
         out = np.full((len(series), column.max_length), -1, dtype=np.int64)
         rows = np.repeat(np.arange(len(series)), lengths)
         positions = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -354,6 +365,10 @@ class TablePreprocessor:
         return out
 
     # ------------------------------------------------------------------------------- model input
+    def cardinality(self, column: CategoricalColumn) -> int:
+        """Embedding rows of a categorical column: its vocabulary plus the OOV bucket, or its hash buckets."""
+        return column.hash_buckets or len(self.vocabularies[column.name]) + 1
+
     def encoder_config(self) -> EncoderConfig:
         """Sizes of the feature encoder that reads this preprocessor's tensors."""
         self._check_fitted()
@@ -361,9 +376,9 @@ class TablePreprocessor:
         categorical = [*schema.categorical, *schema.value_embedded]
         return EncoderConfig(
             num_dense=len(schema.dense),
-            categorical_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in categorical],
+            categorical_cardinalities=[self.cardinality(c) for c in categorical],
             categorical_embedding_dims=[schema.embedding_dim(c) for c in categorical],
-            multi_valued_cardinalities=[len(self.vocabularies[c.name]) + 1 for c in schema.multi_valued],
+            multi_valued_cardinalities=[self.cardinality(c) for c in schema.multi_valued],
             multi_valued_embedding_dims=[schema.embedding_dim(c) for c in schema.multi_valued],
             multi_valued_pooling=[c.pooling for c in schema.multi_valued],
         )
