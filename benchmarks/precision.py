@@ -56,7 +56,8 @@ def main() -> None:
                 for precision in rates:
                     rates[precision].append(measure(workload, model, precision, args.steps, args.device))
             results.append({"workload": workload, "model": model, "device": args.device, "samples_per_s": rates,
-                            "bf16_over_fp32": min(rates["bf16"]) / max(rates["fp32"]), "bf16_over_fp32_best": max(rates["bf16"]) / min(rates["fp32"])})
+                            "bf16_over_fp32": min(rates["bf16"]) / max(rates["fp32"]),
+                            "bf16_over_fp32_best": max(rates["bf16"]) / min(rates["fp32"])})
     table = Table(title=f"training samples/s by precision ({args.device})")
     for column in ("workload", "model", "fp32", "bf16", "bf16 / fp32"):
         table.add_column(column)

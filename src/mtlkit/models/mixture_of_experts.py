@@ -63,7 +63,8 @@ class _MixtureOfExperts(MultiTaskModel):
         self.one_gate = self.num_gates_per_model == 1
         num_gates = 1 if self.one_gate else c.num_tasks
         self.gates = GateBank(num_gates, c.input_dim, c.num_experts, shared_input=True, temperature=c.gate_temperature,
-                              dropout=c.gate_dropout, top_k=c.gate_top_k, gate_names=["all tasks"] if self.one_gate else [t.name for t in c.tasks])
+                              dropout=c.gate_dropout, top_k=c.gate_top_k,
+                              gate_names=["all tasks"] if self.one_gate else [t.name for t in c.tasks])
         self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 

@@ -98,7 +98,8 @@ class _ExtractionLevel(torch.nn.Module):
         self.num_gates = len(self.choices)
         tasks = [t.name for t in c.tasks]
         self.gates = GateBank(self.num_gates, input_dim, total, shared_input=first, temperature=c.gate_temperature,
-                              dropout=c.gate_dropout, top_k=c.gate_top_k, choices=self.choices, gate_names=tasks + ([] if last else ["shared"]),
+                              dropout=c.gate_dropout, top_k=c.gate_top_k, choices=self.choices,
+                              gate_names=tasks + ([] if last else ["shared"]),
                               choice_names=[f"{task} {i}" for task in tasks for i in range(Et)]
                               + [f"shared {i}" for i in range(Es)])
         self.output_dim = self.experts.output_dim
