@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from mtlkit.errors import ConfigError
-from mtlkit.experiments.mmoe_synthetic import SyntheticSweepConfig, model_configs_at_equal_budget, run_mmoe_synthetic
+from mtlkit.experiments.mmoe_synthetic import SyntheticSweepConfig, model_configs_at_equal_budget, mtl_gain, run_mmoe_synthetic
 from mtlkit.models import build_model
 
 TINY = dict(correlations=(1.0, 0.1), models=("shared_bottom", "mmoe"), seeds=2, steps=40, eval_every=20,
@@ -41,6 +41,28 @@ def test_sweep_writes_every_output_and_resumes(tmp_path):
         except json.JSONDecodeError:
             assert line == lines[-1][:30]
     assert len({(r["model"], r["correlation"], r["seed"]) for r in runs}) == 2 * 2 * 3
+
+
+def test_mtl_gain_is_the_paired_single_task_loss_minus_the_models(tmp_path):
+    config = SyntheticSweepConfig(**{**TINY, "models": ("single_task", "shared_bottom", "mmoe"), "correlations": (0.5,)})
+    result = run_mmoe_synthetic(config, tmp_path)
+    summary, gain = result["summary"], result["mtl_gain"]
+    assert (tmp_path / "mtl_gain.md").read_text().count("| 0.5 |") == 2
+    single = summary[summary.model == "single_task"].set_index("seed")
+    for model in ("shared_bottom", "mmoe"):
+        runs = summary[summary.model == model].set_index("seed")
+        row = gain[gain.model == model].iloc[0]
+        for task in ("y1", "y2"):
+            diff = single[f"test_loss_{task}"] - runs[f"test_loss_{task}"]
+            assert row[f"gain_{task}"] == pytest.approx(diff.mean()) and row[f"gain_{task}_std"] == pytest.approx(diff.std())
+        both = pd.concat([single[f"test_loss_{t}"] - runs[f"test_loss_{t}"] for t in ("y1", "y2")], axis=1)
+        assert row["seesaw_runs"] == int(((both > 0).any(axis=1) & (both < 0).any(axis=1)).sum()) and row["runs"] == 2
+    # A seesaw, constructed: one task gains, the other loses.
+    made = pd.DataFrame({"model": ["single_task", "mmoe"], "correlation": [1.0, 1.0], "seed": [0, 0],
+                         "test_loss_y1": [0.5, 0.4], "test_loss_y2": [0.5, 0.6]})
+    row = mtl_gain(made).iloc[0]
+    assert row["gain_y1"] == pytest.approx(0.1) and row["gain_y2"] == pytest.approx(-0.1) and row["seesaw_runs"] == 1
+    assert mtl_gain(made[made.model == "mmoe"]).empty  # no single-task runs: nothing to gain over
 
 
 def test_sweep_refuses_to_mix_settings(tmp_path):

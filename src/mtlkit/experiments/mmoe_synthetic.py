@@ -26,7 +26,7 @@ from mtlkit.models import build_model, match_parameter_budget, model_config
 from mtlkit.reports.plots import model_label, plot_final_loss_distribution, plot_loss_curves
 from mtlkit.training import Trainer, TrainerConfig
 
-__all__ = ["SyntheticSweepConfig", "PROFILES", "run_mmoe_synthetic", "model_configs_at_equal_budget"]
+__all__ = ["SyntheticSweepConfig", "PROFILES", "run_mmoe_synthetic", "model_configs_at_equal_budget", "mtl_gain"]
 
 # The paper's synthetic networks: 8 experts of one 16-unit layer, towers of 8 units, on 100 inputs.
 REFERENCE_MODEL = "mmoe"
@@ -174,7 +174,8 @@ def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: 
 
     Writes ``sweep.json`` (the settings), ``runs.jsonl`` (one line per finished run, with its history),
     ``summary.csv``, ``history.csv``, ``table.csv``/``table.md`` (mean and std of the final mean test loss
-    per model and correlation), ``loss_curves.png`` (Figure 4) and ``final_loss_distribution.png`` (Figure 5).
+    per model and correlation), ``mtl_gain.csv``/``mtl_gain.md`` (the PLE paper's MTL gain per task over
+    the single-task model, and seesaw runs; with ``single_task`` in the sweep), ``loss_curves.png`` (Figure 4) and ``final_loss_distribution.png`` (Figure 5).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,13 +256,47 @@ def summarise(out: Path, config: SyntheticSweepConfig) -> dict[str, Any]:
     atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
     write_text(out / "table.md", _markdown_table(table, config))
 
+    gain = mtl_gain(summary)
+    if len(gain):
+        atomic_write(out / "mtl_gain.csv", lambda tmp: gain.to_csv(tmp, index=False))
+        write_text(out / "mtl_gain.md", _markdown_gain(gain, config))
+
     test = history[history["split"] == "test"]
     curves = test.groupby(["model", "correlation", "seed", "step"])["loss"].mean().reset_index()
     plot_loss_curves(curves, out / "loss_curves.png",
                      f"MMoE synthetic ({config.profile}): mean test loss over {config.seeds} seeds (band: interquartile range)")
     plot_final_loss_distribution(summary, out / "final_loss_distribution.png",
                                  f"Final test loss over {config.seeds} runs per model ({config.profile})")
-    return {"summary": summary, "table": table, "claims": check_claims(summary)}
+    return {"summary": summary, "table": table, "claims": check_claims(summary), "mtl_gain": gain}
+
+
+def mtl_gain(summary: pd.DataFrame) -> pd.DataFrame:
+    """The PLE paper's measure: each task's MTL gain, the single-task model's test MSE minus the
+    model's, paired by seed (same data), per model and correlation; positive is better. A run is a
+    seesaw when one task gains and another loses.
+
+    Returns one row per (model, correlation): ``gain_<task>`` and ``gain_<task>_std`` over seeds,
+    ``mean_gain`` (over tasks and seeds), ``seesaw_runs`` and ``runs``; empty without single-task runs.
+    """
+    tasks = sorted(c[len("test_loss_"):] for c in summary.columns if c.startswith("test_loss_"))
+    if "single_task" not in set(summary["model"]) or not tasks:
+        return pd.DataFrame()
+    base = summary[summary["model"] == "single_task"].set_index(["correlation", "seed"])
+    rows = []
+    for (model, corr), part in summary[summary["model"] != "single_task"].groupby(["model", "correlation"]):
+        paired = part.set_index(["correlation", "seed"])
+        gains = pd.DataFrame({t: base[f"test_loss_{t}"] - paired[f"test_loss_{t}"] for t in tasks}).dropna()
+        if gains.empty:
+            continue
+        row: dict[str, Any] = {"model": model, "correlation": corr}
+        for t in tasks:
+            row[f"gain_{t}"] = float(gains[t].mean())
+            row[f"gain_{t}_std"] = float(gains[t].std()) if len(gains) > 1 else 0.0
+        row["mean_gain"] = float(gains.to_numpy().mean())
+        row["seesaw_runs"] = int(((gains > 0).any(axis=1) & (gains < 0).any(axis=1)).sum())
+        row["runs"] = len(gains)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def check_claims(summary: pd.DataFrame) -> list[dict[str, Any]]:
@@ -278,6 +313,25 @@ def check_claims(summary: pd.DataFrame) -> list[dict[str, Any]]:
             "mmoe_wins": int((diff > 0).sum()), "mean_gap": float(diff.mean()),
         })
     return claims
+
+
+def _markdown_gain(gain: pd.DataFrame, config: SyntheticSweepConfig) -> str:
+    tasks = [c[len("gain_"):] for c in gain.columns if c.startswith("gain_") and not c.endswith("_std")]
+    correlations = sorted(gain["correlation"].unique(), reverse=True)
+    lines = [f"MTL gain (single-task test MSE minus the model's, paired by seed; positive is better), mean +- std over "
+             f"{config.seeds} seeds, {config.steps} steps; seesaw: runs where one task gains and another loses.", "",
+             "| model | correlation | " + " | ".join(f"gain {t}" for t in tasks) + " | mean gain | seesaw runs |",
+             "|" + "---|" * (len(tasks) + 4)]
+    for m in [m for m in MODEL_SIZING if m in set(gain["model"])]:
+        for c in correlations:
+            row = gain[(gain["model"] == m) & (gain["correlation"] == c)]
+            if not len(row):
+                continue
+            r = row.iloc[0]
+            cells = [f"{r[f'gain_{t}']:+.4f} +- {r[f'gain_{t}_std']:.4f}" for t in tasks]
+            lines.append(f"| {model_label(m)} | {c:g} | " + " | ".join(cells)
+                         + f" | {r['mean_gain']:+.4f} | {r['seesaw_runs']} of {r['runs']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _markdown_table(table: pd.DataFrame, config: SyntheticSweepConfig) -> str:
