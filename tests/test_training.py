@@ -473,3 +473,22 @@ def test_models_and_training_on_tensors_leave_pandas_unloaded():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "True"]
+
+
+def test_a_diverging_run_stops_with_a_clear_error():
+    from mtlkit import TrainingDivergedError
+    from mtlkit.data import MultiTaskTensors
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 6)
+    labels = torch.stack([x[:, 0], torch.full((512,), 1e30)], 1)  # finite, but its squared error is not in float32
+    data = MultiTaskTensors(x, labels, ["fine", "huge"])
+    model = build_model("mmoe", input_dim=6, tasks=[TaskSpec("fine", "regression"), TaskSpec("huge", "regression")])
+    trainer = Trainer(model, TrainerConfig(max_epochs=3, batch_size=128, progress=False))
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step 4 \(epoch 1\).*'huge': inf.*learning_rate"):
+        trainer.fit(data, data)
+    # Caught on the validation rows too, when only they overflow.
+    valid = MultiTaskTensors(x, torch.stack([x[:, 0], torch.full((512,), 1e30)], 1), ["fine", "huge"])
+    train = MultiTaskTensors(x, torch.stack([x[:, 0], x[:, 1]], 1), ["fine", "huge"])
+    with pytest.raises(TrainingDivergedError, match=r"validation loss of task\(s\) \{'huge': inf\}"):
+        Trainer(model, TrainerConfig(max_epochs=1, batch_size=128, progress=False)).fit(train, valid)

@@ -6,7 +6,7 @@ CLI turns them into a one-line message instead of a traceback.
 
 from __future__ import annotations
 
-__all__ = ["MtlkitError", "ConfigError", "DataError"]
+__all__ = ["MtlkitError", "ConfigError", "DataError", "TrainingDivergedError"]
 
 
 class MtlkitError(ValueError):
@@ -19,3 +19,7 @@ class ConfigError(MtlkitError):
 
 class DataError(MtlkitError):
     """Input data is invalid; the message names the column (and file) and the expected form."""
+
+
+class TrainingDivergedError(MtlkitError):
+    """A training or validation loss became NaN or infinite; the message names the tasks and the step."""

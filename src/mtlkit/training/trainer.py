@@ -23,7 +23,7 @@ from torch.optim import lr_scheduler
 
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
-from mtlkit.errors import ConfigError, DataError
+from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
 from mtlkit.objectives import LossWeighting, build_weighting, get_gradient_surgery, task_losses
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
@@ -562,12 +562,14 @@ class Trainer:
                     if step % eval_every == 0 or step == total_steps:
                         # The only host sync: once per evaluation, never per step.
                         means = (torch.stack(running) / running_steps).tolist()
+                        self._check_finite({t.name: v for t, v in zip(self.tasks, means)}, "training", step, epoch, running_steps)
                         weights = self.weighting.current_weights()
                         record("train", {t.name: {"loss": v, "weight": weights[t.name]} for t, v in zip(self.tasks, means)})
                         torch._foreach_zero_(running)
                         running_steps = 0
                         if valid is not None:
                             scores = evaluate(self.model, valid, self.tasks, c.eval_batch_size, self.device, valid_groups)
+                            self._check_finite({n: v["loss"] for n, v in scores.items()}, "validation", step, epoch)
                             record("valid", scores)
                             value = self._monitored(scores)
                             improved = (value > best_value + c.min_delta) if self._higher_is_better else (value < best_value - c.min_delta)
@@ -598,6 +600,17 @@ class Trainer:
             self.model.load_state_dict(best_state)
         return FitResult(history=history, best_step=best_step, best_value=best_value,
                          steps=step, stopped_early=stopped_early, seconds=resumed_seconds + time.perf_counter() - start)
+
+    def _check_finite(self, losses: Mapping[str, float], split: str, step: int, epoch: int, steps: int | None = None) -> None:
+        """Stop with a :class:`TrainingDivergedError` when a task's loss is NaN or infinite: every
+        later step would train on it, and early stopping would compare NaNs."""
+        bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        if bad:
+            over = f"mean over the last {steps} steps" if steps else "on the validation rows"
+            raise TrainingDivergedError(
+                f"training diverged at step {step} (epoch {epoch + 1}): the {split} loss of task(s) {bad} ({over}) is "
+                "not finite; lower training.learning_rate, set training.gradient_clip, or check the labels' scale "
+                "(schema.standardize_labels for regression tasks)")
 
     def _run_identity(self, train: MultiTaskTensors, total_steps: int) -> dict[str, Any]:
         """What a saved training state must match to be resumed: the same training, model and table size."""
