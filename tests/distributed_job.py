@@ -4,22 +4,30 @@ import sys
 
 import torch
 
-from mtlkit.data import make_synthetic
+from mtlkit.data import make_funnel, make_synthetic
 from mtlkit.models import build_model
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 from mtlkit.training.distributed import init_distributed
 
 assert init_distributed()
 rank = torch.distributed.get_rank()
-data = make_synthetic(correlation=0.5, num_rows=4000, input_dim=20, num_sine_terms=0, seed=0)
+weighting = sys.argv[2] if len(sys.argv) > 2 else "fixed"
+model_name = sys.argv[3] if len(sys.argv) > 3 else "mmoe"
+precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
+if model_name == "aitm":  # a funnel of binary steps, so that the calibrator's auxiliary loss takes part
+    data = make_funnel(["click", "buy"], [0.4, 0.5], num_rows=4000, input_dim=20, seed=0)
+    options = {"bottom_hidden": [16, 8], "calibration_weight": 1.0}
+else:
+    data = make_synthetic(correlation=0.5, num_rows=4000, input_dim=20, num_sine_terms=0, seed=0)
+    options = {"num_experts": 4}
+first = data.tasks[0].name
 train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
 torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
-model = build_model("mmoe", input_dim=20, tasks=data.tasks, num_experts=4)
-before = evaluate(model, valid, model.tasks)["y1"]["loss"]
-weighting = sys.argv[2] if len(sys.argv) > 2 else "fixed"
-trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting))
+model = build_model(model_name, input_dim=20, tasks=data.tasks, **options)
+before = evaluate(model, valid, model.tasks)[first]["loss"]
+trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting, precision=precision))
 result = trainer.fit(train, valid, state_file=f"{sys.argv[1]}/state.pt")  # rank 0 saves after each epoch
-after = evaluate(model, valid, model.tasks)["y1"]["loss"]
+after = evaluate(model, valid, model.tasks)[first]["loss"]
 torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after,
             "weights": trainer.weighting.current_weights()},
            f"{sys.argv[1]}/rank{rank}.pt")

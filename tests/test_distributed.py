@@ -9,23 +9,27 @@ from mtlkit import ConfigError
 from mtlkit.training import distributed
 
 
-@pytest.mark.parametrize("weighting, port", [("fixed", 29533), ("dwa", 29534), ("gradnorm", 29535)])
-def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port):
+@pytest.mark.parametrize("weighting, port, model, precision", [
+    ("fixed", 29533, "mmoe", "fp32"), ("dwa", 29534, "mmoe", "fp32"), ("gradnorm", 29535, "mmoe", "fp32"),
+    ("fixed", 29536, "aitm", "bf16"),  # a model's auxiliary loss and autocast under DDP
+])
+def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision):
     # On the CPU through Gloo; on a one-GPU machine both ranks share the GPU, through Gloo too.
     # The adaptive weightings read each rank's own losses; they must still agree across ranks.
     script = Path(__file__).with_name("distributed_job.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                           str(script), str(tmp_path), weighting], capture_output=True, text=True, timeout=300)
+                           str(script), str(tmp_path), weighting, model, precision], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # Each rank trains on half of every epoch: 3200 rows / 2 ranks / 64 = 25 steps per epoch.
     assert ranks[0]["steps"] == ranks[1]["steps"] == 5 * 25
     for name, value in ranks[0]["state"].items():
         torch.testing.assert_close(ranks[1]["state"][name], value)  # DDP kept the replicas identical
-    assert ranks[0]["after"] < 0.5 * ranks[0]["before"]
+    # Regression losses fall by more than half; the funnel's first step is a noisy binary task.
+    assert ranks[0]["after"] < (0.5 if model == "mmoe" else 0.98) * ranks[0]["before"]  # aitm: 0.681 -> 0.651
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert torch.load(tmp_path / "state.pt", weights_only=True)["loop"]["epoch"] == 4  # saved after epochs 1-4 of 5
-    assert (ranks[0]["weights"] == {"y1": 1.0, "y2": 1.0}) == (weighting == "fixed")
+    assert (set(ranks[0]["weights"].values()) == {1.0}) == (weighting == "fixed")
 
 
 @pytest.mark.parametrize("gpus, local_processes, expected", [(0, 2, "gloo"), (1, 2, "gloo"), (2, 2, "nccl"), (4, 2, "nccl")])
