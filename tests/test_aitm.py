@@ -183,3 +183,27 @@ def test_the_funnel_example_runs():
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "true probabilities" in done.stdout and "aitm" in done.stdout
+
+
+def test_funnel_labels_are_recognised():
+    import pandas as pd
+
+    from mtlkit.data.schema import is_funnel
+
+    frame = pd.DataFrame({"click": [1, 1, 0, 1, None], "buy": [1, 0, 0, None, 0], "again": [1, 0, 0, 0, 0],
+                          "spend": [3.5, 0, 0, 1, 0], "other": [0, 1, 1, 0, 0]})
+    assert is_funnel(frame, ["click", "buy"]) and is_funnel(frame, ["click", "buy", "again"])
+    assert not is_funnel(frame, ["buy", "click"])  # a click without a purchase breaks the reversed order
+    assert not is_funnel(frame, ["click", "other"]) and not is_funnel(frame, ["click", "spend"]) and not is_funnel(frame, ["click"])
+    assert not is_funnel(frame.assign(buy=0), ["click", "buy"])  # a step without positives
+
+
+def test_init_config_points_at_the_funnel_models(shared_data, tmp_path):
+    import subprocess
+    import sys
+
+    table = shared_data / "aliexpress_sample" / "aliexpress_train_sample.csv"
+    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "init-config", "--data", str(table), "--labels", "click,conversion",
+                           "--out", str(tmp_path / "run.yaml")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "form a funnel" in done.stdout and "aitm" in done.stdout

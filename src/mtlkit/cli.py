@@ -389,11 +389,13 @@ def init_config_command(
 
     if out.exists():
         raise MtlkitError(f"{out} already exists; choose another --out")
-    config, identifiers = initial_config(data, _names(labels), ignore=_names(ignore))
+    config, identifiers, notes = initial_config(data, _names(labels), ignore=_names(ignore))
     dump_config(config, out)
     for column in identifiers:
         console.print(f"left out {column!r}: a different value on every row looks like an identifier, not a feature "
                       f"(add it to schema.dense or schema.categorical in {out} to use it)", highlight=False)
+    for note in notes:
+        console.print(note, highlight=False)
     console.print(f"wrote {out}; review the schema (dense vs categorical, task types), then: mtlkit train --config {out}")
 
 

@@ -16,7 +16,8 @@ from mtlkit.configuration import check_count, from_mapping, to_plain
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec, validate_tasks
 
-__all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema", "identifier_columns", "infer_schema"]
+__all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema", "identifier_columns", "infer_schema",
+           "is_funnel"]
 
 NORMALIZATIONS = ("standard", "minmax", "none")
 POOLINGS = ("mean", "sum")
@@ -307,3 +308,20 @@ def identifier_columns(frame: pd.DataFrame, columns: Sequence[str], min_rows: in
             continue
         found.append(column)
     return found
+
+
+def is_funnel(frame: pd.DataFrame, labels: Sequence[str]) -> bool:
+    """Whether ``labels``, in this order, are the steps of a conversion funnel: at least two 0/1
+    columns, each step with positives, and every positive of a step a positive of the step before
+    (on the rows where both are labelled), as clicks and purchases are. AITM and ESMM model such
+    tasks."""
+    if len(labels) < 2:
+        return False
+    steps = []
+    for name in labels:
+        values = pd.to_numeric(frame[name], errors="coerce")
+        present = values.dropna()
+        if present.empty or not present.isin([0, 1]).all() or not (present == 1).any():
+            return False
+        steps.append(values)
+    return all(not ((later == 1) & (earlier == 0)).any() for earlier, later in zip(steps, steps[1:]))

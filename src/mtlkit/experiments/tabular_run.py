@@ -26,7 +26,7 @@ import yaml
 
 from mtlkit.configuration import from_mapping
 from mtlkit.data.readers import iter_table, read_table, table_format
-from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema
+from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema, is_funnel
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
@@ -513,23 +513,29 @@ def _prediction_table(predictions: Mapping[str, torch.Tensor], class_names: Mapp
 
 
 def initial_config(data_file: str | os.PathLike, labels: list[str], ignore: Sequence[str] = (),
-                   sample_rows: int = 100_000) -> tuple[dict[str, Any], list[str]]:
+                   sample_rows: int = 100_000) -> tuple[dict[str, Any], list[str], list[str]]:
     """A starting run config (as plain data) with a schema inferred from the first rows of ``data_file``.
 
     Columns in ``ignore`` are left out, and so are those that look like row identifiers
-    (:func:`~mtlkit.data.schema.identifier_columns`). Returns the config and the identifiers left out.
+    (:func:`~mtlkit.data.schema.identifier_columns`). Returns the config, the identifiers left out and
+    notes for the user (labels that form a conversion funnel, :func:`~mtlkit.data.schema.is_funnel`).
     """
     frame = next(iter_table(data_file, chunk_rows=sample_rows))
     candidates = [c for c in frame.columns if c not in labels and c not in ignore]
     identifiers = identifier_columns(frame, candidates)
     schema = infer_schema(frame, labels, ignore=[*ignore, *identifiers])
+    notes = []
+    if is_funnel(frame, labels):
+        notes.append(f"labels {' -> '.join(labels)} form a funnel (every positive of a step is a positive of the one "
+                     "before): model.name aitm passes each step's knowledge to the next, and esmm (click, conversion) "
+                     "trains the conversion rate over all impressions; mmoe is kept as the start")
     return {
         "data": {"train": str(Path(data_file).resolve()), "valid": None, "test": None, "valid_fraction": 0.1},
         "schema": schema.to_dict(),
         "model": {"name": "mmoe", "num_experts": 8, "expert_hidden": [64], "tower_hidden": [32]},
         "training": TrainerConfig(max_epochs=10, batch_size=1024, patience=3).to_dict(),
         "seed": 0,
-    }, identifiers
+    }, identifiers, notes
 
 
 def dump_config(data: dict[str, Any], path: str | os.PathLike) -> Path:
