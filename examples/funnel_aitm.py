@@ -27,7 +27,7 @@ from mtlkit.models import build_model
 from mtlkit.training import Trainer, TrainerConfig
 
 STEPS, RATES = ("click", "cart", "purchase"), (0.2, 0.3, 0.3)
-# Networks of about the same size: AITM's per-step networks as in the authors' code.
+# Networks of about the same size: AITM's per-step networks as in the public PyTorch port.
 MODELS = {
     "single_task": ("single_task", {"bottom_hidden": [128, 64, 32], "tower_hidden": []}),
     "shared_bottom": ("shared_bottom", {"bottom_hidden": [128, 64, 32], "tower_hidden": [16]}),
@@ -75,7 +75,8 @@ def main() -> None:
     gaps = runs[runs.model != "true probabilities"].set_index("seed")
     gaps[list(STEPS)] = gaps[list(STEPS)] - truth
     print("\nAUC minus the true probabilities' AUC (paired by seed)")
-    print(gaps.groupby("model", sort=False)[list(STEPS)].agg(["mean", "std"]).to_string(float_format=lambda v: f"{v:+.4f}"))
+    print(gaps.groupby("model", sort=False)[list(STEPS)].agg(["mean", "std", "min", "max"])
+          .to_string(float_format=lambda v: f"{v:+.4f}"))
 
 
 if __name__ == "__main__":

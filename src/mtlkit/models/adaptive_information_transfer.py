@@ -36,13 +36,13 @@ class AITMConfig(ModelConfig):
     Args:
         tasks: the funnel's steps in order (impression -> click -> purchase -> ...): each step's
             event can only happen after the one before it.
-        bottom_hidden: hidden widths of each task's own network ``q_t`` (the authors' code: 128, 64,
-            32); its last width is the width of the information passed between tasks.
+        bottom_hidden: hidden widths of each task's own network ``q_t`` (the public PyTorch port
+            adtalos/AITM-torch: 128, 64, 32); its last width is the width of the information passed between tasks.
         tower_hidden: hidden widths between a task's transferred representation and its head
-            (default none: a linear head, as in the authors' code).
+            (default none: a linear head, as in that port).
         calibration_weight: weight ``alpha`` of the behavioural expectation calibrator, the penalty
             ``alpha * mean_rows sum_t max(p_t - p_{t-1}, 0)`` over each pair of consecutive binary
-            tasks, added to the training objective (0.6 in the authors' code; 0 turns it off).
+            tasks, added to the training objective (0.6 in that port; 0 turns it off).
     """
 
     bottom_hidden: Sequence[int] = (128, 64, 32)
