@@ -104,3 +104,33 @@ def test_an_interrupted_command_line_run_resumes(tmp_path):
     a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"] for name in ("straight", "resumed"))
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=0)
+
+
+def test_aitm_resumes_with_its_auxiliary_loss_in_the_history(tmp_path):
+    from mtlkit.data import make_funnel
+
+    # A second step that nearly always follows the first: the predictions often break the funnel.
+    data = make_funnel(["click", "buy"], [0.5, 0.9], num_rows=900, input_dim=12, seed=0)
+    train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
+    runs = []
+    for state_file, stop_at in ((None, None), (tmp_path / "state.pt", 40), (tmp_path / "state.pt", None)):
+        torch.manual_seed(2)  # an initialisation that starts against the funnel (seeds 0 and 5 never are)
+        model = build_model("aitm", input_dim=12, tasks=data.tasks, bottom_hidden=[16, 8], calibration_weight=2.0)
+        trainer = Trainer(model, TrainerConfig(max_epochs=6, batch_size=64, eval_every=7, patience=None, progress=False))
+
+        def interrupt(step, stop_at=stop_at):
+            if step == stop_at:
+                raise Interrupted
+
+        try:
+            runs.append((model, trainer.fit(train, valid, state_file=state_file, step_callback=interrupt)))
+        except Interrupted:
+            pass
+    (reference, expected), (model, resumed) = runs
+    train_rows = [row for row in expected.history if row["split"] == "train"]
+    assert all(row["auxiliary_loss"] >= 0 for row in train_rows)
+    assert train_rows[0]["auxiliary_loss"] > 0.1 > 10 * train_rows[-1]["auxiliary_loss"]  # the calibrator trains it down
+    assert train_rows[0]["auxiliary_loss"] == next(r for r in train_rows if r["task"] == "buy")["auxiliary_loss"]
+    assert resumed.history == expected.history
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)

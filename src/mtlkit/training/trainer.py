@@ -513,6 +513,7 @@ class Trainer:
         best_step, best_state = 0, None
         stale, stopped_early, step, epoch = 0, False, 0, 0
         running = [torch.zeros((), device=self.device) for _ in self.tasks]
+        running_auxiliary: torch.Tensor | None = None  # the model's auxiliary loss, summed like the task losses
         running_steps = 0
         start = time.perf_counter()
         self.train_module.train()
@@ -529,6 +530,8 @@ class Trainer:
             best_value, best_step, best_state = saved["best_value"], saved["best_step"], saved["best_state"]
             history, running_steps, resumed_seconds = saved["history"], saved["running_steps"], saved["seconds"]
             running = [value.to(self.device) for value in saved["running"]]
+            if saved.get("running_auxiliary") is not None:
+                running_auxiliary = saved["running_auxiliary"].to(self.device)
 
         with progress_bar(total_steps, "training", enabled=c.progress and self.rank == 0) as advance:
             advance(step)
@@ -554,6 +557,8 @@ class Trainer:
                     if scheduler is not None:
                         scheduler.step()
                     torch._foreach_add_(running, [loss.detach() for loss in losses.values()])
+                    if auxiliary is not None:
+                        running_auxiliary = auxiliary.detach() if running_auxiliary is None else running_auxiliary + auxiliary.detach()
                     running_steps += 1
                     step += 1
                     advance(1)
@@ -564,7 +569,13 @@ class Trainer:
                         means = (torch.stack(running) / running_steps).tolist()
                         self._check_finite({t.name: v for t, v in zip(self.tasks, means)}, "training", step, epoch, running_steps)
                         weights = self.weighting.current_weights()
-                        record("train", {t.name: {"loss": v, "weight": weights[t.name]} for t, v in zip(self.tasks, means)})
+                        # The model's auxiliary loss (AITM's calibrator) belongs to no task: the same value on each row.
+                        extra = {}
+                        if running_auxiliary is not None:
+                            extra = {"auxiliary_loss": float(running_auxiliary) / running_steps}
+                            self._check_finite({"(auxiliary loss)": extra["auxiliary_loss"]}, "training", step, epoch, running_steps)
+                            running_auxiliary = torch.zeros_like(running_auxiliary)
+                        record("train", {t.name: {"loss": v, "weight": weights[t.name], **extra} for t, v in zip(self.tasks, means)})
                         torch._foreach_zero_(running)
                         running_steps = 0
                         if valid is not None:
@@ -592,6 +603,7 @@ class Trainer:
                     self._save_state(state_file, identity, scheduler, generator, {
                         "step": step, "epoch": epoch, "stale": stale, "best_value": best_value, "best_step": best_step,
                         "best_state": best_state, "history": history, "running": [r.cpu() for r in running],
+                        "running_auxiliary": None if running_auxiliary is None else running_auxiliary.cpu(),
                         "running_steps": running_steps, "seconds": resumed_seconds + time.perf_counter() - start})
 
         if valid is None:
