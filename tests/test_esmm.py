@@ -95,3 +95,34 @@ def test_esmm_on_the_aliexpress_sample(shared_data, tmp_path):
     metrics = json.loads((train_run(config, tmp_path / "run") / "metrics.json").read_text())
     assert metrics["test"]["cvr"]["count"] == 10  # the 10 clicked rows of the 20 test rows
     assert metrics["test"]["ctcvr"]["count"] == 20
+
+
+def test_the_funnel_chain_with_two_steps_is_esmm():
+    from mtlkit import TaskSpec
+
+    torch.manual_seed(0)
+    esmm = build_model("esmm", input_dim=6, tasks=esmm_tasks(), tower_hidden=[8])
+    funnel = build_model("esmm_funnel", input_dim=6, tasks=[TaskSpec("ctr"), TaskSpec("ctcvr")], tower_hidden=[8])
+    funnel.load_state_dict(esmm.state_dict())  # the same stacked towers: CTR's network, then CVR's
+    x = torch.randn(32, 6)
+    expected, outputs = esmm(x), funnel(x)
+    torch.testing.assert_close(outputs["ctr"], expected["ctr"])
+    torch.testing.assert_close(outputs["ctcvr"], expected["ctcvr"])
+    torch.testing.assert_close(funnel.conditional_logits(x)["ctcvr"], expected["cvr"])
+
+
+def test_the_funnel_chain_never_predicts_against_the_funnel():
+    from mtlkit import ConfigError, TaskSpec
+    from mtlkit.data import make_funnel
+    from mtlkit.training import Trainer, TrainerConfig
+
+    data = make_funnel(["click", "cart", "buy"], [0.5, 0.9, 0.9], num_rows=6000, input_dim=8, seed=0)
+    train, test = data.to_tensors().split([0.8, 0.2], seed=0)
+    torch.manual_seed(0)
+    model = build_model("esmm_funnel", input_dim=8, tasks=data.tasks, tower_hidden=[32, 16])
+    result = Trainer(model, TrainerConfig(max_epochs=4, batch_size=128, progress=False, patience=None)).fit(train, test)
+    predicted = torch.stack(list(model.predict(test.inputs).values()), dim=1)
+    assert (predicted[:, 1:] <= predicted[:, :-1]).all()
+    assert all(s["auc"] > 0.55 for s in result.final("valid").values())  # AITM on the same data: 0.57-0.59
+    with pytest.raises(ConfigError, match="esmm_funnel: every step must be a binary task, not \\['spend'\\]"):
+        build_model("esmm_funnel", input_dim=8, tasks=[TaskSpec("click"), TaskSpec("spend", "regression")])

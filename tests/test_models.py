@@ -13,14 +13,16 @@ ALL_MODELS = list_models()
 ANY_TASK_MODELS = [name for name in ALL_MODELS if get_model_class(name).any_number_of_tasks]
 
 
-def tasks(k):
-    kinds = ["binary", "regression"]
-    return [TaskSpec(name=f"task{i}", type=kinds[i % 2]) for i in range(k)]
+def tasks(k, kinds=("binary", "regression")):
+    return [TaskSpec(name=f"task{i}", type=kinds[i % len(kinds)]) for i in range(k)]
 
 
 def example_tasks(name, k=3):
-    """Tasks a model accepts: any K for most, the fixed roles for ESMM."""
-    return tasks(k) if get_model_class(name).any_number_of_tasks else esmm_tasks()
+    """Tasks a model accepts: any K of mixed types for most, binary ones for the funnel, the fixed roles for ESMM."""
+    cls = get_model_class(name)
+    if not cls.any_number_of_tasks:
+        return esmm_tasks()
+    return tasks(k, cls.task_types or ("binary", "regression"))
 
 
 def test_registry_has_the_core_models():
@@ -30,7 +32,7 @@ def test_registry_has_the_core_models():
 @pytest.mark.parametrize("name", ANY_TASK_MODELS)
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_output_shapes_for_any_number_of_tasks(name, k):
-    model = build_model(name, input_dim=13, tasks=tasks(k))
+    model = build_model(name, input_dim=13, tasks=example_tasks(name, k))
     for batch in (1, 7):  # a batch of one must not collapse a dimension
         out = model(torch.randn(batch, 13))
         assert list(out) == [f"task{i}" for i in range(k)]

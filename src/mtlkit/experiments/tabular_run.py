@@ -527,8 +527,8 @@ def initial_config(data_file: str | os.PathLike, labels: list[str], ignore: Sequ
     notes = []
     if is_funnel(frame, labels):
         notes.append(f"labels {' -> '.join(labels)} form a funnel (every positive of a step is a positive of the one "
-                     "before): model.name aitm passes each step's knowledge to the next, and esmm (click, conversion) "
-                     "trains the conversion rate over all impressions; mmoe is kept as the start")
+                     "before): model.name aitm passes each step's knowledge to the next, and esmm_funnel multiplies "
+                     "each step's rate given the one before, over all impressions; mmoe is kept as the start")
     return {
         "data": {"train": str(Path(data_file).resolve()), "valid": None, "test": None, "valid_fraction": 0.1},
         "schema": schema.to_dict(),

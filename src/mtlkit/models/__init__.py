@@ -9,7 +9,7 @@ Every model is built from a typed config through one registry::
 from mtlkit.models.adaptive_information_transfer import AdaptiveInformationTransferModel, AITMConfig, funnel_violation
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
-from mtlkit.models.esmm import ESMMConfig, EntireSpaceMultiTaskModel, esmm_tasks
+from mtlkit.models.esmm import EntireSpaceFunnelModel, EntireSpaceMultiTaskModel, ESMMConfig, FunnelESMMConfig, esmm_tasks
 from mtlkit.models.budget import count_model_parameters, match_parameter_budget
 from mtlkit.models.experts import ExpertBank
 from mtlkit.models.gates import GateBank, mix_experts
@@ -38,5 +38,6 @@ __all__ = [
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
     "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel",
+    "FunnelESMMConfig", "EntireSpaceFunnelModel",
     "CrossStitchConfig", "CrossStitchNetwork", "AITMConfig", "AdaptiveInformationTransferModel", "funnel_violation",
 ]

@@ -91,6 +91,8 @@ class MultiTaskModel(nn.Module):
     config_class: type[ModelConfig] = ModelConfig
     # False for models whose tasks are fixed roles (ESMM: ctr, cvr, ctcvr) rather than any K >= 1.
     any_number_of_tasks: bool = True
+    # The task types a model accepts (None: any); the entire-space funnel multiplies probabilities.
+    task_types: tuple[str, ...] | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

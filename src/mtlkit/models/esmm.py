@@ -1,4 +1,4 @@
-"""ESMM: the entire-space multi-task model (Ma et al., SIGIR 2018)."""
+"""ESMM: the entire-space multi-task model (Ma et al., SIGIR 2018), and its chain over a funnel of K steps."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from mtlkit.models.registry import register_model
 from mtlkit.models.towers import TaskTowers
 from mtlkit.tasks import TaskSpec
 
-__all__ = ["ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "probability_product_logit"]
+__all__ = ["ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "probability_product_logit",
+           "FunnelESMMConfig", "EntireSpaceFunnelModel"]
 
 
 def esmm_tasks(ctr: str = "ctr", cvr: str = "cvr", ctcvr: str = "ctcvr",
@@ -88,3 +89,54 @@ class EntireSpaceMultiTaskModel(MultiTaskModel):
         out = self.towers(x)
         ctr, cvr = out[c.ctr_task], out[c.cvr_task]
         return {c.ctr_task: ctr, c.cvr_task: cvr, c.ctcvr_task: probability_product_logit(ctr, cvr)}
+
+
+@dataclass
+class FunnelESMMConfig(ModelConfig):
+    """Config of :class:`EntireSpaceFunnelModel`.
+
+    Args:
+        tasks: the funnel's steps in order (click, cart, purchase, ...), all binary; each task's label
+            is the step's event over all impressions (a purchase counts only with its click).
+        tower_hidden: hidden widths of each step's conditional network (ESMM's 360, 200, 80).
+    """
+
+    tower_hidden: Sequence[int] = (360, 200, 80)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        wrong = [t.name for t in self.tasks if t.type != "binary"]
+        if wrong:
+            raise ConfigError(f"esmm_funnel: every step must be a binary task, not {wrong}")
+
+
+@register_model("esmm_funnel")
+class EntireSpaceFunnelModel(MultiTaskModel):
+    """ESMM's product over a funnel of any length: step ``t`` has a network for ``P(e_t | e_{t-1}, x)``
+    and outputs the entire-space ``P(e_t | x) = prod_{j <= t} P(e_j | e_{j-1}, x)``, trained on all
+    impressions with the step's own label. With two steps it is ESMM's CTR and CTCVR; the conditional
+    rates (ESMM's CVR) come from :meth:`conditional_logits`. A later step is never predicted likelier
+    than the one before, by construction.
+
+    All steps' networks run as one stacked MLP. Shape: ``(B, input_dim) -> {step: (B, 1)}`` (logits).
+    """
+
+    config_class = FunnelESMMConfig
+    task_types = ("binary",)
+
+    def __init__(self, config: FunnelESMMConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.towers = TaskTowers(c.tasks, c.input_dim, c.tower_hidden, shared_input=True,
+                                 activation=c.activation, dropout=c.dropout, norm=c.norm)
+
+    def conditional_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each step's logit given the step before (the first: given the impression). ``(B, 1)`` each."""
+        return dict(self.towers(x))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, previous = {}, None
+        for name, logit in self.towers(x).items():  # each step multiplies the one before: a chain
+            previous = logit if previous is None else probability_product_logit(previous, logit)
+            out[name] = previous
+        return out

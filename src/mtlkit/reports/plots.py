@@ -26,6 +26,8 @@ MODEL_LABELS = {
     "cgc": "CGC",
     "ple": "PLE",
     "esmm": "ESMM",
+    "esmm_funnel": "ESMM funnel",
+    "aitm": "AITM",
     "gbdt": "GBDT",
 }
 
