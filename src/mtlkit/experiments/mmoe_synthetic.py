@@ -175,7 +175,8 @@ def run_mmoe_synthetic(config: SyntheticSweepConfig, out_dir: str | Path, jobs: 
     Writes ``sweep.json`` (the settings), ``runs.jsonl`` (one line per finished run, with its history),
     ``summary.csv``, ``history.csv``, ``table.csv``/``table.md`` (mean and std of the final mean test loss
     per model and correlation), ``mtl_gain.csv``/``mtl_gain.md`` (the PLE paper's MTL gain per task over
-    the single-task model, and seesaw runs; with ``single_task`` in the sweep), ``loss_curves.png`` (Figure 4) and ``final_loss_distribution.png`` (Figure 5).
+    the single-task model, and seesaw runs; with ``single_task`` in the sweep), ``loss_curves.png``
+    (Figure 4) and ``final_loss_distribution.png`` (Figure 5).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
