@@ -26,7 +26,7 @@ def example_tasks(name, k=3):
 
 
 def test_registry_has_the_core_models():
-    assert {"single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm"} <= set(ALL_MODELS)
+    assert {"single_task", "shared_bottom", "cross_stitch", "omoe", "mmoe", "cgc", "ple", "esmm", "esmm_funnel", "aitm"} <= set(ALL_MODELS)
 
 
 @pytest.mark.parametrize("name", ANY_TASK_MODELS)
