@@ -39,9 +39,10 @@ from mtlkit.reports.gate_usage import (
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
 from mtlkit.training.distributed import barrier, is_main_process
+from mtlkit.training.output_calibration import fit_platt_scaling
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
-           "dump_config", "LoadedRun", "load_run", "gate_usage_run", "gate_usage_by_column_run", "training_state_path",
+           "dump_config", "LoadedRun", "load_run", "calibrate_run", "gate_usage_run", "gate_usage_by_column_run", "training_state_path",
            "importance_run", "compare_runs"]
 
 
@@ -344,8 +345,57 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     if [t.name for t in model.tasks] != [t.name for t in preprocessor.schema.tasks]:
         raise DataError(f"{run}: the checkpoint's tasks {[t.name for t in model.tasks]} do not match the schema's "
                         f"{[t.name for t in preprocessor.schema.tasks]}")
+    calibration_file = run / CALIBRATION_FILE
+    if calibration_file.is_file():
+        try:
+            saved = json.loads(calibration_file.read_text())
+            model.set_output_calibration({name: (v["scale"], v["shift"]) for name, v in saved["tasks"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(f"{calibration_file}: not a calibration of this run's binary tasks ({error}); "
+                            "delete it or run mtlkit calibrate again") from None
     model.eval()
     return LoadedRun(config, preprocessor, model)
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibrate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, Any]:
+    """Fit Platt scaling for every binary task of a run on a labelled table (held-out rows: the
+    validation table, never the test table you report) and write ``calibration.json`` into the run;
+    from then on ``load_run``'s predictions, ``mtlkit evaluate`` and ``mtlkit export`` apply it.
+    A previous calibration is replaced, never compounded.
+
+    Returns ``{"tasks": {task: {"scale", "shift"}}, "before": scores, "after": scores}``, the scores
+    (as :func:`evaluate_run`'s) on that same table, which flatters the "after" side a little.
+    """
+    run = load_run(run_dir)
+    run.model.set_output_calibration(None)  # fitted on the model's own logits
+    schema = run.preprocessor.schema
+    frame = read_table(data_file, schema.required_columns)
+    encoded = run.preprocessor.transform(frame, source=str(data_file))
+    data, batch_size = encoded.tensors, run.config.training.eval_batch_size
+    binary = [(k, t.name) for k, t in enumerate(run.model.tasks) if t.type == "binary"]
+    if not binary:
+        raise ConfigError(f"{run_dir}: calibration applies to binary tasks; this run has none")
+
+    def scores() -> dict[str, dict[str, float]]:
+        return run.preprocessor.scores_in_label_units(evaluate(run.model, data, run.model.tasks, batch_size, groups=encoded.groups))
+
+    before = scores()
+    with torch.no_grad():
+        parts = [run.model(batch.inputs) for batch in data.batches(batch_size)]
+    fitted = {}
+    for k, name in binary:
+        mask = data.label_mask[:, k]
+        logits = torch.cat([part[name][:, 0] for part in parts])[mask]
+        weight = None if data.sample_weight is None else data.sample_weight[mask]
+        fitted[name] = fit_platt_scaling(logits, data.labels[mask, k], weight, where=f"{data_file}: task {name!r}")
+    run.model.set_output_calibration(fitted)
+    after = scores()
+    tasks = {name: {"scale": a, "shift": b} for name, (a, b) in fitted.items()}
+    write_json(Path(run_dir) / CALIBRATION_FILE, {"method": "platt", "data": str(data_file), "rows": len(frame), "tasks": tasks})
+    return {"tasks": tasks, "before": before, "after": after}
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, Any]:

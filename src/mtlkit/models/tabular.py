@@ -29,6 +29,21 @@ class TabularMultiTaskModel(MultiTaskModel):
         self.registry_name = backbone.registry_name
         self.encoder = encoder
         self.backbone = backbone
+        # {binary task: (scale, shift)} applied to its logit after the backbone (post-hoc Platt scaling
+        # of a trained run, see set_output_calibration); None while training.
+        self.output_calibration: dict[str, tuple[float, float]] | None = None
+
+    def set_output_calibration(self, calibration: Mapping[str, tuple[float, float]] | None) -> None:
+        """Apply ``logit -> scale * logit + shift`` to these binary tasks' outputs from now on (None:
+        remove). A plain attribute, not in the state dict: a run keeps it in ``calibration.json``."""
+        if calibration is None:
+            self.output_calibration = None
+            return
+        tasks = {t.name: t for t in self.tasks}
+        wrong = sorted(name for name in calibration if name not in tasks or tasks[name].type != "binary")
+        if wrong:
+            raise ValueError(f"output calibration: {wrong} are not binary tasks of this model ({sorted(tasks)})")
+        self.output_calibration = {name: (float(a), float(b)) for name, (a, b) in calibration.items()}
 
     def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         return self.backbone.auxiliary_loss(outputs)
@@ -37,4 +52,8 @@ class TabularMultiTaskModel(MultiTaskModel):
         return self.backbone.shared_layer_parameters()
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.backbone(self.encoder(inputs))
+        outputs = self.backbone(self.encoder(inputs))
+        if self.output_calibration is None:
+            return outputs
+        return {name: value * self.output_calibration[name][0] + self.output_calibration[name][1]
+                if name in self.output_calibration else value for name, value in outputs.items()}
