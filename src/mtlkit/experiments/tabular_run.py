@@ -30,14 +30,15 @@ from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema, is
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
-from mtlkit.models import TabularMultiTaskModel, build_model, model_config
+from mtlkit.models import TabularMultiTaskModel, apply_output_calibration, build_model, model_config
 from mtlkit.reports.calibration import plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import (
     GateUsage, gate_usage_markdown, measure_gate_usage, measure_gate_usage_by_group, save_gate_usage,
 )
 from mtlkit.reports.plots import plot_learning_curves
-from mtlkit.training import Trainer, TrainerConfig, evaluate, load_checkpoint, save_checkpoint
+from mtlkit.tasks import TaskSpec
+from mtlkit.training import Trainer, TrainerConfig, evaluate, forward_outputs, load_checkpoint, save_checkpoint, score_outputs
 from mtlkit.training.distributed import barrier, is_main_process
 from mtlkit.training.output_calibration import fit_platt_scaling
 
@@ -206,18 +207,21 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
 
     batch = training.eval_batch_size
     in_units = preprocessor.scores_in_label_units
+    # One forward pass per split: its outputs give the metrics and the reliability tables.
+    outputs = {split: forward_outputs(model, encoded.tensors, model.tasks, batch)
+               for split, encoded in (("valid", valid), ("test", test)) if encoded is not None}
     metrics: dict[str, Any] = {
         "model": config.model["name"],
         "parameters": model.count_parameters(),
         "best_step": result.best_step, "steps": result.steps, "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 2),
         "rows": {"train": len(train.tensors), "valid": len(valid.tensors), **({"test": len(test.tensors)} if test else {})},
-        "valid": in_units(evaluate(model, valid.tensors, model.tasks, batch, groups=valid.groups)),
+        "valid": in_units(score_outputs(outputs["valid"], valid.tensors, model.tasks, valid.groups)),
         **({"standardized_labels": preprocessor.label_statistics} if preprocessor.label_statistics else {}),
         "out_of_vocabulary": {"valid": valid.out_of_vocabulary, **({"test": test.out_of_vocabulary} if test else {})},
     }
     if test is not None:
-        metrics["test"] = in_units(evaluate(model, test.tensors, model.tasks, batch, groups=test.groups))
+        metrics["test"] = in_units(score_outputs(outputs["test"], test.tensors, model.tasks, test.groups))
 
     if not is_main_process():  # under torchrun, rank 0 alone writes the run folder
         barrier()
@@ -233,7 +237,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         history.to_csv(staging / "history.csv", index=False)
         plot_learning_curves(history, staging / "learning_curves.png", f"{config.model['name']}: loss per task")
         scored_split, scored = ("test", test) if test is not None else ("valid", valid)
-        reliability = _reliability_tables(model, scored.tensors, batch)
+        reliability = _reliability_tables(model.tasks, outputs[scored_split], scored.tensors)
         if reliability:
             plot_reliability(reliability, staging / "calibration.png",
                              f"{config.model['name']}: predicted against observed rates, {scored_split} rows")
@@ -262,14 +266,12 @@ def _predict_tensors(model: TabularMultiTaskModel, tensors, batch_size: int) -> 
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _reliability_tables(model: TabularMultiTaskModel, tensors, batch_size: int) -> dict[str, pd.DataFrame]:
-    """Each binary task's reliability table over its labelled rows (:mod:`mtlkit.reports.calibration`)."""
-    binary = [(k, t.name) for k, t in enumerate(model.tasks) if t.type == "binary"]
-    if not binary:
-        return {}
-    predicted, mask = _predict_tensors(model, tensors, batch_size), tensors.label_mask
-    return {name: reliability_table(predicted[name][mask[:, k]], tensors.labels[mask[:, k], k])
-            for k, name in binary if bool(mask[:, k].any())}
+def _reliability_tables(tasks: Sequence[TaskSpec], outputs: Mapping[str, torch.Tensor], tensors) -> dict[str, pd.DataFrame]:
+    """Each binary task's reliability table over its labelled rows (:mod:`mtlkit.reports.calibration`),
+    from the model's raw ``outputs`` on ``tensors``."""
+    mask = tensors.label_mask
+    return {t.name: reliability_table(t.task_type.predict(outputs[t.name])[mask[:, k]], tensors.labels[mask[:, k], k])
+            for k, t in enumerate(tasks) if t.type == "binary" and bool(mask[:, k].any())}
 
 
 def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, GateUsage], calibrated_on: str | None) -> str:
@@ -374,28 +376,24 @@ def calibrate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> d
     schema = run.preprocessor.schema
     frame = read_table(data_file, schema.required_columns)
     encoded = run.preprocessor.transform(frame, source=str(data_file))
-    data, batch_size = encoded.tensors, run.config.training.eval_batch_size
-    binary = [(k, t.name) for k, t in enumerate(run.model.tasks) if t.type == "binary"]
+    data, tasks = encoded.tensors, run.model.tasks
+    binary = [(k, t.name) for k, t in enumerate(tasks) if t.type == "binary"]
     if not binary:
         raise ConfigError(f"{run_dir}: calibration applies to binary tasks; this run has none")
 
-    def scores() -> dict[str, dict[str, float]]:
-        return run.preprocessor.scores_in_label_units(evaluate(run.model, data, run.model.tasks, batch_size, groups=encoded.groups))
+    def scores(outputs: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        return run.preprocessor.scores_in_label_units(score_outputs(outputs, data, tasks, encoded.groups))
 
-    before = scores()
-    with torch.no_grad():
-        parts = [run.model(batch.inputs) for batch in data.batches(batch_size)]
+    outputs = forward_outputs(run.model, data, tasks, run.config.training.eval_batch_size)
     fitted = {}
     for k, name in binary:
         mask = data.label_mask[:, k]
-        logits = torch.cat([part[name][:, 0] for part in parts])[mask]
         weight = None if data.sample_weight is None else data.sample_weight[mask]
-        fitted[name] = fit_platt_scaling(logits, data.labels[mask, k], weight, where=f"{data_file}: task {name!r}")
-    run.model.set_output_calibration(fitted)
-    after = scores()
-    tasks = {name: {"scale": a, "shift": b} for name, (a, b) in fitted.items()}
-    write_json(Path(run_dir) / CALIBRATION_FILE, {"method": "platt", "data": str(data_file), "rows": len(frame), "tasks": tasks})
-    return {"tasks": tasks, "before": before, "after": after}
+        fitted[name] = fit_platt_scaling(outputs[name][mask, 0], data.labels[mask, k], weight, where=f"{data_file}: task {name!r}")
+    before, after = scores(outputs), scores(apply_output_calibration(outputs, fitted))
+    saved = {name: {"scale": a, "shift": b} for name, (a, b) in fitted.items()}
+    write_json(Path(run_dir) / CALIBRATION_FILE, {"method": "platt", "data": str(data_file), "rows": len(frame), "tasks": saved})
+    return {"tasks": saved, "before": before, "after": after}
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, Any]:

@@ -9,7 +9,15 @@ import torch
 from mtlkit.features.encoder import FeatureEncoder
 from mtlkit.models.base import MultiTaskModel
 
-__all__ = ["TabularMultiTaskModel"]
+__all__ = ["TabularMultiTaskModel", "apply_output_calibration"]
+
+
+def apply_output_calibration(outputs: Mapping[str, torch.Tensor],
+                             calibration: Mapping[str, tuple[float, float]]) -> dict[str, torch.Tensor]:
+    """``outputs`` with ``logit -> scale * logit + shift`` for each task in ``calibration`` (Platt
+    scaling, :mod:`mtlkit.training.output_calibration`); other tasks unchanged."""
+    return {name: value * calibration[name][0] + calibration[name][1] if name in calibration else value
+            for name, value in outputs.items()}
 
 
 class TabularMultiTaskModel(MultiTaskModel):
@@ -53,7 +61,4 @@ class TabularMultiTaskModel(MultiTaskModel):
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs = self.backbone(self.encoder(inputs))
-        if self.output_calibration is None:
-            return outputs
-        return {name: value * self.output_calibration[name][0] + self.output_calibration[name][1]
-                if name in self.output_calibration else value for name, value in outputs.items()}
+        return outputs if self.output_calibration is None else apply_output_calibration(outputs, self.output_calibration)

@@ -32,7 +32,7 @@ from mtlkit.training.metrics import HIGHER_IS_BETTER, NOT_MONITORABLE, group_auc
 from mtlkit.training.optimizer import build_adam
 from mtlkit.training.progress import progress_bar
 
-__all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate"]
+__all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate", "forward_outputs", "score_outputs"]
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # training.precision -> the autocast dtype of the training forward (None: no autocast).
@@ -266,17 +266,10 @@ def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...],
-             batch_size: int = 16384, device: torch.device | str | None = None,
-             groups: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
-    """Loss and metrics of every task on ``data`` (exact over all labelled rows, not batch means),
-    computed on ``device`` (default: where the model's parameters are).
-
-    With ``groups`` (``(N,)`` group ids, e.g. users), binary tasks also get ``gauc`` from the same
-    forward pass.
-
-    Returns ``{task: {"loss": ..., metric: ..., "count": ...}}``.
-    """
+def forward_outputs(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...], batch_size: int = 16384,
+                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """``{task: (N, output_dim)}`` raw outputs of ``model`` in eval mode on every row of ``data``, batch
+    by batch on ``device`` (default: where the model's parameters are), gathered on the host in float32."""
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
     was_training = model.training
@@ -287,21 +280,38 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
             outputs = model(map_inputs(batch.inputs, lambda t: t.to(device)))
             for name in chunks:
                 chunks[name].append(outputs[name].float().cpu())
-        outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
-        # The losses and metrics are computed on the host, with the outputs: only the labels come
-        # back from a GPU-held table, never its inputs.
-        labels, label_mask = data.labels.cpu(), data.label_mask.cpu()
-        sample_weight = None if data.sample_weight is None else data.sample_weight.cpu()
-        losses = task_losses(outputs, labels, label_mask, tasks, sample_weight)
-        metrics = task_metrics(outputs, labels, label_mask, tasks, sample_weight)
-        if groups is not None:
-            for k, task in enumerate(tasks):
-                if task.type == "binary":
-                    mask = label_mask[:, k]
-                    metrics[task.name]["gauc"] = group_auc(outputs[task.name][mask, 0], labels[mask, k], groups[mask])
-        return {t.name: {"loss": float(losses[t.name]), **metrics[t.name]} for t in tasks}
+        return {name: torch.cat(parts) for name, parts in chunks.items()}
     finally:
         model.train(was_training)
+
+
+def score_outputs(outputs: Mapping[str, torch.Tensor], data: MultiTaskTensors, tasks: tuple[TaskSpec, ...],
+                  groups: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Loss and metrics of every task from its host-side ``outputs`` on ``data`` (exact over all
+    labelled rows, not batch means); with ``groups`` (``(N,)`` group ids, e.g. users), binary tasks
+    also get ``gauc``. Returns ``{task: {"loss": ..., metric: ..., "count": ...}}``."""
+    # Only the labels come back from a GPU-held table, never its inputs.
+    labels, label_mask = data.labels.cpu(), data.label_mask.cpu()
+    sample_weight = None if data.sample_weight is None else data.sample_weight.cpu()
+    losses = task_losses(outputs, labels, label_mask, tasks, sample_weight)
+    metrics = task_metrics(outputs, labels, label_mask, tasks, sample_weight)
+    if groups is not None:
+        for k, task in enumerate(tasks):
+            if task.type == "binary":
+                mask = label_mask[:, k]
+                metrics[task.name]["gauc"] = group_auc(outputs[task.name][mask, 0], labels[mask, k], groups[mask])
+    return {t.name: {"loss": float(losses[t.name]), **metrics[t.name]} for t in tasks}
+
+
+def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...],
+             batch_size: int = 16384, device: torch.device | str | None = None,
+             groups: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """Loss and metrics of every task on ``data``: :func:`score_outputs` of :func:`forward_outputs`
+    (the losses and metrics computed on the host, with the outputs).
+
+    Returns ``{task: {"loss": ..., metric: ..., "count": ...}}``.
+    """
+    return score_outputs(forward_outputs(model, data, tasks, batch_size, device), data, tasks, groups)
 
 
 class Trainer:
@@ -558,7 +568,9 @@ class Trainer:
                         scheduler.step()
                     torch._foreach_add_(running, [loss.detach() for loss in losses.values()])
                     if auxiliary is not None:
-                        running_auxiliary = auxiliary.detach() if running_auxiliary is None else running_auxiliary + auxiliary.detach()
+                        if running_auxiliary is None:
+                            running_auxiliary = torch.zeros((), device=self.device)
+                        running_auxiliary.add_(auxiliary.detach())
                     running_steps += 1
                     step += 1
                     advance(1)
@@ -574,7 +586,7 @@ class Trainer:
                         if running_auxiliary is not None:
                             extra = {"auxiliary_loss": float(running_auxiliary) / running_steps}
                             self._check_finite({"(auxiliary loss)": extra["auxiliary_loss"]}, "training", step, epoch, running_steps)
-                            running_auxiliary = torch.zeros_like(running_auxiliary)
+                            running_auxiliary.zero_()
                         record("train", {t.name: {"loss": v, "weight": weights[t.name], **extra} for t, v in zip(self.tasks, means)})
                         torch._foreach_zero_(running)
                         running_steps = 0
