@@ -20,6 +20,9 @@ if model_name == "aitm":  # a funnel of binary steps, so that the calibrator's a
 else:
     data = make_synthetic(correlation=0.5, num_rows=4000, input_dim=20, num_sine_terms=0, seed=0)
     options = {"num_experts": 4}
+if model_name == "ple_dselect":  # DSelect-k gates: their penalty (codes of no expert, entropy) as the auxiliary loss
+    model_name, options = "ple", {"num_shared_experts": 2, "num_task_experts": 1, "gate_type": "dselect_k", "gate_top_k": 2,
+                                  "gate_entropy_weight": 0.01}
 first = data.tasks[0].name
 train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
 torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's

@@ -39,6 +39,8 @@ def test_summaries_equal_the_recorded_weights_whatever_the_batching(name):
             entropy = -(torch.special.xlogy(w, w).sum(-1)).mean(0).numpy() / np.log(usage.choices.sum(1))
             np.testing.assert_allclose(usage.row_entropy, entropy, rtol=1e-6)
             assert (usage.mean_weight[~usage.choices] == 0).all()
+            np.testing.assert_allclose(usage.experts_per_row, (w > 0).sum(-1).double().mean(0).numpy())
+            np.testing.assert_allclose(usage.experts_per_row, usage.choices.sum(1))  # a softmax never gives exactly 0
             assert ((usage.effective_experts >= 1 - 1e-9) & (usage.effective_experts <= usage.choices.sum(1) + 1e-9)).all()
 
 
@@ -210,6 +212,8 @@ def test_top_k_gates_mix_only_their_best_experts(name):
     assert not model.takes_small_mixture_path(x)  # the fused node has no top-k
     with model.recording_gates() as sparse, dense.recording_gates() as full:
         model(x), dense(x)
+    for path, usage in measure_gate_usage(model, [x]).items():
+        np.testing.assert_allclose(usage.experts_per_row, 2)
     for path, weights in sparse.items():
         assert ((weights > 0).sum(-1) == 2).all()
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))

@@ -208,10 +208,13 @@ def test_multiclass_labels_by_name(files):
 
 @pytest.mark.parametrize("model", [{"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
                                    {"name": "ple", "num_levels": 2, "expert_hidden": [256, 128], "tower_hidden": [8]},
-                                   {"name": "aitm", "bottom_hidden": [16, 8]}])
+                                   {"name": "aitm", "bottom_hidden": [16, 8]},
+                                   {"name": "ple", "gate_type": "dselect_k", "gate_top_k": 2, "gate_entropy_weight": 0.01},
+                                   {"name": "mmoe", "gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"}])
 def test_export_serves_the_runs_predictions_with_pytorch_alone(files, model):
     """Dense, categorical and multi-valued inputs, two binary tasks and a standardised regression
-    task; small (the one-node CPU path) and large (fused) experts, and AITM's chain of transfers. The program, loaded in a process
+    task; small (the one-node CPU path) and large (fused) experts, AITM's chain of transfers and
+    DSelect-k gates (conditioned on the row, and on the task only). The program, loaded in a process
     that never imports mtlkit, gives LoadedRun.predict's numbers for any batch size."""
     config = load_run_config(files / "run.yaml")
     config.model = model

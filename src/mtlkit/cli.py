@@ -288,6 +288,7 @@ def gates_command(
                           end_section=e == len(usage.expert_names) - 1)
         table.add_row("effective experts", *[f"{n:.2f} of {int(c)}" for n, c in zip(usage.effective_experts, usage.choices.sum(1))])
         table.add_row("row entropy", *[f"{h:.2f}" for h in usage.row_entropy])
+        table.add_row("experts per row", *[f"{n:.2f}" for n in usage.experts_per_row])
         console.print(table)
         unused = usage.unused_experts()
         console.print(f"{usage.rows} rows; experts below 1% of every gate that can choose them: {', '.join(unused) or 'none'}",

@@ -11,7 +11,9 @@ from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
 from mtlkit.models.esmm import EntireSpaceFunnelModel, EntireSpaceMultiTaskModel, ESMMConfig, FunnelESMMConfig, esmm_tasks
 from mtlkit.models.budget import count_model_parameters, match_parameter_budget
+from mtlkit.models.dselect_gates import DSelectKGateBank
 from mtlkit.models.experts import ExpertBank
+from mtlkit.models.gate_settings import GateSettings
 from mtlkit.models.gates import GateBank, mix_experts
 from mtlkit.models.layers import MLP, StackedLinear, StackedMLP
 from mtlkit.models.mixture_of_experts import (
@@ -31,7 +33,7 @@ from mtlkit.models.single_task import SingleTaskConfig, SingleTaskModel
 from mtlkit.models.tabular import TabularMultiTaskModel, apply_output_calibration
 
 __all__ = [
-    "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "mix_experts",
+    "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "DSelectKGateBank", "GateSettings", "mix_experts",
     "ModelConfig", "MultiTaskModel", "register_model", "build_model", "list_models", "get_model_class",
     "model_config", "count_model_parameters", "match_parameter_budget",
     "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",

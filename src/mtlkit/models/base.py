@@ -124,9 +124,20 @@ class MultiTaskModel(nn.Module):
 
     def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """A term the trainer adds to the weighted task losses, computed from the training forward's
-        ``outputs`` (a scalar; AITM's calibrator), or None (the default: no such term). Loss
-        weightings never scale it, and validation losses leave it out."""
-        return None
+        ``outputs`` (a scalar; AITM's calibrator), or None (no such term). Loss weightings never
+        scale it, and validation losses leave it out. The default is :meth:`gate_penalty`."""
+        return self.gate_penalty()
+
+    def gate_penalty(self) -> torch.Tensor | None:
+        """The sum of the regularisation terms the gates left in the last training forward
+        (DSelect-k's), or None where no gate has one. The gates are looked up on the first call."""
+        banks = self.__dict__.get("_penalised_gate_banks")
+        if banks is None:
+            # A plain attribute, not a submodule list: these banks are registered where they are.
+            banks = self.__dict__["_penalised_gate_banks"] = tuple(
+                bank for bank in self.gate_banks().values() if bank.has_penalty)
+        penalties = [p for p in (bank.take_penalty() for bank in banks) if p is not None]
+        return sum(penalties[1:], penalties[0]) if penalties else None
 
     def shared_layer_parameters(self) -> list[nn.Parameter]:
         """The parameters of the last layer that every task's output depends on (GradNorm balances

@@ -96,18 +96,31 @@ class GateBank(nn.Module):
     and no gradient from that row. Every expert is still computed: on these sizes one dense batched
     matmul is cheaper than gathering each row's experts.
 
+    With ``input_dim=0`` the gates are conditioned on the task only: a gate's weights are the same
+    for every row (the softmax of its bias, learned), as in the static gates of Hazimeh et al.
+    (NeurIPS 2021); the forward still takes the rows' input, for their number.
+
+    ``logits_per_gate`` is for subclasses whose gates compute other than one logit per choice
+    (:class:`~mtlkit.models.DSelectKGateBank`); such a gate may also leave a regularisation term of
+    its training forward for the model to collect (:meth:`take_penalty`, ``has_penalty``).
+
     Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, G, num_choices)``; each row sums to 1.
     """
 
+    # Whether take_penalty can return a term (the model looks for such gates once).
+    has_penalty = False
+
     def __init__(self, num_gates: int, input_dim: int, num_choices: int, shared_input: bool = True, temperature: float = 1.0,
                  choices: Sequence[Sequence[int]] | None = None, gate_names: Sequence[str] | None = None,
-                 choice_names: Sequence[str] | None = None, dropout: float = 0.0, top_k: int | None = None) -> None:
+                 choice_names: Sequence[str] | None = None, dropout: float = 0.0, top_k: int | None = None,
+                 logits_per_gate: int | None = None) -> None:
         super().__init__()
         if num_choices < 1:
             raise ConfigError(f"a gate needs at least one expert to choose from, got {num_choices}")
         if not temperature > 0:
             raise ConfigError(f"gate_temperature must be > 0, got {temperature}")
-        self.linear = StackedLinear(num_gates, input_dim, num_choices, shared_input=shared_input)
+        # Subclasses whose gates compute something other than one logit per expert say how many.
+        self.linear = StackedLinear(num_gates, input_dim, logits_per_gate or num_choices, shared_input=shared_input)
         self.temperature = float(temperature)
         self.dropout = float(dropout)
         check_top_k(top_k, num_choices, "the gate's experts")
@@ -148,15 +161,24 @@ class GateBank(nn.Module):
         threshold = logits.topk(self.top_k, dim=1).values[:, -1:]  # (G, 1, B)
         return logits.masked_fill(logits < threshold, float("-inf"))
 
+    def take_penalty(self) -> torch.Tensor | None:
+        """A term the last training forward adds to the objective; a softmax gate has none."""
+        return None
+
     def num_excluded_parameters(self) -> int:
         """Weights and biases of excluded choices: parameters that can never affect the gates."""
         if self.choice_mask is None:
             return 0
         return int(torch.isinf(self.choice_mask).sum()) * (self.linear.in_features + 1)
 
+    def gate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the gates' linear map reads of ``x``: all of it, or none of its features for gates
+        conditioned on the task only (``input_dim=0``). Shape: ``(B, [G,] in) -> (B, [G,] in or 0)``."""
+        return x[..., :0] if self.linear.in_features == 0 else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.linear.bias if self.choice_mask is None else self.linear.bias + self.choice_mask
-        logits = self.linear.forward_batch_last(x, bias)  # (G, E, B)
+        logits = self.linear.forward_batch_last(self.gate_input(x), bias)  # (G, E, B)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if self.dropout > 0 and self.training:

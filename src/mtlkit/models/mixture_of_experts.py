@@ -7,10 +7,11 @@ from typing import Sequence
 
 import torch
 
-from mtlkit.configuration import check_count, check_positive, check_probability, check_sizes
+from mtlkit.configuration import check_count, check_sizes
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
-from mtlkit.models.gates import GateBank, check_top_k, mix_experts
+from mtlkit.models.gate_settings import GateSettings
+from mtlkit.models.gates import mix_experts
 from mtlkit.models.registry import register_model
 from mtlkit.models.small_mixture import small_mixture_applies, small_mixture_outputs
 from mtlkit.models.towers import TaskTowers
@@ -19,33 +20,23 @@ __all__ = ["MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtur
 
 
 @dataclass
-class MixtureOfExpertsConfig(ModelConfig):
-    """Config of OMoE and MMoE.
+class MixtureOfExpertsConfig(GateSettings, ModelConfig):
+    """Config of OMoE and MMoE; the gate fields (``gate_type``, ``gate_top_k``, ...) are
+    :class:`~mtlkit.models.gate_settings.GateSettings`'.
 
     Args:
         num_experts: number of experts (>= 1); the MMoE paper's synthetic set-up uses 8.
         expert_hidden: layer widths of each expert (paper: ``(16,)``).
-        gate_temperature: softmax temperature of the gates (> 0; 1 is the paper's gate).
-        gate_dropout: in training, the probability that a gate ignores an expert for a row (its
-            weight set to 0, the rest renormalised; Zhao et al., RecSys 2019, against gates that
-            collapse onto one expert); 0 turns it off.
-        gate_top_k: each gate mixes only its ``k`` highest-scoring experts for a row (a sparse
-            mixture, Shazeer et al., ICLR 2017), at most ``num_experts``; null mixes them all.
     """
 
     num_experts: int = 8
     expert_hidden: Sequence[int] = (16,)
-    gate_temperature: float = 1.0
-    gate_dropout: float = 0.0
-    gate_top_k: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_count(self.num_experts, "num_experts", 1)
         self.expert_hidden = check_sizes(self.expert_hidden, "expert_hidden", allow_empty=False)
-        check_positive(self.gate_temperature, "gate_temperature")
-        check_probability(self.gate_dropout, "gate_dropout")
-        check_top_k(self.gate_top_k, self.num_experts, "num_experts")
+        self.check_gate_settings(self.num_experts, "num_experts")
 
 
 class _MixtureOfExperts(MultiTaskModel):
@@ -62,9 +53,8 @@ class _MixtureOfExperts(MultiTaskModel):
                                   activation=c.activation, dropout=c.dropout, norm=c.norm)
         self.one_gate = self.num_gates_per_model == 1
         num_gates = 1 if self.one_gate else c.num_tasks
-        self.gates = GateBank(num_gates, c.input_dim, c.num_experts, shared_input=True, temperature=c.gate_temperature,
-                              dropout=c.gate_dropout, top_k=c.gate_top_k,
-                              gate_names=["all tasks"] if self.one_gate else [t.name for t in c.tasks])
+        self.gates = c.build_gate_bank(num_gates, c.input_dim, c.num_experts, shared_input=True,
+                                       gate_names=["all tasks"] if self.one_gate else [t.name for t in c.tasks])
         self.towers = TaskTowers(c.tasks, self.experts.output_dim, c.tower_hidden, shared_input=self.one_gate,
                                  activation=c.activation, dropout=c.dropout, norm=c.norm)
 

@@ -8,10 +8,11 @@ from typing import Sequence
 import torch
 
 from mtlkit.errors import ConfigError
-from mtlkit.configuration import check_count, check_positive, check_probability, check_sizes
+from mtlkit.configuration import check_count, check_sizes
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.experts import ExpertBank
-from mtlkit.models.gates import GateBank, check_top_k, mix_experts
+from mtlkit.models.gate_settings import GateSettings
+from mtlkit.models.gates import mix_experts
 from mtlkit.models.registry import register_model
 from mtlkit.models.small_mixture import small_mixture_applies, small_mixture_outputs
 from mtlkit.models.towers import TaskTowers
@@ -20,26 +21,20 @@ __all__ = ["CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayere
 
 
 @dataclass
-class CGCConfig(ModelConfig):
-    """Config of CGC (one extraction level).
+class CGCConfig(GateSettings, ModelConfig):
+    """Config of CGC (one extraction level); the gate fields are
+    :class:`~mtlkit.models.gate_settings.GateSettings`', and ``gate_top_k`` counts among the experts
+    a gate may choose.
 
     Args:
         num_shared_experts: experts every task may select (>= 0).
         num_task_experts: experts owned by each task (>= 0); at least one expert per task in all.
         expert_hidden: layer widths of each expert.
-        gate_temperature: softmax temperature of the gates (> 0).
-        gate_dropout: in training, the probability that a gate ignores one of its experts for a row
-            (see :class:`~mtlkit.models.MixtureOfExpertsConfig`); 0 turns it off.
-        gate_top_k: each gate mixes only its ``k`` highest-scoring experts for a row (among those it
-            may choose); null mixes them all.
     """
 
     num_shared_experts: int = 4
     num_task_experts: int = 2
     expert_hidden: Sequence[int] = (16,)
-    gate_temperature: float = 1.0
-    gate_dropout: float = 0.0
-    gate_top_k: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,10 +43,8 @@ class CGCConfig(ModelConfig):
         if self.num_shared_experts + self.num_task_experts < 1:
             raise ConfigError("num_shared_experts + num_task_experts must be >= 1 (each task needs an expert), got 0")
         self.expert_hidden = check_sizes(self.expert_hidden, "expert_hidden", allow_empty=False)
-        check_positive(self.gate_temperature, "gate_temperature")
-        check_probability(self.gate_dropout, "gate_dropout")
-        check_top_k(self.gate_top_k, self.num_tasks * self.num_task_experts + self.num_shared_experts,
-                    "the experts of a level (num_tasks * num_task_experts + num_shared_experts)")
+        self.check_gate_settings(self.num_tasks * self.num_task_experts + self.num_shared_experts,
+                                 "the experts of a level (num_tasks * num_task_experts + num_shared_experts)")
 
     @property
     def levels(self) -> int:
@@ -97,11 +90,10 @@ class _ExtractionLevel(torch.nn.Module):
         self.choices = [list(range(k * Et, (k + 1) * Et)) + shared for k in range(K)] + ([] if last else [list(range(total))])
         self.num_gates = len(self.choices)
         tasks = [t.name for t in c.tasks]
-        self.gates = GateBank(self.num_gates, input_dim, total, shared_input=first, temperature=c.gate_temperature,
-                              dropout=c.gate_dropout, top_k=c.gate_top_k, choices=self.choices,
-                              gate_names=tasks + ([] if last else ["shared"]),
-                              choice_names=[f"{task} {i}" for task in tasks for i in range(Et)]
-                              + [f"shared {i}" for i in range(Es)])
+        self.gates = c.build_gate_bank(self.num_gates, input_dim, total, shared_input=first, choices=self.choices,
+                                       gate_names=tasks + ([] if last else ["shared"]),
+                                       choice_names=[f"{task} {i}" for task in tasks for i in range(Et)]
+                                       + [f"shared {i}" for i in range(Es)])
         self.output_dim = self.experts.output_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -301,17 +301,18 @@ def small_mixture(
 def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> bool:
     """Whether mixture levels ``[(experts, gates), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
-    dropout, no gate dropout in training nor top-k gates, experts small enough (see the module docstring), no gate recording and no forward
-    hooks on the experts, gates or towers (their submodules' own hooks are not looked at: a model's
-    ``small_mixture = False`` turns the path off)."""
+    dropout, softmax gates conditioned on the row without dropout in training nor top-k, experts small enough (see
+    the module docstring), no gate recording and no forward hooks on the experts, gates or towers (their
+    submodules' own hooks are not looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks or towers._forward_hooks or towers._forward_pre_hooks:
         return False
     for level, (experts, gates) in enumerate(levels):
         first = level == 0
+        linear = _member(gates, "linear")
         if (not experts.fused or (_member(experts, "input_groups") is None) != first
-                or _member(gates, "linear").shared_input != first or gates.record
+                or linear.shared_input != first or linear.in_features == 0 or gates.record
                 or (gates.dropout > 0 and gates.training) or gates.top_k is not None):
             return False
         if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:

@@ -38,6 +38,8 @@ class GateUsage:
         top_share: ``(G, E)`` the fraction of rows on which the expert has the gate's largest weight.
         row_entropy: ``(G,)`` the entropy of a row's weights over ``log(number of choices)``, averaged
             over rows: 0 when every row goes to a single expert, 1 when every row is spread evenly.
+        experts_per_row: ``(G,)`` how many experts get a non-zero weight in a row, averaged over rows
+            (every choice for a softmax gate; at most ``k`` for a top-k gate or a converged DSelect-k one).
         rows: how many rows were read.
     """
 
@@ -47,6 +49,7 @@ class GateUsage:
     mean_weight: np.ndarray
     top_share: np.ndarray
     row_entropy: np.ndarray
+    experts_per_row: np.ndarray
     rows: int
 
     @property
@@ -72,7 +75,8 @@ class GateUsage:
             "rows": self.rows, "gates": self.gate_names, "experts": self.expert_names,
             "mean_weight": _rounded(np.where(self.choices, self.mean_weight, np.nan)),
             "top_share": _rounded(np.where(self.choices, self.top_share, np.nan)),
-            "row_entropy": _rounded(self.row_entropy), "effective_experts": _rounded(self.effective_experts),
+            "row_entropy": _rounded(self.row_entropy), "experts_per_row": _rounded(self.experts_per_row),
+            "effective_experts": _rounded(self.effective_experts),
             "choices": self.choices.sum(axis=1).tolist(), "overlap": _rounded(self.overlap()),
             "unused_experts": self.unused_experts(),
         }
@@ -110,6 +114,7 @@ def measure_gate_usage_by_group(model: MultiTaskModel, batches: Iterable[tuple[A
     weight_sums: dict[str, torch.Tensor] = {}
     top_counts: dict[str, torch.Tensor] = {}
     entropy_sums: dict[str, torch.Tensor] = {}
+    nonzero_sums: dict[str, torch.Tensor] = {}
     rows = torch.zeros(num_groups, dtype=torch.float64)
     was_training = model.training
     model.eval()
@@ -124,9 +129,11 @@ def measure_gate_usage_by_group(model: MultiTaskModel, batches: Iterable[tuple[A
                     weight_sums[path] = w.new_zeros((num_groups, *w.shape[1:]))
                     top_counts[path] = w.new_zeros((num_groups, *w.shape[1:]))
                     entropy_sums[path] = w.new_zeros((num_groups, w.shape[1]))
+                    nonzero_sums[path] = w.new_zeros((num_groups, w.shape[1]))
                 weight_sums[path].index_add_(0, g, w)
                 top_counts[path].index_add_(0, g, torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).double())
                 entropy_sums[path].index_add_(0, g, -torch.special.xlogy(w, w).sum(2))
+                nonzero_sums[path].index_add_(0, g, (w > 0).sum(2).double())
             if recorded:
                 size = len(next(iter(recorded.values())))
                 rows += torch.bincount(torch.zeros(size, dtype=torch.long) if group is None else group.cpu().long(),
@@ -150,20 +157,22 @@ def measure_gate_usage_by_group(model: MultiTaskModel, batches: Iterable[tuple[A
             usage[path] = GateUsage(
                 gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices[path],
                 mean_weight=(weight_sums[path][k] / n).cpu().numpy(), top_share=(top_counts[path][k] / n).cpu().numpy(),
-                row_entropy=(entropy_sums[path][k] / n).cpu().numpy() / scales[path], rows=int(n))
+                row_entropy=(entropy_sums[path][k] / n).cpu().numpy() / scales[path],
+                experts_per_row=(nonzero_sums[path][k] / n).cpu().numpy(), rows=int(n))
         result.append(usage)
     return result
 
 
 def gate_usage_markdown(usages: Mapping[str, GateUsage]) -> str:
     """A report section: for every gate, how many experts it uses, how sharply, and its heaviest expert."""
-    lines = ["| gates | gate | effective experts (of choices) | row entropy | heaviest expert (mean weight) |",
-             "|---|---|---|---|---|"]
+    lines = ["| gates | gate | effective experts (of choices) | row entropy | experts per row | heaviest expert (mean weight) |",
+             "|---|---|---|---|---|---|"]
     for path, usage in usages.items():
         for g, gate in enumerate(usage.gate_names):
             top = int(np.argmax(usage.mean_weight[g]))
             lines.append(f"| {path} | {gate} | {usage.effective_experts[g]:.2f} of {int(usage.choices[g].sum())} | "
-                         f"{usage.row_entropy[g]:.2f} | {usage.expert_names[top]} ({usage.mean_weight[g, top]:.2f}) |")
+                         f"{usage.row_entropy[g]:.2f} | {usage.experts_per_row[g]:.2f} | "
+                         f"{usage.expert_names[top]} ({usage.mean_weight[g, top]:.2f}) |")
     pairs = []
     for path, usage in usages.items():
         overlap = usage.overlap()
