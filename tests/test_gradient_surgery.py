@@ -1,13 +1,15 @@
-"""PCGrad, alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad), alone and in the trainer."""
 
+import numpy as np
 import pytest
 import torch
 
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import list_gradient_surgeries, pcgrad
-from mtlkit.training import Trainer, TrainerConfig
+from mtlkit.objectives import build_gradient_surgery, cagrad, list_gradient_surgeries, mgda, pcgrad
+from mtlkit.objectives.gradient_surgery import _simplex_minimiser
+from mtlkit.training import Trainer, TrainerConfig, evaluate
 
 
 def test_pcgrad_projects_conflicting_gradients_only():
@@ -91,13 +93,109 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(gradient_surgery="cagrad"), r"gradient_surgery.*'cagrad'.*\['pcgrad'\]"),
+    (dict(gradient_surgery="nash_mtl"), r"gradient_surgery.*'nash_mtl'.*\['cagrad', 'mgda', 'pcgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
+    (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
+    (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
+    (dict(gradient_surgery="cagrad", gradient_surgery_options=[0.5]), "expected a mapping"),
+    (dict(gradient_surgery_options={"alpha": 0.5}), "without a gradient_surgery"),
 ])
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["pcgrad"]
+    assert list_gradient_surgeries() == ["cagrad", "mgda", "pcgrad"]
+
+
+def _conflicting(num_tasks, seed, size=50):
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(1, size, generator=generator, dtype=torch.float64)
+    return (torch.randn(num_tasks, size, generator=generator, dtype=torch.float64) + 0.3 * common) * torch.rand(
+        num_tasks, 1, generator=generator, dtype=torch.float64).add(0.2)
+
+
+def test_mgda_is_the_least_norm_point_of_the_gradients_hull():
+    generator = torch.Generator()
+    g1, g2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([-0.5, 1.0], dtype=torch.float64)
+    # Two tasks: the closed form, alpha g1 + (1 - alpha) g2 with alpha = (g2 - g1).g2 / |g1 - g2|^2 in [0, 1].
+    alpha = ((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1)
+    torch.testing.assert_close(mgda(torch.stack([g1, g2]), generator), 2 * (alpha * g1 + (1 - alpha) * g2))
+    for num_tasks in (2, 3, 5, 8):
+        for seed in range(4):
+            grads = _conflicting(num_tasks, seed)
+            d = mgda(grads, generator) / num_tasks
+            # Optimality on the simplex: every task's gradient is at least |d|^2 along d (no loss rises),
+            # with equality for some task; and no other convex combination is shorter.
+            assert (grads @ d >= d @ d - 1e-7 * (d @ d)).all()
+            assert (grads @ d).min() <= (d @ d) * (1 + 1e-6)
+            mixes = torch.distributions.Dirichlet(torch.ones(num_tasks, dtype=torch.float64)).sample((2000,))
+            assert (mixes @ grads).norm(dim=1).min() >= d.norm() * (1 - 1e-9)
+    same = torch.tensor([[1.0, 2.0]] * 3)
+    torch.testing.assert_close(mgda(same, generator), same.sum(0))  # agreeing tasks: the summed gradient
+    opposed = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    torch.testing.assert_close(mgda(opposed, generator), torch.zeros(2))  # Pareto-stationary: no step
+
+
+def test_cagrad_maximises_the_worst_improvement_within_its_ball():
+    generator = torch.Generator()
+    for num_tasks in (2, 3, 5):
+        for seed in range(4):
+            grads = _conflicting(num_tasks, seed)
+            average = grads.mean(0)
+            alpha = 0.5
+            d = cagrad(grads, generator, alpha=alpha) * (1 + alpha**2) / num_tasks  # undo the rescaling
+            radius = alpha * average.norm()
+            assert (d - average).norm() <= radius * (1 + 1e-6)
+            # No point of the ball around g0 does better for the task that gains least (sampled on its surface,
+            # where the optimum of a linear minimum lies).
+            directions = torch.randn(4000, grads.shape[1], dtype=torch.float64)
+            candidates = average + radius * directions / directions.norm(dim=1, keepdim=True)
+            assert (grads @ d).min() >= (candidates @ grads.T).min(dim=1).values.max() - 1e-9
+            assert (grads @ d).min() >= (grads @ average).min() - 1e-9  # never worse than the average for the worst task
+    grads = _conflicting(3, 0)
+    torch.testing.assert_close(cagrad(grads, generator, alpha=0.0), grads.sum(0))
+    same = torch.tensor([[1.0, 2.0]] * 2, dtype=torch.float64)
+    torch.testing.assert_close(cagrad(same, generator, alpha=0.5), 2 * same[0] * 1.5 / 1.25)
+    # Large alpha tends to MGDA's direction (the paper's limit).
+    torch.testing.assert_close(cagrad(grads, generator, alpha=1e4) / cagrad(grads, generator, alpha=1e4).norm(),
+                               mgda(grads, generator) / mgda(grads, generator).norm(), atol=1e-3, rtol=0)
+
+
+def test_the_simplex_solver_beats_every_sampled_weighting():
+    for num_tasks in (3, 6, 12):
+        grads = _conflicting(num_tasks, num_tasks)
+        gram = (grads @ grads.T).numpy()
+        for linear, radius in ((np.zeros(num_tasks), 1.0), (gram.mean(1), 0.7 * np.sqrt(gram.mean()))):
+            weights = _simplex_minimiser(gram, linear, radius)
+            assert abs(weights.sum() - 1) < 1e-12 and (weights >= 0).all()
+
+            def objective(w):
+                return w @ linear + radius * np.sqrt(np.einsum("...i,ij,...j->...", w, gram, w))
+
+            samples = np.random.default_rng(0).dirichlet(np.ones(num_tasks), 5000)
+            assert objective(weights) <= objective(samples).min() + 1e-9
+
+
+@pytest.mark.parametrize("surgery", ["mgda", "cagrad"])
+def test_mgda_and_cagrad_train_both_conflicting_tasks(surgery):
+    """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
+    torch.manual_seed(0)
+    data = _data(-1.0)
+    model = build_model("shared_bottom", input_dim=8, tasks=TASKS)
+    before = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
+    Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery)).fit(data)
+    after = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
+    assert all(after[name] < 0.7 * before[name] for name in ("a", "b")), (before, after)
+
+
+def test_cagrad_at_alpha_zero_trains_as_the_weighted_sum():
+    trained = []
+    for options in (None, {"gradient_surgery": "cagrad", "gradient_surgery_options": {"alpha": 0.0}}):
+        torch.manual_seed(0)
+        model = build_model("mmoe", input_dim=8, tasks=TASKS)
+        Trainer(model, TrainerConfig(max_steps=15, batch_size=100, progress=False, **(options or {}))).fit(_data(-1.0))
+        trained.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(trained[1], trained[0], atol=1e-5, rtol=1e-4)
+    assert build_gradient_surgery("cagrad", {"alpha": 0.2}).keywords == {"alpha": 0.2}
 
 
 def test_the_pcgrad_example_runs():

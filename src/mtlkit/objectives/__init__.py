@@ -1,6 +1,14 @@
 """Objectives: per-task masked losses, loss weighting and gradient surgery."""
 
-from mtlkit.objectives.gradient_surgery import get_gradient_surgery, list_gradient_surgeries, pcgrad, register_gradient_surgery
+from mtlkit.objectives.gradient_surgery import (
+    build_gradient_surgery,
+    cagrad,
+    get_gradient_surgery,
+    list_gradient_surgeries,
+    mgda,
+    pcgrad,
+    register_gradient_surgery,
+)
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
     DynamicWeightAverage, DynamicWeighting, FixedWeighting, GradNormWeighting, LossWeighting, UncertaintyWeighting,
@@ -10,4 +18,5 @@ from mtlkit.objectives.weighting import (
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting",
            "build_weighting", "list_weightings", "register_weighting",
-           "pcgrad", "get_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]
+           "pcgrad", "mgda", "cagrad", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries",
+           "register_gradient_surgery"]

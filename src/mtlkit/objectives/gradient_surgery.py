@@ -7,18 +7,25 @@ flattened over all trainable parameters, ``(K, P)``, and returns the one gradien
 steps, ``(P,)``. It costs one backward pass per task instead of one in all.
 
 New methods register with :func:`register_gradient_surgery`; ``TrainerConfig.gradient_surgery``
-names one.
+names one, and ``gradient_surgery_options`` its options. Each surgery here is scaled so that where
+every task has the same gradient it returns their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at
+``alpha`` 0), so learning rates carry over from training without surgery.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import inspect
+import math
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from mtlkit.errors import ConfigError
 
-__all__ = ["pcgrad", "register_gradient_surgery", "get_gradient_surgery", "list_gradient_surgeries"]
+__all__ = ["pcgrad", "mgda", "cagrad", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
+           "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -46,7 +53,95 @@ def pcgrad(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return projected.sum(0)
 
 
-_SURGERIES: dict[str, GradientSurgery] = {"pcgrad": pcgrad}
+def _simplex_minimiser(gram: np.ndarray, linear: np.ndarray, radius: float, max_iterations: int = 1000,
+                       tolerance: float = 1e-8) -> np.ndarray:
+    """The convex weights ``w`` (``w >= 0``, ``sum w = 1``) minimising ``w . linear + radius |g_w|``,
+    with ``|g_w|^2 = w' gram w``: MGDA's least norm (``linear = 0``) and CAGrad's dual alike.
+
+    Pairwise Frank-Wolfe: each step moves weight from the held task of steepest ascent to the task
+    of steepest descent, by the exact minimiser along that segment (the objective is
+    ``L s + radius sqrt(S + 2 P s + Q s^2)`` there, whose slope has a closed-form zero); it converges
+    linearly on the simplex, where plain Frank-Wolfe crawls once three or more tasks share the
+    optimum. Stops when the Frank-Wolfe gap, a bound on the distance to the optimum, is below
+    ``tolerance`` times the objective's scale.
+    """
+    num_tasks = len(gram)
+    weights = np.full(num_tasks, 1.0 / num_tasks)
+    if num_tasks == 1 or not np.trace(gram) > 0:
+        return weights
+    for _ in range(max_iterations):
+        toward = gram @ weights
+        squared_norm = max(float(weights @ toward), 1e-300)
+        norm = math.sqrt(squared_norm)
+        gradient = linear + (radius / norm) * toward
+        best = int(np.argmin(gradient))
+        held = np.flatnonzero(weights > 0)
+        worst = int(held[np.argmax(gradient[held])])
+        gap = float(gradient @ weights) - gradient[best]
+        if best == worst or gap <= tolerance * (abs(float(weights @ linear)) + radius * norm):
+            break
+        L = linear[best] - linear[worst]
+        P = toward[best] - toward[worst]
+        Q = gram[best, best] - 2 * gram[best, worst] + gram[worst, worst]
+        if Q <= 0:
+            break
+        limit = weights[worst]
+        at_limit = squared_norm + 2 * P * limit + Q * limit * limit
+        if L + radius * (P + Q * limit) / math.sqrt(max(at_limit, 1e-300)) <= 0:
+            step = limit  # still descending at the end of the segment
+        else:
+            # The slope's zero: radius (P + Q s) = -L sqrt(S + 2 P s + Q s^2), on the branch where
+            # P + Q s has the sign of -L. D > 0 wherever the slope changes sign on the segment.
+            D = radius * radius * Q - L * L
+            step = (-P - L * math.sqrt(max(Q * squared_norm - P * P, 0.0) / D)) / Q if D > 0 else 0.0
+            step = min(max(step, 0.0), limit)
+        weights[best] += step
+        weights[worst] -= step
+        if weights[worst] < 1e-15:
+            weights[worst] = 0.0
+    return weights
+
+
+def mgda(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MGDA (Sener & Koltun, NeurIPS 2018): the point of least norm in the convex hull of the tasks'
+    gradients (found on their ``K x K`` Gram matrix): a direction along which no task's loss rises
+    (``g_k . d >= |d|^2`` for every task at the optimum), or zero at a Pareto-stationary point. Times ``K``, so that tasks with the same
+    gradient get their sum. ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    gram = (grads.double() @ grads.double().T).cpu().numpy()
+    weights = torch.from_numpy(_simplex_minimiser(gram, np.zeros(len(gram)), 1.0)).to(grads)
+    return len(grads) * (weights @ grads)
+
+
+def cagrad(grads: torch.Tensor, generator: torch.Generator, alpha: float = 0.5) -> torch.Tensor:
+    """CAGrad ("conflict-averse gradient descent", Liu et al., NeurIPS 2021).
+
+    Within a ball of radius ``alpha |g0|`` around the average gradient ``g0``, the direction that
+    most improves the task that improves least: ``d = g0 + alpha |g0| g_w / |g_w|``, where the convex
+    weights ``w`` minimise ``g_w . g0 + alpha |g0| |g_w|`` (solved on the ``K x K`` Gram matrix),
+    divided by ``1 + alpha^2`` (the paper's rescaling). Times ``K``, so that ``alpha = 0`` is the
+    summed gradient. ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha >= 0):
+        raise ConfigError(f"training.gradient_surgery_options.alpha: expected a number >= 0, got {alpha!r}")
+    num_tasks = len(grads)
+    average = grads.mean(0)
+    if alpha == 0:
+        return num_tasks * average
+    gram = (grads.double() @ grads.double().T).cpu().numpy()
+    radius = alpha * math.sqrt(max(float(gram.mean()), 0.0))  # alpha |g0|
+    weights = torch.from_numpy(_simplex_minimiser(gram, gram.mean(1), radius)).to(grads)
+    combined = weights @ grads
+    norm = combined.norm()
+    direction = average if norm == 0 else average + (radius / norm) * combined
+    return num_tasks * direction / (1 + alpha**2)
+
+
+_SURGERIES: dict[str, GradientSurgery] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery) -> None:
@@ -62,6 +157,23 @@ def get_gradient_surgery(name: str) -> GradientSurgery:
         return _SURGERIES[name]
     except KeyError:
         raise ConfigError(f"training.gradient_surgery: unknown {name!r}; expected one of {sorted(_SURGERIES)} or null") from None
+
+
+def build_gradient_surgery(name: str, options: Mapping[str, Any] | None = None) -> GradientSurgery:
+    """The surgery ``name`` with its keyword ``options`` bound (CAGrad's ``alpha``). An unknown option,
+    or a value the surgery rejects on a trial call with two orthogonal gradients, is a
+    :class:`ConfigError` naming it."""
+    surgery = get_gradient_surgery(name)
+    if not isinstance(options, Mapping | None):
+        raise ConfigError(f"training.gradient_surgery_options: expected a mapping of option names to values, got {options!r}")
+    options = dict(options or {})
+    allowed = [p.name for p in list(inspect.signature(surgery).parameters.values())[2:]]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"training.gradient_surgery_options: unknown {unknown} for {name!r}; allowed: {allowed}")
+    bound = functools.partial(surgery, **options) if options else surgery
+    bound(torch.eye(2), torch.Generator().manual_seed(0))
+    return bound
 
 
 def list_gradient_surgeries() -> list[str]:

@@ -24,7 +24,7 @@ from torch.optim import lr_scheduler
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
-from mtlkit.objectives import LossWeighting, build_weighting, get_gradient_surgery, task_losses
+from mtlkit.objectives import LossWeighting, build_gradient_surgery, build_weighting, task_losses
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
 from mtlkit.training.memory import keep_freed_memory
@@ -71,9 +71,10 @@ class TrainerConfig:
         weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
-            (``"pcgrad"``, :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one
-            backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``) and
-            one process (not under torchrun). None: the weighted sum's gradient.
+            (``"pcgrad"``, ``"mgda"``, ``"cagrad"``; :mod:`mtlkit.objectives.gradient_surgery`) instead
+            of summing them: one backward pass per task. Needs a weighting without parameters (``fixed``,
+            ``dynamic``, ``dwa``) and one process (not under torchrun). None: the weighted sum's gradient.
+        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
             its free memory (batches are then gathered on the GPU), else each batch is copied over.
@@ -116,6 +117,7 @@ class TrainerConfig:
     weighting_options: dict = field(default_factory=dict)
     weighting_learning_rate: float | None = None
     gradient_surgery: str | None = None
+    gradient_surgery_options: dict = field(default_factory=dict)
     device: str = "auto"
     compile: bool = False
     precision: str = "fp32"
@@ -155,7 +157,9 @@ class TrainerConfig:
             raise ConfigError(f"training.monitor: {self.monitor!r} is best at 1, not at one end, so it cannot say which "
                               "evaluation is best; monitor e.g. TASK/auc, TASK/logloss or TASK/ne")
         if self.gradient_surgery is not None:
-            get_gradient_surgery(self.gradient_surgery)
+            build_gradient_surgery(self.gradient_surgery, self.gradient_surgery_options)
+        elif self.gradient_surgery_options:
+            raise ConfigError(f"training.gradient_surgery_options: {self.gradient_surgery_options!r} given without a gradient_surgery")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"training.lr_schedule: expected one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
@@ -374,7 +378,7 @@ class Trainer:
             if own:
                 raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa), "
                                   f"not {self.config.weighting!r}")
-            self._surgery = get_gradient_surgery(self.config.gradient_surgery)
+            self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
         if self.config.weighting_learning_rate is None:
             parameters, groups = list(self.model.parameters()) + own, ()
