@@ -1,4 +1,5 @@
-"""Post-hoc Platt scaling of binary tasks: the fit, and a run that predicts, evaluates and exports with it."""
+"""Post-hoc calibration of binary tasks (Platt scaling, isotonic regression): the fits, and a run that
+predicts, evaluates and exports with them."""
 
 import json
 import os
@@ -10,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from mtlkit import DataError
+from mtlkit import ConfigError, DataError
 from mtlkit.experiments.tabular_run import calibrate_run, evaluate_run, load_run, load_run_config, train_run
-from mtlkit.training.output_calibration import fit_platt_scaling
+from mtlkit.models import IsotonicCalibration
+from mtlkit.training.output_calibration import fit_isotonic_calibration, fit_platt_scaling
 
 from tables import SCHEMA, make_table
 
@@ -30,6 +32,44 @@ def test_platt_scaling_recovers_a_known_distortion():
     assert fit_platt_scaling(logits, labels, weight) == pytest.approx(doubled, rel=1e-6)
     with pytest.raises(DataError, match="both classes"):
         fit_platt_scaling(logits[:10], torch.ones(10), where="task 'x'")
+
+
+def test_isotonic_calibration_fixes_what_no_sigmoid_can_and_interpolates_as_fitted():
+    from sklearn.isotonic import IsotonicRegression
+
+    def draw(seed, rows=40000):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(rows, generator=g) * 2
+        # True rates sigmoid(z)^3: monotone in the logit, but no sigmoid of an affine map of it.
+        return logits, (torch.rand(rows, generator=g) < torch.sigmoid(logits) ** 3).float()
+
+    logits, labels = draw(0)
+    knots, probabilities = fit_isotonic_calibration(logits, labels)
+    isotonic = IsotonicCalibration(knots, probabilities)
+    scale, shift = fit_platt_scaling(logits, labels)
+    held_out, truth = draw(1)
+
+    def logloss(calibrated_logits):
+        return torch.nn.functional.binary_cross_entropy_with_logits(calibrated_logits, truth).item()
+
+    assert logloss(isotonic(held_out[:, None])[:, 0]) < logloss(scale * held_out + shift) - 0.002
+    # Between and beyond the knots, the map is scikit-learn's own prediction (linear, then clipped).
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(logits.double().numpy(), labels.double().numpy())
+    probe = torch.cat([held_out, torch.tensor([-50.0, 50.0, knots[0], knots[-1]])])
+    expected = torch.from_numpy(fitted.predict(probe.double().numpy())).clamp(1e-7, 1 - 1e-7)
+    torch.testing.assert_close(torch.sigmoid(isotonic(probe[:, None].double())[:, 0]), expected, rtol=0, atol=1e-9)
+    assert isotonic(probe[:, None]).dtype == torch.float32
+    # Weights count like repeated rows, as for Platt scaling.
+    weight = torch.ones(40000)
+    weight[:5000] = 2
+    doubled = fit_isotonic_calibration(torch.cat([logits, logits[:5000]]), torch.cat([labels, labels[:5000]]))
+    weighted = fit_isotonic_calibration(logits, labels, weight)
+    assert weighted[0] == pytest.approx(doubled[0]) and weighted[1] == pytest.approx(doubled[1])
+    with pytest.raises(DataError, match="isotonic calibration needs labelled rows of both classes"):
+        fit_isotonic_calibration(logits[:10], torch.zeros(10))
+    with pytest.raises(ValueError, match="non-decreasing probabilities"):
+        IsotonicCalibration([0.0, 1.0], [0.6, 0.4])
+    torch.testing.assert_close(IsotonicCalibration([0.0], [0.25])(torch.randn(3, 1)), torch.logit(torch.full((3, 1), 0.25)))
 
 
 @pytest.fixture
@@ -83,12 +123,48 @@ def test_a_calibrated_run_predicts_evaluates_and_exports_with_it(run):
     torch.testing.assert_close(program(inputs)["click"], calibrated["click"], rtol=1e-5, atol=1e-6)
 
 
+def test_an_isotonic_calibration_is_predicted_evaluated_and_exported(run):
+    folder, files = run
+    frame = pd.read_csv(files / "valid.csv")
+    raw, _ = load_run(folder).predict(frame)
+    result = calibrate_run(folder, files / "valid.csv", method="isotonic")
+    saved = json.loads((folder / "calibration.json").read_text())
+    assert saved["method"] == result["method"] == "isotonic" and set(saved["tasks"]) == {"click", "buy"}
+    for task in ("click", "buy"):
+        assert result["after"][task]["logloss"] < result["before"][task]["logloss"]
+        assert result["after"][task]["calibration"] == pytest.approx(1.0, abs=1e-6)  # isotonic fits are mean-preserving
+    loaded = load_run(folder)
+    calibrated, _ = loaded.predict(frame)
+    inputs = dict(loaded.preprocessor.transform(frame, with_labels=False).tensors.inputs)
+    loaded.model.set_output_calibration(None)
+    with torch.no_grad():
+        logits = loaded.model(inputs)  # the model's own logits: a float32 probability's logit is too coarse on a steep step
+    for task, fitted in saved["tasks"].items():
+        mapped = IsotonicCalibration(fitted["logits"], fitted["probabilities"])(logits[task])[:, 0]
+        torch.testing.assert_close(calibrated[task], torch.sigmoid(mapped), rtol=1e-5, atol=1e-6)
+    loaded = load_run(folder)
+    torch.testing.assert_close(calibrated["watch"], raw["watch"])
+    assert evaluate_run(folder, files / "valid.csv")["metrics"]["buy"]["logloss"] == pytest.approx(result["after"]["buy"]["logloss"])
+    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "export", str(folder), "--out", str(files / "model.pt2")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    program = torch.export.load(files / "model.pt2").module()
+    torch.testing.assert_close(program(inputs)["click"], calibrated["click"], rtol=1e-5, atol=1e-6)
+    # Back to Platt scaling: the file is replaced, not compounded.
+    calibrate_run(folder, files / "valid.csv")
+    assert json.loads((folder / "calibration.json").read_text())["method"] == "platt"
+    with pytest.raises(ConfigError, match="calibration method: unknown 'beta'"):
+        calibrate_run(folder, files / "valid.csv", method="beta")
+
+
 def test_calibration_from_the_command_line_and_a_bad_file(run):
     folder, files = run
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "calibrate", str(folder), "--data", str(files / "valid.csv")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "logloss before" in done.stdout and "calibration.json" in done.stdout
+    for method in ("platt", "isotonic"):
+        done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "calibrate", str(folder), "--data", str(files / "valid.csv"),
+                               "--method", method], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "logloss before" in done.stdout and "AUC after" in done.stdout and "calibration.json" in done.stdout
+        assert ("knots" in done.stdout) == (method == "isotonic")
     (folder / "calibration.json").write_text(json.dumps({"tasks": {"watch": {"scale": 1.0, "shift": 0.0}}}))
     with pytest.raises(DataError, match="calibration.json: not a calibration of this run's binary tasks"):
         load_run(folder)

@@ -197,18 +197,23 @@ def evaluate_command(
 def calibrate_command(
     run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train'."),
     data: Path = typer.Option(..., "--data", help="Held-out labelled rows (the validation table; not the test table you report)."),
+    method: str = typer.Option("platt", "--method", help="platt: sigmoid(scale * logit + shift), the ranking unchanged; "
+                               "isotonic: any non-decreasing map (more rows needed; its steps can tie rows)."),
 ) -> None:
-    """Fit Platt scaling of every binary task's probabilities on a labelled table and save it in the
-    run: predict, evaluate and export then apply it (the ranking, hence AUC, is unchanged)."""
+    """Fit a calibration of every binary task's probabilities on a labelled table and save it in the
+    run: predict, evaluate and export then apply it. Platt scaling leaves the ranking, hence AUC,
+    unchanged; isotonic regression can move the AUC a little."""
     from mtlkit.experiments.tabular_run import calibrate_run
 
-    result = calibrate_run(run, data)
-    table = Table("task", "scale", "shift", "logloss before", "logloss after", "calibration before", "calibration after",
-                  title=f"Platt scaling fitted on {data} (scores on those same rows)")
+    result = calibrate_run(run, data, method)
+    table = Table("task", "fit", "logloss before", "logloss after", "calibration before", "calibration after",
+                  "AUC before", "AUC after", title=f"{method} calibration fitted on {data} (scores on those same rows)")
     for name, fitted in result["tasks"].items():
         before, after = result["before"][name], result["after"][name]
-        table.add_row(name, f"{fitted['scale']:.4f}", f"{fitted['shift']:+.4f}", _cell(before["logloss"]), _cell(after["logloss"]),
-                      _cell(before["calibration"]), _cell(after["calibration"]))
+        fit = (f"scale {fitted['scale']:.4f}, shift {fitted['shift']:+.4f}" if method == "platt"
+               else f"{len(fitted['logits'])} knots")
+        table.add_row(name, fit, _cell(before["logloss"]), _cell(after["logloss"]), _cell(before["calibration"]),
+                      _cell(after["calibration"]), _cell(before.get("auc")), _cell(after.get("auc")))
     console.print(table)
     console.print(f"wrote {run}/calibration.json")
 

@@ -30,7 +30,7 @@ from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema, is
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
-from mtlkit.models import TabularMultiTaskModel, apply_output_calibration, build_model, model_config
+from mtlkit.models import IsotonicCalibration, TabularMultiTaskModel, apply_output_calibration, build_model, model_config
 from mtlkit.reports.calibration import plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import (
@@ -40,7 +40,7 @@ from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.tasks import TaskSpec
 from mtlkit.training import Trainer, TrainerConfig, evaluate, forward_outputs, load_checkpoint, save_checkpoint, score_outputs
 from mtlkit.training.distributed import barrier, is_main_process
-from mtlkit.training.output_calibration import fit_platt_scaling
+from mtlkit.training.output_calibration import fit_isotonic_calibration, fit_platt_scaling
 
 __all__ = ["DataConfig", "RunConfig", "load_run_config", "train_run", "evaluate_run", "predict_run", "initial_config",
            "dump_config", "LoadedRun", "load_run", "calibrate_run", "gate_usage_run", "gate_usage_by_column_run", "training_state_path",
@@ -351,7 +351,8 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     if calibration_file.is_file():
         try:
             saved = json.loads(calibration_file.read_text())
-            model.set_output_calibration({name: (v["scale"], v["shift"]) for name, v in saved["tasks"].items()})
+            model.set_output_calibration({name: _calibration_from_dict(saved.get("method", "platt"), fitted)
+                                          for name, fitted in saved["tasks"].items()})
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise DataError(f"{calibration_file}: not a calibration of this run's binary tasks ({error}); "
                             "delete it or run mtlkit calibrate again") from None
@@ -360,17 +361,33 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
 
 
 CALIBRATION_FILE = "calibration.json"
+CALIBRATION_METHODS = ("platt", "isotonic")
 
 
-def calibrate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, Any]:
-    """Fit Platt scaling for every binary task of a run on a labelled table (held-out rows: the
+def _calibration_from_dict(method: str, fitted: Mapping[str, Any]):
+    """One task's calibration as saved in ``calibration.json``, as the model applies it."""
+    if method == "platt":
+        return fitted["scale"], fitted["shift"]
+    if method == "isotonic":
+        return IsotonicCalibration(fitted["logits"], fitted["probabilities"])
+    raise ValueError(f"unknown method {method!r}; expected one of {list(CALIBRATION_METHODS)}")
+
+
+def calibrate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, method: str = "platt") -> dict[str, Any]:
+    """Fit a calibration of every binary task of a run on a labelled table (held-out rows: the
     validation table, never the test table you report) and write ``calibration.json`` into the run;
     from then on ``load_run``'s predictions, ``mtlkit evaluate`` and ``mtlkit export`` apply it.
     A previous calibration is replaced, never compounded.
 
-    Returns ``{"tasks": {task: {"scale", "shift"}}, "before": scores, "after": scores}``, the scores
-    (as :func:`evaluate_run`'s) on that same table, which flatters the "after" side a little.
+    ``method``: ``"platt"`` (``sigmoid(scale * logit + shift)``, the ranking unchanged) or
+    ``"isotonic"`` (a non-decreasing piecewise-linear map, :mod:`mtlkit.training.output_calibration`).
+
+    Returns ``{"method", "tasks": {task: {"scale", "shift"} or {"logits", "probabilities"}}, "before":
+    scores, "after": scores}``, the scores (as :func:`evaluate_run`'s) on that same table, which
+    flatters the "after" side (isotonic regression more than Platt scaling).
     """
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(f"calibration method: unknown {method!r}; expected one of {list(CALIBRATION_METHODS)}")
     run = load_run(run_dir)
     run.model.set_output_calibration(None)  # fitted on the model's own logits
     schema = run.preprocessor.schema
@@ -389,11 +406,17 @@ def calibrate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> d
     for k, name in binary:
         mask = data.label_mask[:, k]
         weight = None if data.sample_weight is None else data.sample_weight[mask]
-        fitted[name] = fit_platt_scaling(outputs[name][mask, 0], data.labels[mask, k], weight, where=f"{data_file}: task {name!r}")
+        where = f"{data_file}: task {name!r}"
+        if method == "platt":
+            fitted[name] = fit_platt_scaling(outputs[name][mask, 0], data.labels[mask, k], weight, where=where)
+        else:
+            fitted[name] = IsotonicCalibration(*fit_isotonic_calibration(outputs[name][mask, 0], data.labels[mask, k], weight,
+                                                                         where=where))
     before, after = scores(outputs), scores(apply_output_calibration(outputs, fitted))
-    saved = {name: {"scale": a, "shift": b} for name, (a, b) in fitted.items()}
-    write_json(Path(run_dir) / CALIBRATION_FILE, {"method": "platt", "data": str(data_file), "rows": len(frame), "tasks": saved})
-    return {"tasks": saved, "before": before, "after": after}
+    saved = {name: fit.to_dict() if isinstance(fit, IsotonicCalibration) else {"scale": fit[0], "shift": fit[1]}
+             for name, fit in fitted.items()}
+    write_json(Path(run_dir) / CALIBRATION_FILE, {"method": method, "data": str(data_file), "rows": len(frame), "tasks": saved})
+    return {"method": method, "tasks": saved, "before": before, "after": after}
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike) -> dict[str, Any]:

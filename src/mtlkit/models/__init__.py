@@ -30,7 +30,8 @@ from mtlkit.models.progressive_layered_extraction import (
 from mtlkit.models.registry import build_model, get_model_class, list_models, model_config, register_model
 from mtlkit.models.shared_bottom import SharedBottomConfig, SharedBottomModel
 from mtlkit.models.single_task import SingleTaskConfig, SingleTaskModel
-from mtlkit.models.tabular import TabularMultiTaskModel, apply_output_calibration
+from mtlkit.models.calibrated_outputs import IsotonicCalibration, apply_output_calibration
+from mtlkit.models.tabular import TabularMultiTaskModel
 
 __all__ = [
     "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "DSelectKGateBank", "GateSettings", "mix_experts",
@@ -39,7 +40,7 @@ __all__ = [
     "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
-    "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel", "apply_output_calibration",
+    "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel", "apply_output_calibration", "IsotonicCalibration",
     "FunnelESMMConfig", "EntireSpaceFunnelModel",
     "CrossStitchConfig", "CrossStitchNetwork", "AITMConfig", "AdaptiveInformationTransferModel", "funnel_violation",
 ]

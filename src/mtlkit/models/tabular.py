@@ -8,16 +8,9 @@ import torch
 
 from mtlkit.features.encoder import FeatureEncoder
 from mtlkit.models.base import MultiTaskModel
+from mtlkit.models.calibrated_outputs import IsotonicCalibration, OutputCalibration, apply_output_calibration
 
-__all__ = ["TabularMultiTaskModel", "apply_output_calibration"]
-
-
-def apply_output_calibration(outputs: Mapping[str, torch.Tensor],
-                             calibration: Mapping[str, tuple[float, float]]) -> dict[str, torch.Tensor]:
-    """``outputs`` with ``logit -> scale * logit + shift`` for each task in ``calibration`` (Platt
-    scaling, :mod:`mtlkit.training.output_calibration`); other tasks unchanged."""
-    return {name: value * calibration[name][0] + calibration[name][1] if name in calibration else value
-            for name, value in outputs.items()}
+__all__ = ["TabularMultiTaskModel"]
 
 
 class TabularMultiTaskModel(MultiTaskModel):
@@ -37,13 +30,14 @@ class TabularMultiTaskModel(MultiTaskModel):
         self.registry_name = backbone.registry_name
         self.encoder = encoder
         self.backbone = backbone
-        # {binary task: (scale, shift)} applied to its logit after the backbone (post-hoc Platt scaling
-        # of a trained run, see set_output_calibration); None while training.
-        self.output_calibration: dict[str, tuple[float, float]] | None = None
+        # {binary task: (scale, shift) or an isotonic map} applied to its logit after the backbone
+        # (post-hoc calibration of a trained run, see set_output_calibration); None while training.
+        self.output_calibration: dict[str, OutputCalibration] | None = None
 
-    def set_output_calibration(self, calibration: Mapping[str, tuple[float, float]] | None) -> None:
-        """Apply ``logit -> scale * logit + shift`` to these binary tasks' outputs from now on (None:
-        remove). A plain attribute, not in the state dict: a run keeps it in ``calibration.json``."""
+    def set_output_calibration(self, calibration: Mapping[str, OutputCalibration] | None) -> None:
+        """Map these binary tasks' logits from now on: ``scale * logit + shift`` for a ``(scale, shift)``
+        pair (Platt scaling), or through an :class:`~mtlkit.models.IsotonicCalibration` (None: remove).
+        A plain attribute, not in the state dict: a run keeps it in ``calibration.json``."""
         if calibration is None:
             self.output_calibration = None
             return
@@ -51,7 +45,8 @@ class TabularMultiTaskModel(MultiTaskModel):
         wrong = sorted(name for name in calibration if name not in tasks or tasks[name].type != "binary")
         if wrong:
             raise ValueError(f"output calibration: {wrong} are not binary tasks of this model ({sorted(tasks)})")
-        self.output_calibration = {name: (float(a), float(b)) for name, (a, b) in calibration.items()}
+        self.output_calibration = {name: fitted if isinstance(fitted, IsotonicCalibration) else (float(fitted[0]), float(fitted[1]))
+                                   for name, fitted in calibration.items()}
 
     def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         return self.backbone.auxiliary_loss(outputs)
