@@ -12,7 +12,7 @@ from mtlkit import ConfigError
 from mtlkit.data.readers import read_table
 from mtlkit.experiments.tabular_run import gate_usage_run, load_run, load_run_config, train_run
 from mtlkit.models import build_model
-from mtlkit.reports.gate_usage import measure_gate_usage
+from mtlkit.reports.gate_usage import GateUsageAccumulator, measure_gate_usage
 
 from tables import SCHEMA, make_table
 
@@ -42,6 +42,31 @@ def test_summaries_equal_the_recorded_weights_whatever_the_batching(name):
             np.testing.assert_allclose(usage.experts_per_row, (w > 0).sum(-1).double().mean(0).numpy())
             np.testing.assert_allclose(usage.experts_per_row, usage.choices.sum(1))  # a softmax never gives exactly 0
             assert ((usage.effective_experts >= 1 - 1e-9) & (usage.effective_experts <= usage.choices.sum(1) + 1e-9)).all()
+
+
+def test_gate_usage_read_in_the_scoring_pass_equals_its_own_pass():
+    """train_run reads the gates in the validation pass that scores the model: the same summaries as a
+    pass of their own, and the same outputs as a pass without recording (the fused path)."""
+    from mtlkit.data import MultiTaskTensors
+    from mtlkit.training import forward_outputs
+
+    torch.manual_seed(0)
+    model = build_model("ple", input_dim=7, tasks=["a", "b"], num_shared_experts=2, num_task_experts=1)
+    x = torch.randn(300, 7)
+    data = MultiTaskTensors(x, torch.randn(300, 2), ["a", "b"])
+    usage = GateUsageAccumulator(model)
+    with model.recording_gates():
+        outputs = forward_outputs(model, data, model.tasks, 64, after_batch=usage.add_last_forward)
+    assert all(bank.last_weights is None and not bank.record for bank in model.gate_banks().values())
+    read, own = usage.result()[0], measure_gate_usage(model, [b.inputs for b in data.batches(50)])
+    assert set(read) == set(own) == {"levels.0.gates", "levels.1.gates"}
+    for path in own:
+        assert read[path].rows == own[path].rows == 300
+        for field in ("mean_weight", "top_share", "row_entropy", "experts_per_row"):
+            np.testing.assert_allclose(getattr(read[path], field), getattr(own[path], field), rtol=1e-6, atol=1e-9)
+    plain = forward_outputs(model, data, model.tasks, 64)
+    for task in ("a", "b"):
+        torch.testing.assert_close(outputs[task], plain[task], rtol=1e-5, atol=1e-6)
 
 
 def test_names_say_which_task_and_which_experts():

@@ -34,7 +34,7 @@ from mtlkit.models import IsotonicCalibration, TabularMultiTaskModel, apply_outp
 from mtlkit.reports.calibration import plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import (
-    GateUsage, gate_usage_markdown, measure_gate_usage, measure_gate_usage_by_group, save_gate_usage,
+    GateUsage, GateUsageAccumulator, gate_usage_markdown, measure_gate_usage, measure_gate_usage_by_group, save_gate_usage,
 )
 from mtlkit.reports.plots import plot_learning_curves
 from mtlkit.tasks import TaskSpec
@@ -207,9 +207,13 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
 
     batch = training.eval_batch_size
     in_units = preprocessor.scores_in_label_units
-    # One forward pass per split: its outputs give the metrics and the reliability tables.
-    outputs = {split: forward_outputs(model, encoded.tensors, model.tasks, batch)
-               for split, encoded in (("valid", valid), ("test", test)) if encoded is not None}
+    # One forward pass per split: its outputs give the metrics and the reliability tables, and the
+    # validation pass the gate usage too.
+    gate_usage = GateUsageAccumulator(model)
+    with model.recording_gates():
+        outputs = {"valid": forward_outputs(model, valid.tensors, model.tasks, batch, after_batch=gate_usage.add_last_forward)}
+    if test is not None:
+        outputs["test"] = forward_outputs(model, test.tensors, model.tasks, batch)
     metrics: dict[str, Any] = {
         "model": config.model["name"],
         "parameters": model.count_parameters(),
@@ -241,7 +245,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         if reliability:
             plot_reliability(reliability, staging / "calibration.png",
                              f"{config.model['name']}: predicted against observed rates, {scored_split} rows")
-        gates = measure_gate_usage(model, (b.inputs for b in valid.tensors.batches(batch)))
+        gates = gate_usage.result()[0]
         if gates:
             save_gate_usage(gates, staging, f"{config.model['name']}: mean gate weights, validation rows", rows="valid")
         metrics["seconds"] = round(time.perf_counter() - started, 2)

@@ -21,8 +21,8 @@ from mtlkit.files import write_json
 from mtlkit.models.base import MultiTaskModel
 from mtlkit.reports.plots import plt, save_figure
 
-__all__ = ["GateUsage", "measure_gate_usage", "measure_gate_usage_by_group", "gate_usage_markdown", "plot_gate_usage",
-           "save_gate_usage"]
+__all__ = ["GateUsage", "GateUsageAccumulator", "measure_gate_usage", "measure_gate_usage_by_group", "gate_usage_markdown",
+           "plot_gate_usage", "save_gate_usage"]
 
 
 @dataclass
@@ -108,60 +108,87 @@ def measure_gate_usage_by_group(model: MultiTaskModel, batches: Iterable[tuple[A
     every row in group 0). Returns one ``{gate bank path: GateUsage}`` per group; a group without rows
     is a :class:`DataError`.
     """
-    banks = model.gate_banks()
-    if not banks:
+    usage = GateUsageAccumulator(model, num_groups)
+    if not usage.banks:
         return [{} for _ in range(num_groups)]
-    weight_sums: dict[str, torch.Tensor] = {}
-    top_counts: dict[str, torch.Tensor] = {}
-    entropy_sums: dict[str, torch.Tensor] = {}
-    nonzero_sums: dict[str, torch.Tensor] = {}
-    rows = torch.zeros(num_groups, dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         for inputs, group in batches:
             with model.recording_gates() as recorded:
                 model(inputs)
-            for path, weights in recorded.items():
-                w = weights.double()  # (B, G, E)
-                g = torch.zeros(len(w), dtype=torch.long, device=w.device) if group is None else group.to(w.device)
-                if path not in weight_sums:
-                    weight_sums[path] = w.new_zeros((num_groups, *w.shape[1:]))
-                    top_counts[path] = w.new_zeros((num_groups, *w.shape[1:]))
-                    entropy_sums[path] = w.new_zeros((num_groups, w.shape[1]))
-                    nonzero_sums[path] = w.new_zeros((num_groups, w.shape[1]))
-                weight_sums[path].index_add_(0, g, w)
-                top_counts[path].index_add_(0, g, torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).double())
-                entropy_sums[path].index_add_(0, g, -torch.special.xlogy(w, w).sum(2))
-                nonzero_sums[path].index_add_(0, g, (w > 0).sum(2).double())
-            if recorded:
-                size = len(next(iter(recorded.values())))
-                rows += torch.bincount(torch.zeros(size, dtype=torch.long) if group is None else group.cpu().long(),
-                                       minlength=num_groups).double()
+            usage.add(recorded, group)
     finally:
         model.train(was_training)
-    if bool((rows == 0).any()):
-        raise DataError("no rows to read the gate weights from" + (f" in group(s) {torch.nonzero(rows == 0).flatten().tolist()}"
-                                                                  if num_groups > 1 else ""))
-    choices = {}
-    for path, bank in banks.items():
-        allowed = np.ones((len(bank.gate_names), len(bank.choice_names)), dtype=bool)
-        choices[path] = allowed if bank.choice_mask is None else ~torch.isinf(bank.choice_mask).cpu().numpy()
-    # A gate with one choice has nothing to spread; its entropy is 0, not 0/0.
-    scales = {path: np.log(np.maximum(allowed.sum(axis=1), 2)) for path, allowed in choices.items()}
-    result = []
-    for k in range(num_groups):
-        n = rows[k].item()
-        usage = {}
-        for path, bank in banks.items():
-            usage[path] = GateUsage(
-                gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices[path],
-                mean_weight=(weight_sums[path][k] / n).cpu().numpy(), top_share=(top_counts[path][k] / n).cpu().numpy(),
-                row_entropy=(entropy_sums[path][k] / n).cpu().numpy() / scales[path],
-                experts_per_row=(nonzero_sums[path][k] / n).cpu().numpy(), rows=int(n))
-        result.append(usage)
-    return result
+    return usage.result()
 
+
+class GateUsageAccumulator:
+    """Sums of a model's gate weights over batches, by group of rows, summarised by :meth:`result`.
+
+    Fed either the dict :meth:`MultiTaskModel.recording_gates` yields (:meth:`add`) or, inside that
+    context, after each forward of another pass over the rows (:meth:`add_last_forward`: the
+    validation pass that also scores the model, so the gates cost no pass of their own).
+    """
+
+    def __init__(self, model: MultiTaskModel, num_groups: int = 1) -> None:
+        self.banks = model.gate_banks()
+        self.num_groups = num_groups
+        self.weight_sums: dict[str, torch.Tensor] = {}
+        self.top_counts: dict[str, torch.Tensor] = {}
+        self.entropy_sums: dict[str, torch.Tensor] = {}
+        self.nonzero_sums: dict[str, torch.Tensor] = {}
+        self.rows = torch.zeros(num_groups, dtype=torch.float64)
+
+    def add_last_forward(self, group: torch.Tensor | None = None) -> None:
+        """:meth:`add` the weights the gates kept from the last forward (while recording)."""
+        self.add({path: bank.last_weights for path, bank in self.banks.items() if bank.last_weights is not None}, group)
+
+    @torch.no_grad()
+    def add(self, recorded: Mapping[str, torch.Tensor], group: torch.Tensor | None = None) -> None:
+        """Add one batch: ``{gate bank path: weights (B, G, E)}`` and its rows' groups ``(B,)`` (None: group 0)."""
+        for path, weights in recorded.items():
+            w = weights.double()
+            g = torch.zeros(len(w), dtype=torch.long, device=w.device) if group is None else group.to(w.device)
+            if path not in self.weight_sums:
+                self.weight_sums[path] = w.new_zeros((self.num_groups, *w.shape[1:]))
+                self.top_counts[path] = w.new_zeros((self.num_groups, *w.shape[1:]))
+                self.entropy_sums[path] = w.new_zeros((self.num_groups, w.shape[1]))
+                self.nonzero_sums[path] = w.new_zeros((self.num_groups, w.shape[1]))
+            self.weight_sums[path].index_add_(0, g, w)
+            self.top_counts[path].index_add_(0, g, torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).double())
+            self.entropy_sums[path].index_add_(0, g, -torch.special.xlogy(w, w).sum(2))
+            self.nonzero_sums[path].index_add_(0, g, (w > 0).sum(2).double())
+        if recorded:
+            size = len(next(iter(recorded.values())))
+            self.rows += torch.bincount(torch.zeros(size, dtype=torch.long) if group is None else group.cpu().long(),
+                                        minlength=self.num_groups).double()
+
+    def result(self) -> list[dict[str, GateUsage]]:
+        """One ``{gate bank path: GateUsage}`` per group (empty for a model without gates); a group
+        without rows is a :class:`DataError`."""
+        if not self.banks:
+            return [{} for _ in range(self.num_groups)]
+        rows = self.rows
+        if bool((rows == 0).any()):
+            raise DataError("no rows to read the gate weights from" + (
+                f" in group(s) {torch.nonzero(rows == 0).flatten().tolist()}" if self.num_groups > 1 else ""))
+        choices = {}
+        for path, bank in self.banks.items():
+            allowed = np.ones((len(bank.gate_names), len(bank.choice_names)), dtype=bool)
+            choices[path] = allowed if bank.choice_mask is None else ~torch.isinf(bank.choice_mask).cpu().numpy()
+        # A gate with one choice has nothing to spread; its entropy is 0, not 0/0.
+        scales = {path: np.log(np.maximum(allowed.sum(axis=1), 2)) for path, allowed in choices.items()}
+        result = []
+        for k in range(self.num_groups):
+            n = rows[k].item()
+            result.append({path: GateUsage(
+                gate_names=list(bank.gate_names), expert_names=list(bank.choice_names), choices=choices[path],
+                mean_weight=(self.weight_sums[path][k] / n).cpu().numpy(),
+                top_share=(self.top_counts[path][k] / n).cpu().numpy(),
+                row_entropy=(self.entropy_sums[path][k] / n).cpu().numpy() / scales[path],
+                experts_per_row=(self.nonzero_sums[path][k] / n).cpu().numpy(), rows=int(n)) for path, bank in self.banks.items()})
+        return result
 
 def gate_usage_markdown(usages: Mapping[str, GateUsage]) -> str:
     """A report section: for every gate, how many experts it uses, how sharply, and its heaviest expert."""

@@ -271,9 +271,12 @@ def _check_tasks(tasks: tuple[TaskSpec, ...], data: MultiTaskTensors, split: str
 
 @torch.no_grad()
 def forward_outputs(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ...], batch_size: int = 16384,
-                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                    device: torch.device | str | None = None,
+                    after_batch: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """``{task: (N, output_dim)}`` raw outputs of ``model`` in eval mode on every row of ``data``, batch
-    by batch on ``device`` (default: where the model's parameters are), gathered on the host in float32."""
+    by batch on ``device`` (default: where the model's parameters are), gathered on the host in float32.
+    ``after_batch`` is called after each batch's forward (to read what the model kept of it, such as
+    its gate weights, in the same pass)."""
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
     was_training = model.training
@@ -282,6 +285,8 @@ def forward_outputs(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskS
         chunks: dict[str, list[torch.Tensor]] = {t.name: [] for t in tasks}
         for batch in data.batches(batch_size):
             outputs = model(map_inputs(batch.inputs, lambda t: t.to(device)))
+            if after_batch is not None:
+                after_batch()
             for name in chunks:
                 chunks[name].append(outputs[name].float().cpu())
         return {name: torch.cat(parts) for name, parts in chunks.items()}
