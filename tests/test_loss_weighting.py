@@ -11,7 +11,7 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors, make_synthetic
 from mtlkit.models import build_model
-from mtlkit.objectives import DynamicWeightAverage, GradNormWeighting, build_weighting
+from mtlkit.objectives import DynamicWeightAverage, GradNormWeighting, RandomLossWeighting, build_weighting
 from mtlkit.training import Trainer, TrainerConfig
 
 
@@ -177,3 +177,26 @@ def test_the_weightings_own_learning_rate():
         Trainer(build_model("mmoe", input_dim=8, tasks=data.tasks), TrainerConfig(weighting_learning_rate=0.1, progress=False))
     with pytest.raises(ConfigError, match="weighting_learning_rate"):
         TrainerConfig(weighting_learning_rate=0)
+
+
+def test_random_loss_weighting_draws_fresh_weights_that_sum_to_k_from_its_own_seed():
+    tasks = [TaskSpec("a", "regression"), TaskSpec("b", "regression", weight=2.0), TaskSpec("c", "regression")]
+    losses = {"a": torch.tensor(1.0), "b": torch.tensor(2.0), "c": torch.tensor(3.0)}
+    weighting = build_weighting("rlw", tasks, seed=5)
+    assert isinstance(weighting, RandomLossWeighting)
+    torch.manual_seed(0)
+    drawn = []
+    for _ in range(200):
+        total, weights = weighting(losses)
+        w = torch.tensor([weights["a"], weights["b"] / 2, weights["c"]])  # the task's own weight multiplies the draw
+        assert (w > 0).all() and w.sum().item() == pytest.approx(3.0, rel=1e-6)
+        assert total.item() == pytest.approx(weights["a"] * 1 + weights["b"] * 2 + weights["c"] * 3, rel=1e-6)
+        drawn.append(w)
+    drawn = torch.stack(drawn)
+    assert drawn.std(0).min() > 0.2 and (drawn.mean(0) - 1).abs().max() < 0.2  # fresh each step, 1 on average
+    torch.manual_seed(123)  # the global generator plays no part
+    again = build_weighting("rlw", tasks, seed=5)
+    assert [again(losses)[1]["a"] for _ in range(3)] == pytest.approx(drawn[:3, 0].tolist())
+    assert weighting.current_weights() == weights
+    with pytest.raises(ConfigError, match="weighting.seed: expected an integer >= 0"):
+        build_weighting("rlw", tasks, seed=-1)

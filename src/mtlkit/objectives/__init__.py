@@ -11,12 +11,12 @@ from mtlkit.objectives.gradient_surgery import (
 )
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
-    DynamicWeightAverage, DynamicWeighting, FixedWeighting, GradNormWeighting, LossWeighting, UncertaintyWeighting,
-    build_weighting, list_weightings, register_weighting,
+    DynamicWeightAverage, DynamicWeighting, FixedWeighting, GradNormWeighting, LossWeighting, RandomLossWeighting,
+    UncertaintyWeighting, build_weighting, list_weightings, register_weighting,
 )
 
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
-           "UncertaintyWeighting", "GradNormWeighting",
+           "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting",
            "build_weighting", "list_weightings", "register_weighting",
            "pcgrad", "mgda", "cagrad", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries",
            "register_gradient_surgery"]

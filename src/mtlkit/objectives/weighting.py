@@ -18,7 +18,7 @@ from mtlkit.tasks import TaskSpec
 
 __all__ = [
     "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage", "UncertaintyWeighting",
-    "GradNormWeighting",
+    "GradNormWeighting", "RandomLossWeighting",
     "register_weighting", "build_weighting", "list_weightings",
 ]
 
@@ -269,6 +269,47 @@ class GradNormWeighting(LossWeighting):
             self.logits.grad.copy_(grad)
 
 
+class RandomLossWeighting(LossWeighting):
+    """Random loss weighting (RLW, Lin et al., TMLR 2022): every step draws fresh weights
+    ``w_k = w_k0 * K * softmax(e)_k`` with ``e ~ N(0, I)`` (``w_k0``: the task's own weight), so their
+    sum stays ``K``. A baseline that costs nothing, which a learned or tuned weighting should beat.
+
+    The draws come from the weighting's own generator (``seed``), not the global one: every process
+    under torchrun draws the same weights, and a resumed run continues the sequence (the generator's
+    state is in the state dict). Under gradient surgery the trainer asks for the weights twice a step
+    and the second draw is the one its gradients use.
+
+    Args:
+        seed: seed of the weights' generator.
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec], seed: int = 0) -> None:
+        super().__init__(tasks)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"weighting.seed: expected an integer >= 0, got {seed!r}")
+        self.base_weights = torch.tensor([float(t.weight) for t in tasks])
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weights = {t.name: float(t.weight) for t in tasks}
+
+    @property
+    def joins_compiled_graph(self) -> bool:
+        return False  # a host-side draw from its own generator every step
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "weights": dict(self.weights)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.weights = dict(state["weights"])
+
+    def forward(self, losses):
+        draw = torch.softmax(torch.randn(len(self.task_names), generator=self.generator, dtype=torch.float64), dim=0)
+        weights = (self.base_weights.double() * len(self.task_names) * draw).float()
+        self.weights = dict(zip(self.task_names, weights.tolist()))
+        vector = self._loss_vector(losses)
+        return (weights.to(vector.device, vector.dtype) * vector).sum(), dict(self.weights)
+
+
 _WEIGHTINGS: dict[str, Callable[..., LossWeighting]] = {}
 
 
@@ -298,3 +339,4 @@ register_weighting("dynamic", DynamicWeighting)
 register_weighting("dwa", DynamicWeightAverage)
 register_weighting("uncertainty", UncertaintyWeighting)
 register_weighting("gradnorm", GradNormWeighting)
+register_weighting("rlw", RandomLossWeighting)
