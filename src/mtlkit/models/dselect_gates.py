@@ -42,7 +42,8 @@ def smooth_step(logits: torch.Tensor, width: float) -> torch.Tensor:
 
 class DSelectKGateBank(GateBank):
     """``num_gates`` DSelect-k gates of ``k`` selectors each over ``num_choices`` experts, conditioned
-    on the example (each row chooses its own experts).
+    on the example (each row chooses its own experts), or with ``input_dim=0`` on the task only (the
+    paper's static gates: every row the same experts).
 
     With ``choices``, gate ``g`` chooses among ``choices[g]`` only (PLE): its selectors use as many
     binary digits as that many experts need, the others are held at 0, and code ``l`` stands for
