@@ -54,6 +54,28 @@ def test_every_model_computes_on_the_gpu_what_it_computes_on_the_cpu(name, rows)
     _assert_same_on_both(model, torch.randn(rows, 40, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("gates", [{"gate_type": "dselect_k", "gate_top_k": 2},
+                                   {"gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"},
+                                   {"gate_conditioning": "task"}])
+@pytest.mark.parametrize("name", ["mmoe", "ple"])
+def test_dselect_and_task_conditioned_gates_on_the_gpu(name, gates):
+    model = build_model(name, input_dim=40, tasks=_tasks(name), **gates).double()
+    _assert_same_on_both(model, torch.randn(64, 40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("surgery", ["pcgrad", "mgda", "cagrad"])
+def test_gradient_surgeries_train_on_the_gpu(surgery):
+    tasks, (train, valid) = _synthetic()
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=20, tasks=tasks, gate_type="dselect_k", gate_top_k=2, gate_entropy_weight=0.01)
+    config = TrainerConfig(max_epochs=2, batch_size=256, progress=False, device="cuda", patience=None, gradient_surgery=surgery)
+    result = Trainer(model, config).fit(train, valid)
+    assert next(model.parameters()).device.type == "cuda"
+    for task in tasks:
+        losses = [row["loss"] for row in result.history if row["split"] == "valid" and row["task"] == task.name]
+        assert len(losses) == 2 and losses[1] < losses[0]
+
+
 def test_embedding_tables_learn_the_same_on_the_gpu():
     encoder = FeatureEncoder(EncoderConfig(num_dense=3, categorical_cardinalities=[5, 60, 7],
                                            categorical_embedding_dims=[4, 8, 4]))
