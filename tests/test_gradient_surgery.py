@@ -1,4 +1,4 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad), alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL), alone and in the trainer."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import build_gradient_surgery, cagrad, list_gradient_surgeries, mgda, pcgrad
+from mtlkit.objectives import aligned_mtl, build_gradient_surgery, cagrad, list_gradient_surgeries, mgda, pcgrad
 from mtlkit.objectives.gradient_surgery import _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
@@ -93,7 +93,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(gradient_surgery="nash_mtl"), r"gradient_surgery.*'nash_mtl'.*\['cagrad', 'mgda', 'pcgrad'\]"),
+    (dict(gradient_surgery="nash_mtl"), r"gradient_surgery.*'nash_mtl'.*\['aligned_mtl', 'cagrad', 'mgda', 'pcgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
@@ -103,7 +103,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["cagrad", "mgda", "pcgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "mgda", "pcgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -175,8 +175,23 @@ def test_the_simplex_solver_beats_every_sampled_weighting():
             assert objective(weights) <= objective(samples).min() + 1e-9
 
 
-@pytest.mark.parametrize("surgery", ["mgda", "cagrad"])
-def test_mgda_and_cagrad_train_both_conflicting_tasks(surgery):
+def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
+    generator = torch.Generator()
+    # Orthogonal gradients of norms 3 and 1: aligned to norm 1 each, the larger no longer dominates.
+    torch.testing.assert_close(aligned_mtl(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), generator), torch.tensor([1.0, 1.0]))
+    for num_tasks in (2, 3, 5):
+        for seed in range(3):
+            grads = _conflicting(num_tasks, seed)
+            # With G = U S W' (thin SVD), the aligned gradients are s_min U W': orthogonal rows of norm s_min.
+            u, singular, w = torch.linalg.svd(grads, full_matrices=False)
+            torch.testing.assert_close(aligned_mtl(grads, generator), singular.min() * u.sum(0) @ w)
+    same = torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64)
+    torch.testing.assert_close(aligned_mtl(same, generator), same.sum(0))  # rank one: the plain sum
+    torch.testing.assert_close(aligned_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
+
+
+@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl"])
+def test_mgda_cagrad_and_aligned_mtl_train_both_conflicting_tasks(surgery):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
     data = _data(-1.0)

@@ -1,6 +1,7 @@
 """Objectives: per-task masked losses, loss weighting and gradient surgery."""
 
 from mtlkit.objectives.gradient_surgery import (
+    aligned_mtl,
     build_gradient_surgery,
     cagrad,
     get_gradient_surgery,
@@ -18,5 +19,5 @@ from mtlkit.objectives.weighting import (
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting",
            "build_weighting", "list_weightings", "register_weighting",
-           "pcgrad", "mgda", "cagrad", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries",
+           "pcgrad", "mgda", "cagrad", "aligned_mtl", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries",
            "register_gradient_surgery"]

@@ -24,7 +24,7 @@ import torch
 
 from mtlkit.errors import ConfigError
 
-__all__ = ["pcgrad", "mgda", "cagrad", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
+__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
            "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -141,7 +141,29 @@ def cagrad(grads: torch.Tensor, generator: torch.Generator, alpha: float = 0.5) 
     return num_tasks * direction / (1 + alpha**2)
 
 
-_SURGERIES: dict[str, GradientSurgery] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad}
+
+def aligned_mtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Aligned-MTL (Senushkin et al., CVPR 2023): the tasks' gradients made orthogonal and of equal
+    norm (a system of condition number 1, ``sqrt`` of the Gram matrix's smallest non-zero eigenvalue
+    each) by ``B = sqrt(lambda_min) V Lambda^-1/2 V'`` from the Gram matrix ``V Lambda V'``, then summed:
+    ``d = sum_i (sum_j B_ji) g_i``. Directions on which the tasks' gradients cancel are no longer
+    dominated by the largest one. Tasks with the same gradient get their sum, unscaled. Eigenvalues
+    below the Gram matrix's numerical rank are left out. ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    gram = grads.double() @ grads.double().T
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    tolerance = eigenvalues.max().clamp_min(0) * len(gram) * torch.finfo(torch.float64).eps
+    kept = eigenvalues > tolerance
+    if not bool(kept.any()):
+        return grads.sum(0)  # every gradient zero
+    eigenvalues, eigenvectors = eigenvalues[kept], eigenvectors[:, kept]
+    balance = eigenvalues.min().sqrt() * (eigenvectors / eigenvalues.sqrt()) @ eigenvectors.T
+    return balance.sum(0).to(grads) @ grads
+
+
+_SURGERIES: dict[str, GradientSurgery] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery) -> None:
