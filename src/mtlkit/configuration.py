@@ -79,6 +79,13 @@ def check_probability(value: Any, key: str) -> float:
     return value
 
 
+def check_non_negative(value: Any, key: str) -> float:
+    """Validate a number >= 0 (a penalty's weight), naming ``key`` in the error."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(f"{key}: expected a number >= 0, got {value!r}")
+    return value
+
+
 def check_positive(value: Any, key: str) -> float:
     """Validate a number > 0, naming ``key`` in the error."""
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from mtlkit.errors import ConfigError
+from mtlkit.configuration import check_count, check_non_negative, check_positive
 from mtlkit.models.gates import GateBank
 
 __all__ = ["DSelectKGateBank", "smooth_step"]
@@ -66,12 +66,9 @@ class DSelectKGateBank(GateBank):
                  choices: Sequence[Sequence[int]] | None = None, gate_names: Sequence[str] | None = None,
                  choice_names: Sequence[str] | None = None, smooth_step_width: float = 1.0,
                  entropy_weight: float = 0.0) -> None:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"gate_top_k: a DSelect-k gate needs its number of selectors, an integer >= 1, got {k!r}")
-        if not smooth_step_width > 0:
-            raise ConfigError(f"gate_smooth_step_width must be > 0, got {smooth_step_width}")
-        if not entropy_weight >= 0:
-            raise ConfigError(f"gate_entropy_weight must be >= 0, got {entropy_weight}")
+        check_count(k, "gate_top_k (a DSelect-k gate's number of selectors)", 1)
+        check_positive(smooth_step_width, "gate_smooth_step_width")
+        check_non_negative(entropy_weight, "gate_entropy_weight")
         num_digits = _digits(num_choices)
         super().__init__(num_gates, input_dim, num_choices, shared_input=shared_input, choices=choices,
                          gate_names=gate_names, choice_names=choice_names, logits_per_gate=k * (num_digits + 1))

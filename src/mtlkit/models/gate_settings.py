@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from mtlkit.configuration import check_positive, check_probability
+from mtlkit.configuration import check_non_negative, check_positive, check_probability
 from mtlkit.errors import ConfigError
 from mtlkit.models.dselect_gates import DSelectKGateBank
 from mtlkit.models.gates import GateBank, check_top_k
@@ -60,9 +60,7 @@ class GateSettings:
         check_probability(self.gate_dropout, "gate_dropout")
         check_top_k(self.gate_top_k, num_experts, experts)
         check_positive(self.gate_smooth_step_width, "gate_smooth_step_width")
-        if not (isinstance(self.gate_entropy_weight, (int, float)) and not isinstance(self.gate_entropy_weight, bool)
-                and self.gate_entropy_weight >= 0):
-            raise ConfigError(f"gate_entropy_weight: expected a number >= 0, got {self.gate_entropy_weight!r}")
+        check_non_negative(self.gate_entropy_weight, "gate_entropy_weight")
         if self.gate_type == "dselect_k":
             if self.gate_top_k is None:
                 raise ConfigError("gate_top_k: gate_type dselect_k needs the number of experts each gate selects "

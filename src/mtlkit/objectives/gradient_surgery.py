@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from mtlkit.configuration import check_non_negative
 from mtlkit.errors import ConfigError
 
 __all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
@@ -126,8 +127,7 @@ def cagrad(grads: torch.Tensor, generator: torch.Generator, alpha: float = 0.5) 
 
     Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
     """
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha >= 0):
-        raise ConfigError(f"training.gradient_surgery_options.alpha: expected a number >= 0, got {alpha!r}")
+    check_non_negative(alpha, "training.gradient_surgery_options.alpha")
     num_tasks = len(grads)
     average = grads.mean(0)
     if alpha == 0:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mtlkit.configuration import check_count
 from mtlkit.errors import ConfigError
 from mtlkit.objectives.losses import TaskLosses
 from mtlkit.tasks import TaskSpec
@@ -285,8 +286,7 @@ class RandomLossWeighting(LossWeighting):
 
     def __init__(self, tasks: Sequence[TaskSpec], seed: int = 0) -> None:
         super().__init__(tasks)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ConfigError(f"weighting.seed: expected an integer >= 0, got {seed!r}")
+        check_count(seed, "weighting.seed", 0)
         self.base_weights = torch.tensor([float(t.weight) for t in tasks])
         self.generator = torch.Generator().manual_seed(seed)
         self.weights = {t.name: float(t.weight) for t in tasks}

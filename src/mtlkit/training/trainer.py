@@ -361,7 +361,7 @@ class Trainer:
         self._balanced_parameters = self.model.shared_layer_parameters() if self.weighting.balances_gradients else None
         self._autocast_dtype = PRECISIONS[self.config.precision]
         self._losses, self._objective = self._forward_losses, self._forward_objective
-        # A model's own term of the objective (AITM's calibrator); models without one return None.
+        # A model's own term of the objective (AITM's calibrator, DSelect-k gates' penalty); models without one return None.
         self._auxiliary_loss = getattr(self.model, "auxiliary_loss", lambda outputs: None)
         if self.config.compile and (self._balanced_parameters is not None or self.config.gradient_surgery is not None):
             # Measured in torch 2.13: a second backward through one compiled graph (retain_graph, one
@@ -590,7 +590,7 @@ class Trainer:
                         means = (torch.stack(running) / running_steps).tolist()
                         self._check_finite({t.name: v for t, v in zip(self.tasks, means)}, "training", step, epoch, running_steps)
                         weights = self.weighting.current_weights()
-                        # The model's auxiliary loss (AITM's calibrator) belongs to no task: the same value on each row.
+                        # The model's auxiliary loss (AITM's calibrator, the gates' penalty) belongs to no task: the same value on each row.
                         extra = {}
                         if running_auxiliary is not None:
                             extra = {"auxiliary_loss": float(running_auxiliary) / running_steps}
