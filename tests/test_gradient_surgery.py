@@ -1,4 +1,4 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL), alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, Nash-MTL, GradVac), alone and in the trainer."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,9 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import aligned_mtl, build_gradient_surgery, cagrad, list_gradient_surgeries, mgda, pcgrad
-from mtlkit.objectives.gradient_surgery import _simplex_minimiser
+from mtlkit.objectives import (GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, list_gradient_surgeries, mgda, nash_mtl,
+                               pcgrad)
+from mtlkit.objectives.gradient_surgery import _nash_bargaining_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
 
@@ -93,17 +94,21 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(gradient_surgery="nash_mtl"), r"gradient_surgery.*'nash_mtl'.*\['aligned_mtl', 'cagrad', 'mgda', 'pcgrad'\]"),
+    (dict(gradient_surgery="graddrop"),
+     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'gradvac', 'mgda', 'nash_mtl', 'pcgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options=[0.5]), "expected a mapping"),
     (dict(gradient_surgery_options={"alpha": 0.5}), "without a gradient_surgery"),
+    (dict(gradient_surgery="gradvac", gradient_surgery_options={"alpha": 0.5}), r"unknown \['alpha'\] for 'gradvac'; allowed: \['beta'\]"),
+    (dict(gradient_surgery="gradvac", gradient_surgery_options={"beta": 1.5}), r"options.beta: expected a number in \[0, 1\)"),
+    (dict(gradient_surgery="nash_mtl", gradient_surgery_options={"beta": 0.5}), r"unknown \['beta'\] for 'nash_mtl'; allowed: \[\]"),
 ])
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "mgda", "pcgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "gradvac", "mgda", "nash_mtl", "pcgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -190,8 +195,8 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
     torch.testing.assert_close(aligned_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
 
 
-@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl"])
-def test_mgda_cagrad_and_aligned_mtl_train_both_conflicting_tasks(surgery):
+@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl", "nash_mtl", "gradvac"])
+def test_the_other_surgeries_train_both_conflicting_tasks(surgery):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
     data = _data(-1.0)
@@ -200,6 +205,78 @@ def test_mgda_cagrad_and_aligned_mtl_train_both_conflicting_tasks(surgery):
     Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery)).fit(data)
     after = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
     assert all(after[name] < 0.7 * before[name] for name in ("a", "b")), (before, after)
+
+
+def test_nash_mtl_is_the_nash_bargaining_direction():
+    generator = torch.Generator()
+    for num_tasks in (2, 3, 5, 8):
+        for seed in range(3):
+            grads = _conflicting(num_tasks, seed)
+            d = nash_mtl(grads, generator)
+            gram = (grads @ grads.T).numpy()
+            # Its weights solve (G G' / N) alpha = 1 / alpha, up to the 1e-12 ridge; so every task gains, and |d|^2 = K N.
+            alpha = _nash_bargaining_weights(gram)
+            np.testing.assert_allclose((gram / np.linalg.norm(gram)) @ alpha, 1 / alpha, rtol=1e-6)
+            assert (grads @ d > 0).all()
+            torch.testing.assert_close(d @ d, torch.tensor(num_tasks * np.linalg.norm(gram), dtype=torch.float64))
+
+            # The bargaining solution: no other direction of the same norm gives a larger sum of log gains
+            # (sampled near d and over the gradients' span).
+            def log_gains(u):
+                gains = u @ grads.T
+                return torch.where((gains > 0).all(-1), gains.clamp_min(1e-300).log().sum(-1), -torch.inf)
+
+            mixes = torch.randn(3000, num_tasks, dtype=torch.float64) @ grads
+            for spread in (0.01, 0.1, 1.0, 100.0):
+                others = d + spread * d.norm() * mixes / mixes.norm(dim=1, keepdim=True)
+                others = others / others.norm(dim=1, keepdim=True) * d.norm()
+                assert log_gains(others).max() <= log_gains(d) + 1e-9
+            # Scaling a task's loss leaves the direction as it was.
+            scaled = nash_mtl(grads * torch.linspace(0.1, 10, num_tasks, dtype=torch.float64)[:, None], generator)
+            torch.testing.assert_close(scaled / scaled.norm(), d / d.norm(), rtol=1e-6, atol=1e-9)
+    same = torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64)
+    torch.testing.assert_close(nash_mtl(same, generator), same.sum(0))  # agreeing tasks: the summed gradient
+    # Orthogonal gradients of norms 3 and 1 become the same length, sqrt(N) each, N = |diag(9, 1)| = sqrt(82).
+    torch.testing.assert_close(nash_mtl(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), generator), torch.full((2,), 82**0.25))
+    torch.testing.assert_close(nash_mtl(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), generator), torch.zeros(2))  # Pareto-stationary
+    one = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(nash_mtl(one, generator), one[0])  # a task without gradient takes no part
+    torch.testing.assert_close(nash_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
+
+
+def test_gradvac_brings_conflicting_gradients_to_their_target_cosine():
+    generator = torch.Generator().manual_seed(0)
+    # With its targets at 0 (beta 0 keeps them there) GradVac is PCGrad, visiting the tasks in the same order.
+    for num_tasks in (2, 3, 5):
+        grads = _conflicting(num_tasks, num_tasks)
+        vaccine = GradientVaccine(beta=0.0)
+        torch.testing.assert_close(vaccine(grads, torch.Generator().manual_seed(3)), pcgrad(grads, torch.Generator().manual_seed(3)))
+        assert torch.equal(vaccine.targets, torch.zeros(num_tasks, num_tasks, dtype=torch.float64))
+    # Target 0.6, cosine below it: each gradient turns towards the other's until their cosine is 0.6,
+    # keeping its component orthogonal to the other (only multiples of the other are added).
+    g = torch.tensor([[2.0, 1.0, 0.0], [-1.0, 0.5, 1.0]], dtype=torch.float64)
+    cosine = float(g[0] @ g[1] / (g[0].norm() * g[1].norm()))
+    vaccine = GradientVaccine(beta=0.25)
+    vaccine.load_state_dict({"targets": torch.tensor([[0.0, 0.6], [0.6, 0.0]], dtype=torch.float64)})
+
+    def turned(own, other):
+        along = other / other.norm()
+        across = own - (own @ along) * along
+        return (across.norm() / 0.8) * (0.6 * along + 0.8 * across / across.norm())
+
+    torch.testing.assert_close(vaccine(g, generator), turned(g[0], g[1]) + turned(g[1], g[0]))
+    # The targets move towards the cosine seen, at rate beta.
+    expected = 0.75 * 0.6 + 0.25 * cosine
+    torch.testing.assert_close(vaccine.state_dict()["targets"], torch.tensor([[0.0, expected], [expected, 0.0]], dtype=torch.float64))
+    # Above its target a pair is left as it is (the plain sum); the targets still follow.
+    agreeing = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    fresh = GradientVaccine(beta=0.5)
+    torch.testing.assert_close(fresh(agreeing, generator), agreeing.sum(0))
+    torch.testing.assert_close(fresh.targets, torch.tensor([[0.0, 0.5**1.5], [0.5**1.5, 0.0]], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="targets are for 2 tasks, but 3 gradients came"):
+        fresh(torch.eye(3, dtype=torch.float64), generator)
+    built = build_gradient_surgery("gradvac", {"beta": 0.1})
+    assert isinstance(built, GradientVaccine) and built.beta == 0.1 and built.targets is None  # the trial call left no state
 
 
 def test_cagrad_at_alpha_zero_trains_as_the_weighted_sum():

@@ -1,12 +1,14 @@
 """Objectives: per-task masked losses, loss weighting and gradient surgery."""
 
 from mtlkit.objectives.gradient_surgery import (
+    GradientVaccine,
     aligned_mtl,
     build_gradient_surgery,
     cagrad,
     get_gradient_surgery,
     list_gradient_surgeries,
     mgda,
+    nash_mtl,
     pcgrad,
     register_gradient_surgery,
 )
@@ -19,5 +21,5 @@ from mtlkit.objectives.weighting import (
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting",
            "build_weighting", "list_weightings", "register_weighting",
-           "pcgrad", "mgda", "cagrad", "aligned_mtl", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries",
-           "register_gradient_surgery"]
+           "pcgrad", "mgda", "cagrad", "aligned_mtl", "nash_mtl", "GradientVaccine",
+           "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

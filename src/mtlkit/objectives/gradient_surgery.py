@@ -6,10 +6,12 @@ pulled backwards (negative transfer). A surgery takes each task's own gradient o
 flattened over all trainable parameters, ``(K, P)``, and returns the one gradient the optimizer
 steps, ``(P,)``. It costs one backward pass per task instead of one in all.
 
-New methods register with :func:`register_gradient_surgery`; ``TrainerConfig.gradient_surgery``
-names one, and ``gradient_surgery_options`` its options. Each surgery here is scaled so that where
-every task has the same gradient it returns their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at
-``alpha`` 0), so learning rates carry over from training without surgery.
+New methods register with :func:`register_gradient_surgery`: a function, or a class whose
+instances are called the same way and keep state from step to step (GradVac's targets; the trainer
+saves its ``state_dict()`` with the training state). ``TrainerConfig.gradient_surgery`` names one,
+and ``gradient_surgery_options`` its options. Each surgery here is scaled so that where every task
+has the same gradient it returns their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at ``alpha``
+0), so learning rates carry over from training without surgery.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from mtlkit.configuration import check_non_negative
+from mtlkit.configuration import check_non_negative, check_probability
 from mtlkit.errors import ConfigError
 
-__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
-           "list_gradient_surgeries"]
+__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "nash_mtl", "GradientVaccine", "register_gradient_surgery",
+           "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -163,17 +165,132 @@ def aligned_mtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return balance.sum(0).to(grads) @ grads
 
 
-_SURGERIES: dict[str, GradientSurgery] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl}
+def _nash_bargaining_weights(gram: np.ndarray, ridge: float = 1e-12, max_iterations: int = 200) -> np.ndarray:
+    """The positive ``alpha`` solving ``M alpha = 1 / alpha`` (elementwise), ``M`` the Gram matrix
+    over its Frobenius norm: the stationary point of the convex ``alpha' M alpha / 2 - sum log alpha``,
+    found by damped Newton steps (the objective is self-concordant, so they converge from anywhere,
+    and quadratically once close).
+    Tasks with no gradient get weight 0. Where some positive mix of the gradients is zero
+    (Pareto-stationary) there is no solution; ``ridge`` on the diagonal bounds the weights there,
+    and the mix they give stays (near) zero.
+    """
+    weights = np.zeros(len(gram))
+    diagonal = np.diag(gram)
+    active = np.flatnonzero(diagonal > diagonal.max(initial=0.0) * 1e-20)
+    if not len(active):
+        return weights
+    matrix = gram[np.ix_(active, active)]
+    matrix = matrix / np.linalg.norm(matrix) + ridge * np.eye(len(active))
+    alpha = 1.0 / np.sqrt(np.diag(matrix))  # exact where the gradients are orthogonal
+
+    def objective(a):
+        return 0.5 * a @ matrix @ a - np.log(a).sum()
+
+    value = objective(alpha)
+    for _ in range(max_iterations):
+        gradient = matrix @ alpha - 1.0 / alpha
+        step = np.linalg.solve(matrix + np.diag(1.0 / alpha**2), -gradient)
+        decrement = -gradient @ step  # the Newton decrement squared
+        if decrement < 0.1:
+            # Within the region of quadratic convergence, and the full step keeps alpha > 0 (the Hessian
+            # holds diag(1 / alpha^2), so |step_k| / alpha_k <= sqrt(decrement)); a line search there would
+            # only see the objective's rounding.
+            alpha = alpha + step
+            if decrement < 1e-16:
+                break
+            value = objective(alpha)
+            continue
+        shrinking = step < 0
+        size = min(1.0, 0.99 * float(np.min(-alpha[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
+        while True:  # backtracking (Armijo) line search, staying inside alpha > 0
+            candidate = alpha + size * step
+            new_value = objective(candidate)
+            if new_value <= value - 0.25 * size * decrement or size < 1e-12:
+                break
+            size *= 0.5
+        alpha, value = candidate, new_value
+    weights[active] = alpha
+    return weights
 
 
-def register_gradient_surgery(name: str, surgery: GradientSurgery) -> None:
-    """Make ``surgery`` (``(grads (K, P), generator) -> (P,)``) available as ``gradient_surgery: name``."""
+def nash_mtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Nash-MTL (Navon et al., ICML 2022): the tasks bargain over the update direction ``d``; the
+    Nash bargaining solution maximises ``sum_k log(g_k . d)``, so every task gains, and scaling one
+    task's loss does not change the direction (each ``alpha_k`` scales inversely). It is
+    ``d = sum_k alpha_k g_k`` with ``(G G' / N) alpha = 1 / alpha`` (``N``, the Frobenius norm of the
+    Gram matrix ``G G'``, by which the reference implementation normalises it), solved exactly on the
+    ``K x K`` Gram matrix where the paper approximates it by a few convex-concave steps. Then
+    ``|d|^2 = K N``, and tasks with the same gradient get their sum. ``generator`` is unused
+    (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    gram = (grads.double() @ grads.double().T).cpu().numpy()
+    return torch.from_numpy(_nash_bargaining_weights(gram)).to(grads) @ grads
+
+
+class GradientVaccine:
+    """GradVac ("gradient vaccine", Wang et al., ICLR 2021): PCGrad with a learned target. For each
+    pair of tasks an exponential moving average (rate ``beta``) of their gradients' cosine
+    similarity is kept; where task ``i``'s gradient (as adjusted so far) has a lower cosine with task
+    ``j``'s than that target, a multiple of ``g_j`` is added to it to bring the cosine exactly to the
+    target, so tasks that usually agree are kept agreeing, not only kept from conflicting (PCGrad's
+    target is always 0). The other tasks are visited in a random order per task (drawn from
+    ``generator``); the adjusted gradients are summed. Targets start at 0 and cover the whole
+    model (the paper also sets them per layer).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, K)`` targets.
+    """
+
+    def __init__(self, beta: float = 0.01):
+        self.beta = check_probability(beta, "training.gradient_surgery_options.beta")
+        self.targets: torch.Tensor | None = None
+
+    def __call__(self, grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        num_tasks = grads.shape[0]
+        if self.targets is None:
+            self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+        elif len(self.targets) != num_tasks:
+            raise RuntimeError(f"gradvac: its targets are for {len(self.targets)} tasks, but {num_tasks} gradients came; "
+                               "the tasks with a non-zero weight must stay the same through training")
+        norms = grads.norm(dim=1)
+        adjusted = grads.clone()
+        for i in range(num_tasks):
+            for j in torch.randperm(num_tasks, generator=generator).tolist():
+                own_norm = adjusted[i].norm()
+                if j == i or norms[j] == 0 or own_norm == 0:
+                    continue
+                cosine = float(torch.dot(adjusted[i], grads[j]) / (own_norm * norms[j]))
+                target = float(self.targets[i, j])
+                if cosine < target < 1:
+                    # The multiple of g_j that turns the angle to g_j into the target's (the paper's eq. 5).
+                    scale = own_norm * (target * math.sqrt(max(1 - cosine**2, 0.0)) - cosine * math.sqrt(1 - target**2))
+                    adjusted[i] += (scale / (norms[j] * math.sqrt(1 - target**2))) * grads[j]
+                self.targets[i, j] = (1 - self.beta) * target + self.beta * cosine
+        return adjusted.sum(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"targets": None if self.targets is None else self.targets.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.targets = None if state["targets"] is None else state["targets"].clone()
+
+
+_SURGERIES: dict[str, GradientSurgery | type] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl,
+                                                 "nash_mtl": nash_mtl, "gradvac": GradientVaccine}
+
+
+def register_gradient_surgery(name: str, surgery: GradientSurgery | type) -> None:
+    """Make ``surgery`` available as ``gradient_surgery: name``: a function ``(grads (K, P), generator) -> (P,)``
+    taking its options as keywords after those two, or a class built from the options whose instances
+    are such functions and keep state between steps (with ``state_dict``/``load_state_dict``, saved
+    with the training state)."""
     if name in _SURGERIES:
         raise ValueError(f"gradient surgery {name!r} is already registered")
     _SURGERIES[name] = surgery
 
 
-def get_gradient_surgery(name: str) -> GradientSurgery:
+def get_gradient_surgery(name: str) -> GradientSurgery | type:
     """The registered surgery called ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
     try:
         return _SURGERIES[name]
@@ -182,17 +299,21 @@ def get_gradient_surgery(name: str) -> GradientSurgery:
 
 
 def build_gradient_surgery(name: str, options: Mapping[str, Any] | None = None) -> GradientSurgery:
-    """The surgery ``name`` with its keyword ``options`` bound (CAGrad's ``alpha``). An unknown option,
-    or a value the surgery rejects on a trial call with two orthogonal gradients, is a
-    :class:`ConfigError` naming it."""
+    """The surgery ``name`` with its keyword ``options`` bound (CAGrad's ``alpha``), or, for a class,
+    a new instance built from them (GradVac's ``beta``). An unknown option, or a value the surgery
+    rejects on a trial call with two orthogonal gradients, is a :class:`ConfigError` naming it."""
     surgery = get_gradient_surgery(name)
     if not isinstance(options, Mapping | None):
         raise ConfigError(f"training.gradient_surgery_options: expected a mapping of option names to values, got {options!r}")
     options = dict(options or {})
-    allowed = [p.name for p in list(inspect.signature(surgery).parameters.values())[2:]]
+    stateful = inspect.isclass(surgery)
+    allowed = [p.name for p in list(inspect.signature(surgery).parameters.values())[0 if stateful else 2:]]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"training.gradient_surgery_options: unknown {unknown} for {name!r}; allowed: {allowed}")
+    if stateful:
+        surgery(**options)(torch.eye(2), torch.Generator().manual_seed(0))  # on a throwaway instance: the trial leaves no state
+        return surgery(**options)
     bound = functools.partial(surgery, **options) if options else surgery
     bound(torch.eye(2), torch.Generator().manual_seed(0))
     return bound

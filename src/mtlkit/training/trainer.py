@@ -71,10 +71,11 @@ class TrainerConfig:
         weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
-            (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``; :mod:`mtlkit.objectives.gradient_surgery`) instead
-            of summing them: one backward pass per task. Needs a weighting without parameters (``fixed``,
-            ``dynamic``, ``dwa``) and one process (not under torchrun). None: the weighted sum's gradient.
-        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``).
+            (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"nash_mtl"``, ``"gradvac"``;
+            :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one backward pass per task.
+            Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``) and one
+            process (not under torchrun). None: the weighted sum's gradient.
+        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
             its free memory (batches are then gathered on the GPU), else each batch is copied over.
@@ -381,7 +382,7 @@ class Trainer:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
             if own:
-                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa), "
+                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa, rlw), "
                                   f"not {self.config.weighting!r}")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
@@ -661,7 +662,8 @@ class Trainer:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "surgery_generator": self._surgery_generator.get_state() if self._surgery is not None else None})
+                "surgery_generator": self._surgery_generator.get_state() if self._surgery is not None else None,
+                "surgery": self._surgery.state_dict() if hasattr(self._surgery, "state_dict") else None})
         if self.distributed:
             dist.barrier()  # no rank moves on before the file is whole
 
@@ -687,4 +689,6 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if state["surgery_generator"] is not None and self._surgery is not None:
             self._surgery_generator.set_state(state["surgery_generator"])
+        if state.get("surgery") is not None and hasattr(self._surgery, "load_state_dict"):  # GradVac's targets
+            self._surgery.load_state_dict(state["surgery"])
         return state["loop"]
