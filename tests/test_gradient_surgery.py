@@ -1,4 +1,4 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, Nash-MTL, GradVac), alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, GradVac), alone and in the trainer."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import (GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, list_gradient_surgeries, mgda, nash_mtl,
-                               pcgrad)
+from mtlkit.objectives import (GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, imtl, list_gradient_surgeries, mgda,
+                               nash_mtl, pcgrad)
 from mtlkit.objectives.gradient_surgery import _nash_bargaining_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
@@ -95,7 +95,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
-     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'gradvac', 'mgda', 'nash_mtl', 'pcgrad'\]"),
+     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
@@ -108,7 +108,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "gradvac", "mgda", "nash_mtl", "pcgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "gradvac", "imtl", "mgda", "nash_mtl", "pcgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -195,7 +195,7 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
     torch.testing.assert_close(aligned_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
 
 
-@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl", "nash_mtl", "gradvac"])
+@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "gradvac"])
 def test_the_other_surgeries_train_both_conflicting_tasks(surgery):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
@@ -205,6 +205,29 @@ def test_the_other_surgeries_train_both_conflicting_tasks(surgery):
     Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery)).fit(data)
     after = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
     assert all(after[name] < 0.7 * before[name] for name in ("a", "b")), (before, after)
+
+
+def test_imtl_projects_equally_on_every_tasks_unit_gradient():
+    generator = torch.Generator()
+    for num_tasks in (2, 3, 5, 8):
+        for seed in range(3):
+            grads = _conflicting(num_tasks, seed)
+            d = imtl(grads, generator)
+            projections = (grads / grads.norm(dim=1, keepdim=True)) @ d
+            torch.testing.assert_close(projections, projections.mean().expand(num_tasks))
+            # A mix of the gradients whose weights sum to 1, times K: least squares recovers them.
+            weights = torch.linalg.lstsq(grads.T, d[:, None] / num_tasks).solution.flatten()
+            torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+            # Scaling a task's loss changes neither its unit gradient nor, so, the direction.
+            scaled = imtl(grads * torch.linspace(0.1, 10, num_tasks, dtype=torch.float64)[:, None], generator)
+            torch.testing.assert_close((scaled @ d).abs() / (scaled.norm() * d.norm()), torch.tensor(1.0, dtype=torch.float64))
+    # Orthogonal gradients of norms 3 and 1: weights 1/4 and 3/4 give both the projection 3/4; times 2.
+    torch.testing.assert_close(imtl(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), generator), torch.tensor([1.5, 1.5]))
+    same = torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64)
+    torch.testing.assert_close(imtl(same, generator), same.sum(0))  # dependent gradients: the pseudo-inverse
+    torch.testing.assert_close(imtl(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), generator), torch.zeros(2))
+    torch.testing.assert_close(imtl(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), generator), torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(imtl(torch.zeros(2, 3), generator), torch.zeros(3))
 
 
 def test_nash_mtl_is_the_nash_bargaining_direction():

@@ -368,8 +368,15 @@ CALIBRATION_FILE = "calibration.json"
 CALIBRATION_METHODS = ("platt", "isotonic")
 
 
-def _calibration_from_dict(method: str, fitted: Mapping[str, Any]):
-    """One task's calibration as saved in ``calibration.json``, as the model applies it."""
+def _calibration_to_dict(fitted: tuple[float, float] | IsotonicCalibration) -> dict[str, Any]:
+    """One task's calibration (Platt's ``(scale, shift)`` or an isotonic map) as ``calibration.json`` keeps it."""
+    if isinstance(fitted, IsotonicCalibration):
+        return fitted.to_dict()
+    return {"scale": fitted[0], "shift": fitted[1]}
+
+
+def _calibration_from_dict(method: str, fitted: Mapping[str, Any]) -> tuple[float, float] | IsotonicCalibration:
+    """One task's calibration as saved in ``calibration.json``, as the model applies it (the inverse of :func:`_calibration_to_dict`)."""
     if method == "platt":
         return fitted["scale"], fitted["shift"]
     if method == "isotonic":
@@ -417,8 +424,7 @@ def calibrate_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, meth
             fitted[name] = IsotonicCalibration(*fit_isotonic_calibration(outputs[name][mask, 0], data.labels[mask, k], weight,
                                                                          where=where))
     before, after = scores(outputs), scores(apply_output_calibration(outputs, fitted))
-    saved = {name: fit.to_dict() if isinstance(fit, IsotonicCalibration) else {"scale": fit[0], "shift": fit[1]}
-             for name, fit in fitted.items()}
+    saved = {name: _calibration_to_dict(fit) for name, fit in fitted.items()}
     write_json(Path(run_dir) / CALIBRATION_FILE, {"method": method, "data": str(data_file), "rows": len(frame), "tasks": saved})
     return {"method": method, "tasks": saved, "before": before, "after": after}
 

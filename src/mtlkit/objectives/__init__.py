@@ -6,6 +6,7 @@ from mtlkit.objectives.gradient_surgery import (
     build_gradient_surgery,
     cagrad,
     get_gradient_surgery,
+    imtl,
     list_gradient_surgeries,
     mgda,
     nash_mtl,
@@ -21,5 +22,5 @@ from mtlkit.objectives.weighting import (
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting",
            "build_weighting", "list_weightings", "register_weighting",
-           "pcgrad", "mgda", "cagrad", "aligned_mtl", "nash_mtl", "GradientVaccine",
+           "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "GradientVaccine",
            "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

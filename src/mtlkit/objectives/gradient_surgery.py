@@ -27,7 +27,7 @@ import torch
 from mtlkit.configuration import check_non_negative, check_probability
 from mtlkit.errors import ConfigError
 
-__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "nash_mtl", "GradientVaccine", "register_gradient_surgery",
+__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "GradientVaccine", "register_gradient_surgery",
            "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -165,6 +165,29 @@ def aligned_mtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return balance.sum(0).to(grads) @ grads
 
 
+def imtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """IMTL-G (the gradient half of impartial multi-task learning, Liu et al., ICLR 2021): the mix
+    ``d = sum_k alpha_k g_k`` with ``sum_k alpha_k = 1`` whose projections on every task's unit
+    gradient ``u_k`` are equal, so each task's loss falls at the same rate along ``d``:
+    ``alpha_{2..K} = g_1 U' (D U')^-1`` with rows ``D_k = g_1 - g_k`` and ``U_k = u_1 - u_k``
+    (a pseudo-inverse where the gradients are linearly dependent). Times the number of tasks, so that
+    tasks with the same gradient get their sum; tasks without gradient take no part (nor count). ``generator`` is unused
+    (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    wide = grads.double()
+    norms = wide.norm(dim=1)
+    active = torch.nonzero(norms > 0).flatten()
+    if len(active) == 0:
+        return grads.sum(0)
+    wide, units = wide[active], wide[active] / norms[active, None]
+    differences, unit_differences = wide[:1] - wide[1:], units[:1] - units[1:]
+    rest = torch.linalg.pinv(differences @ unit_differences.T).T @ (unit_differences @ wide[0])
+    weights = torch.cat([1 - rest.sum(0, keepdim=True), rest])
+    return (len(active) * (weights @ wide)).to(grads)
+
+
 def _nash_bargaining_weights(gram: np.ndarray, ridge: float = 1e-12, max_iterations: int = 200) -> np.ndarray:
     """The positive ``alpha`` solving ``M alpha = 1 / alpha`` (elementwise), ``M`` the Gram matrix
     over its Frobenius norm: the stationary point of the convex ``alpha' M alpha / 2 - sum log alpha``,
@@ -277,7 +300,7 @@ class GradientVaccine:
 
 
 _SURGERIES: dict[str, GradientSurgery | type] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl,
-                                                 "nash_mtl": nash_mtl, "gradvac": GradientVaccine}
+                                                 "imtl": imtl, "nash_mtl": nash_mtl, "gradvac": GradientVaccine}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery | type) -> None:
