@@ -85,15 +85,14 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
     return model, tasks, dataset
 
 
-def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
-                   compile_model: bool = False, device: str = "cpu") -> dict[str, list[float]]:
+def trainer_rates(model: torch.nn.Module, dataset, batch: int, windows: int, steps: int, warmup: int, device: str = "cpu",
+                  **options):
+    """Samples/s of ``windows`` windows of ``steps`` optimizer steps each through mtlkit's own
+    trainer (timed by its step callback, the device synchronised at each mark), after ``warmup``
+    steps; ``options`` are further ``TrainerConfig`` fields (``compile``, ``precision``).
+    Returns ``(trainer, rates)``."""
     from mtlkit.training import Trainer, TrainerConfig
-    from mtlkit.training.optimizer import build_adam
 
-    batch = workload.batch_size
-    model, tasks, dataset = build_mtlkit(workload, model_name, data)
-
-    # Through the trainer: time windows of optimizer steps with its step callback.
     marks: list[float] = []
     total = warmup + windows * steps
     sync = synchronizer(device)
@@ -104,9 +103,18 @@ def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, wind
             marks.append(time.perf_counter())
 
     trainer = Trainer(model, TrainerConfig(batch_size=batch, max_steps=total, max_epochs=None, eval_every=total,
-                                           patience=None, progress=False, compile=compile_model, device=device))
+                                           patience=None, progress=False, device=device, **options))
     trainer.fit(dataset, step_callback=on_step)
-    train = [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
+    return trainer, [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
+
+
+def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
+                   compile_model: bool = False, device: str = "cpu") -> dict[str, list[float]]:
+    from mtlkit.training.optimizer import build_adam
+
+    batch = workload.batch_size
+    model, tasks, dataset = build_mtlkit(workload, model_name, data)
+    trainer, train = trainer_rates(model, dataset, batch, windows, steps, warmup, device, compile=compile_model)
 
     # The model alone: the same step (the trainer's own forward, losses and weighting, compiled or
     # not) on one fixed batch, no data path.

@@ -11,32 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.libraries import build_mtlkit
+from benchmarks.libraries import build_mtlkit, trainer_rates
 from benchmarks.workloads import WORKLOADS, make_data
 
 
 def measure(workload_name: str, model_name: str, precision: str, steps: int, device: str) -> float:
-    """Training samples per second after warm-up."""
-    from mtlkit.training import Trainer, TrainerConfig
-
+    """Training samples per second after warm-up (the first third of the steps)."""
     workload = WORKLOADS[workload_name]
     model, _, dataset = build_mtlkit(workload, model_name, make_data(workload, rows=workload.batch_size * steps))
     warmup = steps // 3
-    marks: list[float] = []
-
-    def on_step(step: int) -> None:
-        if step in (warmup, steps):
-            marks.append(time.perf_counter())
-
-    config = TrainerConfig(batch_size=workload.batch_size, max_steps=steps, max_epochs=None, eval_every=steps, patience=None,
-                           progress=False, precision=precision, device=device)
-    Trainer(model, config).fit(dataset, step_callback=on_step)
-    return (steps - warmup) * workload.batch_size / (marks[1] - marks[0])
+    _, rates = trainer_rates(model, dataset, workload.batch_size, 1, steps - warmup, warmup, device, precision=precision)
+    return rates[0]
 
 
 def main() -> None:
