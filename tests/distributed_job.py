@@ -32,6 +32,6 @@ trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=Non
 result = trainer.fit(train, valid, state_file=f"{sys.argv[1]}/state.pt")  # rank 0 saves after each epoch
 after = evaluate(model, valid, model.tasks)[first]["loss"]
 torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after,
-            "weights": trainer.weighting.current_weights()},
+            "weights": trainer.weighting.current_weights(), "weighting": trainer.weighting.state_dict()},
            f"{sys.argv[1]}/rank{rank}.pt")
 torch.distributed.destroy_process_group()

@@ -13,6 +13,7 @@ from mtlkit.training import distributed
     ("fixed", 29533, "mmoe", "fp32"), ("dwa", 29534, "mmoe", "fp32"), ("gradnorm", 29535, "mmoe", "fp32"),
     ("fixed", 29536, "aitm", "bf16"),  # a model's auxiliary loss and autocast under DDP
     ("fixed", 29537, "ple_dselect", "fp32"),  # the gates' penalty under DDP
+    ("famo", 29538, "mmoe", "fp32"),  # FAMO's logits, updated from each rank's own losses
 ])
 def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision):
     # On the CPU through Gloo; on a one-GPU machine both ranks share the GPU, through Gloo too.
@@ -28,7 +29,11 @@ def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision
         torch.testing.assert_close(ranks[1]["state"][name], value)  # DDP kept the replicas identical
     # Regression losses fall by more than half; the funnel's first step is a noisy binary task.
     assert ranks[0]["after"] < (0.98 if model == "aitm" else 0.5) * ranks[0]["before"]  # aitm: 0.681 -> 0.651
-    assert ranks[0]["weights"] == ranks[1]["weights"]
+    if weighting == "famo":  # its logged weights are each rank's own batch's; its logits are shared
+        assert ranks[0]["weighting"]["logits"].abs().max() > 0
+        torch.testing.assert_close(ranks[0]["weighting"]["logits"], ranks[1]["weighting"]["logits"], rtol=0, atol=0)
+    else:
+        assert ranks[0]["weights"] == ranks[1]["weights"]
     assert torch.load(tmp_path / "state.pt", weights_only=True)["loop"]["epoch"] == 4  # saved after epochs 1-4 of 5
     assert (set(ranks[0]["weights"].values()) == {1.0}) == (weighting == "fixed")
 

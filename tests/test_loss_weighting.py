@@ -1,4 +1,4 @@
-"""Adaptive loss weightings: Dynamic Weight Average and GradNorm, against their papers' formulas."""
+"""Adaptive loss weightings: Dynamic Weight Average, GradNorm, RLW and FAMO, against their papers' formulas."""
 
 import math
 import subprocess
@@ -11,8 +11,8 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors, make_synthetic
 from mtlkit.models import build_model
-from mtlkit.objectives import DynamicWeightAverage, GradNormWeighting, RandomLossWeighting, build_weighting
-from mtlkit.training import Trainer, TrainerConfig
+from mtlkit.objectives import DynamicWeightAverage, FastAdaptiveWeighting, GradNormWeighting, RandomLossWeighting, build_weighting
+from mtlkit.training import Trainer, TrainerConfig, evaluate
 
 
 def test_dwa_follows_the_ratio_of_the_last_two_epochs_mean_losses():
@@ -200,3 +200,100 @@ def test_random_loss_weighting_draws_fresh_weights_that_sum_to_k_from_its_own_se
     assert weighting.current_weights() == weights
     with pytest.raises(ConfigError, match="weighting.seed: expected an integer >= 0"):
         build_weighting("rlw", tasks, seed=-1)
+
+
+def test_famo_weights_each_task_by_its_mix_over_its_loss():
+    tasks = [TaskSpec("a", "regression"), TaskSpec("b", "regression", weight=2.0), TaskSpec("c", "regression")]
+    famo = build_weighting("famo", tasks, min_losses={"c": 0.5})
+    assert isinstance(famo, FastAdaptiveWeighting)
+    famo.logits.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    values = torch.tensor([2.0, 0.5, 1.5], requires_grad=True)
+    total, weights = famo(dict(zip("abc", values.unbind())))
+    total.backward()
+    # Task k's gradient is weighted by K w_k0 z_k / (c (L_k - m_k)), c = sum_k z_k / (L_k - m_k).
+    z = torch.softmax(torch.tensor([0.3, -0.2, 0.1]), 0)
+    gaps = torch.tensor([2.0, 0.5, 1.0]) + 1e-8
+    expected = 3 * torch.tensor([1.0, 2.0, 1.0]) * (z / gaps) / (z / gaps).sum()
+    torch.testing.assert_close(values.grad, expected)
+    torch.testing.assert_close(torch.stack([weights[n] for n in "abc"]), expected)
+    assert list(famo.current_weights().values()) == pytest.approx(expected.tolist())
+    # Scaling a task's loss does not change the ratios of w_k L_k between tasks (its weight scales inversely).
+    scaled = torch.tensor([200.0, 0.5, 1.5], requires_grad=True)
+    _, rescaled = famo(dict(zip("abc", scaled.unbind())))
+    ratio = (200.0 * rescaled["a"]) / (2.0 * weights["a"])  # d total / d log L_a, before and after
+    assert float(ratio) == pytest.approx(float(rescaled["b"] / weights["b"]), rel=1e-6)
+
+
+def test_famo_logits_follow_adam_on_the_softmax_jacobian_times_the_log_improvements():
+    """The reference's update: Adam (with L2 decay) on xi with gradient
+    ``autograd.grad(softmax(xi), xi, grad_outputs=log(L - m) - log(L' - m))``."""
+    tasks = [TaskSpec("a", "regression"), TaskSpec("b", "regression"), TaskSpec("c", "regression")]
+    famo = build_weighting("famo", tasks, learning_rate=0.05, weight_decay=0.01)
+    xi = torch.zeros(3, requires_grad=True)
+    reference = torch.optim.Adam([xi], lr=0.05, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        before = torch.rand(3, generator=generator) + 0.5
+        after = before * (torch.rand(3, generator=generator) * 0.5 + 0.6)
+        famo(dict(zip("abc", before.unbind())))
+        famo.after_step(dict(zip("abc", after.unbind())))
+        delta = (before + 1e-8).log() - (after + 1e-8).log()
+        xi.grad = torch.autograd.grad(torch.softmax(xi, 0), xi, grad_outputs=delta)[0]
+        reference.step()
+        torch.testing.assert_close(famo.logits, xi.detach())
+    # The task that improved most loses weight: a alone improves.
+    famo = build_weighting("famo", tasks)
+    famo(dict(a=torch.tensor(1.0), b=torch.tensor(1.0), c=torch.tensor(1.0)))
+    famo.after_step(dict(a=torch.tensor(0.5), b=torch.tensor(1.0), c=torch.tensor(1.0)))
+    assert famo.logits[0] < 0 < famo.logits[1] == famo.logits[2]
+
+
+def test_famo_leaves_out_tasks_without_rows_or_weight():
+    tasks = [TaskSpec("a", "binary"), TaskSpec("b", "binary", weight=0.0), TaskSpec("c", "binary")]
+    famo = build_weighting("famo", tasks)
+    # c has no labelled row in the batch (its loss is an exact 0): it would otherwise take every weight.
+    values = torch.tensor([0.7, float("nan"), 0.0], requires_grad=True)
+    total, weights = famo(dict(zip("abc", values.unbind())))
+    total.backward()
+    assert torch.isfinite(total) and float(weights["a"]) == pytest.approx(2.0)  # K counts the tasks of non-zero weight
+    assert float(weights["b"]) == float(weights["c"]) == 0.0
+    torch.testing.assert_close(values.grad, torch.tensor([2.0, 0.0, 0.0]))
+    famo.after_step(dict(a=torch.tensor(0.6), b=torch.tensor(0.5), c=torch.tensor(0.4)))
+    assert torch.isfinite(famo.logits).all() and famo.logits[1] == 0  # only the tasks present both times moved
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, r"min_losses: task 'visits' \(poisson\) may have a negative loss"),
+    ({"min_losses": {"visitz": -1.0}}, r"min_losses: unknown task\(s\) \['visitz'\]"),
+    ({"min_losses": {"visits": -10.0}, "learning_rate": 0}, "weighting.learning_rate: expected a number > 0"),
+    ({"min_losses": [1.0]}, "min_losses: expected a mapping"),
+])
+def test_famo_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_weighting("famo", [TaskSpec("click", "binary"), TaskSpec("visits", "poisson")], **options)
+
+
+def test_famo_trains_the_task_of_small_scale_that_a_fixed_sum_neglects():
+    """Two tasks on shared inputs, one's labels 30 times the other's: the fixed sum follows the large
+    task; FAMO's log objective weights each by its rate of improvement, so the small one trains too.
+    The trainer calls FAMO's update once a step, on the step's batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g)
+    small = torch.sin(2 * x[:, :1]) * x[:, 1:2]
+    large = 30 * (x[:, 2:3] - torch.cos(x[:, 3:4]))
+    data = MultiTaskTensors(x, torch.cat([small, large], 1), ["small", "large"])
+    tasks = [TaskSpec("small", "regression"), TaskSpec("large", "regression")]
+    losses = {}
+    for weighting in ("fixed", "famo"):
+        torch.manual_seed(0)
+        model = build_model("shared_bottom", input_dim=8, tasks=tasks, bottom_hidden=[32], tower_hidden=[8])
+        trainer = Trainer(model, TrainerConfig(max_steps=300, max_epochs=None, batch_size=100, progress=False, weighting=weighting,
+                                               learning_rate=3e-3))
+        if weighting == "famo":
+            calls = []
+            update = trainer.weighting.after_step
+            trainer.weighting.after_step = lambda step_losses: calls.append(1) or update(step_losses)
+        trainer.fit(data)
+        losses[weighting] = {t.name: v["loss"] for t, v in zip(tasks, evaluate(model, data, tasks).values())}
+    assert len(calls) == 300
+    assert losses["famo"]["small"] < 0.8 * losses["fixed"]["small"], losses

@@ -6,20 +6,21 @@ The trainer holds one by composition; new schemes register with :func:`register_
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtlkit.configuration import check_count
+from mtlkit.configuration import check_count, check_non_negative, check_positive
 from mtlkit.errors import ConfigError
 from mtlkit.objectives.losses import TaskLosses
 from mtlkit.tasks import TaskSpec
 
 __all__ = [
     "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage", "UncertaintyWeighting",
-    "GradNormWeighting", "RandomLossWeighting",
+    "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
     "register_weighting", "build_weighting", "list_weightings",
 ]
 
@@ -28,10 +29,13 @@ class LossWeighting(nn.Module):
     """Base class. ``forward(losses) -> (total, {task: weight})``.
 
     A weighting that learns from the tasks' gradients sets ``balances_gradients`` and implements
-    :meth:`balance`, which the trainer calls every step between the forward and the backward.
+    :meth:`balance`, which the trainer calls every step between the forward and the backward. One
+    that learns from how the step changed the losses sets ``updates_after_step`` and implements
+    :meth:`after_step`.
     """
 
     balances_gradients: bool = False
+    updates_after_step: bool = False
 
     def __init__(self, tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
@@ -54,11 +58,16 @@ class LossWeighting(nn.Module):
         for the model's backward) and ``shared``, the parameters of the model's last shared layer."""
         raise NotImplementedError
 
+    def after_step(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """With ``updates_after_step``: called after every optimizer step with the tasks' losses on
+        the step's batch, computed again by the updated model (without gradients)."""
+        raise NotImplementedError
+
     @property
     def joins_compiled_graph(self) -> bool:
         """Whether ``training.compile`` may trace this weighting with the model and losses: not one
         with an epoch schedule (every new epoch would recompile) or with a step of its own."""
-        return type(self).on_epoch_end is LossWeighting.on_epoch_end
+        return type(self).on_epoch_end is LossWeighting.on_epoch_end and not self.updates_after_step
 
     def current_weights(self) -> dict[str, float]:
         """``{task: weight}`` as the next step will use them (logged in the training history; NaN
@@ -310,6 +319,107 @@ class RandomLossWeighting(LossWeighting):
         return (weights.to(vector.device, vector.dtype) * vector).sum(), dict(self.weights)
 
 
+class FastAdaptiveWeighting(LossWeighting):
+    """FAMO ("fast adaptive multitask optimization", Liu et al., NeurIPS 2023): balances the tasks'
+    rates of improvement at the cost of one extra forward pass a step, not one backward pass per
+    task. The objective is ``K sum_k w_k0 z_k log(L_k - m_k) / c`` with ``z = softmax(xi)`` and
+    ``c = sum_k z_k / (L_k - m_k)`` (held constant), so task ``k``'s gradient is weighted by
+    ``K w_k0 z_k / (c (L_k - m_k))``: weights summing to ``K`` (all ``w_k0`` 1) that, at equal logits,
+    favour the tasks whose losses are smallest. After each optimizer step the losses on the same batch
+    are computed again; ``xi`` then takes an Adam step (``learning_rate``, ``weight_decay``) down
+    ``J' delta``, ``delta_k = log(L_k - m_k) - log(L'_k - m_k)`` the task's log improvement and ``J`` the
+    softmax's Jacobian, so a task that improved more than the weighted average loses weight.
+
+    ``m_k`` (``min_losses``, default 0) is a lower bound of each task's loss; a task type whose
+    loss can be negative (``poisson``: ``exp(o) - y o``) needs one. Tasks of weight 0 take no part.
+    Under torchrun the improvements are averaged over the processes, so every replica keeps the same
+    ``xi``. Logged weights are the last step's effective ones.
+
+    Args:
+        learning_rate: Adam's step size for ``xi`` (the paper: 0.025).
+        weight_decay: L2 decay pulling ``xi`` back to equal weights (the paper: 0.001).
+        min_losses: ``{task: lower bound of its loss}``.
+    """
+
+    updates_after_step = True
+    _NON_NEGATIVE_LOSSES = ("binary", "regression", "huber", "multiclass")
+
+    def __init__(self, tasks: Sequence[TaskSpec], learning_rate: float = 0.025, weight_decay: float = 1e-3,
+                 min_losses: Mapping[str, float] | None = None) -> None:
+        super().__init__(tasks)
+        self.learning_rate = check_positive(learning_rate, "weighting.learning_rate")
+        self.weight_decay = check_non_negative(weight_decay, "weighting.weight_decay")
+        if not isinstance(min_losses, Mapping | None):
+            raise ConfigError(f"weighting.min_losses: expected a mapping of task names to numbers, got {min_losses!r}")
+        min_losses = dict(min_losses or {})
+        unknown = sorted(set(min_losses) - set(self.task_names))
+        if unknown:
+            raise ConfigError(f"weighting.min_losses: unknown task(s) {unknown}; expected some of {self.task_names}")
+        for task in tasks:
+            if task.weight != 0 and task.type not in self._NON_NEGATIVE_LOSSES and task.name not in min_losses:
+                raise ConfigError(f"weighting.min_losses: task {task.name!r} ({task.type}) may have a negative loss; FAMO "
+                                  "takes the log of loss - bound, so give its lower bound (e.g. min_losses: "
+                                  f"{{{task.name}: -10}})")
+        floors = [float(min_losses.get(name, 0.0)) for name in self.task_names]
+        if not all(math.isfinite(f) for f in floors):
+            raise ConfigError(f"weighting.min_losses: expected finite numbers, got {min_losses!r}")
+        self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
+        self.register_buffer("floors", torch.tensor(floors))
+        self.register_buffer("logits", torch.zeros(len(tasks)))
+        self.register_buffer("first_moment", torch.zeros(len(tasks)))
+        self.register_buffer("second_moment", torch.zeros(len(tasks)))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.weights = {t.name: float(t.weight) for t in tasks}
+        self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # the last training forward's log gaps
+
+    def _log_gaps(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log(L_k - m_k + 1e-8)`` (the paper's 1e-8 keeps it finite at the bound), and which tasks
+        take part: a non-zero weight and a loss above its bound. A loss at its bound (a task without
+        labelled rows in the batch: an exact 0) has no gradient to weight; it would take all the weight."""
+        gaps = self._loss_vector(losses) - self.floors
+        present = (gaps > 0) & (self.base_weights != 0)
+        return torch.where(present, gaps.clamp_min(0) + 1e-8, 1.0).log(), present
+
+    def _mix(self) -> torch.Tensor:
+        """``z``: the softmax of the logits over the tasks of non-zero weight (0 for the others)."""
+        return torch.softmax(self.logits.masked_fill(self.base_weights == 0, -torch.inf), dim=0)
+
+    def forward(self, losses):
+        log_gaps, present = self._log_gaps(losses)
+        mix = self._mix()
+        inverse = torch.where(present, mix * torch.exp(-log_gaps.detach()), 0.0)  # z_k / (L_k - m_k)
+        scale = int((self.base_weights != 0).sum()) * self.base_weights / inverse.sum().clamp_min(1e-30)
+        if self.training:
+            self._previous = (log_gaps.detach(), present)
+        total = (torch.where(present, mix * log_gaps, 0.0) * scale).sum()
+        weights = (inverse * scale).detach()
+        self.weights = dict(zip(self.task_names, weights.unbind()))  # floats only when logged
+        return total, dict(self.weights)
+
+    def after_step(self, losses):
+        if self._previous is None:
+            return
+        (previous, was_present), (now, present) = self._previous, self._log_gaps(losses)
+        improvement = torch.where(was_present & present, previous - now.detach(), 0.0)
+        self._previous = None
+        if dist.is_available() and dist.is_initialized():  # the same logits on every replica
+            dist.all_reduce(improvement)
+            improvement /= dist.get_world_size()
+        mix = self._mix()
+        # J' delta for J = diag(z) - z z', the softmax's Jacobian; then Adam with L2 decay (torch.optim.Adam's form).
+        grad = mix * (improvement - (mix * improvement).sum()) + self.weight_decay * self.logits
+        beta1, beta2 = 0.9, 0.999
+        self.updates += 1
+        self.first_moment.mul_(beta1).add_(grad, alpha=1 - beta1)
+        self.second_moment.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        first = self.first_moment / (1 - beta1 ** self.updates)
+        second = self.second_moment / (1 - beta2 ** self.updates)
+        self.logits.sub_(self.learning_rate * first / (second.sqrt() + 1e-8))
+
+    def _weights_for_log(self) -> Mapping[str, float | torch.Tensor]:
+        return self.weights
+
+
 _WEIGHTINGS: dict[str, Callable[..., LossWeighting]] = {}
 
 
@@ -340,3 +450,4 @@ register_weighting("dwa", DynamicWeightAverage)
 register_weighting("uncertainty", UncertaintyWeighting)
 register_weighting("gradnorm", GradNormWeighting)
 register_weighting("rlw", RandomLossWeighting)
+register_weighting("famo", FastAdaptiveWeighting)

@@ -65,7 +65,7 @@ class TrainerConfig:
         progress: show a progress bar.
         gradient_clip: clip the global gradient norm to this value (None: off).
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"dwa"``, ``"uncertainty"``,
-            ``"gradnorm"``; :mod:`mtlkit.objectives.weighting`).
+            ``"gradnorm"``, ``"rlw"``, ``"famo"``; :mod:`mtlkit.objectives.weighting`).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``,
             ``{"temperature": 2}`` for ``dwa``, ``{"alpha": 1.5}`` for ``gradnorm``).
         weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
@@ -73,7 +73,7 @@ class TrainerConfig:
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
             (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``, ``"gradvac"``;
             :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one backward pass per task.
-            Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``) and one
+            Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``famo``) and one
             process (not under torchrun). None: the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
@@ -382,7 +382,7 @@ class Trainer:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
             if own:
-                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa, rlw), "
+                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa, rlw, famo), "
                                   f"not {self.config.weighting!r}")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
@@ -576,6 +576,10 @@ class Trainer:
                     self._optimizer_step()
                     if scheduler is not None:
                         scheduler.step()
+                    if self.weighting.updates_after_step:  # FAMO: the step's effect on this batch's losses
+                        with torch.no_grad():
+                            self.weighting.after_step(self._losses(batch.inputs, batch.labels, batch.label_mask,
+                                                                   batch.sample_weight, batch.all_labelled)[0])
                     torch._foreach_add_(running, [loss.detach() for loss in losses.values()])
                     if auxiliary is not None:
                         if running_auxiliary is None:
