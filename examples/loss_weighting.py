@@ -1,4 +1,4 @@
-"""Loss weightings compared: fixed (equal), DWA, uncertainty, GradNorm, random (RLW) and FAMO, on the click + watch-time
+"""Loss weightings compared: fixed (equal), DWA, uncertainty, GradNorm, random (RLW), GLS and FAMO, on the click + watch-time
 table of ``label_scale.py``, with the watch time in seconds trained as it is (``standardize_labels:
 false``: its loss is about 10^5 times the click's) and standardised (the default).
 
@@ -23,7 +23,7 @@ import pandas as pd
 from label_scale import NOISE, make_table, run_config  # the table and run of examples/label_scale.py
 from mtlkit.experiments.tabular_run import train_run
 
-WEIGHTINGS = ("fixed", "dwa", "uncertainty", "gradnorm", "rlw", "famo")
+WEIGHTINGS = ("fixed", "dwa", "uncertainty", "gradnorm", "rlw", "gls", "famo")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Adaptive loss weightings: Dynamic Weight Average, GradNorm, RLW and FAMO, against their papers' formulas."""
+"""Adaptive loss weightings: Dynamic Weight Average, GradNorm, RLW, FAMO and GLS, against their papers' formulas."""
 
 import math
 import subprocess
@@ -11,7 +11,8 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors, make_synthetic
 from mtlkit.models import build_model
-from mtlkit.objectives import DynamicWeightAverage, FastAdaptiveWeighting, GradNormWeighting, RandomLossWeighting, build_weighting
+from mtlkit.objectives import (DynamicWeightAverage, FastAdaptiveWeighting, GeometricLossWeighting, GradNormWeighting, RandomLossWeighting,
+                               build_weighting)
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
 
@@ -273,27 +274,50 @@ def test_famo_config_errors(options, message):
         build_weighting("famo", [TaskSpec("click", "binary"), TaskSpec("visits", "poisson")], **options)
 
 
-def test_famo_trains_the_task_of_small_scale_that_a_fixed_sum_neglects():
+@pytest.mark.parametrize("weighting", ["famo", "gls"])
+def test_log_weightings_train_the_task_of_small_scale_that_a_fixed_sum_neglects(weighting):
     """Two tasks on shared inputs, one's labels 30 times the other's: the fixed sum follows the large
-    task; FAMO's log objective weights each by its rate of improvement, so the small one trains too.
-    The trainer calls FAMO's update once a step, on the step's batch."""
+    task; FAMO's and GLS's log objectives weight each by the inverse of its loss, so the small one
+    trains too. The trainer calls FAMO's update once a step, on the step's batch."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=g)
     small = torch.sin(2 * x[:, :1]) * x[:, 1:2]
     large = 30 * (x[:, 2:3] - torch.cos(x[:, 3:4]))
     data = MultiTaskTensors(x, torch.cat([small, large], 1), ["small", "large"])
     tasks = [TaskSpec("small", "regression"), TaskSpec("large", "regression")]
-    losses = {}
-    for weighting in ("fixed", "famo"):
+    losses, calls = {}, []
+    for name in ("fixed", weighting):
         torch.manual_seed(0)
         model = build_model("shared_bottom", input_dim=8, tasks=tasks, bottom_hidden=[32], tower_hidden=[8])
-        trainer = Trainer(model, TrainerConfig(max_steps=300, max_epochs=None, batch_size=100, progress=False, weighting=weighting,
+        trainer = Trainer(model, TrainerConfig(max_steps=300, max_epochs=None, batch_size=100, progress=False, weighting=name,
                                                learning_rate=3e-3))
-        if weighting == "famo":
-            calls = []
+        if name == "famo":
             update = trainer.weighting.after_step
             trainer.weighting.after_step = lambda step_losses: calls.append(1) or update(step_losses)
         trainer.fit(data)
-        losses[weighting] = {t.name: v["loss"] for t, v in zip(tasks, evaluate(model, data, tasks).values())}
-    assert len(calls) == 300
-    assert losses["famo"]["small"] < 0.8 * losses["fixed"]["small"], losses
+        losses[name] = {t.name: v["loss"] for t, v in zip(tasks, evaluate(model, data, tasks).values())}
+    assert len(calls) == (300 if weighting == "famo" else 0)
+    assert losses[weighting]["small"] < 0.8 * losses["fixed"]["small"], losses
+
+
+def test_gls_is_the_weighted_geometric_mean_of_the_losses():
+    tasks = [TaskSpec("a", "regression"), TaskSpec("b", "binary", weight=2.0), TaskSpec("c", "regression", weight=0.0)]
+    gls = build_weighting("gls", tasks)
+    assert isinstance(gls, GeometricLossWeighting)
+    values = torch.tensor([2.0, 0.5, float("nan")], requires_grad=True)  # c: weight 0 (ESMM's CVR), its loss plays no part
+    total, weights = gls(dict(zip("abc", values.unbind())))
+    total.backward()
+    geometric = (2.0 ** 1 * 0.5 ** 2) ** (1 / 3)
+    assert total.item() == pytest.approx(3 * geometric)
+    expected = torch.tensor([1 * geometric / 2.0, 2 * geometric / 0.5, 0.0])  # w_k G / L_k
+    torch.testing.assert_close(values.grad, expected)
+    assert list(gls.current_weights().values()) == pytest.approx(expected.tolist())
+    # Equal losses: the fixed weights. A task without labelled rows (loss 0) drops out of the mean.
+    _, equal = gls(dict(a=torch.tensor(0.7), b=torch.tensor(0.7), c=torch.tensor(0.7)))
+    assert [float(equal[n]) for n in "abc"] == pytest.approx([1.0, 2.0, 0.0])
+    empty = torch.tensor([0.0, 0.5, 0.3], requires_grad=True)
+    total, _ = gls(dict(zip("abc", empty.unbind())))
+    total.backward()
+    assert total.item() == pytest.approx(2 * 0.5) and empty.grad.tolist() == pytest.approx([0.0, 2.0, 0.0])
+    with pytest.raises(ConfigError, match=r"weighting gls: task 'visits' \(poisson\) may have a negative loss"):
+        build_weighting("gls", [TaskSpec("click", "binary"), TaskSpec("visits", "poisson")])

@@ -15,12 +15,12 @@ from mtlkit.objectives.gradient_surgery import (
 )
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
-    DynamicWeightAverage, DynamicWeighting, FastAdaptiveWeighting, FixedWeighting, GradNormWeighting, LossWeighting, RandomLossWeighting,
-    UncertaintyWeighting, build_weighting, list_weightings, register_weighting,
+    DynamicWeightAverage, DynamicWeighting, FastAdaptiveWeighting, FixedWeighting, GeometricLossWeighting, GradNormWeighting,
+    LossWeighting, RandomLossWeighting, UncertaintyWeighting, build_weighting, list_weightings, register_weighting,
 )
 
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
-           "build_weighting", "list_weightings", "register_weighting",
+           "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "GradientVaccine",
            "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

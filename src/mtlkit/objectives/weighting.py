@@ -20,7 +20,7 @@ from mtlkit.tasks import TaskSpec
 
 __all__ = [
     "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage", "UncertaintyWeighting",
-    "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
+    "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting", "GeometricLossWeighting",
     "register_weighting", "build_weighting", "list_weightings",
 ]
 
@@ -319,6 +319,42 @@ class RandomLossWeighting(LossWeighting):
         return (weights.to(vector.device, vector.dtype) * vector).sum(), dict(self.weights)
 
 
+# Task types whose loss is never negative; the log-based weightings (famo, gls) need a bound for any other.
+_NON_NEGATIVE_LOSSES = ("binary", "regression", "huber", "multiclass")
+
+
+class GeometricLossWeighting(LossWeighting):
+    """Geometric loss strategy (GLS, Chennupati et al., CVPR Workshops 2019): the objective is the
+    tasks' weighted geometric mean ``W exp(sum_k w_k log L_k / W)`` (``w_k``: the tasks' own weights,
+    ``W`` their sum), so task ``k``'s gradient is weighted by ``w_k G / L_k`` (``G`` the geometric mean):
+    the fixed weights where all losses are equal, and otherwise more weight to the tasks whose loss
+    is smaller; scaling one task's loss changes no task's share. No state and no extra pass.
+
+    A task without labelled rows in a batch (loss exactly 0) takes no part in that step. Every
+    task's loss must be non-negative: ``poisson`` tasks (``exp(o) - y o``) are an error.
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec]) -> None:
+        super().__init__(tasks)
+        for task in tasks:
+            if task.weight != 0 and task.type not in _NON_NEGATIVE_LOSSES:
+                raise ConfigError(f"weighting gls: task {task.name!r} ({task.type}) may have a negative loss, and the geometric "
+                                  "mean needs positive ones; use famo with min_losses, or another weighting")
+        self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
+        self.weights = {t.name: float(t.weight) for t in tasks}
+
+    def forward(self, losses):
+        vector = self._loss_vector(losses)
+        present = (vector > 0) & (self.base_weights != 0)
+        weights = torch.where(present, self.base_weights, 0.0)
+        total_weight = weights.sum()
+        log_mean = (weights * torch.where(present, vector, 1.0).log()).sum() / total_weight.clamp_min(1e-30)
+        total = total_weight * torch.exp(log_mean)
+        effective = torch.where(present, weights * torch.exp(log_mean.detach()) / torch.where(present, vector, 1.0).detach(), 0.0)
+        self.weights = dict(zip(self.task_names, effective.unbind()))  # floats only when logged
+        return total, dict(self.weights)
+
+
 class FastAdaptiveWeighting(LossWeighting):
     """FAMO ("fast adaptive multitask optimization", Liu et al., NeurIPS 2023): balances the tasks'
     rates of improvement at the cost of one extra forward pass a step, not one backward pass per
@@ -342,7 +378,6 @@ class FastAdaptiveWeighting(LossWeighting):
     """
 
     updates_after_step = True
-    _NON_NEGATIVE_LOSSES = ("binary", "regression", "huber", "multiclass")
 
     def __init__(self, tasks: Sequence[TaskSpec], learning_rate: float = 0.025, weight_decay: float = 1e-3,
                  min_losses: Mapping[str, float] | None = None) -> None:
@@ -356,7 +391,7 @@ class FastAdaptiveWeighting(LossWeighting):
         if unknown:
             raise ConfigError(f"weighting.min_losses: unknown task(s) {unknown}; expected some of {self.task_names}")
         for task in tasks:
-            if task.weight != 0 and task.type not in self._NON_NEGATIVE_LOSSES and task.name not in min_losses:
+            if task.weight != 0 and task.type not in _NON_NEGATIVE_LOSSES and task.name not in min_losses:
                 raise ConfigError(f"weighting.min_losses: task {task.name!r} ({task.type}) may have a negative loss; FAMO "
                                   "takes the log of loss - bound, so give its lower bound (e.g. min_losses: "
                                   f"{{{task.name}: -10}})")
@@ -451,3 +486,4 @@ register_weighting("uncertainty", UncertaintyWeighting)
 register_weighting("gradnorm", GradNormWeighting)
 register_weighting("rlw", RandomLossWeighting)
 register_weighting("famo", FastAdaptiveWeighting)
+register_weighting("gls", GeometricLossWeighting)

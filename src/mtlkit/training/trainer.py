@@ -65,7 +65,7 @@ class TrainerConfig:
         progress: show a progress bar.
         gradient_clip: clip the global gradient norm to this value (None: off).
         weighting: registered loss weighting (``"fixed"``, ``"dynamic"``, ``"dwa"``, ``"uncertainty"``,
-            ``"gradnorm"``, ``"rlw"``, ``"famo"``; :mod:`mtlkit.objectives.weighting`).
+            ``"gradnorm"``, ``"rlw"``, ``"gls"``, ``"famo"``; :mod:`mtlkit.objectives.weighting`).
         weighting_options: options of the weighting (e.g. ``{"gamma": 0.9}`` for ``dynamic``,
             ``{"temperature": 2}`` for ``dwa``, ``{"alpha": 1.5}`` for ``gradnorm``).
         weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
@@ -73,8 +73,8 @@ class TrainerConfig:
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
             (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``, ``"gradvac"``;
             :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one backward pass per task.
-            Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``famo``) and one
-            process (not under torchrun). None: the weighted sum's gradient.
+            Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``gls``, ``famo``)
+            and one process (not under torchrun). None: the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
@@ -382,7 +382,7 @@ class Trainer:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
             if own:
-                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa, rlw, famo), "
+                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa, rlw, gls, famo), "
                                   f"not {self.config.weighting!r}")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
