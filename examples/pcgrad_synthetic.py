@@ -1,5 +1,6 @@
 """Does gradient surgery help where tasks are unrelated? Shared-Bottom and MMoE, with and without
-PCGrad (or MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, GradVac), on the MMoE paper's synthetic generator at several task correlations.
+PCGrad (or MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac), on the MMoE paper's
+synthetic generator at several task correlations.
 
 Each (correlation, seed) draws one data set (20,000 rows, 10 % held out); every model trains on it
 for the same number of steps with Adam. The table shows, per correlation, model and surgery, the two
@@ -8,7 +9,7 @@ MSE over the plain one's seed by seed (mean, min, max; the data's scale differs 
 how much longer it trains:
 
     python examples/pcgrad_synthetic.py --seeds 3
-    python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda,cagrad,aligned_mtl,imtl,nash_mtl,gradvac
+    python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda,cagrad,aligned_mtl,imtl,nash_mtl,upgrad,gradvac
 
 About a minute on 2 cores with the defaults.
 """

@@ -1,4 +1,4 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, GradVac), alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac), alone and in the trainer."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
 from mtlkit.objectives import (GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, imtl, list_gradient_surgeries, mgda,
-                               nash_mtl, pcgrad)
-from mtlkit.objectives.gradient_surgery import _nash_bargaining_weights, _simplex_minimiser
+                               nash_mtl, pcgrad, upgrad)
+from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _nash_bargaining_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
 
@@ -95,7 +95,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
-     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad'\]"),
+     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad', 'upgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
@@ -108,7 +108,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "gradvac", "imtl", "mgda", "nash_mtl", "pcgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "gradvac", "imtl", "mgda", "nash_mtl", "pcgrad", "upgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -195,7 +195,7 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
     torch.testing.assert_close(aligned_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
 
 
-@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "gradvac"])
+@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac"])
 def test_the_other_surgeries_train_both_conflicting_tasks(surgery):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
@@ -228,6 +228,39 @@ def test_imtl_projects_equally_on_every_tasks_unit_gradient():
     torch.testing.assert_close(imtl(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), generator), torch.zeros(2))
     torch.testing.assert_close(imtl(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), generator), torch.tensor([3.0, 4.0]))
     torch.testing.assert_close(imtl(torch.zeros(2, 3), generator), torch.zeros(3))
+
+
+def test_upgrad_sums_each_gradients_projection_onto_the_dual_cone():
+    generator = torch.Generator()
+    for num_tasks in (2, 3, 5, 8):
+        for seed in range(3):
+            grads = _conflicting(num_tasks, seed)
+            gram = (grads @ grads.T).numpy()
+            d = upgrad(grads, generator)
+            assert (grads @ d >= -1e-9 * float(grads.norm()) ** 2).all()  # no task's loss rises
+            weights = torch.from_numpy(_dual_cone_weights(gram))
+            torch.testing.assert_close(weights.sum(0) @ grads, d)
+            cone = torch.randn(20000, grads.shape[1], dtype=torch.float64) + d / d.norm()
+            cone = cone[(cone @ grads.T >= 0).all(1)]  # sampled points v with G v >= 0
+            for i in range(num_tasks):
+                # Task i's projection G' w_i: the optimality conditions of min |v - g_i|^2 s.t. G v >= 0, with
+                # multipliers w_i - e_i >= 0 that are 0 wherever the constraint is slack; and no sampled
+                # point of the cone is closer.
+                projection = weights[i] @ grads
+                multipliers = weights[i] - torch.eye(num_tasks, dtype=torch.float64)[i]
+                slack = grads @ projection
+                scale = float(grads.norm()) ** 2
+                assert (multipliers >= 0).all() and (slack >= -1e-9 * scale).all()
+                assert (multipliers * slack).abs().max() <= 1e-7 * scale
+                assert (cone - grads[i]).norm(dim=1).min() >= (projection - grads[i]).norm() - 1e-9
+    # Two tasks: PCGrad's projections. No conflict: the plain sum.
+    two = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    torch.testing.assert_close(upgrad(two, generator), pcgrad(two, generator))
+    agreeing = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(upgrad(agreeing, generator), agreeing.sum(0))
+    torch.testing.assert_close(upgrad(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), generator), torch.zeros(2))
+    torch.testing.assert_close(upgrad(torch.tensor([[3.0, 4.0], [0.0, 0.0]]), generator), torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(upgrad(torch.zeros(2, 3), generator), torch.zeros(3))
 
 
 def test_nash_mtl_is_the_nash_bargaining_direction():

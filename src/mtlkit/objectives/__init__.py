@@ -12,6 +12,7 @@ from mtlkit.objectives.gradient_surgery import (
     nash_mtl,
     pcgrad,
     register_gradient_surgery,
+    upgrad,
 )
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
@@ -22,5 +23,5 @@ from mtlkit.objectives.weighting import (
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
            "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
-           "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "GradientVaccine",
+           "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine",
            "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

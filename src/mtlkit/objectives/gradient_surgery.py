@@ -27,7 +27,7 @@ import torch
 from mtlkit.configuration import check_non_negative, check_probability
 from mtlkit.errors import ConfigError
 
-__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "GradientVaccine", "register_gradient_surgery",
+__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine", "register_gradient_surgery",
            "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -188,6 +188,47 @@ def imtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (len(active) * (weights @ wide)).to(grads)
 
 
+def _dual_cone_weights(gram: np.ndarray, max_sweeps: int = 1000, tolerance: float = 1e-10) -> np.ndarray:
+    """For each task ``i`` the weights ``w_i`` of its gradient's projection ``G' w_i`` onto the dual
+    cone of the gradients ``{v: G v >= 0}``: ``w_i = argmin w' (G G') w`` subject to ``w >= e_i``
+    (``e_i`` the i-th unit vector; the dual of the projection), by exact coordinate descent on the
+    box-constrained quadratic, all tasks at once. Returns them as rows, ``(K, K)``.
+    """
+    num_tasks = len(gram)
+    lower = np.eye(num_tasks)
+    weights = lower.copy()  # row i: w_i; exact where no gradient conflicts with another
+    diagonal = np.diag(gram)
+    if not (diagonal > 0).any():
+        return weights
+    scale = float(diagonal.max())
+    for _ in range(max_sweeps):
+        largest_change = 0.0
+        for k in range(num_tasks):
+            if diagonal[k] <= 0:
+                continue  # a task without gradient: its weight changes nothing
+            slope = weights @ gram[:, k]
+            updated = np.maximum(lower[:, k], weights[:, k] - slope / diagonal[k])
+            largest_change = max(largest_change, float(np.max(np.abs(updated - weights[:, k])) * diagonal[k]))
+            weights[:, k] = updated
+        if largest_change <= tolerance * scale:
+            break
+    return weights
+
+
+def upgrad(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """UPGrad (Quinton & Rey, "Jacobian descent for multi-objective optimization", 2024): each task's
+    gradient projected onto the dual cone of all the tasks' gradients (the closest vector along which
+    no task's loss rises), then summed. Where no two gradients conflict that is their plain sum;
+    otherwise every task's loss still does not rise to first order (``g_k . d >= 0``), and a task's
+    share of the step grows with its own gradient, unlike MGDA's. The projections are solved on the
+    ``K x K`` Gram matrix. ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    gram = (grads.double() @ grads.double().T).cpu().numpy()
+    return torch.from_numpy(_dual_cone_weights(gram).sum(0)).to(grads) @ grads
+
+
 def _nash_bargaining_weights(gram: np.ndarray, ridge: float = 1e-12, max_iterations: int = 200) -> np.ndarray:
     """The positive ``alpha`` solving ``M alpha = 1 / alpha`` (elementwise), ``M`` the Gram matrix
     over its Frobenius norm: the stationary point of the convex ``alpha' M alpha / 2 - sum log alpha``,
@@ -300,7 +341,7 @@ class GradientVaccine:
 
 
 _SURGERIES: dict[str, GradientSurgery | type] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl,
-                                                 "imtl": imtl, "nash_mtl": nash_mtl, "gradvac": GradientVaccine}
+                                                 "imtl": imtl, "nash_mtl": nash_mtl, "upgrad": upgrad, "gradvac": GradientVaccine}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery | type) -> None:

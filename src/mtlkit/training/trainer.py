@@ -71,7 +71,7 @@ class TrainerConfig:
         weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
-            (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``, ``"gradvac"``;
+            (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``, ``"upgrad"``, ``"gradvac"``;
             :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one backward pass per task.
             Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``gls``, ``famo``)
             and one process (not under torchrun). None: the weighted sum's gradient.
