@@ -10,6 +10,7 @@ how much longer it trains:
 
     python examples/pcgrad_synthetic.py --seeds 3
     python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda,cagrad,aligned_mtl,imtl,nash_mtl,upgrad,gradvac
+    python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda --scope shared
 
 About a minute on 2 cores with the defaults.
 """
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--correlations", default="0,0.5,0.9")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--surgeries", default="pcgrad", help="comma-separated gradient surgeries to compare with none")
+    parser.add_argument("--scope", default="all", choices=["all", "shared"],
+                        help="training.gradient_surgery_scope: every parameter, or only the coordinates tasks share")
     args = parser.parse_args()
     rows = []
     for correlation in (float(c) for c in args.correlations.split(",")):
@@ -46,7 +49,8 @@ def main() -> None:
                     torch.manual_seed(seed)
                     model = build_model(name, input_dim=100, tasks=data.tasks, **options)
                     config = TrainerConfig(max_steps=args.steps, max_epochs=None, batch_size=256, patience=None,
-                                           eval_every=args.steps, progress=False, gradient_surgery=surgery, seed=seed)
+                                           eval_every=args.steps, progress=False, gradient_surgery=surgery, seed=seed,
+                                           gradient_surgery_scope=args.scope if surgery else "all")
                     started = time.perf_counter()
                     scores = Trainer(model, config).fit(train, valid).final("valid")
                     rows.append({"correlation": correlation, "seed": seed, "model": name, "surgery": surgery or "none",

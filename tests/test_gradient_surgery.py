@@ -80,6 +80,37 @@ def test_the_trainer_steps_pcgrad_of_each_tasks_own_gradient():
     assert (own @ expected >= -1e-6).all()
 
 
+@pytest.mark.parametrize("model_name, shared_parts", [("mmoe", ["experts"]), ("omoe", ["experts", "gates"]),
+                                                     ("shared_bottom", ["bottom"])])
+def test_a_shared_scope_leaves_each_tasks_own_coordinates_to_its_own_gradient(model_name, shared_parts, monkeypatch):
+    """``gradient_surgery_scope: shared``: the surgery sees only the coordinates both tasks' gradients
+    reach (experts, bottoms, OMoE's one gate); the towers' slices and MMoE's per-task gates take
+    the plain sum, which there is the one task's own gradient."""
+    torch.manual_seed(0)
+    model = build_model(model_name, input_dim=8, tasks=TASKS)
+    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=100, progress=False, gradient_surgery="pcgrad",
+                                           gradient_surgery_scope="shared"))
+    seen = []
+    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator: seen.append(grads) or torch.zeros(grads.shape[1]))
+    batch = next(iter(_data(-1.0).batches(100)))
+    _, losses = trainer.batch_objective(batch)
+    named = dict(model.named_parameters())
+    own = [torch.autograd.grad(losses[t.name], list(named.values()), retain_graph=True, allow_unused=True) for t in TASKS]
+    trainer._surgery_backward(losses)
+    shared_count = 0
+    for (name, parameter), first, second in zip(named.items(), *own):
+        first = torch.zeros_like(parameter) if first is None else first
+        second = torch.zeros_like(parameter) if second is None else second
+        both = (first != 0) & (second != 0)
+        torch.testing.assert_close(parameter.grad, torch.where(both, 0.0, first + second))  # the surgery returned zeros
+        shared_count += int(both.sum())
+        if name.split(".")[0] in shared_parts:
+            assert both.float().mean() > 0.9, name  # shared layers: nearly every coordinate reached by both
+        else:
+            assert not both.any(), name  # towers, MMoE's gates: one task's coordinates
+    assert len(seen) == 1 and seen[0].shape == (2, shared_count)
+
+
 def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
     """A weight-0 task (ESMM's CVR) has no gradient to project; with every weight 0 nothing moves."""
     tasks = [TaskSpec("a", "regression", weight=0.0), TaskSpec("b", "regression", weight=0.0)]
@@ -104,6 +135,8 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
     (dict(gradient_surgery="gradvac", gradient_surgery_options={"alpha": 0.5}), r"unknown \['alpha'\] for 'gradvac'; allowed: \['beta'\]"),
     (dict(gradient_surgery="gradvac", gradient_surgery_options={"beta": 1.5}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="nash_mtl", gradient_surgery_options={"beta": 0.5}), r"unknown \['beta'\] for 'nash_mtl'; allowed: \[\]"),
+    (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"), r"gradient_surgery_scope: expected one of \['all', 'shared'\]"),
+    (dict(gradient_surgery_scope="shared"), "gradient_surgery_scope: 'shared' given without a gradient_surgery"),
 ])
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -195,14 +228,17 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
     torch.testing.assert_close(aligned_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
 
 
-@pytest.mark.parametrize("surgery", ["mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac"])
-def test_the_other_surgeries_train_both_conflicting_tasks(surgery):
+@pytest.mark.parametrize("surgery, scope", [("mgda", "all"), ("cagrad", "all"), ("aligned_mtl", "all"), ("imtl", "all"),
+                                            ("nash_mtl", "all"), ("upgrad", "all"), ("gradvac", "all"), ("pcgrad", "shared"),
+                                            ("mgda", "shared"), ("nash_mtl", "shared")])
+def test_the_other_surgeries_train_both_conflicting_tasks(surgery, scope):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
     data = _data(-1.0)
     model = build_model("shared_bottom", input_dim=8, tasks=TASKS)
     before = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
-    Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery)).fit(data)
+    Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery,
+                                 gradient_surgery_scope=scope)).fit(data)
     after = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
     assert all(after[name] < 0.7 * before[name] for name in ("a", "b")), (before, after)
 

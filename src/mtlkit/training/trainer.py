@@ -35,6 +35,7 @@ from mtlkit.training.progress import progress_bar
 __all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate", "forward_outputs", "score_outputs"]
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+GRADIENT_SURGERY_SCOPES = ("all", "shared")
 # training.precision -> the autocast dtype of the training forward (None: no autocast).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -76,6 +77,10 @@ class TrainerConfig:
             Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``gls``, ``famo``)
             and one process (not under torchrun). None: the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
+        gradient_surgery_scope: ``"all"``: the surgery combines the tasks' gradients over every
+            parameter; ``"shared"``: only over the coordinates where at least two tasks have a non-zero
+            gradient this step (shared experts and bottoms, OMoE's gate), as LibMTL restricts it to
+            the shared parameters, while each task's own tower and gate take its gradient as it is.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
             its free memory (batches are then gathered on the GPU), else each batch is copied over.
@@ -119,6 +124,7 @@ class TrainerConfig:
     weighting_learning_rate: float | None = None
     gradient_surgery: str | None = None
     gradient_surgery_options: dict = field(default_factory=dict)
+    gradient_surgery_scope: str = "all"
     device: str = "auto"
     compile: bool = False
     precision: str = "fp32"
@@ -161,6 +167,11 @@ class TrainerConfig:
             build_gradient_surgery(self.gradient_surgery, self.gradient_surgery_options)
         elif self.gradient_surgery_options:
             raise ConfigError(f"training.gradient_surgery_options: {self.gradient_surgery_options!r} given without a gradient_surgery")
+        if self.gradient_surgery_scope not in GRADIENT_SURGERY_SCOPES:
+            raise ConfigError(f"training.gradient_surgery_scope: expected one of {list(GRADIENT_SURGERY_SCOPES)}, "
+                              f"got {self.gradient_surgery_scope!r}")
+        if self.gradient_surgery is None and self.gradient_surgery_scope != "all":
+            raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery_scope!r} given without a gradient_surgery")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"training.lr_schedule: expected one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
@@ -440,6 +451,19 @@ class Trainer:
         rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
         return rise if decay is None else lr_scheduler.SequentialLR(optimizer, [rise, decay()], milestones=[warmup])
 
+    def _combine_task_gradients(self, grads: torch.Tensor) -> torch.Tensor:
+        """The configured surgery of the tasks' flat gradients ``(K, P)`` -> ``(P,)``, over the coordinates
+        of ``gradient_surgery_scope``."""
+        if self.config.gradient_surgery_scope == "all":
+            return self._surgery(grads, self._surgery_generator)
+        # Coordinates only one task reaches (its slice of the stacked towers, its own gate) carry no
+        # conflict: they take the plain sum, and the surgery sees the rest.
+        shared = (grads != 0).sum(0) >= 2
+        combined = grads.sum(0)
+        if bool(shared.any()):
+            combined[shared] = self._surgery(grads[:, shared], self._surgery_generator)
+        return combined
+
     def _surgery_backward(self, losses: Mapping[str, torch.Tensor], auxiliary: torch.Tensor | None = None) -> None:
         """Set every parameter's gradient to the configured surgery of the tasks' own gradients of
         ``w_k L_k`` (tasks of weight 0 left out: they have none), plus the gradient of the model's
@@ -456,7 +480,7 @@ class Trainer:
                               for p, g in zip(parameters, grads)])
 
         flat = [flat_gradient(term, k < len(terms) - 1 or auxiliary is not None) for k, term in enumerate(terms)]
-        combined = self._surgery(torch.stack(flat), self._surgery_generator) if flat else 0.0
+        combined = self._combine_task_gradients(torch.stack(flat)) if flat else 0.0
         if auxiliary is not None:
             combined = combined + flat_gradient(auxiliary, False)
         offset = 0
