@@ -404,6 +404,7 @@ class FastAdaptiveWeighting(LossWeighting):
         self.register_buffer("first_moment", torch.zeros(len(tasks)))
         self.register_buffer("second_moment", torch.zeros(len(tasks)))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.num_active = sum(t.weight != 0 for t in tasks)  # K: read on the host once, not synced every step
         self.weights = {t.name: float(t.weight) for t in tasks}
         self._previous: tuple[torch.Tensor, torch.Tensor] | None = None  # the last training forward's log gaps
 
@@ -423,7 +424,7 @@ class FastAdaptiveWeighting(LossWeighting):
         log_gaps, present = self._log_gaps(losses)
         mix = self._mix()
         inverse = torch.where(present, mix * torch.exp(-log_gaps.detach()), 0.0)  # z_k / (L_k - m_k)
-        scale = int((self.base_weights != 0).sum()) * self.base_weights / inverse.sum().clamp_min(1e-30)
+        scale = self.num_active * self.base_weights / inverse.sum().clamp_min(1e-30)
         if self.training:
             self._previous = (log_gaps.detach(), present)
         total = (torch.where(present, mix * log_gaps, 0.0) * scale).sum()

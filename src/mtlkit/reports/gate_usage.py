@@ -190,6 +190,7 @@ class GateUsageAccumulator:
                 experts_per_row=(self.nonzero_sums[path][k] / n).cpu().numpy(), rows=int(n)) for path, bank in self.banks.items()})
         return result
 
+
 def gate_usage_markdown(usages: Mapping[str, GateUsage]) -> str:
     """A report section: for every gate, how many experts it uses, how sharply, and its heaviest expert."""
     lines = ["| gates | gate | effective experts (of choices) | row entropy | experts per row | heaviest expert (mean weight) |",

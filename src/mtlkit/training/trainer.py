@@ -393,8 +393,8 @@ class Trainer:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
             if own:
-                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters (fixed, dynamic, dwa, rlw, gls, famo), "
-                                  f"not {self.config.weighting!r}")
+                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters; {self.config.weighting!r} "
+                                  "learns its own (their gradient would bypass the surgery)")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
         if self.config.weighting_learning_rate is None:
