@@ -6,8 +6,9 @@ metrics, predictions and report columns are all keyed by ``TaskSpec.name``, neve
 A :class:`TaskType` says what a task's head emits and how it is scored: ``binary`` (one logit,
 binary cross-entropy), ``regression`` (one value, squared error), ``huber`` (one value, Huber loss:
 squared near the label, linear beyond one unit, which on standardised labels is one standard
-deviation), ``poisson`` (one log-rate, Poisson negative log-likelihood, for counts) and
-``multiclass`` (one logit per class, cross-entropy; the task sets ``num_classes``). New types are added with
+deviation), ``poisson`` (one log-rate, Poisson negative log-likelihood, for counts), ``ziln``
+(three outputs, the zero-inflated lognormal negative log-likelihood, for amounts that are often 0
+and heavy-tailed otherwise: spend, lifetime value, watch time) and ``multiclass`` (one logit per class, cross-entropy; the task sets ``num_classes``). New types are added with
 :func:`register_task_type`; models never need to change because they only ask a task for its
 ``output_dim``.
 
@@ -68,6 +69,10 @@ class TaskType:
             None (binary): labels are never rescaled.
         metrics_on_predictions: the metrics read ``predict(output)`` (a Poisson task's rate) rather
             than the raw output (a logit, a log-rate).
+        label_scaling: how tables put labels with ``metric_scale_powers`` on a common scale:
+            ``"standard"`` (``(label - mean) / std``, regression) or ``"geometric"`` (``label / g``,
+            ``g`` the geometric mean of the positive training labels: zeros stay zeros and a
+            lognormal's location starts near 0, ``ziln``).
     """
 
     name: str
@@ -80,6 +85,11 @@ class TaskType:
     elementwise_loss: bool = False
     metric_scale_powers: Mapping[str, int] | None = field(default=None, compare=False)  # a dict: kept out of the hash
     metrics_on_predictions: bool = False
+    label_scaling: str = "standard"
+
+    def __post_init__(self) -> None:
+        if self.label_scaling not in ("standard", "geometric"):
+            raise ValueError(f"task type {self.name!r}: label_scaling must be 'standard' or 'geometric', got {self.label_scaling!r}")
 
 
 _TASK_TYPES: dict[str, TaskType] = {}
@@ -194,10 +204,13 @@ def _poisson_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.poisson_nll_loss(output[..., 0], label, log_input=True, full=False, reduction="none")
 
 
-def _check_counts(label: torch.Tensor, where: str) -> None:
-    finite = label[torch.isfinite(label)]
-    if bool((finite < 0).any()):
-        raise DataError(f"{where}: a poisson task needs counts >= 0, found {finite[finite < 0][:3].tolist()}")
+def _non_negative_labels(requirement: str) -> Callable[[torch.Tensor, str], None]:
+    """A ``check_labels`` that refuses negative labels, saying ``requirement`` ("a poisson task needs counts >= 0")."""
+    def check(label: torch.Tensor, where: str) -> None:
+        finite = label[torch.isfinite(label)]
+        if bool((finite < 0).any()):
+            raise DataError(f"{where}: {requirement}, found {finite[finite < 0][:3].tolist()}")
+    return check
 
 
 register_task_type(
@@ -206,7 +219,7 @@ register_task_type(
         output_dim=1,
         loss=_poisson_loss,
         predict=lambda output: torch.exp(output[:, 0]),
-        check_labels=_check_counts,
+        check_labels=_non_negative_labels("a poisson task needs counts >= 0"),
         metrics=("deviance", "mae"),
         higher_is_better=False,
         elementwise_loss=True,
@@ -214,6 +227,47 @@ register_task_type(
     )
 )
 
+
+# softplus's floor for the lognormal scale: the reference implementation's sqrt(Keras epsilon).
+_ZILN_MIN_SCALE = math.sqrt(1e-7)
+
+
+def _ziln_parameters(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``ziln`` head's ``(..., 3)`` output as (logit of a positive amount, lognormal loc, lognormal scale)."""
+    return output[..., 0], output[..., 1], F.softplus(output[..., 2]).clamp_min(_ZILN_MIN_SCALE)
+
+
+def _ziln_loss(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    # Binary cross-entropy of "amount > 0" plus, on positive amounts, the lognormal's negative
+    # log-likelihood (Wang, Liu & Miao 2019), label-only term log y included so the value is the
+    # exact NLL of the mixture's continuous part. Zero labels read log 1 so no NaN reaches autograd.
+    logit, loc, scale = _ziln_parameters(output)
+    positive = label > 0
+    log_label = torch.log(torch.where(positive, label, torch.ones_like(label)))
+    lognormal = log_label + torch.log(scale) + 0.5 * math.log(2 * math.pi) + 0.5 * ((log_label - loc) / scale) ** 2
+    return F.binary_cross_entropy_with_logits(logit, positive.to(output.dtype), reduction="none") + positive * lognormal
+
+
+def _ziln_mean(output: torch.Tensor) -> torch.Tensor:
+    logit, loc, scale = _ziln_parameters(output)
+    return torch.sigmoid(logit) * torch.exp(loc + 0.5 * scale**2)
+
+
+register_task_type(
+    TaskType(
+        name="ziln",
+        output_dim=3,
+        loss=_ziln_loss,
+        predict=_ziln_mean,
+        check_labels=_non_negative_labels("a ziln task needs amounts >= 0"),
+        metrics=("gini", "mae", "mse"),
+        higher_is_better=True,
+        elementwise_loss=True,
+        metric_scale_powers={"mae": 1, "mse": 2},  # the Gini only ranks: unchanged by a scale
+        metrics_on_predictions=True,
+        label_scaling="geometric",
+    )
+)
 
 class StackedDict(dict):
     """``{name: view}`` whose values are views of one stacked tensor, which it keeps.

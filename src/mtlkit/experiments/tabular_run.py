@@ -2,7 +2,7 @@
 
 A run folder holds: ``config.yaml`` (the resolved config), ``preprocessing.json`` (the fitted
 preprocessing), ``model.pt`` (the best checkpoint), ``metrics.json``, ``history.csv``,
-``learning_curves.png``, ``report.md``, ``calibration.png`` (binary tasks) and, for mixtures of
+``learning_curves.png``, ``report.md``, ``calibration.png`` (binary, count and amount tasks) and, for mixtures of
 experts, ``gate_usage.json`` and ``gate_usage.png`` (how the gates spread their weight over the
 experts on the validation rows, :mod:`mtlkit.reports.gate_usage`). It is written into a temporary folder and renamed at the
 end, so a failed run leaves nothing half-written behind.
@@ -31,7 +31,7 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import IsotonicCalibration, TabularMultiTaskModel, apply_output_calibration, build_model, model_config
-from mtlkit.reports.calibration import plot_reliability, reliability_table
+from mtlkit.reports.calibration import RELIABILITY_AXES, plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import (
     GateUsage, GateUsageAccumulator, gate_usage_markdown, measure_gate_usage, measure_gate_usage_by_group, save_gate_usage,
@@ -244,7 +244,8 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         reliability = _reliability_tables(model.tasks, outputs[scored_split], scored.tensors)
         if reliability:
             plot_reliability(reliability, staging / "calibration.png",
-                             f"{config.model['name']}: predicted against observed rates, {scored_split} rows")
+                             f"{config.model['name']}: predicted against observed means, {scored_split} rows",
+                             {t.name: RELIABILITY_AXES[t.type] for t in model.tasks if t.name in reliability})
         gates = gate_usage.result()[0]
         if gates:
             save_gate_usage(gates, staging, f"{config.model['name']}: mean gate weights, validation rows", rows="valid")
@@ -271,11 +272,11 @@ def _predict_tensors(model: TabularMultiTaskModel, tensors, batch_size: int) -> 
 
 
 def _reliability_tables(tasks: Sequence[TaskSpec], outputs: Mapping[str, torch.Tensor], tensors) -> dict[str, pd.DataFrame]:
-    """Each binary task's reliability table over its labelled rows (:mod:`mtlkit.reports.calibration`),
-    from the model's raw ``outputs`` on ``tensors``."""
+    """The reliability table (:mod:`mtlkit.reports.calibration`) of each task whose predictions are means in
+    its labels' units (binary, poisson, ziln) over its labelled rows, from the model's raw ``outputs`` on ``tensors``."""
     mask = tensors.label_mask
     return {t.name: reliability_table(t.task_type.predict(outputs[t.name])[mask[:, k]], tensors.labels[mask[:, k], k])
-            for k, t in enumerate(tasks) if t.type == "binary" and bool(mask[:, k].any())}
+            for k, t in enumerate(tasks) if t.type in RELIABILITY_AXES and bool(mask[:, k].any())}
 
 
 def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, GateUsage], calibrated_on: str | None) -> str:
@@ -295,9 +296,14 @@ def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, Gate
             cells = [f"{values[m]:.4f}" if m in values else "" for m in names]
             lines.append(f"| {task} | " + " | ".join(cells) + f" | {int(values['count'])} |")
         lines.append("")
+    task_types = {t.name: t.task_type for t in config.schema.tasks}
     for task, stats in metrics.get("standardized_labels", {}).items():
-        lines.append(f"Task {task} was trained on its labels standardised (training mean {stats['mean']:.6g}, standard "
-                     f"deviation {stats['std']:.6g}): its loss is on that scale, its other metrics in the labels' units.")
+        if task_types[task].label_scaling == "geometric":
+            lines.append(f"Task {task} was trained on its amounts divided by {stats['std']:.6g} (the geometric mean of its "
+                         "positive training amounts): its loss is on that scale, its other metrics in the labels' units.")
+        else:
+            lines.append(f"Task {task} was trained on its labels standardised (training mean {stats['mean']:.6g}, standard "
+                         f"deviation {stats['std']:.6g}): its loss is on that scale, its other metrics in the labels' units.")
     if config.schema.weight_column:
         lines.append(f"Losses and metrics count each row with its weight from column {config.schema.weight_column!r}.")
     unseen = {k: v for k, v in metrics["out_of_vocabulary"].get("valid", {}).items() if v}
@@ -306,7 +312,8 @@ def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, Gate
     if calibrated_on:
         lines += [f"## calibration ({calibrated_on} rows)", "",
                   "Each binary task's rows cut into ten groups by predicted probability: observed against mean predicted "
-                  "positive rate (on the diagonal when the probabilities are right).", "",
+                  "positive rate (on the diagonal when the probabilities are right). Count (poisson) and amount (ziln) "
+                  "tasks the same by predicted mean: their decile chart.", "",
                   "![calibration](calibration.png)", ""]
     if gates:
         lines += ["## gates (validation rows)", "",

@@ -13,7 +13,8 @@ Encoding conventions:
 - dense columns with ``embed_values`` also give a categorical code of their exact value, placed after
   the declared categorical columns;
 - regression labels (with ``TableSchema.standardize_labels``) become ``(label - mean) / std`` of the
-  training rows where that task is labelled; a multiclass label column holds class indices, or class
+  training rows where that task is labelled, and ``ziln`` amounts ``label / g``, ``g`` the geometric
+  mean of the positive training amounts (``TaskType.label_scaling``); a multiclass label column holds class indices, or class
   names, which become indices in sorted order; :meth:`TablePreprocessor.to_label_units` and
   :meth:`TablePreprocessor.scores_in_label_units` turn outputs and metrics back into the labels' units.
 """
@@ -131,7 +132,7 @@ class TablePreprocessor:
         moments = {c.name: np.zeros(4) for c in schema.dense}  # count, sum of raw, sum and sum of squares of transformed
         extremes = {c.name: [math.inf, -math.inf] for c in schema.dense}
         scaled = self._standardized_tasks()
-        label_moments = {t.name: np.zeros(3) for t in scaled}  # count, sum, sum of squares
+        label_moments = {t.name: np.zeros(3) for t in scaled}  # count, sum, sum of squares (of log amounts: geometric)
         class_tasks = [t for t in schema.tasks if t.num_classes is not None]
         class_values: dict[str, set[str]] = {t.name: set() for t in class_tasks}
         rows = 0
@@ -167,6 +168,8 @@ class TablePreprocessor:
                     extremes[column.name][1] = max(extremes[column.name][1], float(transformed.max()))
             for task in scaled:
                 label = self._label(frame, task, source)
+                if task.task_type.label_scaling == "geometric":
+                    label = np.log(label[label > 0])
                 label = label[~np.isnan(label)]
                 label_moments[task.name] += (label.size, label.sum(), np.square(label).sum())
             for task in class_tasks:
@@ -194,8 +197,11 @@ class TablePreprocessor:
             low, high = extremes[column.name]
             self.dense_statistics[column.name] = {"fill": float(fill), "mean": mean, "std": std, "min": low, "max": high}
         self.label_statistics = {}
+        geometric = {t.name for t in scaled if t.task_type.label_scaling == "geometric"}
         for name, (n, total, squares) in label_moments.items():
-            if n:  # a task without a labelled training row has nothing to learn from; its labels stay as they are
+            if n and name in geometric:  # scaled only, so that 0 stays 0
+                self.label_statistics[name] = {"mean": 0.0, "std": math.exp(total / n)}
+            elif n:  # a task without a labelled training row has nothing to learn from; its labels stay as they are
                 mean = total / n
                 std = math.sqrt(max(squares / n - mean * mean, 0.0))
                 self.label_statistics[name] = {"mean": float(mean), "std": std if std > 0 else 1.0}

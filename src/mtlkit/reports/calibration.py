@@ -3,7 +3,9 @@
 Ranking needs only the order of the scores (AUC); bidding, budgeting and ranking by expected value
 (pCTR x pCVR x price) need the probabilities themselves to be right. A model can have a good AUC and
 predict twice the real rate, and multi-task training shifts each task's rate differently, so a run
-shows each binary task's reliability curve next to its ``calibration`` metric.
+shows each binary task's reliability curve next to its ``calibration`` metric. Counts (``poisson``)
+and amounts (``ziln``) get the same chart over their predicted means: the decile chart with which
+the ZILN paper judges lifetime-value models next to their normalised Gini.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import torch
 
 from mtlkit.reports.plots import label_axes, plt, save_figure
 
-__all__ = ["reliability_table", "plot_reliability"]
+__all__ = ["RELIABILITY_AXES", "reliability_table", "plot_reliability"]
+
+# The task types whose predictions are means in the labels' own units, with the chart's axis names.
+RELIABILITY_AXES: dict[str, tuple[str, str]] = {
+    "binary": ("mean predicted probability", "observed positive rate"),
+    "poisson": ("mean predicted count", "observed mean count"),
+    "ziln": ("mean predicted amount", "observed mean amount"),
+}
 
 
 def reliability_table(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> pd.DataFrame:
@@ -37,9 +46,11 @@ def reliability_table(probabilities: torch.Tensor, labels: torch.Tensor, bins: i
                          "rows": [len(g) for g in groups]})
 
 
-def plot_reliability(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike, title: str) -> Path:
+def plot_reliability(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike, title: str,
+                     axis_names: Mapping[str, tuple[str, str]] | None = None) -> Path:
     """One panel per task: observed against mean predicted rate per bin, on log axes when the rates
-    span more than a factor of 10 (click and conversion rates of a few percent), with the diagonal."""
+    span more than a factor of 10 (click and conversion rates of a few percent), with the diagonal.
+    ``axis_names`` gives a task's (x, y) axis names (default: probabilities, :data:`RELIABILITY_AXES`)."""
     figure, axes = plt.subplots(1, len(tables), figsize=(4.0 * len(tables), 3.8), squeeze=False)
     for ax, (task, table) in zip(axes[0], tables.items()):
         positive = table[(table["mean_predicted"] > 0) & (table["observed_rate"] > 0)]
@@ -52,7 +63,7 @@ def plot_reliability(tables: Mapping[str, pd.DataFrame], path: str | os.PathLike
             table = positive
         ax.plot([low, high], [low, high], color="grey", linewidth=1, linestyle="--", label="calibrated")
         ax.plot(table["mean_predicted"], table["observed_rate"], marker="o", label=f"predicted / observed {ratio:.3f}")
-        label_axes(ax, task, "mean predicted probability", "observed positive rate")
+        label_axes(ax, task, *(axis_names or {}).get(task, RELIABILITY_AXES["binary"]))
     figure.suptitle(title)
     figure.tight_layout()
     return save_figure(figure, path)

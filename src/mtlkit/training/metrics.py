@@ -1,4 +1,4 @@
-"""Per-task metrics computed on tensors: exact tie-aware ROC AUC, logloss, MSE, MAE, group AUC."""
+"""Per-task metrics computed on tensors: exact tie-aware ROC AUC, logloss, MSE, MAE, group AUC, normalised Gini."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec
 
-__all__ = ["roc_auc", "group_auc", "log_loss", "mean_squared_error", "mean_absolute_error",
+__all__ = ["roc_auc", "group_auc", "log_loss", "mean_squared_error", "mean_absolute_error", "normalized_gini",
            "METRICS", "task_metrics"]
 
 
@@ -125,6 +125,40 @@ def poisson_deviance(rates: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     return _mean(2 * (torch.special.xlogy(y, y) - torch.special.xlogy(y, mu) - (y - mu)), weight)
 
 
+def _gain_gini(scores: torch.Tensor, amounts: torch.Tensor, weight: torch.Tensor) -> float:
+    """Raw Gini of the gain chart of ``amounts`` ranked by ``scores`` (highest first): ``2 A - 1``, ``A``
+    the mean over rows of the share of the total amount held by the rows ranked up to them.
+    Rows with tied scores count in expectation over their random orders; a row of weight ``w``
+    counts as ``w`` rows."""
+    values, inverse = torch.unique(-scores, return_inverse=True)  # ascending -score: highest score first
+    groups = len(values)
+    group_weight = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, weight)
+    group_amount = torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, weight * amounts)
+    # E[sum_i w_i (sum of w_j y_j ranked up to i)] within a group of tied rows: pairs in either order
+    # with probability 1/2, each row with itself always.
+    within = 0.5 * (group_weight * group_amount
+                    + torch.zeros(groups, dtype=torch.float64).index_add_(0, inverse, weight**2 * amounts))
+    before = torch.cumsum(group_amount, 0) - group_amount
+    total_weight, total_amount = weight.sum(), group_amount.sum()
+    area = ((group_weight * before).sum() + within.sum()) / (total_amount * total_weight)
+    return (2 * area - 1).item()
+
+
+def normalized_gini(predictions: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """Normalised Gini coefficient of non-negative amounts (spend, lifetime value) ranked by ``predictions``
+    (Wang, Liu & Miao 2019): the Gini of the gain chart (the share of the total amount held by the
+    top-ranked rows) over the Gini of the perfect ranking, so 1 for the labels' own order, 0 for a
+    random one. It judges the ranking only, not the scale; ties count in expectation over their
+    orders, each row with its weight. NaN when every amount is 0 or all are equal."""
+    scores = predictions.detach().reshape(-1).double()
+    amounts = labels.detach().reshape(-1).double()
+    w = torch.ones_like(amounts) if weight is None else weight.detach().reshape(-1).double()
+    if not bool(((w * amounts).sum() > 0)):
+        return float("nan")
+    perfect = _gain_gini(amounts, amounts, w)
+    return _gain_gini(scores, amounts, w) / perfect if perfect > 0 else float("nan")
+
+
 def mean_squared_error(predictions: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     return _mean((predictions.double().reshape(-1) - labels.double().reshape(-1)) ** 2, weight)
 
@@ -144,11 +178,12 @@ METRICS: dict[str, Callable[..., float]] = {
     "mse": mean_squared_error,
     "mae": mean_absolute_error,
     "deviance": poisson_deviance,
+    "gini": normalized_gini,
 }
 
 
 # Metrics where more is better (early stopping and reports turn the others' direction around).
-HIGHER_IS_BETTER = frozenset({"auc", "gauc", "accuracy"})
+HIGHER_IS_BETTER = frozenset({"auc", "gauc", "accuracy", "gini"})
 # Metrics best at a target value rather than at one end: no direction to stop early on.
 NOT_MONITORABLE = frozenset({"calibration"})
 
