@@ -13,7 +13,7 @@ chart's error, relative to the mean spend) and the click's AUC:
 
     python examples/spend_ziln.py --seeds 3
 
-It takes about 30 seconds per seed on 2 cores.
+It takes about 3 minutes per seed on 2 cores.
 """
 
 from __future__ import annotations

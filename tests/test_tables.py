@@ -1,6 +1,7 @@
 import gzip
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -71,6 +72,27 @@ def test_infer_schema(frame):
     features = [c for c in frame.columns if c != "click"]
     with pytest.raises(ConfigError, match="no feature column left"):
         infer_schema(frame, ["click"], ignore=features)
+
+
+def test_infer_schema_gives_zero_inflated_skewed_amounts_the_ziln_type(tmp_path):
+    from mtlkit.data.schema import is_zero_inflated
+    from mtlkit.experiments.tabular_run import initial_config
+
+    rng = np.random.default_rng(0)
+    rows = 2000
+    buys = rng.random(rows) < 0.3
+    frame = pd.DataFrame({"x": rng.normal(size=rows),
+                          "spend": np.where(buys, np.round(np.exp(3 + rng.normal(size=rows)), 2), 0.0),
+                          "watch": np.exp(rng.normal(size=rows)),  # skewed, but never 0
+                          "visits": rng.poisson(3.0, rows),  # counts: 5 % zeros
+                          "refund": np.where(buys, -5.0, 0.0)})  # negative amounts
+    assert is_zero_inflated(frame["spend"]) and not any(is_zero_inflated(frame[c]) for c in ("watch", "visits", "refund"))
+    assert not is_zero_inflated(pd.Series(buys * 20.0))  # one positive amount: not skewed
+    schema = infer_schema(frame, ["spend", "watch", "visits", "refund"])
+    assert [t.type for t in schema.tasks] == ["ziln", "regression", "regression", "regression"]
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    _, _, notes = initial_config(tmp_path / "table.csv", ["spend", "watch"])
+    assert len(notes) == 1 and "'spend' is 0 on 70% of the rows" in notes[0] and "ziln" in notes[0]
 
 
 def test_identifier_columns_are_unique_whole_numbers_or_text(frame):

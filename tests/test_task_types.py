@@ -230,3 +230,14 @@ def test_a_run_folder_scores_a_ziln_task_and_charts_its_deciles(tmp_path):
     tasks = [TaskSpec("spend", "ziln"), TaskSpec("click"), TaskSpec("watch", "regression")]
     tensors = MultiTaskTensors(torch.randn(40, 5), torch.cat([labels[:40], torch.randn(40, 1)], 1), ["spend", "click", "watch"])
     assert set(_reliability_tables(tasks, outputs, tensors)) == {"spend", "click"}
+
+
+def test_the_spend_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "examples/spend_ziln.py", "--seeds", "1", "--rows", "3000", "--types", "ziln,huber"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decile_error" in done.stdout and "huber" in done.stdout

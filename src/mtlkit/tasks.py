@@ -8,7 +8,8 @@ binary cross-entropy), ``regression`` (one value, squared error), ``huber`` (one
 squared near the label, linear beyond one unit, which on standardised labels is one standard
 deviation), ``poisson`` (one log-rate, Poisson negative log-likelihood, for counts), ``ziln``
 (three outputs, the zero-inflated lognormal negative log-likelihood, for amounts that are often 0
-and heavy-tailed otherwise: spend, lifetime value, watch time) and ``multiclass`` (one logit per class, cross-entropy; the task sets ``num_classes``). New types are added with
+and heavy-tailed otherwise: spend, lifetime value, watch time) and ``multiclass`` (one logit per
+class, cross-entropy; the task sets ``num_classes``). New types are added with
 :func:`register_task_type`; models never need to change because they only ask a task for its
 ``output_dim``.
 

@@ -17,7 +17,7 @@ from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec, validate_tasks
 
 __all__ = ["DenseColumn", "CategoricalColumn", "MultiValuedColumn", "TableSchema", "identifier_columns", "infer_schema",
-           "is_funnel"]
+           "is_funnel", "is_zero_inflated"]
 
 NORMALIZATIONS = ("standard", "minmax", "none")
 POOLINGS = ("mean", "sum")
@@ -226,7 +226,8 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
     """A starting schema for a table, for the user to edit.
 
     Label columns become tasks: ``binary`` when their non-missing values are all 0/1, ``multiclass``
-    (one class per distinct value) when they are text, else ``regression``. Numeric columns with more
+    (one class per distinct value) when they are text, ``ziln`` when they are amounts that are mostly
+    0 and heavy-tailed otherwise (:func:`is_zero_inflated`), else ``regression``. Numeric columns with more
     than ``max_categories_for_numeric`` distinct values are dense (with ``log`` when they are
     non-negative and heavy-tailed), except whole numbers in a column named like an id (``user_id``,
     ``itemId``), which are categorical: a user id's numeric order means nothing. Text columns whose
@@ -244,7 +245,7 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
         if values.isna().any():  # names: one class per distinct value
             tasks.append(TaskSpec(name=name, type="multiclass", num_classes=max(2, int(present.astype(str).nunique()))))
             continue
-        kind = "binary" if len(values) and values.isin([0, 1]).all() else "regression"
+        kind = "binary" if len(values) and values.isin([0, 1]).all() else "ziln" if is_zero_inflated(values) else "regression"
         tasks.append(TaskSpec(name=name, type=kind))
     dense, categorical, multi_valued = [], [], []
     for column in frame.columns:
@@ -268,6 +269,17 @@ def infer_schema(frame: pd.DataFrame, labels: Sequence[str], max_categories_for_
     if not dense and not categorical and not multi_valued:
         raise ConfigError(f"no feature column left: every column is a label {list(labels)} or left out {list(ignore)}")
     return TableSchema(tasks=tasks, dense=dense, categorical=categorical, multi_valued=multi_valued)
+
+
+def is_zero_inflated(values: pd.Series) -> bool:
+    """Whether numeric label ``values`` look like spend or lifetime value, the ``ziln`` task type's
+    case: none negative, at least a quarter of them 0, and the positive ones skewed (their 99th
+    percentile over 3 times their median, as a lognormal's with a log-standard deviation above 0.47)."""
+    values = values.dropna()
+    positive = values[values > 0]
+    if len(values) == 0 or (values < 0).any() or (values == 0).mean() < 0.25 or len(positive) < 2:
+        return False
+    return bool(positive.quantile(0.99) > 3 * positive.median())
 
 
 def _listed_values(series: pd.Series, separator: str = "|") -> int | None:

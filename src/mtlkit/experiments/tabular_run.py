@@ -606,7 +606,8 @@ def initial_config(data_file: str | os.PathLike, labels: list[str], ignore: Sequ
 
     Columns in ``ignore`` are left out, and so are those that look like row identifiers
     (:func:`~mtlkit.data.schema.identifier_columns`). Returns the config, the identifiers left out and
-    notes for the user (labels that form a conversion funnel, :func:`~mtlkit.data.schema.is_funnel`).
+    notes for the user (labels that form a conversion funnel, :func:`~mtlkit.data.schema.is_funnel`;
+    amounts given the ``ziln`` task type, :func:`~mtlkit.data.schema.is_zero_inflated`).
     """
     frame = next(iter_table(data_file, chunk_rows=sample_rows))
     candidates = [c for c in frame.columns if c not in labels and c not in ignore]
@@ -617,6 +618,11 @@ def initial_config(data_file: str | os.PathLike, labels: list[str], ignore: Sequ
         notes.append(f"labels {' -> '.join(labels)} form a funnel (every positive of a step is a positive of the one "
                      "before): model.name aitm passes each step's knowledge to the next, and esmm_funnel multiplies "
                      "each step's rate given the one before, over all impressions; mmoe is kept as the start")
+    for task in schema.tasks:
+        if task.type == "ziln":
+            share = (pd.to_numeric(frame[task.label_column], errors="coerce").dropna() == 0).mean()
+            notes.append(f"label {task.label_column!r} is 0 on {share:.0%} of the rows and skewed otherwise, like spend: task "
+                         "type ziln (zero-inflated lognormal); set type: regression for squared error, poisson for counts")
     return {
         "data": {"train": str(Path(data_file).resolve()), "valid": None, "test": None, "valid_fraction": 0.1},
         "schema": schema.to_dict(),
