@@ -63,7 +63,7 @@ def test_dselect_and_task_conditioned_gates_on_the_gpu(name, gates):
     _assert_same_on_both(model, torch.randn(64, 40, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("surgery", ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac"])
+@pytest.mark.parametrize("surgery", ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac", "db_mtl"])
 def test_gradient_surgeries_train_on_the_gpu(surgery):
     tasks, (train, valid) = _synthetic()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac), alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac, DB-MTL), alone and in the trainer."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import (GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, imtl, list_gradient_surgeries, mgda,
-                               nash_mtl, pcgrad, upgrad)
+from mtlkit.objectives import (DualBalancing, GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, imtl,
+                               list_gradient_surgeries, mgda, nash_mtl, pcgrad, upgrad)
 from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _nash_bargaining_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
@@ -126,7 +126,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
-     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad', 'upgrad'\]"),
+     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad', 'upgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
@@ -137,11 +137,14 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
     (dict(gradient_surgery="nash_mtl", gradient_surgery_options={"beta": 0.5}), r"unknown \['beta'\] for 'nash_mtl'; allowed: \[\]"),
     (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"), r"gradient_surgery_scope: expected one of \['all', 'shared'\]"),
     (dict(gradient_surgery_scope="shared"), "gradient_surgery_scope: 'shared' given without a gradient_surgery"),
+    (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta": 1.0}), r"options.beta: expected a number in \[0, 1\)"),
+    (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta_sigma": -1}), "options.beta_sigma: expected a number >= 0"),
+    (dict(gradient_surgery="db_mtl", gradient_surgery_scope="shared"), "'db_mtl' keeps a moving average per coordinate"),
 ])
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "gradvac", "imtl", "mgda", "nash_mtl", "pcgrad", "upgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "db_mtl", "gradvac", "imtl", "mgda", "nash_mtl", "pcgrad", "upgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -230,7 +233,7 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
 
 @pytest.mark.parametrize("surgery, scope", [("mgda", "all"), ("cagrad", "all"), ("aligned_mtl", "all"), ("imtl", "all"),
                                             ("nash_mtl", "all"), ("upgrad", "all"), ("gradvac", "all"), ("pcgrad", "shared"),
-                                            ("mgda", "shared"), ("nash_mtl", "shared")])
+                                            ("mgda", "shared"), ("nash_mtl", "shared"), ("db_mtl", "all")])
 def test_the_other_surgeries_train_both_conflicting_tasks(surgery, scope):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
@@ -369,6 +372,62 @@ def test_gradvac_brings_conflicting_gradients_to_their_target_cosine():
         fresh(torch.eye(3, dtype=torch.float64), generator)
     built = build_gradient_surgery("gradvac", {"beta": 0.1})
     assert isinstance(built, GradientVaccine) and built.beta == 0.1 and built.targets is None  # the trial call left no state
+
+
+def test_db_mtl_rescales_each_tasks_moving_average_to_the_largest_norm():
+    generator = torch.Generator()
+    # Without averaging (beta 0): every gradient brought to the largest norm, then summed.
+    grads = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    expected = grads[0] + 6 * grads[1] + (3 / 2**0.5) * grads[3]  # the zero gradient takes no part
+    torch.testing.assert_close(DualBalancing(beta=0.0)(grads, generator), expected)
+    same = torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64)
+    torch.testing.assert_close(DualBalancing(beta=0.0)(same, generator), same.sum(0))
+    # With it: m <- g + r (m - g), r = beta / step**beta_sigma, from m = 0.
+    for beta, sigma in ((0.9, 0.0), (0.5, 0.5)):
+        balancing = DualBalancing(beta=beta, beta_sigma=sigma)
+        averages = torch.zeros(3, 6, dtype=torch.float64)
+        for step in range(1, 5):
+            g = _conflicting(3, step, size=6)
+            averages = g + beta / step**sigma * (averages - g)
+            norms = averages.norm(dim=1)
+            torch.testing.assert_close(balancing(g, generator), (norms.max() / norms) @ averages)
+        torch.testing.assert_close(balancing.state_dict()["averages"], averages)
+        resumed = DualBalancing(beta=beta, beta_sigma=sigma)
+        resumed.load_state_dict(balancing.state_dict())
+        g = _conflicting(3, 9, size=6)
+        torch.testing.assert_close(resumed(g, generator), balancing(g, generator))
+    with pytest.raises(RuntimeError, match=r"moving averages are \(3, 6\).*gradients of \(3, 5\)"):
+        balancing(torch.ones(3, 5, dtype=torch.float64), generator)
+    assert build_gradient_surgery("db_mtl", {"beta": 0.8}).averages is None  # the trial call left no state
+
+
+def test_db_mtl_gets_the_gradients_of_the_weighted_log_losses(monkeypatch):
+    """The trainer hands DB-MTL each task's gradient of ``w_k log L_k``: a task's loss scale no longer sets its gradient's."""
+    tasks = [TaskSpec("a", "regression", weight=2.0), TaskSpec("b", "regression", weight=0.5)]
+    data = _data(1.0)
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=tasks)
+    initial = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=1000, progress=False, gradient_surgery="db_mtl"))
+    seen = []
+    original = trainer._surgery
+    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator: seen.append(grads.clone()) or original(grads, generator))
+    trainer.fit(data)
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), initial):
+            p.copy_(value)
+    outputs = model(data.inputs)
+    expected = []
+    for k, task in enumerate(tasks):
+        loss = torch.nn.functional.mse_loss(outputs[task.name][:, 0], data.labels[:, k])
+        grads = torch.autograd.grad(task.weight * torch.log(loss + 1e-8), list(model.parameters()), retain_graph=True,
+                                    allow_unused=True)
+        expected.append(torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(model.parameters(), grads)]))
+    torch.testing.assert_close(seen[0], torch.stack(expected), rtol=1e-4, atol=1e-6)
+    # A loss that may be negative has no logarithm.
+    with pytest.raises(ConfigError, match=r"'db_mtl' takes the log of every task's loss.*'visits' \(poisson\)"):
+        Trainer(build_model("mmoe", input_dim=8, tasks=[TaskSpec("a", "regression"), TaskSpec("visits", "poisson")]),
+                TrainerConfig(max_steps=1, progress=False, gradient_surgery="db_mtl"))
 
 
 def test_cagrad_at_alpha_zero_trains_as_the_weighted_sum():

@@ -149,7 +149,14 @@ def test_an_isotonic_calibration_is_predicted_evaluated_and_exported(run):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     program = torch.export.load(files / "model.pt2").module()
-    torch.testing.assert_close(program(inputs)["click"], calibrated["click"], rtol=1e-5, atol=1e-6)
+    # The exported graph's logits may differ from eager ones in the last bits (another kernel order), and a
+    # steep step of the isotonic map magnifies that; the map is monotone, so bracket the logits instead.
+    isotonic = IsotonicCalibration(saved["tasks"]["click"]["logits"], saved["tasks"]["click"]["probabilities"])
+    slack = 1e-5 * logits["click"].abs() + 1e-6
+    low, high = (torch.sigmoid(isotonic(logits["click"] + sign * slack)[:, 0]) for sign in (-1, 1))
+    exported = program(inputs)["click"]
+    assert ((exported >= low - 1e-6) & (exported <= high + 1e-6)).all()
+    assert (exported - calibrated["click"]).abs().median() < 1e-6  # and almost everywhere the same number
     # Back to Platt scaling: the file is replaced, not compounded.
     calibrate_run(folder, files / "valid.csv")
     assert json.loads((folder / "calibration.json").read_text())["method"] == "platt"

@@ -41,6 +41,7 @@ def _fit(tasks, train, valid, state_file=None, stop_at=None, model_name="mmoe", 
     {"gradient_surgery": "pcgrad", "weighting": "dynamic", "weighting_options": {"gamma": 0.8}},
     {"weighting": "rlw", "weighting_options": {"seed": 3}},  # the weights' own generator continues its sequence
     {"gradient_surgery": "gradvac", "gradient_surgery_options": {"beta": 0.2}},  # its targets are saved and restored
+    {"gradient_surgery": "db_mtl", "gradient_surgery_options": {"beta": 0.8}},  # its moving averages and step count too
     {"weighting": "famo", "weighting_options": {"learning_rate": 0.05}},  # its logits and their Adam moments
 ])
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, options):

@@ -102,6 +102,20 @@ def test_ziln_loss_is_the_mixtures_negative_log_likelihood_and_predicts_its_mean
     assert torch.isfinite(ziln.loss(torch.tensor([[0.0, 0.0, -200.0]]), torch.tensor([5.0]))).all()
 
 
+def test_ziln_tasks_are_scored_together_in_one_pass_over_their_stacked_heads():
+    from mtlkit.objectives import TaskLosses, task_losses
+
+    tasks = [TaskSpec("spend", "ziln"), TaskSpec("refund", "ziln")]
+    model = build_model("mmoe", input_dim=5, tasks=tasks, num_experts=3, expert_hidden=[8], tower_hidden=[4])
+    x, labels, _ = _zero_inflated_lognormal(64, seed=1)
+    labels = torch.stack([labels[:, 0], labels[:, 0].flip(0)], 1)
+    outputs = model(x)
+    together = task_losses(outputs, labels, torch.ones_like(labels, dtype=torch.bool), tasks, all_labelled=True)
+    assert isinstance(together, TaskLosses)
+    for k, task in enumerate(tasks):
+        torch.testing.assert_close(together[task.name], task.task_type.loss(outputs[task.name], labels[:, k]).mean())
+
+
 def _reference_gini(amounts, scores):
     """The lifetime_value package's normalised Gini: gain chart's raw Gini by a stable sort, over the labels' own."""
     def raw(order):

@@ -14,8 +14,8 @@ Encoding conventions:
   the declared categorical columns;
 - regression labels (with ``TableSchema.standardize_labels``) become ``(label - mean) / std`` of the
   training rows where that task is labelled, and ``ziln`` amounts ``label / g``, ``g`` the geometric
-  mean of the positive training amounts (``TaskType.label_scaling``); a multiclass label column holds class indices, or class
-  names, which become indices in sorted order; :meth:`TablePreprocessor.to_label_units` and
+  mean of the positive training amounts (``TaskType.label_scaling``); a multiclass label column
+  holds class indices, or class names, which become indices in sorted order; :meth:`TablePreprocessor.to_label_units` and
   :meth:`TablePreprocessor.scores_in_label_units` turn outputs and metrics back into the labels' units.
 """
 

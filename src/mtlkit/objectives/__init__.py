@@ -1,6 +1,7 @@
 """Objectives: per-task masked losses, loss weighting and gradient surgery."""
 
 from mtlkit.objectives.gradient_surgery import (
+    DualBalancing,
     GradientVaccine,
     aligned_mtl,
     build_gradient_surgery,
@@ -24,4 +25,4 @@ __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "Dyna
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
            "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine",
-           "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]
+           "DualBalancing", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

@@ -319,8 +319,9 @@ class RandomLossWeighting(LossWeighting):
         return (weights.to(vector.device, vector.dtype) * vector).sum(), dict(self.weights)
 
 
-# Task types whose loss is never negative; the log-based weightings (famo, gls) need a bound for any other.
-_NON_NEGATIVE_LOSSES = ("binary", "regression", "huber", "multiclass")
+# Task types whose loss is never negative, so that its logarithm is defined (poisson's and ziln's can be
+# negative): the log-based weightings (famo, gls) and DB-MTL need a bound for any other.
+NON_NEGATIVE_LOSS_TYPES = ("binary", "regression", "huber", "multiclass")
 
 
 class GeometricLossWeighting(LossWeighting):
@@ -331,13 +332,13 @@ class GeometricLossWeighting(LossWeighting):
     is smaller; scaling one task's loss changes no task's share. No state and no extra pass.
 
     A task without labelled rows in a batch (loss exactly 0) takes no part in that step. Every
-    task's loss must be non-negative: ``poisson`` tasks (``exp(o) - y o``) are an error.
+    task's loss must be non-negative: ``poisson`` (``exp(o) - y o``) and ``ziln`` tasks are an error.
     """
 
     def __init__(self, tasks: Sequence[TaskSpec]) -> None:
         super().__init__(tasks)
         for task in tasks:
-            if task.weight != 0 and task.type not in _NON_NEGATIVE_LOSSES:
+            if task.weight != 0 and task.type not in NON_NEGATIVE_LOSS_TYPES:
                 raise ConfigError(f"weighting gls: task {task.name!r} ({task.type}) may have a negative loss, and the geometric "
                                   "mean needs positive ones; use famo with min_losses, or another weighting")
         self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
@@ -391,7 +392,7 @@ class FastAdaptiveWeighting(LossWeighting):
         if unknown:
             raise ConfigError(f"weighting.min_losses: unknown task(s) {unknown}; expected some of {self.task_names}")
         for task in tasks:
-            if task.weight != 0 and task.type not in _NON_NEGATIVE_LOSSES and task.name not in min_losses:
+            if task.weight != 0 and task.type not in NON_NEGATIVE_LOSS_TYPES and task.name not in min_losses:
                 raise ConfigError(f"weighting.min_losses: task {task.name!r} ({task.type}) may have a negative loss; FAMO "
                                   "takes the log of loss - bound, so give its lower bound (e.g. min_losses: "
                                   f"{{{task.name}: -10}})")

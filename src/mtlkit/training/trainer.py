@@ -25,6 +25,7 @@ from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
 from mtlkit.objectives import LossWeighting, build_gradient_surgery, build_weighting, task_losses
+from mtlkit.objectives.weighting import NON_NEGATIVE_LOSS_TYPES
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
 from mtlkit.training.memory import keep_freed_memory
@@ -71,9 +72,10 @@ class TrainerConfig:
             ``{"temperature": 2}`` for ``dwa``, ``{"alpha": 1.5}`` for ``gradnorm``).
         weighting_learning_rate: Adam's learning rate for the weighting's own learned parameters
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
-        gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` with a registered surgery
-            (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``, ``"upgrad"``, ``"gradvac"``;
-            :mod:`mtlkit.objectives.gradient_surgery`) instead of summing them: one backward pass per task.
+        gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` (``w_k log L_k`` for ``"db_mtl"``) with a
+            registered surgery (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``,
+            ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``; :mod:`mtlkit.objectives.gradient_surgery`) instead of summing
+            them: one backward pass per task.
             Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``gls``, ``famo``)
             and one process (not under torchrun). None: the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
@@ -164,7 +166,10 @@ class TrainerConfig:
             raise ConfigError(f"training.monitor: {self.monitor!r} is best at 1, not at one end, so it cannot say which "
                               "evaluation is best; monitor e.g. TASK/auc, TASK/logloss or TASK/ne")
         if self.gradient_surgery is not None:
-            build_gradient_surgery(self.gradient_surgery, self.gradient_surgery_options)
+            surgery = build_gradient_surgery(self.gradient_surgery, self.gradient_surgery_options)
+            if self.gradient_surgery_scope == "shared" and getattr(surgery, "per_coordinate_state", False):
+                raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery!r} keeps a moving average per "
+                                  "coordinate, and the shared coordinates change from step to step; use scope 'all'")
         elif self.gradient_surgery_options:
             raise ConfigError(f"training.gradient_surgery_options: {self.gradient_surgery_options!r} given without a gradient_surgery")
         if self.gradient_surgery_scope not in GRADIENT_SURGERY_SCOPES:
@@ -396,6 +401,12 @@ class Trainer:
                 raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters; {self.config.weighting!r} "
                                   "learns its own (their gradient would bypass the surgery)")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
+            self._surgery_log_losses = getattr(self._surgery, "log_losses", False)
+            if self._surgery_log_losses:
+                negative = [f"{t.name!r} ({t.type})" for t in self.tasks if t.weight != 0 and t.type not in NON_NEGATIVE_LOSS_TYPES]
+                if negative:
+                    raise ConfigError(f"training.gradient_surgery: {self.config.gradient_surgery!r} takes the log of every "
+                                      f"task's loss, and task(s) {', '.join(negative)} may have a negative one")
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
         if self.config.weighting_learning_rate is None:
             parameters, groups = list(self.model.parameters()) + own, ()
@@ -466,9 +477,14 @@ class Trainer:
 
     def _surgery_backward(self, losses: Mapping[str, torch.Tensor], auxiliary: torch.Tensor | None = None) -> None:
         """Set every parameter's gradient to the configured surgery of the tasks' own gradients of
-        ``w_k L_k`` (tasks of weight 0 left out: they have none), plus the gradient of the model's
-        ``auxiliary`` term as it is (it belongs to no task, so no task's gradient is projected on it)."""
+        ``w_k L_k`` (``w_k log L_k`` for a surgery with ``log_losses``; tasks of weight 0 left out:
+        they have none), plus the gradient of the model's ``auxiliary`` term as it is (it belongs to
+        no task, so no task's gradient is projected on it)."""
         weights = self.weighting(losses)[1]
+        if self._surgery_log_losses:
+            # DB-MTL's loss-scale balancing: a loss's scale no longer sets its gradient's (the reference's 1e-8
+            # keeps a task without labelled rows, loss exactly 0, finite; its gradient is then 0).
+            losses = {name: torch.log(loss + 1e-8) for name, loss in losses.items()}
         terms = [float(weights[t.name]) * losses[t.name] for t in self.tasks if float(weights[t.name]) != 0.0]
         if not terms and auxiliary is None:
             return  # every weight 0: the gradients stay zero
