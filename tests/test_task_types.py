@@ -251,7 +251,7 @@ def test_the_spend_example_runs():
     import sys
     from pathlib import Path
 
-    done = subprocess.run([sys.executable, "examples/spend_ziln.py", "--seeds", "1", "--rows", "3000", "--types", "ziln,huber"],
+    done = subprocess.run([sys.executable, "examples/spend_ziln.py", "--seeds", "1", "--rows", "1500", "--types", "ziln"],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "decile_error" in done.stdout and "huber" in done.stdout
+    assert "decile_error" in done.stdout and "ziln" in done.stdout
