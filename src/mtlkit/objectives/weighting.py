@@ -21,7 +21,7 @@ from mtlkit.tasks import TaskSpec
 __all__ = [
     "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage", "UncertaintyWeighting",
     "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting", "GeometricLossWeighting",
-    "register_weighting", "build_weighting", "list_weightings",
+    "register_weighting", "build_weighting", "list_weightings", "NON_NEGATIVE_LOSS_TYPES", "tasks_with_possibly_negative_loss",
 ]
 
 
@@ -324,6 +324,11 @@ class RandomLossWeighting(LossWeighting):
 NON_NEGATIVE_LOSS_TYPES = ("binary", "regression", "huber", "multiclass")
 
 
+def tasks_with_possibly_negative_loss(tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
+    """The weighted tasks (weight != 0) whose loss may be negative, so has no logarithm (poisson, ziln)."""
+    return [t for t in tasks if t.weight != 0 and t.type not in NON_NEGATIVE_LOSS_TYPES]
+
+
 class GeometricLossWeighting(LossWeighting):
     """Geometric loss strategy (GLS, Chennupati et al., CVPR Workshops 2019): the objective is the
     tasks' weighted geometric mean ``W exp(sum_k w_k log L_k / W)`` (``w_k``: the tasks' own weights,
@@ -337,10 +342,9 @@ class GeometricLossWeighting(LossWeighting):
 
     def __init__(self, tasks: Sequence[TaskSpec]) -> None:
         super().__init__(tasks)
-        for task in tasks:
-            if task.weight != 0 and task.type not in NON_NEGATIVE_LOSS_TYPES:
-                raise ConfigError(f"weighting gls: task {task.name!r} ({task.type}) may have a negative loss, and the geometric "
-                                  "mean needs positive ones; use famo with min_losses, or another weighting")
+        for task in tasks_with_possibly_negative_loss(tasks):
+            raise ConfigError(f"weighting gls: task {task.name!r} ({task.type}) may have a negative loss, and the geometric "
+                              "mean needs positive ones; use famo with min_losses, or another weighting")
         self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
         self.weights = {t.name: float(t.weight) for t in tasks}
 
@@ -391,8 +395,8 @@ class FastAdaptiveWeighting(LossWeighting):
         unknown = sorted(set(min_losses) - set(self.task_names))
         if unknown:
             raise ConfigError(f"weighting.min_losses: unknown task(s) {unknown}; expected some of {self.task_names}")
-        for task in tasks:
-            if task.weight != 0 and task.type not in NON_NEGATIVE_LOSS_TYPES and task.name not in min_losses:
+        for task in tasks_with_possibly_negative_loss(tasks):
+            if task.name not in min_losses:
                 raise ConfigError(f"weighting.min_losses: task {task.name!r} ({task.type}) may have a negative loss; FAMO "
                                   "takes the log of loss - bound, so give its lower bound (e.g. min_losses: "
                                   f"{{{task.name}: -10}})")

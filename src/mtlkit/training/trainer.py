@@ -25,7 +25,7 @@ from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
 from mtlkit.objectives import LossWeighting, build_gradient_surgery, build_weighting, task_losses
-from mtlkit.objectives.weighting import NON_NEGATIVE_LOSS_TYPES
+from mtlkit.objectives.weighting import tasks_with_possibly_negative_loss
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
 from mtlkit.training.memory import keep_freed_memory
@@ -75,9 +75,8 @@ class TrainerConfig:
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` (``w_k log L_k`` for ``"db_mtl"``) with a
             registered surgery (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``,
             ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``; :mod:`mtlkit.objectives.gradient_surgery`) instead of summing
-            them: one backward pass per task.
-            Needs a weighting without parameters (``fixed``, ``dynamic``, ``dwa``, ``rlw``, ``gls``, ``famo``)
-            and one process (not under torchrun). None: the weighted sum's gradient.
+            them: one backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``,
+            ``dwa``, ``rlw``, ``gls``, ``famo``) and one process (not under torchrun). None: the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
         gradient_surgery_scope: ``"all"``: the surgery combines the tasks' gradients over every
             parameter; ``"shared"``: only over the coordinates where at least two tasks have a non-zero
@@ -403,7 +402,7 @@ class Trainer:
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_log_losses = getattr(self._surgery, "log_losses", False)
             if self._surgery_log_losses:
-                negative = [f"{t.name!r} ({t.type})" for t in self.tasks if t.weight != 0 and t.type not in NON_NEGATIVE_LOSS_TYPES]
+                negative = [f"{t.name!r} ({t.type})" for t in tasks_with_possibly_negative_loss(self.tasks)]
                 if negative:
                     raise ConfigError(f"training.gradient_surgery: {self.config.gradient_surgery!r} takes the log of every "
                                       f"task's loss, and task(s) {', '.join(negative)} may have a negative one")
@@ -733,6 +732,6 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         if state["surgery_generator"] is not None and self._surgery is not None:
             self._surgery_generator.set_state(state["surgery_generator"])
-        if state.get("surgery") is not None and hasattr(self._surgery, "load_state_dict"):  # GradVac's targets
+        if state.get("surgery") is not None and hasattr(self._surgery, "load_state_dict"):  # GradVac's targets, DB-MTL's averages
             self._surgery.load_state_dict(state["surgery"])
         return state["loop"]
