@@ -15,6 +15,8 @@ from mtlkit.models import build_model, funnel_violation
 from mtlkit.objectives.gradient_surgery import pcgrad
 from mtlkit.training import Trainer, TrainerConfig
 
+from in_process import run_cli, run_example
+
 FUNNEL = [TaskSpec("click", "binary"), TaskSpec("cart", "binary"), TaskSpec("buy", "binary")]
 
 
@@ -175,12 +177,8 @@ def test_aitm_from_a_table(shared_data, tmp_path):
 
 
 def test_the_funnel_example_runs():
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    done = subprocess.run([sys.executable, "examples/funnel_aitm.py", "--seeds", "1", "--rows", "3000", "--epochs", "1"],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    done = run_example("funnel_aitm.py", "--seeds", "1", "--rows", "3000", "--epochs", "1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "true probabilities" in done.stdout and "aitm" in done.stdout
 
@@ -199,11 +197,8 @@ def test_funnel_labels_are_recognised():
 
 
 def test_init_config_points_at_the_funnel_models(shared_data, tmp_path):
-    import subprocess
-    import sys
 
     table = shared_data / "aliexpress_sample" / "aliexpress_train_sample.csv"
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "init-config", "--data", str(table), "--labels", "click,conversion",
-                           "--out", str(tmp_path / "run.yaml")], capture_output=True, text=True, timeout=300)
+    done = run_cli("init-config", "--data", str(table), "--labels", "click,conversion", "--out", str(tmp_path / "run.yaml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "form a funnel" in done.stdout and "aitm" in done.stdout

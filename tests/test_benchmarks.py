@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from in_process import run_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -129,8 +131,7 @@ def test_batched_formulations_agree_with_the_reference_loop():
 
 def test_data_path_cost_runs_on_a_tiny_size(tmp_path):
     out = tmp_path / "data_path.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.data_path_cost", "--batches", "2", "--steps", "2",
-                           "--rounds", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_module("benchmarks.data_path_cost", "--batches", "2", "--steps", "2", "--rounds", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["rows"] == 2 * report["batch_size"]
@@ -147,8 +148,7 @@ def test_profile_step_counts_the_rows_its_steps_really_read():
     # Two full batches, the epoch's partial one (452 rows), then the next epoch's first.
     assert samples_seen(2500, 1024, 4) == 1024 + 1024 + 452 + 1024
     assert samples_seen(45, 1024, 3) == 3 * 45  # a table smaller than a batch
-    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "--workload", "W1", "--model", "mmoe",
-                           "--steps", "3", "--rows", "45"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_module("benchmarks.profile_step", "--workload", "W1", "--model", "mmoe", "--steps", "3", "--rows", "45")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(45 rows a step on average)" in done.stdout
     assert "_SmallMixture" in done.stdout  # the profiler's table of the step's operators
@@ -158,8 +158,7 @@ def test_step_glue_checks_its_functions_against_the_model_and_runs(tmp_path):
     # The script exits non-zero when a hand-written step's loss or gradients differ from the model's
     # (exactly for the same ops, to 1e-5 for the batch-last ones), so this also keeps it truthful.
     out = tmp_path / "glue.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.step_glue", "--steps", "2", "--rounds", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_module("benchmarks.step_glue", "--steps", "2", "--rounds", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     from benchmarks.step_glue import VARIANTS
 
@@ -240,8 +239,7 @@ def test_fused_epilogue_checks_each_kernel_against_gemm_and_relu_and_runs(tmp_pa
 
 def test_precision_benchmark_runs_on_a_tiny_size(tmp_path):
     out = tmp_path / "precision.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--workloads", "W1", "--steps", "6", "--repeats", "1",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_module("benchmarks.precision", "--workloads", "W1", "--steps", "6", "--repeats", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     (entry,) = json.loads(out.read_text())
     assert entry["workload"] == "W1" and entry["model"] == "mmoe"

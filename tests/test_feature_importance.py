@@ -1,5 +1,3 @@
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -7,6 +5,8 @@ import pytest
 import yaml
 
 from mtlkit.experiments.tabular_run import importance_run, load_run_config, train_run
+
+from in_process import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,8 @@ def test_each_task_relies_on_its_own_column(run):
 
 def test_importance_from_the_command_line(run, tmp_path):
     folder, test = run
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "importance", str(folder), "--data", str(test),
-                           "--repeats", "2", "--rows", "500", "--out", str(tmp_path / "importance.csv")],
-                          capture_output=True, text=True, timeout=300)
+    done = run_cli("importance", str(folder), "--data", str(test),
+                   "--repeats", "2", "--rows", "500", "--out", str(tmp_path / "importance.csv"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "auc drop" in done.stdout and "mse rise" in done.stdout
     written = pd.read_csv(tmp_path / "importance.csv", index_col="column")
@@ -74,7 +73,6 @@ def test_runs_compared_side_by_side(run, tmp_path):
         compare_runs([folder], split="test")
     with pytest.raises(ConfigError, match="split"):
         compare_runs([folder], split="train")
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "compare", str(folder), str(other), "--split", "valid",
-                           "--out", str(tmp_path / "runs.csv")], capture_output=True, text=True, timeout=300)
+    done = run_cli("compare", str(folder), str(other), "--split", "valid", "--out", str(tmp_path / "runs.csv"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "shared_bottom" in done.stdout and pd.read_csv(tmp_path / "runs.csv").shape[0] == 2

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from mtlkit.experiments.tabular_run import gate_usage_run, load_run, load_run_co
 from mtlkit.models import build_model
 from mtlkit.reports.gate_usage import GateUsageAccumulator, measure_gate_usage
 
+from in_process import run_cli, run_example
 from tables import SCHEMA, make_table
 
 
@@ -134,8 +132,7 @@ def test_a_run_folder_reports_its_gates_and_the_command_reads_them_on_any_table(
         assert usage[path].rows == 150
         np.testing.assert_allclose(usage[path].mean_weight, direct[path].mean_weight, rtol=1e-6, atol=1e-9)
 
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "gates", str(run), "--data", str(run_files / "rows.csv"),
-                           "--out", str(run_files / "gates")], capture_output=True, text=True, timeout=300)
+    done = run_cli("gates", str(run), "--data", str(run_files / "rows.csv"), "--out", str(run_files / "gates"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "backbone.levels.0.gates" in done.stdout and "effective" in done.stdout
     assert json.loads((run_files / "gates" / "gate_usage.json").read_text())["rows"] == str(run_files / "rows.csv")
@@ -161,9 +158,8 @@ def test_gate_usage_by_the_values_of_a_column(run_files, monkeypatch):
             assert usage[path].rows == len(rows)
             np.testing.assert_allclose(usage[path].mean_weight, expected.mean_weight, rtol=1e-6, atol=1e-9)
             np.testing.assert_allclose(usage[path].row_entropy, expected.row_entropy, rtol=1e-6, atol=1e-9)
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "gates", str(run), "--data", str(run_files / "rows.csv"),
-                           "--by", "city", "--max-groups", "2", "--out", str(run_files / "g")],
-                          capture_output=True, text=True, timeout=300)
+    done = run_cli("gates", str(run), "--data", str(run_files / "rows.csv"),
+                   "--by", "city", "--max-groups", "2", "--out", str(run_files / "g"))
     assert done.returncode == 0, done.stdout + done.stderr
     written = json.loads((run_files / "g" / "gate_usage_by_city.json").read_text())
     assert list(written["groups"]) == [*top, "(other)"]
@@ -176,15 +172,12 @@ def test_models_without_gates_say_so(run_files, monkeypatch):
     assert not (run / "gate_usage.json").exists() and "## gates" not in (run / "report.md").read_text()
     with pytest.raises(ConfigError, match="'shared_bottom' has no gates"):
         gate_usage_run(run, run_files / "rows.csv")
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "gates", str(run), "--data", str(run_files / "rows.csv")],
-                          capture_output=True, text=True, timeout=300)
+    done = run_cli("gates", str(run), "--data", str(run_files / "rows.csv"))
     assert done.returncode == 2 and "has no gates" in done.stdout
 
 
 def test_the_gate_usage_example_runs():
-    done = subprocess.run([sys.executable, "examples/gate_usage_synthetic.py", "--seeds", "1", "--steps", "30",
-                           "--correlations", "0,1"], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parent.parent)
+    done = run_example("gate_usage_synthetic.py", "--seeds", "1", "--steps", "30", "--correlations", "0,1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "overlap" in done.stdout and "effective_experts" in done.stdout
 

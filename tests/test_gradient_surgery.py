@@ -12,6 +12,8 @@ from mtlkit.objectives import (DualBalancing, GradientVaccine, aligned_mtl, buil
 from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _nash_bargaining_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
+from in_process import run_example
+
 
 def test_pcgrad_projects_conflicting_gradients_only():
     generator = torch.Generator().manual_seed(0)
@@ -442,11 +444,7 @@ def test_cagrad_at_alpha_zero_trains_as_the_weighted_sum():
 
 
 def test_the_pcgrad_example_runs():
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    done = subprocess.run([sys.executable, "examples/pcgrad_synthetic.py", "--seeds", "1", "--correlations", "0", "--steps", "20"],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    done = run_example("pcgrad_synthetic.py", "--seeds", "1", "--correlations", "0", "--steps", "20")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ratio_mean" in done.stdout and "shared_bottom" in done.stdout

@@ -1,9 +1,6 @@
 """Adaptive loss weightings: Dynamic Weight Average, GradNorm, RLW, FAMO and GLS, against their papers' formulas."""
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +11,8 @@ from mtlkit.models import build_model
 from mtlkit.objectives import (DynamicWeightAverage, FastAdaptiveWeighting, GeometricLossWeighting, GradNormWeighting, RandomLossWeighting,
                                build_weighting)
 from mtlkit.training import Trainer, TrainerConfig, evaluate
+
+from in_process import run_example
 
 
 def test_dwa_follows_the_ratio_of_the_last_two_epochs_mean_losses():
@@ -132,9 +131,7 @@ def test_per_task_backward_passes_train_eagerly_under_the_compile_switch(options
 
 
 def test_the_loss_weighting_example_runs():
-    done = subprocess.run([sys.executable, "examples/loss_weighting.py", "--seeds", "1", "--rows", "3000",
-                           "--weightings", "fixed,dwa,gradnorm"], capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).parents[1])
+    done = run_example("loss_weighting.py", "--seeds", "1", "--rows", "3000", "--weightings", "fixed,dwa,gradnorm")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "gradnorm" in done.stdout and "time_vs_fixed" in done.stdout
 

@@ -9,6 +9,8 @@ from mtlkit.errors import ConfigError
 from mtlkit.experiments.mmoe_synthetic import SyntheticSweepConfig, model_configs_at_equal_budget, mtl_gain, run_mmoe_synthetic
 from mtlkit.models import build_model
 
+from in_process import run_cli
+
 TINY = dict(correlations=(1.0, 0.1), models=("shared_bottom", "mmoe"), seeds=2, steps=40, eval_every=20,
             train_rows=600, valid_rows=100, test_rows=100, profile="tiny")
 
@@ -95,12 +97,14 @@ def test_invalid_sweep_settings():
 
 def test_cli_runs_a_tiny_sweep_and_reports_errors(tmp_path):
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "mtlkit.cli", "reproduce", "mmoe-synthetic", "--seeds", "1", "--steps", "20",
+    command = ["reproduce", "mmoe-synthetic", "--seeds", "1", "--steps", "20",
                "--correlations", "0.5", "--models", "shared_bottom,mmoe", "--out", str(out), "--jobs", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = run_cli(*command)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "MMoE" in done.stdout and (out / "loss_curves.png").exists()
-    bad = subprocess.run(command[:5] + ["--profile", "huge", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = run_cli(*command[:2], "--profile", "huge", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "quick" in bad.stdout
-    bad = subprocess.run(command[:5] + ["--correlations", "0.5,1.7", "--out", str(tmp_path / "y")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "correlation" in bad.stdout
+    # A process of its own: `python -m mtlkit.cli` reports a bad value with exit code 2, no traceback.
+    bad = subprocess.run([sys.executable, "-m", "mtlkit.cli", *command[:2], "--correlations", "0.5,1.7", "--out", str(tmp_path / "y")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "correlation" in bad.stdout and "Traceback" not in bad.stdout + bad.stderr

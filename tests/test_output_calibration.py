@@ -2,9 +2,6 @@
 predicts, evaluates and exports with them."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -16,6 +13,7 @@ from mtlkit.experiments.tabular_run import calibrate_run, evaluate_run, load_run
 from mtlkit.models import IsotonicCalibration
 from mtlkit.training.output_calibration import fit_isotonic_calibration, fit_platt_scaling
 
+from in_process import run_cli
 from tables import SCHEMA, make_table
 
 
@@ -115,8 +113,7 @@ def test_a_calibrated_run_predicts_evaluates_and_exports_with_it(run):
         assert again["tasks"][task]["shift"] == pytest.approx(fitted["shift"])
 
     # The exported program carries it.
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "export", str(folder), "--out", str(files / "model.pt2")],
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli("export", str(folder), "--out", str(files / "model.pt2"))
     assert done.returncode == 0, done.stdout + done.stderr
     program = torch.export.load(files / "model.pt2").module()
     inputs = dict(loaded.preprocessor.transform(frame, with_labels=False).tensors.inputs)
@@ -145,8 +142,7 @@ def test_an_isotonic_calibration_is_predicted_evaluated_and_exported(run):
     loaded = load_run(folder)
     torch.testing.assert_close(calibrated["watch"], raw["watch"])
     assert evaluate_run(folder, files / "valid.csv")["metrics"]["buy"]["logloss"] == pytest.approx(result["after"]["buy"]["logloss"])
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "export", str(folder), "--out", str(files / "model.pt2")],
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli("export", str(folder), "--out", str(files / "model.pt2"))
     assert done.returncode == 0, done.stdout + done.stderr
     program = torch.export.load(files / "model.pt2").module()
     # The exported graph's logits may differ from eager ones in the last bits (another kernel order), and a
@@ -167,8 +163,7 @@ def test_an_isotonic_calibration_is_predicted_evaluated_and_exported(run):
 def test_calibration_from_the_command_line_and_a_bad_file(run):
     folder, files = run
     for method in ("platt", "isotonic"):
-        done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "calibrate", str(folder), "--data", str(files / "valid.csv"),
-                               "--method", method], capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
+        done = run_cli("calibrate", str(folder), "--data", str(files / "valid.csv"), "--method", method, columns=250)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "logloss before" in done.stdout and "AUC after" in done.stdout and "calibration.json" in done.stdout
         assert ("knots" in done.stdout) == (method == "isotonic")

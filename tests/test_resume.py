@@ -72,12 +72,10 @@ def test_a_state_from_another_run_is_refused(tmp_path):
         _fit(tasks, train, valid, state_file=state)
 
 
-def test_an_interrupted_command_line_run_resumes(tmp_path):
-    import subprocess
-    import sys
-
+def test_an_interrupted_command_line_run_resumes(tmp_path, monkeypatch):
     import yaml
 
+    from in_process import run_cli
     from tables import SCHEMA, make_table
 
     make_table(600, seed=0).to_csv(tmp_path / "train.csv", index=False)
@@ -87,19 +85,20 @@ def test_an_interrupted_command_line_run_resumes(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
 
     def train(out, *extra):
-        return subprocess.run([sys.executable, "-m", "mtlkit.cli", "train", "--config", "run.yaml", "--out", out, *extra],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        return run_cli("train", "--config", "run.yaml", "--out", out, *extra, cwd=tmp_path)
 
     assert train("straight").returncode == 0
     # Interrupted during its third epoch (8 steps an epoch): the state of epoch 2 stays beside the folder.
-    script = ("import sys; from mtlkit.training import Trainer\n"
-              "fit = Trainer.fit\n"
-              "def stop(step):\n"
-              "    if step == 20: raise SystemExit(3)\n"
-              "Trainer.fit = lambda self, *a, **k: fit(self, *a, step_callback=stop, **k)\n"
-              "from mtlkit.cli import main; sys.argv = ['mtlkit', 'train', '--config', 'run.yaml', '--out', 'resumed']; main()\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    fit = Trainer.fit
+
+    def stop(step):
+        if step == 20:
+            raise SystemExit(3)
+
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: fit(self, *a, step_callback=stop, **k))
+    done = train("resumed")
     assert done.returncode == 3, done.stdout + done.stderr
+    monkeypatch.undo()
     state = tmp_path / ".resumed.training-state.pt"
     assert state.is_file() and not (tmp_path / "resumed").exists()
     done = train("resumed", "--resume")

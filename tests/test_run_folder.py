@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,10 +12,12 @@ from mtlkit import ConfigError, DataError
 from mtlkit.data.readers import read_table
 from mtlkit.experiments.tabular_run import evaluate_run, load_run, load_run_config, predict_run, train_run
 
+from in_process import run_cli, run_example
 from tables import SCHEMA, make_table
 
 
-def mtlkit(*args, cwd=None):
+def mtlkit_process(*args, cwd=None):
+    """``python -m mtlkit.cli ARGS`` in a process of its own (the other tests run the CLI in-process)."""
     return subprocess.run([sys.executable, "-m", "mtlkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
@@ -33,7 +34,7 @@ def files(tmp_path):
 
 
 def test_train_evaluate_predict_from_the_command_line(files):
-    done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
+    done = mtlkit_process("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
     assert done.returncode == 0, done.stdout + done.stderr
     run = files / "run"
     for name in ("config.yaml", "preprocessing.json", "model.pt", "metrics.json", "history.csv", "learning_curves.png", "report.md",
@@ -46,10 +47,10 @@ def test_train_evaluate_predict_from_the_command_line(files):
 
     evaluated = evaluate_run(run, files / "test.parquet")
     assert evaluated["metrics"]["click"]["auc"] == pytest.approx(metrics["test"]["click"]["auc"])
-    done = mtlkit("evaluate", str(run), "--data", str(files / "test.parquet"))
+    done = run_cli("evaluate", str(run), "--data", str(files / "test.parquet"))
     assert done.returncode == 0 and "click" in done.stdout
 
-    done = mtlkit("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "p.csv"), "--keep", "user")
+    done = run_cli("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "p.csv"), "--keep", "user")
     assert done.returncode == 0, done.stdout + done.stderr
     predictions = pd.read_csv(files / "p.csv")
     assert list(predictions.columns) == ["user", "click", "buy", "watch"] and len(predictions) == 200
@@ -60,19 +61,19 @@ def test_train_evaluate_predict_from_the_command_line(files):
         torch.testing.assert_close(torch.tensor(predictions[task].to_numpy(), dtype=torch.float32), direct[task], atol=1e-5, rtol=1e-6)
     predict_run(run, files / "test.parquet", files / "p.parquet")
     assert pd.read_parquet(files / "p.parquet")["watch"].notna().all()
-    done = mtlkit("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "q.csv"), "--keep", "user,click")
+    done = run_cli("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "q.csv"), "--keep", "user,click")
     assert done.returncode == 2 and "--keep: ['click'] would overwrite" in done.stdout.replace("\n", "")
     assert not (files / "q.csv").exists() and not [p for p in files.iterdir() if p.name.startswith(".q.csv")]
 
 
 def test_init_config_then_train(files):
-    done = mtlkit("init-config", "--data", str(files / "train.csv"), "--labels", "click,buy", "--out", str(files / "start.yaml"))
+    done = run_cli("init-config", "--data", str(files / "train.csv"), "--labels", "click,buy", "--out", str(files / "start.yaml"))
     assert done.returncode == 0, done.stdout + done.stderr
     config = load_run_config(files / "start.yaml")
     assert [t.name for t in config.schema.tasks] == ["click", "buy"]
     config.training.max_epochs, config.training.progress = 1, False
     assert (train_run(config, files / "from-init") / "model.pt").exists()
-    again = mtlkit("init-config", "--data", str(files / "train.csv"), "--labels", "click", "--out", str(files / "start.yaml"))
+    again = run_cli("init-config", "--data", str(files / "train.csv"), "--labels", "click", "--out", str(files / "start.yaml"))
     assert again.returncode == 2 and "exists" in again.stdout
 
 
@@ -80,14 +81,14 @@ def test_init_config_leaves_out_identifiers_and_ignored_columns(files):
     table = make_table(300, seed=2)
     table.insert(0, "order_id", range(5000, 5300))
     table.to_csv(files / "orders.csv", index=False)
-    done = mtlkit("init-config", "--data", str(files / "orders.csv"), "--labels", "click", "--ignore", "city, buy",
+    done = run_cli("init-config", "--data", str(files / "orders.csv"), "--labels", "click", "--ignore", "city, buy",
                   "--out", str(files / "orders.yaml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "left out 'order_id'" in " ".join(done.stdout.split())
     schema = load_run_config(files / "orders.yaml").schema
     features = {c.name for c in [*schema.dense, *schema.categorical, *schema.multi_valued]}
     assert features == {"user", "price", "age", "tags", "watch_time"}
-    unknown = mtlkit("init-config", "--data", str(files / "orders.csv"), "--labels", "click", "--ignore", "colour",
+    unknown = run_cli("init-config", "--data", str(files / "orders.csv"), "--labels", "click", "--ignore", "colour",
                      "--out", str(files / "other.yaml"))
     assert unknown.returncode == 2 and "colour" in unknown.stdout and not (files / "other.yaml").exists()
 
@@ -104,7 +105,7 @@ def test_bad_configs_fail_before_training_and_leave_nothing(files, edit, message
     config = yaml.safe_load((files / "run.yaml").read_text())
     edit(config)
     (files / "bad.yaml").write_text(yaml.safe_dump(config))
-    done = mtlkit("train", "--config", str(files / "bad.yaml"), "--out", str(files / "bad-run"))
+    done = run_cli("train", "--config", str(files / "bad.yaml"), "--out", str(files / "bad-run"))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "error" in done.stdout and __import__("re").search(message, done.stdout.replace("\n", ""))
     assert not (files / "bad-run").exists()
@@ -206,42 +207,49 @@ def test_multiclass_labels_by_name(files):
         train_run(load_run_config(files / "run.yaml"), files / "run-4")
 
 
-@pytest.mark.parametrize("model", [{"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
-                                   {"name": "ple", "num_levels": 2, "expert_hidden": [256, 128], "tower_hidden": [8]},
-                                   {"name": "aitm", "bottom_hidden": [16, 8]},
-                                   {"name": "ple", "gate_type": "dselect_k", "gate_top_k": 2, "gate_entropy_weight": 0.01},
-                                   {"name": "mmoe", "gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"}])
-def test_export_serves_the_runs_predictions_with_pytorch_alone(files, model):
+EXPORTED_MODELS = [{"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "tower_hidden": [8]},
+                   {"name": "ple", "num_levels": 2, "expert_hidden": [256, 128], "tower_hidden": [8]},
+                   {"name": "aitm", "bottom_hidden": [16, 8]},
+                   {"name": "ple", "gate_type": "dselect_k", "gate_top_k": 2, "gate_entropy_weight": 0.01},
+                   {"name": "mmoe", "gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"}]
+
+
+def test_export_serves_the_runs_predictions_with_pytorch_alone(files):
     """Dense, categorical and multi-valued inputs, two binary tasks and a standardised regression
     task; small (the one-node CPU path) and large (fused) experts, AITM's chain of transfers and
-    DSelect-k gates (conditioned on the row, and on the task only). The program, loaded in a process
-    that never imports mtlkit, gives LoadedRun.predict's numbers for any batch size."""
-    config = load_run_config(files / "run.yaml")
-    config.model = model
-    config.training.max_epochs = 1
-    run = train_run(config, files / "run")
-    done = mtlkit("export", str(run), "--out", str(files / "model.pt2"))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert not [p for p in files.iterdir() if p.name.startswith(".model.pt2")]  # no temporary file left
+    DSelect-k gates (conditioned on the row, and on the task only). Each program, loaded in a process
+    that never imports mtlkit (one for all the models: a new interpreter costs seconds), gives
+    LoadedRun.predict's numbers for any batch size."""
     frame = pd.read_parquet(files / "test.parquet")
-    loaded = load_run(run)
-    expected, _ = loaded.predict(frame)
-    inputs = dict(loaded.preprocessor.transform(frame, with_labels=False).tensors.inputs)
-    torch.save({"inputs": inputs, "expected": expected}, files / "case.pt")
+    for i, model in enumerate(EXPORTED_MODELS):
+        config = load_run_config(files / "run.yaml")
+        config.model = model
+        config.training.max_epochs = 1
+        run = train_run(config, files / f"run{i}")
+        done = run_cli("export", str(run), "--out", str(files / f"model{i}.pt2"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not [p for p in files.iterdir() if p.name.startswith(f".model{i}.pt2")]  # no temporary file left
+        loaded = load_run(run)
+        expected, _ = loaded.predict(frame)
+        inputs = dict(loaded.preprocessor.transform(frame, with_labels=False).tensors.inputs)
+        torch.save({"inputs": inputs, "expected": expected}, files / f"case{i}.pt")
+        assert loaded.preprocessor.label_statistics["watch"]["std"] != 1.0  # the regression really was standardised
     script = (
         "import sys, torch\n"
-        f"case = torch.load({str(files / 'case.pt')!r}, weights_only=True)\n"
-        f"program = torch.export.load({str(files / 'model.pt2')!r}).module()\n"
-        "for rows in (len(case['inputs']['dense']), 1, 7):\n"
-        "    out = program({k: v[:rows] for k, v in case['inputs'].items()})\n"
-        "    assert set(out) == set(case['expected']), out.keys()\n"
-        "    for task, value in out.items():\n"
-        "        torch.testing.assert_close(value, case['expected'][task][:rows], atol=1e-5, rtol=1e-5)\n"
-        "assert not any(name.startswith('mtlkit') for name in sys.modules)\n"
-        "print('served')\n")
+        f"for i in range({len(EXPORTED_MODELS)}):\n"
+        "    case = torch.load(f'case{i}.pt', weights_only=True)\n"
+        "    program = torch.export.load(f'model{i}.pt2').module()\n"
+        "    for rows in (len(case['inputs']['dense']), 1, 7):\n"
+        "        out = program({k: v[:rows] for k, v in case['inputs'].items()})\n"
+        "        assert set(out) == set(case['expected']), (i, out.keys())\n"
+        "        for task, value in out.items():\n"
+        "            torch.testing.assert_close(value, case['expected'][task][:rows], atol=1e-5, rtol=1e-5,\n"
+        "                                       msg=lambda m: f'model {i}, {task}: {m}')\n"
+        "    print('served', i)\n"
+        "assert not any(name.startswith('mtlkit') for name in sys.modules)\n")
     served = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=files)
-    assert served.returncode == 0 and "served" in served.stdout, served.stdout + served.stderr
-    assert loaded.preprocessor.label_statistics["watch"]["std"] != 1.0  # the regression really was standardised
+    assert served.returncode == 0, served.stdout + served.stderr
+    assert served.stdout.split("\n")[:-1] == [f"served {i}" for i in range(len(EXPORTED_MODELS))]
 
 
 def test_undefined_metrics_are_null_in_strict_json(files):
@@ -252,7 +260,7 @@ def test_undefined_metrics_are_null_in_strict_json(files):
     config = yaml.safe_load((files / "run.yaml").read_text())
     del config["data"]["test"]
     (files / "run.yaml").write_text(yaml.safe_dump(config))
-    done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
+    done = run_cli("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"))
     assert done.returncode == 0, done.stdout + done.stderr
     text = (files / "run" / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
@@ -261,8 +269,7 @@ def test_undefined_metrics_are_null_in_strict_json(files):
 
 
 def test_the_label_scale_example_runs(tmp_path):
-    done = subprocess.run([sys.executable, "examples/label_scale.py", "--seeds", "1", "--rows", "3000"],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    done = run_example("label_scale.py", "--seeds", "1", "--rows", "3000")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "watch_mse_over_noise" in done.stdout and done.stdout.count("'standardize_labels': True") == 2
 
@@ -291,7 +298,7 @@ def test_config_values_overridden_from_the_command_line(files):
         load_run_config(files / "run.yaml", ["training.max_epochs.x=1"])
     with pytest.raises(ConfigError, match="lerning_rate"):  # validated like the file itself
         load_run_config(files / "run.yaml", ["training.lerning_rate=0.1"])
-    done = mtlkit("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"), "--set", "training.max_epochs=1",
+    done = run_cli("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"), "--set", "training.max_epochs=1",
                   "--set", "model.name=shared_bottom", "--set", "model={name: shared_bottom, bottom_hidden: [8]}")
     assert done.returncode == 0, done.stdout + done.stderr
     saved = yaml.safe_load((files / "run" / "config.yaml").read_text())

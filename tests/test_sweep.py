@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -9,6 +7,7 @@ import yaml
 from mtlkit import ConfigError
 from mtlkit.experiments.sweep import parse_grid, run_sweep
 
+from in_process import run_cli
 from tables import SCHEMA, make_table
 
 
@@ -62,8 +61,8 @@ def test_every_point_is_validated_before_any_training(config, tmp_path):
 
 
 def test_sweep_from_the_command_line(config, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mtlkit.cli", "sweep", "--config", str(config), "--grid",
-                           "training.learning_rate=[0.001, 0.01]", "--seeds", "1", "--out", str(tmp_path / "s"),
-                           "--set", "training.max_epochs=1"], capture_output=True, text=True, timeout=300)
+    done = run_cli("sweep", "--config", str(config), "--grid",
+                   "training.learning_rate=[0.001, 0.01]", "--seeds", "1", "--out", str(tmp_path / "s"),
+                   "--set", "training.max_epochs=1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "training.learning_rate" in done.stdout and (tmp_path / "s" / "summary.csv").is_file()

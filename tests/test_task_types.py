@@ -17,6 +17,8 @@ from mtlkit.models import build_model
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 from mtlkit.training.metrics import poisson_deviance
 
+from in_process import run_example
+
 
 def test_losses_and_deviance_match_their_definitions():
     g = torch.Generator().manual_seed(0)
@@ -247,11 +249,7 @@ def test_a_run_folder_scores_a_ziln_task_and_charts_its_deciles(tmp_path):
 
 
 def test_the_spend_example_runs():
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    done = subprocess.run([sys.executable, "examples/spend_ziln.py", "--seeds", "1", "--rows", "1500", "--types", "ziln"],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    done = run_example("spend_ziln.py", "--seeds", "1", "--rows", "1500", "--types", "ziln")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "decile_error" in done.stdout and "ziln" in done.stdout
