@@ -9,7 +9,9 @@ ten times the median). MMoE trains on click and spend through ``train_run``, wit
 prints the spend's normalised Gini (how well the predictions rank spenders; 1 for the labels' own
 order), the same for the true expected spend (the best any model can do), the predicted total over
 the observed total, the mean absolute error of the ten deciles' mean predictions (the decile
-chart's error, relative to the mean spend) and the click's AUC:
+chart's error, relative to the mean spend), how well it ranks who spends at all (the AUC of
+``spend_p_positive`` for ``ziln``, of the predicted spend for the others, and of the true purchase
+probability, the best) and the click's AUC:
 
     python examples/spend_ziln.py --seeds 3
 
@@ -29,13 +31,14 @@ import torch
 
 from mtlkit.experiments.tabular_run import RunConfig, load_run, train_run
 from mtlkit.reports.calibration import reliability_table
-from mtlkit.training.metrics import normalized_gini
+from mtlkit.training.metrics import normalized_gini, positive_auc
 
 SCALE = 1.0  # standard deviation of log spend among buyers
 
 
 def make_table(rows: int, seed: int) -> pd.DataFrame:
-    """``rows`` rows of eight dense features, one categorical, a click, a spend and its true expectation."""
+    """``rows`` rows of eight dense features, one categorical, a click, a spend, its true expectation
+    and the true probability of a purchase."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(rows, 8))
     category = rng.integers(0, 30, rows)
@@ -49,6 +52,7 @@ def make_table(rows: int, seed: int) -> pd.DataFrame:
     table["click"] = (rng.random(rows) < 1 / (1 + np.exp(-click_logit))).astype(int)
     table["spend"] = spend
     table["expected_spend"] = buy * np.exp(log_mean + SCALE**2 / 2)
+    table["buy_probability"] = buy
     return table
 
 
@@ -63,11 +67,14 @@ def run_config(folder: Path, spend_type: str, seed: int) -> RunConfig:
         seed=seed)
 
 
-def spend_scores(predicted: np.ndarray, test: pd.DataFrame) -> dict[str, float]:
-    """Gini, total and decile-chart error of predicted spend on the test rows."""
+def spend_scores(predicted: np.ndarray, buyer_scores: np.ndarray, test: pd.DataFrame) -> dict[str, float]:
+    """Gini, total and decile-chart error of predicted spend on the test rows; the AUC of
+    ``buyer_scores`` and of the true purchase probability for "spend > 0"."""
     spend = torch.tensor(test["spend"].to_numpy())
     deciles = reliability_table(torch.tensor(predicted), spend, bins=10)
-    return {"spend_gini": normalized_gini(torch.tensor(predicted), spend),
+    return {"buyer_auc": positive_auc(torch.tensor(buyer_scores), spend),
+            "best_buyer_auc": positive_auc(torch.tensor(test["buy_probability"].to_numpy()), spend),
+            "spend_gini": normalized_gini(torch.tensor(predicted), spend),
             "best_gini": normalized_gini(torch.tensor(test["expected_spend"].to_numpy()), spend),
             "total_ratio": predicted.sum() / test["spend"].sum(),
             "decile_error": (deciles["mean_predicted"] - deciles["observed_rate"]).abs().mean() / test["spend"].mean()}
@@ -92,11 +99,12 @@ def main() -> None:
                 run = train_run(run_config(folder, spend_type, seed), folder / "run", overwrite=True)
                 metrics = json.loads((run / "metrics.json").read_text())["test"]
                 predicted, _ = load_run(run).predict(test)
+                buyers = predicted.get("spend_p_positive", predicted["spend"])  # only ziln predicts the purchase itself
                 rows.append({"seed": seed, "spend_type": spend_type, "click_auc": metrics["click"]["auc"],
-                             **spend_scores(predicted["spend"].double().numpy(), test)})
+                             **spend_scores(predicted["spend"].double().numpy(), buyers.double().numpy(), test)})
                 print(rows[-1], flush=True)
     results = pd.DataFrame(rows)
-    columns = ["spend_gini", "best_gini", "total_ratio", "decile_error", "click_auc"]
+    columns = ["spend_gini", "best_gini", "total_ratio", "decile_error", "buyer_auc", "best_buyer_auc", "click_auc"]
     summary = results.groupby("spend_type", sort=False)[columns].agg(["mean", "std"])
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
 

@@ -15,7 +15,7 @@ from mtlkit.data.schema import TableSchema
 from mtlkit.features import TablePreprocessor
 from mtlkit.models import build_model
 from mtlkit.training import Trainer, TrainerConfig, evaluate
-from mtlkit.training.metrics import poisson_deviance
+from mtlkit.training.metrics import poisson_deviance, roc_auc
 
 from in_process import run_example
 
@@ -109,7 +109,7 @@ def test_ziln_tasks_are_scored_together_in_one_pass_over_their_stacked_heads():
 
     tasks = [TaskSpec("spend", "ziln"), TaskSpec("refund", "ziln")]
     model = build_model("mmoe", input_dim=5, tasks=tasks, num_experts=3, expert_hidden=[8], tower_hidden=[4])
-    x, labels, _ = _zero_inflated_lognormal(64, seed=1)
+    x, labels, _, _ = _zero_inflated_lognormal(64, seed=1)
     labels = torch.stack([labels[:, 0], labels[:, 0].flip(0)], 1)
     outputs = model(x)
     together = task_losses(outputs, labels, torch.ones_like(labels, dtype=torch.bool), tasks, all_labelled=True)
@@ -173,24 +173,41 @@ def _zero_inflated_lognormal(rows, seed):
     loc, scale = 1.0 + 0.8 * x[:, 1], 0.8
     amount = torch.exp(loc + scale * torch.randn(rows, generator=g)) * (torch.rand(rows, generator=g) < buys)
     click = (torch.rand(rows, generator=g) < torch.sigmoid(x[:, 2] + x[:, 0])).float()
-    return x, torch.stack([amount, click], 1), buys * torch.exp(loc + scale**2 / 2)
+    return x, torch.stack([amount, click], 1), buys * torch.exp(loc + scale**2 / 2), buys
 
 
 def test_a_ziln_task_ranks_and_sums_spend_like_its_true_expectation():
     from mtlkit.training.metrics import normalized_gini
 
-    x, labels, expectation = _zero_inflated_lognormal(7000, seed=5)
+    x, labels, expectation, buys = _zero_inflated_lognormal(7000, seed=5)
     tasks = [TaskSpec("spend", "ziln"), TaskSpec("click")]
     model = _fit(tasks, x[:6000], labels[:6000], steps=800)
     test = MultiTaskTensors(x[6000:], labels[6000:], ["spend", "click"])
     scores = evaluate(model, test, model.tasks)["spend"]
-    assert set(scores) == {"loss", "gini", "mae", "mse", "count"}
-    predicted = model.predict(x[6000:])["spend"]
+    assert set(scores) == {"loss", "gini", "positive_auc", "mae", "mse", "count"}
+    predictions = model.predict(x[6000:])
+    assert list(predictions) == ["spend", "spend_p_positive", "click"]
+    predicted = predictions["spend"]
     assert (predicted > 0).all()
     best = normalized_gini(expectation[6000:], labels[6000:, 0])
     assert scores["gini"] == pytest.approx(normalized_gini(predicted, labels[6000:, 0]), rel=1e-5)
     assert scores["gini"] > 0.95 * best  # 0.98-0.99 of it over seeds 5-9
     assert predicted.sum().item() == pytest.approx(expectation[6000:].sum().item(), rel=0.25)  # 1.03-1.19 over seeds 5-9
+    # The side prediction is the probability of spending at all; positive_auc ranks who does by it.
+    spends = labels[6000:, 0] > 0
+    p_positive = predictions["spend_p_positive"]
+    assert scores["positive_auc"] == pytest.approx(roc_auc(p_positive, spends.float()), rel=1e-6)
+    assert scores["positive_auc"] > 0.97 * roc_auc(buys[6000:], spends.float())  # 0.992-1.004 of it over seeds 5-9
+    assert p_positive.mean().item() == pytest.approx(spends.float().mean().item(), abs=0.1)  # -0.01 to +0.08 over seeds 5-9
+
+
+def test_a_task_named_like_another_tasks_side_prediction_is_refused():
+    from mtlkit import ConfigError
+    from mtlkit.tasks import validate_tasks
+
+    with pytest.raises(ConfigError, match="'spend' also predicts spend_p_positive, the name of another task"):
+        validate_tasks([{"name": "spend", "type": "ziln"}, {"name": "spend_p_positive"}])
+    assert len(validate_tasks([{"name": "spend", "type": "regression"}, {"name": "spend_p_positive"}])) == 2
 
 
 def test_tables_scale_ziln_amounts_without_centring_them_and_refuse_negative_ones():
@@ -224,9 +241,10 @@ def test_tables_scale_ziln_amounts_without_centring_them_and_refuse_negative_one
 
 
 def test_a_run_folder_scores_a_ziln_task_and_charts_its_deciles(tmp_path):
-    from mtlkit.experiments.tabular_run import RunConfig, _reliability_tables, train_run
+    from mtlkit.experiments.serving import export_run
+    from mtlkit.experiments.tabular_run import RunConfig, _reliability_tables, load_run, predict_run, train_run
 
-    x, labels, _ = _zero_inflated_lognormal(1500, seed=6)
+    x, labels, _, _ = _zero_inflated_lognormal(1500, seed=6)
     frame = pd.DataFrame(x.numpy(), columns=[f"x{i}" for i in range(5)]).assign(
         spend=labels[:, 0].numpy(), click=labels[:, 1].numpy(), watch=x[:, 3].numpy() * 60)
     frame.to_csv(tmp_path / "train.csv", index=False)
@@ -237,7 +255,20 @@ def test_a_run_folder_scores_a_ziln_task_and_charts_its_deciles(tmp_path):
                        training={"max_epochs": 3, "batch_size": 64, "progress": False})
     run = train_run(config, tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics["valid"]["spend"]) == {"loss", "gini", "mae", "mse", "count"} and metrics["valid"]["spend"]["gini"] > 0.3
+    assert set(metrics["valid"]["spend"]) == {"loss", "gini", "positive_auc", "mae", "mse", "count"}
+    assert metrics["valid"]["spend"]["gini"] > 0.3 and metrics["valid"]["spend"]["positive_auc"] > 0.6
+    # predict writes the probability of a positive amount beside the mean, and the export returns it too.
+    predict_run(run, tmp_path / "train.csv", tmp_path / "scores.csv")
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert list(scores.columns) == ["spend", "spend_p_positive", "click", "watch"]
+    assert scores["spend_p_positive"].between(0, 1).all() and (scores["spend"] > 0).all()
+    served = torch.export.load(export_run(run, tmp_path / "model.pt2")).module()
+    loaded = load_run(run)
+    expected, _ = loaded.predict(frame)
+    out = served(dict(loaded.preprocessor.transform(frame, with_labels=False).tensors.inputs))
+    assert list(out) == list(expected) == list(scores.columns)
+    for name, value in out.items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5)
     report = (run / "report.md").read_text()
     assert (run / "calibration.png").stat().st_size > 0 and "decile chart" in report
     assert "Task spend was trained on its amounts divided by" in report

@@ -74,6 +74,12 @@ class TaskType:
             ``"standard"`` (``(label - mean) / std``, regression) or ``"geometric"`` (``label / g``,
             ``g`` the geometric mean of the positive training labels: zeros stay zeros and a
             lognormal's location starts near 0, ``ziln``).
+        side_predictions: named predictions besides ``predict``'s, ``output [B, output_dim] -> [B]``,
+            each never rescaled: ``{"p_positive": ...}`` makes a ``ziln`` task ``spend`` also predict
+            ``spend_p_positive``, the probability of an amount above 0.
+        metric_scores: for metrics that read something else than the others do, what they read:
+            ``raw output [N, output_dim] -> scores [N]`` (``ziln``'s ``positive_auc`` reads the
+            logit of a positive amount, where its other metrics read the predicted mean).
     """
 
     name: str
@@ -87,6 +93,8 @@ class TaskType:
     metric_scale_powers: Mapping[str, int] | None = field(default=None, compare=False)  # a dict: kept out of the hash
     metrics_on_predictions: bool = False
     label_scaling: str = "standard"
+    side_predictions: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict, compare=False)
+    metric_scores: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.label_scaling not in ("standard", "geometric"):
@@ -254,6 +262,10 @@ def _ziln_mean(output: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logit) * torch.exp(loc + 0.5 * scale**2)
 
 
+def _ziln_positive_logit(output: torch.Tensor) -> torch.Tensor:
+    return output[..., 0]
+
+
 register_task_type(
     TaskType(
         name="ziln",
@@ -261,12 +273,15 @@ register_task_type(
         loss=_ziln_loss,
         predict=_ziln_mean,
         check_labels=_non_negative_labels("a ziln task needs amounts >= 0"),
-        metrics=("gini", "mae", "mse"),
+        metrics=("gini", "positive_auc", "mae", "mse"),
         higher_is_better=True,
         elementwise_loss=True,
-        metric_scale_powers={"mae": 1, "mse": 2},  # the Gini only ranks: unchanged by a scale
+        metric_scale_powers={"mae": 1, "mse": 2},  # the Gini and the AUC only rank: unchanged by a scale
         metrics_on_predictions=True,
         label_scaling="geometric",
+        # Who spends at all is a target of its own (a purchase, a return), which the mean mixes with how much.
+        side_predictions={"p_positive": lambda output: torch.sigmoid(output[:, 0])},
+        metric_scores={"positive_auc": _ziln_positive_logit},
     )
 )
 
@@ -422,4 +437,9 @@ def validate_tasks(tasks) -> tuple[TaskSpec, ...]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"tasks: task names must be unique, repeated: {duplicates}")
+    for task in specs:
+        for suffix in task.task_type.side_predictions:
+            if f"{task.name}_{suffix}" in names:
+                raise ConfigError(f"tasks: {task.type} task {task.name!r} also predicts {task.name}_{suffix}, "
+                                  "the name of another task; rename that task")
     return specs

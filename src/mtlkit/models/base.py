@@ -113,12 +113,19 @@ class MultiTaskModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: Any) -> dict[str, torch.Tensor]:
-        """Predictions per task (probabilities for binary tasks), in eval mode."""
+        """Predictions per task (probabilities for binary tasks), in eval mode, each followed by the
+        task type's side predictions as ``<task>_<name>`` (``spend_p_positive`` for a ``ziln`` task)."""
         was_training = self.training
         self.eval()
         try:
             outputs = self(x)
-            return {t.name: t.task_type.predict(outputs[t.name]) for t in self.tasks}
+            predictions = {}
+            for task in self.tasks:
+                output = outputs[task.name]
+                predictions[task.name] = task.task_type.predict(output)
+                for suffix, side in task.task_type.side_predictions.items():
+                    predictions[f"{task.name}_{suffix}"] = side(output)
+            return predictions
         finally:
             self.train(was_training)
 

@@ -1,4 +1,4 @@
-"""Per-task metrics computed on tensors: exact tie-aware ROC AUC, logloss, MSE, MAE, group AUC, normalised Gini."""
+"""Per-task metrics computed on tensors: exact tie-aware ROC AUC, logloss, MSE, MAE, group AUC, normalised Gini, the AUC of amounts above 0."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec
 
-__all__ = ["roc_auc", "group_auc", "log_loss", "mean_squared_error", "mean_absolute_error", "normalized_gini",
+__all__ = ["roc_auc", "group_auc", "log_loss", "mean_squared_error", "mean_absolute_error", "normalized_gini", "positive_auc",
            "METRICS", "task_metrics"]
 
 
@@ -159,6 +159,11 @@ def normalized_gini(predictions: torch.Tensor, labels: torch.Tensor, weight: tor
     return _gain_gini(scores, amounts, w) / perfect if perfect > 0 else float("nan")
 
 
+def positive_auc(scores: torch.Tensor, amounts: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """:func:`roc_auc` of ``scores`` against ``amounts > 0`` (who spends at all, for a ``ziln`` task)."""
+    return roc_auc(scores, (amounts.detach().reshape(-1) > 0).to(torch.float64), weight)
+
+
 def mean_squared_error(predictions: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     return _mean((predictions.double().reshape(-1) - labels.double().reshape(-1)) ** 2, weight)
 
@@ -179,11 +184,12 @@ METRICS: dict[str, Callable[..., float]] = {
     "mae": mean_absolute_error,
     "deviance": poisson_deviance,
     "gini": normalized_gini,
+    "positive_auc": positive_auc,
 }
 
 
 # Metrics where more is better (early stopping and reports turn the others' direction around).
-HIGHER_IS_BETTER = frozenset({"auc", "gauc", "accuracy", "gini"})
+HIGHER_IS_BETTER = frozenset({"auc", "gauc", "accuracy", "gini", "positive_auc"})
 # Metrics best at a target value rather than at one end: no direction to stop early on.
 NOT_MONITORABLE = frozenset({"calibration"})
 
@@ -210,16 +216,18 @@ def task_metrics(
     result: dict[str, dict[str, float]] = {}
     for k, task in enumerate(tasks):
         mask = label_mask[:, k]
-        output = outputs[task.name][mask]
-        if task.task_type.metrics_on_predictions:
-            output = task.task_type.predict(output).reshape(len(output), -1)
+        raw = outputs[task.name][mask]
+        output = task.task_type.predict(raw).reshape(len(raw), -1) if task.task_type.metrics_on_predictions else raw
         label = labels[mask, k]
         weight = None if sample_weight is None else sample_weight[mask]
         values: dict[str, float] = {"count": float(mask.sum())}
         for name in task.task_type.metrics:
             if name not in METRICS:
                 raise ConfigError(f"task type {task.type!r} asks for unknown metric {name!r}; known: {sorted(METRICS)}")
-            scored = output[:, 0] if output.shape[1] == 1 else output
+            if name in task.task_type.metric_scores:
+                scored = task.task_type.metric_scores[name](raw)
+            else:
+                scored = output[:, 0] if output.shape[1] == 1 else output
             values[name] = METRICS[name](scored, label, weight) if label.numel() else float("nan")
         result[task.name] = values
     return result
