@@ -7,7 +7,10 @@ weighting; the table prints the test click AUC and watch MSE over its noise vari
 any model can do), mean +- std over seeds, and the training time relative to ``fixed``:
 
     python examples/loss_weighting.py --seeds 3
+    python examples/loss_weighting.py --seeds 3 --weightings fixed,imtl,uncertainty+imtl
 
+An entry ``WEIGHTING+SURGERY`` adds ``training.gradient_surgery`` (``uncertainty+imtl`` is the IMTL
+paper's hybrid, its learned loss scales and IMTL-G's direction; ``imtl`` alone is ``fixed+imtl``).
 About two minutes on 2 cores with the defaults.
 """
 
@@ -22,6 +25,7 @@ import pandas as pd
 
 from label_scale import NOISE, make_table, run_config  # the table and run of examples/label_scale.py
 from mtlkit.experiments.tabular_run import train_run
+from mtlkit.objectives import list_gradient_surgeries
 
 WEIGHTINGS = ("fixed", "dwa", "uncertainty", "gradnorm", "rlw", "gls", "famo")
 
@@ -30,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=40_000)
-    parser.add_argument("--weightings", default=",".join(WEIGHTINGS))
+    parser.add_argument("--weightings", default=",".join(WEIGHTINGS),
+                        help="comma-separated weightings, each optionally WEIGHTING+SURGERY, or a surgery alone (with fixed)")
     parser.add_argument("--weighting-learning-rate", type=float, default=None,
                         help="training.weighting_learning_rate (uncertainty and gradnorm; default: the model's)")
     args = parser.parse_args()
@@ -44,13 +49,16 @@ def main() -> None:
             table.iloc[:cut].to_csv(folder / "train.csv", index=False)
             table.iloc[cut:].to_csv(folder / "test.csv", index=False)
             for standardize in (False, True):
-                for weighting in args.weightings.split(","):
+                for entry in args.weightings.split(","):
+                    weighting, _, surgery = entry.partition("+")
+                    if weighting in list_gradient_surgeries():
+                        weighting, surgery = "fixed", weighting
                     learned = weighting in ("uncertainty", "gradnorm")
-                    config = run_config(folder, standardize, seed, weighting=weighting,
+                    config = run_config(folder, standardize, seed, weighting=weighting, gradient_surgery=surgery or None,
                                         weighting_learning_rate=args.weighting_learning_rate if learned else None)
                     run = train_run(config, folder / "run", overwrite=True)
                     metrics = json.loads((run / "metrics.json").read_text())
-                    rows.append({"seed": seed, "standardize_labels": standardize, "weighting": weighting,
+                    rows.append({"seed": seed, "standardize_labels": standardize, "weighting": entry,
                                  "click_auc": metrics["test"]["click"]["auc"],
                                  "watch_mse_over_noise": metrics["test"]["watch"]["mse"] / (NOISE * scale) ** 2,
                                  "seconds_per_step": metrics["train_seconds"] / metrics["steps"]})

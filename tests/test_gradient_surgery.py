@@ -1,5 +1,7 @@
 """Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac, DB-MTL), alone and in the trainer."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -129,7 +131,8 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
      r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad', 'upgrad'\]"),
-    (dict(gradient_surgery="pcgrad", weighting="uncertainty"), "without parameters"),
+    (dict(gradient_surgery="pcgrad", weighting="gradnorm"), "'gradnorm' learns its weights from the tasks' gradients"),
+    (dict(gradient_surgery="db_mtl", weighting="uncertainty"), "'db_mtl' balances the losses' scales itself"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options=[0.5]), "expected a mapping"),
@@ -430,6 +433,46 @@ def test_db_mtl_gets_the_gradients_of_the_weighted_log_losses(monkeypatch):
     with pytest.raises(ConfigError, match=r"'db_mtl' takes the log of every task's loss.*'visits' \(poisson\)"):
         Trainer(build_model("mmoe", input_dim=8, tasks=[TaskSpec("a", "regression"), TaskSpec("visits", "poisson")]),
                 TrainerConfig(max_steps=1, progress=False, gradient_surgery="db_mtl"))
+
+
+def test_imtl_with_learned_loss_scales_is_the_papers_hybrid():
+    """``uncertainty`` with ``imtl``: the scales ``s_k`` step on the weighting's own objective
+    ``sum_k exp(-s_k) L_k + s_k`` (IMTL-L's ``exp(s) L - s`` with ``s`` of the other sign), the model on
+    IMTL-G's combination of the gradients of the scaled losses ``exp(-s_k) L_k``; over training each
+    scaled loss goes to 1, whatever the losses' scales."""
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=TASKS)
+    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=100, progress=False, gradient_surgery="imtl",
+                                           weighting="uncertainty"))
+    with torch.no_grad():
+        trainer.weighting.log_variance.copy_(torch.tensor([0.3, -0.5]))
+    batch = next(iter(_data(-1.0).batches(100)))
+    _, losses = trainer.batch_objective(batch)
+    scales = torch.exp(-trainer.weighting.log_variance.detach())
+    parameters = list(model.parameters())
+    scaled = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(scale * losses[t.name], parameters, retain_graph=True)])
+                          for scale, t in zip(scales, TASKS)])
+    trainer._surgery_backward(losses)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in parameters]), imtl(scaled, torch.Generator()), rtol=1e-5, atol=1e-7)
+    expected = 1 - scales * torch.stack([losses[t.name].detach() for t in TASKS])
+    torch.testing.assert_close(trainer.weighting.log_variance.grad, expected)
+    # Adam steps them, also where a small model's gradients live in one flat buffer (no learning rate of their own).
+    trainer.fit(_data(-1.0))
+    assert (trainer.weighting.log_variance.detach() - torch.tensor([0.3, -0.5])).abs().min() > 1e-4
+
+    # Task b's labels 5 times a's: after 200 steps its loss is 79-429 times a's (seeds 0-4), and the
+    # learned scales bring both to 0.91-1.34.
+    data = _data(1.0)
+    data = MultiTaskTensors(data.inputs, data.labels * torch.tensor([1.0, 5.0]), ["a", "b"])
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=TASKS)
+    trainer = Trainer(model, TrainerConfig(max_steps=200, max_epochs=None, batch_size=100, progress=False, gradient_surgery="imtl",
+                                           weighting="uncertainty", weighting_learning_rate=0.05))
+    trainer.fit(data)
+    losses = evaluate(model, data, TASKS)
+    scaled = [math.exp(-trainer.weighting.log_variance[k].item()) * losses[t.name]["loss"] for k, t in enumerate(TASKS)]
+    assert losses["b"]["loss"] > 50 * losses["a"]["loss"]
+    assert all(0.5 < value < 2.0 for value in scaled), scaled
 
 
 def test_cagrad_at_alpha_zero_trains_as_the_weighted_sum():

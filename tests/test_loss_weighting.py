@@ -131,9 +131,9 @@ def test_per_task_backward_passes_train_eagerly_under_the_compile_switch(options
 
 
 def test_the_loss_weighting_example_runs():
-    done = run_example("loss_weighting.py", "--seeds", "1", "--rows", "3000", "--weightings", "fixed,dwa,gradnorm")
+    done = run_example("loss_weighting.py", "--seeds", "1", "--rows", "3000", "--weightings", "fixed,dwa,gradnorm,uncertainty+imtl")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "gradnorm" in done.stdout and "time_vs_fixed" in done.stdout
+    assert "gradnorm" in done.stdout and "uncertainty+imtl" in done.stdout and "time_vs_fixed" in done.stdout
 
 
 @pytest.mark.parametrize("weighting, panels", [("fixed", 2), ("gradnorm", 3)])

@@ -1,4 +1,4 @@
-"""Per-task metrics computed on tensors: exact tie-aware ROC AUC, logloss, MSE, MAE, group AUC, normalised Gini, the AUC of amounts above 0."""
+"""Per-task metrics on tensors: exact tie-aware ROC AUC, logloss, MSE, MAE, group AUC, normalised Gini, the AUC of amounts above 0."""
 
 from __future__ import annotations
 

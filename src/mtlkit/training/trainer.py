@@ -75,8 +75,10 @@ class TrainerConfig:
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` (``w_k log L_k`` for ``"db_mtl"``) with a
             registered surgery (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``,
             ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``; :mod:`mtlkit.objectives.gradient_surgery`) instead of summing
-            them: one backward pass per task. Needs a weighting without parameters (``fixed``, ``dynamic``,
-            ``dwa``, ``rlw``, ``gls``, ``famo``) and one process (not under torchrun). None: the weighted sum's gradient.
+            them: one backward pass per task. Works with the weightings that learn nothing from the
+            gradients (not ``gradnorm``; ``uncertainty``'s scales learn from its objective as usual, and
+            with ``"imtl"`` make the IMTL paper's hybrid) and in one process (not under torchrun). None:
+            the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
         gradient_surgery_scope: ``"all"``: the surgery combines the tasks' gradients over every
             parameter; ``"shared"``: only over the coordinates where at least two tasks have a non-zero
@@ -396,11 +398,15 @@ class Trainer:
         if self.config.gradient_surgery is not None:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
-            if own:
-                raise ConfigError(f"training.gradient_surgery: needs a weighting without parameters; {self.config.weighting!r} "
-                                  "learns its own (their gradient would bypass the surgery)")
+            if own and self.weighting.balances_gradients:
+                raise ConfigError(f"training.gradient_surgery: weighting {self.config.weighting!r} learns its weights from the "
+                                  "tasks' gradients, which the surgery replaces; use a weighting that learns from the "
+                                  "losses (uncertainty) or none")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_log_losses = getattr(self._surgery, "log_losses", False)
+            if own and self._surgery_log_losses:
+                raise ConfigError(f"training.gradient_surgery: {self.config.gradient_surgery!r} balances the losses' scales "
+                                  f"itself (their logs); weighting {self.config.weighting!r} would learn scales it discards")
             if self._surgery_log_losses:
                 negative = [f"{t.name!r} ({t.type})" for t in tasks_with_possibly_negative_loss(self.tasks)]
                 if negative:
@@ -479,7 +485,16 @@ class Trainer:
         ``w_k L_k`` (``w_k log L_k`` for a surgery with ``log_losses``; tasks of weight 0 left out:
         they have none), plus the gradient of the model's ``auxiliary`` term as it is (it belongs to
         no task, so no task's gradient is projected on it)."""
-        weights = self.weighting(losses)[1]
+        total, weights = self.weighting(losses)
+        own = [p for p in self.weighting.parameters() if p.requires_grad]
+        if own:
+            # uncertainty's scales learn from its own objective, as without a surgery (with imtl: the
+            # paper's IMTL, IMTL-L's scales and IMTL-G's direction); the model's gradient is the surgery's.
+            for p, g in zip(own, torch.autograd.grad(total, own, retain_graph=True)):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)  # a view of the optimizer's flat gradient buffer, for small models
         if self._surgery_log_losses:
             # DB-MTL's loss-scale balancing: a loss's scale no longer sets its gradient's (the reference's 1e-8
             # keeps a task without labelled rows, loss exactly 0, finite; its gradient is then 0).
