@@ -41,10 +41,11 @@ def _run(target: Callable[[], object], argv: list[str], cwd: str | os.PathLike |
     from mtlkit.cli import console
 
     out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv, list(sys.path), set(sys.modules), torch.get_num_threads(), console.width
+    saved = sys.argv, list(sys.path), set(sys.modules), torch.get_num_threads(), console.width, os.getcwd()
     code = 0
     try:
-        with contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.chdir(cwd or os.getcwd())  # contextlib.chdir needs Python 3.11; mtlkit supports 3.10
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             sys.argv = argv
             if columns:
                 console.width = columns
@@ -63,6 +64,7 @@ def _run(target: Callable[[], object], argv: list[str], cwd: str | os.PathLike |
                 del sys.modules[name]
         torch.set_num_threads(saved[3])
         console.width = saved[4]
+        os.chdir(saved[5])
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
