@@ -49,6 +49,10 @@ def test_train_evaluate_predict_from_the_command_line(files):
     assert evaluated["metrics"]["click"]["auc"] == pytest.approx(metrics["test"]["click"]["auc"])
     done = run_cli("evaluate", str(run), "--data", str(files / "test.parquet"))
     assert done.returncode == 0 and "click" in done.stdout
+    # One row per metric, one column per task: every value whole within a log's 80 columns.
+    for task, metric in (("click", "auc"), ("buy", "ne"), ("watch", "mse")):
+        assert f"{evaluated['metrics'][task][metric]:.4f}" in done.stdout, done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80
 
     done = run_cli("predict", str(run), "--data", str(files / "test.parquet"), "--out", str(files / "p.csv"), "--keep", "user")
     assert done.returncode == 0, done.stdout + done.stderr

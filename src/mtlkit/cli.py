@@ -439,10 +439,13 @@ def _names(text: str) -> list[str]:
 
 
 def _print_scores(scores: dict, title: str) -> None:
+    """Metrics as rows and tasks as columns: task types of several kinds report a dozen metrics between
+    them, which side by side would not fit a terminal (or a log's 80 columns)."""
     names = sorted({m for s in scores.values() for m in s if m != "count"})
-    table = Table("task", *names, "labelled rows", title=title)
-    for task, values in scores.items():
-        table.add_row(task, *[_cell(values[m]) if m in values else "" for m in names], str(int(values["count"])))
+    table = Table("", *scores, title=title)
+    for name in names:
+        table.add_row(name, *[_cell(values[name]) if name in values else "" for values in scores.values()])
+    table.add_row("labelled rows", *[str(int(values["count"])) for values in scores.values()])
     console.print(table)
 
 
