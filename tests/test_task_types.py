@@ -50,12 +50,18 @@ def test_a_poisson_task_learns_the_rate_of_its_counts():
     model = _fit(tasks, x[:5000], torch.stack([counts, click], 1)[:5000])
     test = MultiTaskTensors(x[5000:], torch.stack([counts, click], 1)[5000:], ["purchases", "click"])
     scores = evaluate(model, test, model.tasks)["purchases"]
-    predicted = model.predict(x[5000:])["purchases"]
+    predictions = model.predict(x[5000:])
+    predicted = predictions["purchases"]
     assert (predicted > 0).all()
     constant = poisson_deviance(torch.full((1000,), counts[:5000].mean().item()), counts[5000:])
     truth = poisson_deviance(rate[5000:], counts[5000:])
     assert scores["deviance"] < truth + 0.3 * (constant - truth)  # most of the way from the mean to the true rates
-    assert set(scores) == {"loss", "deviance", "mae", "count"}
+    assert set(scores) == {"loss", "deviance", "positive_auc", "mae", "count"}
+    # Whether a user buys at all: P(count > 0) = 1 - exp(-rate), ranked against the true rates' AUC.
+    torch.testing.assert_close(predictions["purchases_p_positive"], 1 - torch.exp(-predicted))
+    buyers = (counts[5000:] > 0).float()
+    assert scores["positive_auc"] == pytest.approx(roc_auc(predicted, buyers), rel=1e-6)
+    assert scores["positive_auc"] > 0.97 * roc_auc(rate[5000:], buyers)
 
 
 def test_huber_is_pulled_less_by_outliers_than_squared_error():

@@ -76,10 +76,11 @@ class TaskType:
             lognormal's location starts near 0, ``ziln``).
         side_predictions: named predictions besides ``predict``'s, ``output [B, output_dim] -> [B]``,
             each never rescaled: ``{"p_positive": ...}`` makes a ``ziln`` task ``spend`` also predict
-            ``spend_p_positive``, the probability of an amount above 0.
+            ``spend_p_positive``, the probability of an amount above 0 (of a count above 0 for ``poisson``).
         metric_scores: for metrics that read something else than the others do, what they read:
             ``raw output [N, output_dim] -> scores [N]`` (``ziln``'s ``positive_auc`` reads the
-            logit of a positive amount, where its other metrics read the predicted mean).
+            logit of a positive amount, where its other metrics read the predicted mean; ``poisson``'s
+            the log-rate).
     """
 
     name: str
@@ -222,6 +223,11 @@ def _non_negative_labels(requirement: str) -> Callable[[torch.Tensor, str], None
     return check
 
 
+def _first_output(output: torch.Tensor) -> torch.Tensor:
+    """A logit or log-rate, monotone in the probability of a positive label (what an AUC needs)."""
+    return output[..., 0]
+
+
 register_task_type(
     TaskType(
         name="poisson",
@@ -229,10 +235,13 @@ register_task_type(
         loss=_poisson_loss,
         predict=lambda output: torch.exp(output[:, 0]),
         check_labels=_non_negative_labels("a poisson task needs counts >= 0"),
-        metrics=("deviance", "mae"),
+        metrics=("deviance", "positive_auc", "mae"),
         higher_is_better=False,
         elementwise_loss=True,
         metrics_on_predictions=True,
+        # P(count > 0) = 1 - exp(-rate): whether a user buys at all, beside how often.
+        side_predictions={"p_positive": lambda output: -torch.expm1(-torch.exp(output[:, 0]))},
+        metric_scores={"positive_auc": _first_output},
     )
 )
 
@@ -262,10 +271,6 @@ def _ziln_mean(output: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logit) * torch.exp(loc + 0.5 * scale**2)
 
 
-def _ziln_positive_logit(output: torch.Tensor) -> torch.Tensor:
-    return output[..., 0]
-
-
 register_task_type(
     TaskType(
         name="ziln",
@@ -281,7 +286,7 @@ register_task_type(
         label_scaling="geometric",
         # Who spends at all is a target of its own (a purchase, a return), which the mean mixes with how much.
         side_predictions={"p_positive": lambda output: torch.sigmoid(output[:, 0])},
-        metric_scores={"positive_auc": _ziln_positive_logit},
+        metric_scores={"positive_auc": _first_output},
     )
 )
 

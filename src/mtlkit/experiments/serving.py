@@ -5,8 +5,9 @@ The program takes the encoded feature tensors a run's ``preprocessing.json`` des
 ``categorical`` ``(B, C)`` int64, ``multi_valued`` ``(B, M, L)`` int64, each present when the schema
 has that kind of column) and returns ``{task: prediction}``, with any batch size: the probability
 ``(B,)`` of a binary task, the value ``(B,)`` of a regression task in its label's units, the mean
-amount ``(B,)`` of a ``ziln`` task and its probability of a positive amount ``<task>_p_positive``,
-the class probabilities ``(B, C)`` of a multiclass task. Loading it needs only PyTorch::
+amount or rate ``(B,)`` of a ``ziln`` or ``poisson`` task and its probability of a positive one
+``<task>_p_positive``, the class probabilities ``(B, C)`` of a multiclass task. Loading it needs
+only PyTorch::
 
     program = torch.export.load("model.pt2").module()
     predictions = program(inputs)

@@ -337,7 +337,7 @@ class LoadedRun:
         ``(N,)`` probabilities for binary tasks, ``(N,)`` values in the label's units for regression
         (the model itself predicts standardised labels, see ``TableSchema.standardize_labels``),
         ``(N, C)`` class probabilities for multiclass; side predictions (``TaskType.side_predictions``)
-        as ``<task>_<name>``, ``spend_p_positive`` beside a ``ziln`` task's mean. Labels are not read."""
+        as ``<task>_<name>``, ``spend_p_positive`` beside a ``ziln`` or ``poisson`` task's mean. Labels are not read."""
         encoded = self.preprocessor.transform(frame, source=source, with_labels=False)
         predicted = _predict_tensors(self.model, encoded.tensors, self.config.training.eval_batch_size)
         return {name: self.preprocessor.to_label_units(name, value) for name, value in predicted.items()}, encoded.out_of_vocabulary
@@ -538,7 +538,7 @@ def importance_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, rep
 def predict_run(run_dir: str | os.PathLike, data_file: str | os.PathLike, out_file: str | os.PathLike,
                 keep_columns: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write one prediction column per task (probability for binary, value in the label's units for
-    regression, the mean and then ``<task>_p_positive`` for ``ziln``, the most likely class and then
+    regression, the mean and then ``<task>_p_positive`` for ``ziln`` and ``poisson``, the most likely class and then
     each class's probability for multiclass), chunk by chunk.
 
     Labels are not needed. ``keep_columns`` are copied through (e.g. an id). The output is written to a

@@ -114,7 +114,7 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def predict(self, x: Any) -> dict[str, torch.Tensor]:
         """Predictions per task (probabilities for binary tasks), in eval mode, each followed by the
-        task type's side predictions as ``<task>_<name>`` (``spend_p_positive`` for a ``ziln`` task)."""
+        task type's side predictions as ``<task>_<name>`` (``spend_p_positive`` for ``ziln`` and ``poisson`` tasks)."""
         was_training = self.training
         self.eval()
         try:

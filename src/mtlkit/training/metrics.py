@@ -160,7 +160,7 @@ def normalized_gini(predictions: torch.Tensor, labels: torch.Tensor, weight: tor
 
 
 def positive_auc(scores: torch.Tensor, amounts: torch.Tensor, weight: torch.Tensor | None = None) -> float:
-    """:func:`roc_auc` of ``scores`` against ``amounts > 0`` (who spends at all, for a ``ziln`` task)."""
+    """:func:`roc_auc` of ``scores`` against ``amounts > 0`` (who spends or buys at all, for ``ziln`` and ``poisson`` tasks)."""
     return roc_auc(scores, (amounts.detach().reshape(-1) > 0).to(torch.float64), weight)
 
 
