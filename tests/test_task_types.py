@@ -249,6 +249,7 @@ def test_tables_scale_ziln_amounts_without_centring_them_and_refuse_negative_one
 def test_a_run_folder_scores_a_ziln_task_and_charts_its_deciles(tmp_path):
     from mtlkit.experiments.serving import export_run
     from mtlkit.experiments.tabular_run import RunConfig, _reliability_tables, load_run, predict_run, train_run
+    from mtlkit.reports.calibration import POSITIVE_SHARE_AXES, RELIABILITY_AXES, reliability_table
 
     x, labels, _, _ = _zero_inflated_lognormal(1500, seed=6)
     frame = pd.DataFrame(x.numpy(), columns=[f"x{i}" for i in range(5)]).assign(
@@ -282,7 +283,13 @@ def test_a_run_folder_scores_a_ziln_task_and_charts_its_deciles(tmp_path):
     outputs = {"spend": torch.randn(40, 3), "click": torch.randn(40, 1), "watch": torch.randn(40, 1)}
     tasks = [TaskSpec("spend", "ziln"), TaskSpec("click"), TaskSpec("watch", "regression")]
     tensors = MultiTaskTensors(torch.randn(40, 5), torch.cat([labels[:40], torch.randn(40, 1)], 1), ["spend", "click", "watch"])
-    assert set(_reliability_tables(tasks, outputs, tensors)) == {"spend", "click"}
+    tables = _reliability_tables(tasks, outputs, tensors)
+    assert list(tables) == ["spend", "spend_p_positive", "click"]
+    # The probability of spending at all, decile by decile, against the share of rows that spent.
+    spent = labels[:40, 0] > 0
+    expected = reliability_table(torch.sigmoid(outputs["spend"][:, 0]), spent.double())
+    pd.testing.assert_frame_equal(tables["spend_p_positive"][0], expected)
+    assert tables["spend_p_positive"][1] == POSITIVE_SHARE_AXES and tables["click"][1] == RELIABILITY_AXES["binary"]
 
 
 def test_the_spend_example_runs():

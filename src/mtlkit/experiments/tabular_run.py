@@ -31,7 +31,7 @@ from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import FeatureEncoder, TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
 from mtlkit.models import IsotonicCalibration, TabularMultiTaskModel, apply_output_calibration, build_model, model_config
-from mtlkit.reports.calibration import RELIABILITY_AXES, plot_reliability, reliability_table
+from mtlkit.reports.calibration import POSITIVE_SHARE_AXES, RELIABILITY_AXES, plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import (
     GateUsage, GateUsageAccumulator, gate_usage_markdown, measure_gate_usage, measure_gate_usage_by_group, save_gate_usage,
@@ -243,9 +243,9 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
         scored_split, scored = ("test", test) if test is not None else ("valid", valid)
         reliability = _reliability_tables(model.tasks, outputs[scored_split], scored.tensors)
         if reliability:
-            plot_reliability(reliability, staging / "calibration.png",
+            plot_reliability({name: table for name, (table, _) in reliability.items()}, staging / "calibration.png",
                              f"{config.model['name']}: predicted against observed means, {scored_split} rows",
-                             {t.name: RELIABILITY_AXES[t.type] for t in model.tasks if t.name in reliability})
+                             {name: axes for name, (_, axes) in reliability.items()})
         gates = gate_usage.result()[0]
         if gates:
             save_gate_usage(gates, staging, f"{config.model['name']}: mean gate weights, validation rows", rows="valid")
@@ -271,12 +271,24 @@ def _predict_tensors(model: TabularMultiTaskModel, tensors, batch_size: int) -> 
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _reliability_tables(tasks: Sequence[TaskSpec], outputs: Mapping[str, torch.Tensor], tensors) -> dict[str, pd.DataFrame]:
-    """The reliability table (:mod:`mtlkit.reports.calibration`) of each task whose predictions are means in
-    its labels' units (binary, poisson, ziln) over its labelled rows, from the model's raw ``outputs`` on ``tensors``."""
+def _reliability_tables(tasks: Sequence[TaskSpec], outputs: Mapping[str, torch.Tensor], tensors
+                        ) -> dict[str, tuple[pd.DataFrame, tuple[str, str]]]:
+    """``{name: (table, chart's axis names)}``: the reliability table (:mod:`mtlkit.reports.calibration`)
+    of each task whose predictions are means in its labels' units (binary, poisson, ziln) over its
+    labelled rows, from the model's raw ``outputs`` on ``tensors``; for a task that also predicts the
+    probability of a label above 0 (``<task>_p_positive``), that probability's against the observed share."""
     mask = tensors.label_mask
-    return {t.name: reliability_table(t.task_type.predict(outputs[t.name])[mask[:, k]], tensors.labels[mask[:, k], k])
-            for k, t in enumerate(tasks) if t.type in RELIABILITY_AXES and bool(mask[:, k].any())}
+    tables = {}
+    for k, task in enumerate(tasks):
+        rows = mask[:, k]
+        if task.type not in RELIABILITY_AXES or not bool(rows.any()):
+            continue
+        output, label = outputs[task.name][rows], tensors.labels[rows, k]
+        tables[task.name] = (reliability_table(task.task_type.predict(output), label), RELIABILITY_AXES[task.type])
+        positive = task.task_type.side_predictions.get("p_positive")
+        if positive is not None:
+            tables[f"{task.name}_p_positive"] = (reliability_table(positive(output), (label > 0).double()), POSITIVE_SHARE_AXES)
+    return tables
 
 
 def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, GateUsage], calibrated_on: str | None) -> str:
@@ -313,7 +325,8 @@ def _report(config: RunConfig, metrics: dict[str, Any], gates: Mapping[str, Gate
         lines += [f"## calibration ({calibrated_on} rows)", "",
                   "Each binary task's rows cut into ten groups by predicted probability: observed against mean predicted "
                   "positive rate (on the diagonal when the probabilities are right). Count (poisson) and amount (ziln) "
-                  "tasks the same by predicted mean: their decile chart.", "",
+                  "tasks the same by predicted mean: their decile chart; and by their predicted probability of a count "
+                  "or amount above 0 (<task>_p_positive) against the observed share.", "",
                   "![calibration](calibration.png)", ""]
     if gates:
         lines += ["## gates (validation rows)", "",

@@ -5,7 +5,8 @@ Ranking needs only the order of the scores (AUC); bidding, budgeting and ranking
 predict twice the real rate, and multi-task training shifts each task's rate differently, so a run
 shows each binary task's reliability curve next to its ``calibration`` metric. Counts (``poisson``)
 and amounts (``ziln``) get the same chart over their predicted means: the decile chart with which
-the ZILN paper judges lifetime-value models next to their normalised Gini.
+the ZILN paper judges lifetime-value models next to their normalised Gini; and one of their
+predicted probability of a value above 0 against the observed share.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from mtlkit.reports.plots import label_axes, plt, save_figure
 
-__all__ = ["RELIABILITY_AXES", "reliability_table", "plot_reliability"]
+__all__ = ["RELIABILITY_AXES", "POSITIVE_SHARE_AXES", "reliability_table", "plot_reliability"]
 
 # The task types whose predictions are means in the labels' own units, with the chart's axis names.
 RELIABILITY_AXES: dict[str, tuple[str, str]] = {
@@ -28,6 +29,8 @@ RELIABILITY_AXES: dict[str, tuple[str, str]] = {
     "poisson": ("mean predicted count", "observed mean count"),
     "ziln": ("mean predicted amount", "observed mean amount"),
 }
+# The same chart for a count's or amount's predicted probability of being above 0 (``<task>_p_positive``).
+POSITIVE_SHARE_AXES = ("mean predicted P(above 0)", "observed share above 0")
 
 
 def reliability_table(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> pd.DataFrame:
