@@ -342,9 +342,10 @@ class GeometricLossWeighting(LossWeighting):
 
     def __init__(self, tasks: Sequence[TaskSpec]) -> None:
         super().__init__(tasks)
-        for task in tasks_with_possibly_negative_loss(tasks):
-            raise ConfigError(f"weighting gls: task {task.name!r} ({task.type}) may have a negative loss, and the geometric "
-                              "mean needs positive ones; use famo with min_losses, or another weighting")
+        negative = tasks_with_possibly_negative_loss(tasks)
+        if negative:
+            raise ConfigError(f"weighting gls: task {negative[0].name!r} ({negative[0].type}) may have a negative loss, and the "
+                              "geometric mean needs positive ones; use famo with min_losses, or another weighting")
         self.register_buffer("base_weights", torch.tensor([float(t.weight) for t in tasks]))
         self.weights = {t.name: float(t.weight) for t in tasks}
 

@@ -341,6 +341,15 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
     return score_outputs(forward_outputs(model, data, tasks, batch_size, device), data, tasks, groups)
 
 
+def _set_gradient(parameter: torch.Tensor, gradient: torch.Tensor) -> None:
+    """Write ``gradient`` into ``parameter.grad`` in place when it exists: for small models it is a view
+    of the optimizer's flat gradient buffer, which a new tensor would leave behind."""
+    if parameter.grad is None:
+        parameter.grad = gradient.clone()
+    else:
+        parameter.grad.copy_(gradient)
+
+
 class Trainer:
     """Trains a multi-task model on :class:`MultiTaskTensors`.
 
@@ -394,6 +403,7 @@ class Trainer:
             else:
                 self._losses = _compiled(self._forward_losses)
         own = list(self.weighting.parameters())  # learned weights (uncertainty, gradnorm)
+        self._weighting_parameters = own
         self._surgery = None
         if self.config.gradient_surgery is not None:
             if self.distributed:
@@ -486,15 +496,11 @@ class Trainer:
         they have none), plus the gradient of the model's ``auxiliary`` term as it is (it belongs to
         no task, so no task's gradient is projected on it)."""
         total, weights = self.weighting(losses)
-        own = [p for p in self.weighting.parameters() if p.requires_grad]
-        if own:
+        if self._weighting_parameters:
             # uncertainty's scales learn from its own objective, as without a surgery (with imtl: the
             # paper's IMTL, IMTL-L's scales and IMTL-G's direction); the model's gradient is the surgery's.
-            for p, g in zip(own, torch.autograd.grad(total, own, retain_graph=True)):
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.copy_(g)  # a view of the optimizer's flat gradient buffer, for small models
+            for p, g in zip(self._weighting_parameters, torch.autograd.grad(total, self._weighting_parameters, retain_graph=True)):
+                _set_gradient(p, g)
         if self._surgery_log_losses:
             # DB-MTL's loss-scale balancing: a loss's scale no longer sets its gradient's (the reference's 1e-8
             # keeps a task without labelled rows, loss exactly 0, finite; its gradient is then 0).
@@ -515,12 +521,8 @@ class Trainer:
             combined = combined + flat_gradient(auxiliary, False)
         offset = 0
         for p in parameters:
-            part = combined[offset : offset + p.numel()].view_as(p)
+            _set_gradient(p, combined[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
-            if p.grad is None:
-                p.grad = part.clone()
-            else:
-                p.grad.copy_(part)
 
     @property
     def _higher_is_better(self) -> bool:
