@@ -11,6 +11,7 @@ how much longer it trains:
     python examples/pcgrad_synthetic.py --seeds 3
     python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda,cagrad,aligned_mtl,imtl,nash_mtl,upgrad,gradvac
     python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda --scope shared
+    python examples/pcgrad_synthetic.py --seeds 3 --surgeries gradvac --options '{"per_layer": true}'
 
 About a minute on 2 cores with the defaults.
 """
@@ -18,6 +19,7 @@ About a minute on 2 cores with the defaults.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import pandas as pd
@@ -38,18 +40,21 @@ def main() -> None:
     parser.add_argument("--surgeries", default="pcgrad", help="comma-separated gradient surgeries to compare with none")
     parser.add_argument("--scope", default="all", choices=["all", "shared"],
                         help="training.gradient_surgery_scope: every parameter, or only the coordinates tasks share")
+    parser.add_argument("--options", default="{}", help="training.gradient_surgery_options for every surgery, as JSON")
     args = parser.parse_args()
+    options = json.loads(args.options)
     rows = []
     for correlation in (float(c) for c in args.correlations.split(",")):
         for seed in range(args.seeds):
             data = make_synthetic(correlation=correlation, num_rows=20_000, seed=seed)
             train, valid = data.to_tensors().split([0.9, 0.1], seed=seed)
-            for name, options in MODELS.items():
+            for name, model_options in MODELS.items():
                 for surgery in [None, *args.surgeries.split(",")]:
                     torch.manual_seed(seed)
-                    model = build_model(name, input_dim=100, tasks=data.tasks, **options)
+                    model = build_model(name, input_dim=100, tasks=data.tasks, **model_options)
                     config = TrainerConfig(max_steps=args.steps, max_epochs=None, batch_size=256, patience=None,
                                            eval_every=args.steps, progress=False, gradient_surgery=surgery, seed=seed,
+                                           gradient_surgery_options=options if surgery else {},
                                            gradient_surgery_scope=args.scope if surgery else "all")
                     started = time.perf_counter()
                     scores = Trainer(model, config).fit(train, valid).final("valid")

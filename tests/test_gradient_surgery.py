@@ -1,4 +1,5 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac, DB-MTL), alone and in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac, DB-MTL, MetaBalance), alone and
+in the trainer."""
 
 import math
 
@@ -9,8 +10,8 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import (DualBalancing, GradientVaccine, aligned_mtl, build_gradient_surgery, cagrad, imtl,
-                               list_gradient_surgeries, mgda, nash_mtl, pcgrad, upgrad)
+from mtlkit.objectives import (DualBalancing, GradientLayout, GradientVaccine, MetaBalance, aligned_mtl, build_gradient_surgery,
+                               cagrad, imtl, list_gradient_surgeries, mgda, nash_mtl, pcgrad, upgrad)
 from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _nash_bargaining_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
@@ -130,14 +131,16 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
-     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'gradvac', 'imtl', 'mgda', 'nash_mtl', 'pcgrad', 'upgrad'\]"),
+     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'gradvac', 'imtl', 'metabalance', 'mgda', 'nash_mtl', "
+     r"'pcgrad', 'upgrad'\]"),
     (dict(gradient_surgery="pcgrad", weighting="gradnorm"), "'gradnorm' learns its weights from the tasks' gradients"),
     (dict(gradient_surgery="db_mtl", weighting="uncertainty"), "'db_mtl' balances the losses' scales itself"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"alpha": -0.1}), "alpha: expected a number >= 0"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options=[0.5]), "expected a mapping"),
     (dict(gradient_surgery_options={"alpha": 0.5}), "without a gradient_surgery"),
-    (dict(gradient_surgery="gradvac", gradient_surgery_options={"alpha": 0.5}), r"unknown \['alpha'\] for 'gradvac'; allowed: \['beta'\]"),
+    (dict(gradient_surgery="gradvac", gradient_surgery_options={"alpha": 0.5}),
+     r"unknown \['alpha'\] for 'gradvac'; allowed: \['beta', 'per_layer'\]"),
     (dict(gradient_surgery="gradvac", gradient_surgery_options={"beta": 1.5}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="nash_mtl", gradient_surgery_options={"beta": 0.5}), r"unknown \['beta'\] for 'nash_mtl'; allowed: \[\]"),
     (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"), r"gradient_surgery_scope: expected one of \['all', 'shared'\]"),
@@ -145,11 +148,20 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta": 1.0}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta_sigma": -1}), "options.beta_sigma: expected a number >= 0"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_scope="shared"), "'db_mtl' keeps a moving average per coordinate"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_scope="shared"), "options.main_task: metabalance needs the name of the task"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "a"}), "set gradient_surgery_scope: shared"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "c"}, gradient_surgery_scope="shared"),
+     r"main_task: 'c' is not a task with a non-zero weight; expected one of \['a', 'b'\]"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "a", "relax_factor": 1.5}, gradient_surgery_scope="shared"),
+     r"options.relax_factor: expected a number in \[0, 1\], got 1.5"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "a", "beta": 1}, gradient_surgery_scope="shared"),
+     r"options.beta: expected a number in \[0, 1\)"),
 ])
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "db_mtl", "gradvac", "imtl", "mgda", "nash_mtl", "pcgrad", "upgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "db_mtl", "gradvac", "imtl", "metabalance", "mgda", "nash_mtl",
+                                         "pcgrad", "upgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -238,15 +250,19 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
 
 @pytest.mark.parametrize("surgery, scope", [("mgda", "all"), ("cagrad", "all"), ("aligned_mtl", "all"), ("imtl", "all"),
                                             ("nash_mtl", "all"), ("upgrad", "all"), ("gradvac", "all"), ("pcgrad", "shared"),
-                                            ("mgda", "shared"), ("nash_mtl", "shared"), ("db_mtl", "all")])
+                                            ("mgda", "shared"), ("nash_mtl", "shared"), ("db_mtl", "all"), ("metabalance", "shared"),
+                                            ("gradvac:per_layer", "shared")])
 def test_the_other_surgeries_train_both_conflicting_tasks(surgery, scope):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
     data = _data(-1.0)
     model = build_model("shared_bottom", input_dim=8, tasks=TASKS)
     before = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
+    options = {"main_task": "a"} if surgery == "metabalance" else {}
+    if surgery.endswith(":per_layer"):
+        surgery, options = surgery.split(":")[0], {"per_layer": True}
     Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery,
-                                 gradient_surgery_scope=scope)).fit(data)
+                                 gradient_surgery_options=options, gradient_surgery_scope=scope)).fit(data)
     after = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
     assert all(after[name] < 0.7 * before[name] for name in ("a", "b")), (before, after)
 
@@ -379,6 +395,47 @@ def test_gradvac_brings_conflicting_gradients_to_their_target_cosine():
     assert isinstance(built, GradientVaccine) and built.beta == 0.1 and built.targets is None  # the trial call left no state
 
 
+def test_gradvac_per_layer_adjusts_each_layer_on_its_own():
+    generator = torch.Generator()
+    # One layer spanning every coordinate: the whole-model GradVac, targets and all.
+    whole, layered = GradientVaccine(beta=0.25), GradientVaccine(beta=0.25, per_layer=True)
+    layout = GradientLayout(("a", "b", "c"), (40,))
+    for step in range(5):
+        g = _conflicting(3, step, size=40)
+        torch.testing.assert_close(layered(g, torch.Generator().manual_seed(step), layout),
+                                   whole(g, torch.Generator().manual_seed(step)))
+    torch.testing.assert_close(layered.targets[..., 0], whole.targets)
+    # Two layers, the first conflicting and the second not: with targets 0 (beta 0) that is PCGrad on the
+    # first layer alone, and the second layer's plain sum; whole-model PCGrad would see no conflict.
+    grads = torch.tensor([[1.0, 0.0, 5.0, 0.0], [-1.0, 1.0, 5.0, 1.0]], dtype=torch.float64)
+    two = GradientLayout(("a", "b"), (2, 2))
+    expected = torch.cat([pcgrad(grads[:, :2], generator), grads[:, 2:].sum(0)])
+    torch.testing.assert_close(GradientVaccine(beta=0.0, per_layer=True)(grads, generator, two), expected)
+    assert float(grads[0] @ grads[1]) > 0
+    torch.testing.assert_close(GradientVaccine(beta=0.0)(grads, generator), grads.sum(0))
+    # Positive targets: each layer's adjusted gradient reaches its own target cosine with the other's.
+    vaccine = GradientVaccine(beta=0.0, per_layer=True)
+    # a's targets towards b: 0.9 on the first layer, 0.95 on the second; b's towards a: -1, never adjusted.
+    vaccine.load_state_dict({"targets": torch.tensor([[[0.0, 0.0], [0.9, 0.95]], [[-1.0, -1.0], [0.0, 0.0]]], dtype=torch.float64)})
+    grads = _conflicting(2, 3, size=6)
+    layers = GradientLayout(("a", "b"), (4, 2))
+    combined = vaccine(grads, torch.Generator().manual_seed(0), layers)
+    adjusted = combined - grads[1]
+
+    def cosine(u, v):
+        return float(u @ v / (u.norm() * v.norm()))
+
+    for columns, target in ((slice(0, 4), 0.9), (slice(4, 6), 0.95)):
+        assert cosine(grads[0, columns], grads[1, columns]) < target
+        assert cosine(adjusted[columns], grads[1, columns]) == pytest.approx(target, abs=1e-9)
+    # The whole-model targets do not fit a layered run.
+    with pytest.raises(RuntimeError, match=r"targets are for 2 tasks and layers \(2,\), but gradients of 2 tasks and 3 layers"):
+        vaccine(torch.ones(2, 6, dtype=torch.float64), generator, GradientLayout(("a", "b"), (2, 2, 2)))
+    with pytest.raises(ConfigError, match="per_layer: expected true or false, got 'yes'"):
+        build_gradient_surgery("gradvac", {"per_layer": "yes"})
+    assert build_gradient_surgery("gradvac", {"per_layer": True}).uses_layout
+
+
 def test_db_mtl_rescales_each_tasks_moving_average_to_the_largest_norm():
     generator = torch.Generator()
     # Without averaging (beta 0): every gradient brought to the largest norm, then summed.
@@ -404,6 +461,103 @@ def test_db_mtl_rescales_each_tasks_moving_average_to_the_largest_norm():
     with pytest.raises(RuntimeError, match=r"moving averages are \(3, 6\).*gradients of \(3, 5\)"):
         balancing(torch.ones(3, 5, dtype=torch.float64), generator)
     assert build_gradient_surgery("db_mtl", {"beta": 0.8}).averages is None  # the trial call left no state
+
+
+def test_metabalance_brings_each_auxiliary_gradient_towards_the_main_ones_norm_layer_by_layer():
+    generator = torch.Generator()
+    # Rows: tasks "click", "buy" (main), "cart"; columns: a layer of 2 coordinates, then one of 3.
+    layout = GradientLayout(("click", "buy", "cart"), (2, 3))
+    grads = torch.tensor([[3.0, 4.0, 0.0, 0.0, 1.0],
+                          [0.0, 1.0, 2.0, 0.0, 0.0],
+                          [0.0, 0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    # Without averaging (beta 0) and relax_factor 1, every auxiliary gradient takes the main one's norm on
+    # each layer: click's 5 -> 1 on the first; on the second, which the main task reaches and cart does not,
+    # click's 1 -> 2. The main gradient is kept.
+    full = MetaBalance(main_task="buy", relax_factor=1.0, beta=0.0)
+    expected = grads[1] + torch.tensor([0.6, 0.8, 0.0, 0.0, 2.0], dtype=torch.float64) + torch.tensor([0.0, 1.0, 0, 0, 0])
+    torch.testing.assert_close(full(grads, generator, layout), expected)
+    # relax_factor r mixes the rescaled gradient and the original: r * scaled + (1 - r) * original.
+    half = MetaBalance(main_task="buy", relax_factor=0.25, beta=0.0)(grads, generator, layout)
+    torch.testing.assert_close(half, 0.25 * expected + 0.75 * grads.sum(0))
+    none = MetaBalance(main_task="buy", relax_factor=0.0, beta=0.0)(grads, generator, layout)
+    torch.testing.assert_close(none, grads.sum(0))
+    same = torch.tensor([[1.0, 2.0, 3.0]] * 3, dtype=torch.float64)
+    torch.testing.assert_close(MetaBalance(main_task="a")(same, generator, GradientLayout(("a", "b", "c"), (1, 2))), same.sum(0))
+    # A layer the main task does not reach keeps the auxiliary gradients as they are.
+    unreached = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    fresh = MetaBalance(main_task="buy", relax_factor=1.0, beta=0.0)
+    torch.testing.assert_close(fresh(unreached, generator, GradientLayout(("click", "buy", "cart"), (2,))), unreached.sum(0))
+    # With averaging: m_k <- beta m_k + (1 - beta) |g_k| per layer, from 0, and the ratios of the averages.
+    balance = MetaBalance(main_task="b", relax_factor=0.7, beta=0.9)
+    layout = GradientLayout(("a", "b", "c"), (4, 0, 2))
+    averages = torch.zeros(3, 3, dtype=torch.float64)
+    for step in range(1, 5):
+        g = _conflicting(3, step, size=6)
+        norms = torch.stack([g[:, :4].norm(dim=1), torch.zeros(3, dtype=torch.float64), g[:, 4:].norm(dim=1)], 1)
+        averages = 0.9 * averages + 0.1 * norms
+        scales = 0.7 * averages[1] / averages.clamp_min(1e-300) + 0.3
+        scales[:, 1] = 1.0  # an empty layer
+        scales[1] = 1.0
+        expected = (scales[:, [0, 0, 0, 0, 2, 2]] * g).sum(0)
+        torch.testing.assert_close(balance(g, generator, layout), expected)
+    torch.testing.assert_close(balance.state_dict()["averages"], averages)
+    resumed = MetaBalance(main_task="b", relax_factor=0.7, beta=0.9)
+    resumed.load_state_dict(balance.state_dict())
+    g = _conflicting(3, 9, size=6)
+    torch.testing.assert_close(resumed(g, generator, layout), balance(g, generator, layout))
+    with pytest.raises(RuntimeError, match=r"averages are \(3, 3\) \(tasks, layers\), but gradients for \(3, 2\)"):
+        balance(g, generator, GradientLayout(("a", "b", "c"), (4, 2)))
+
+
+def test_metabalance_in_the_trainer_sees_the_shared_layers_and_the_weighted_tasks(monkeypatch):
+    """Under scope shared the trainer hands MetaBalance the weighted tasks' names in row order and, per
+    parameter tensor, how many of its coordinates at least two tasks reach; the towers and gates keep
+    their own task's gradient, and on the experts an auxiliary task ten times the main one's scale
+    contributes a gradient of the main one's norm (relax_factor 1, beta 0)."""
+    tasks = [TaskSpec("aux", "regression"), TaskSpec("off", "regression", weight=0.0), TaskSpec("main", "regression")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g)
+    y = torch.sin(x[:, :1]) + x[:, 1:2]
+    data = MultiTaskTensors(x, torch.cat([10 * y, y, y], 1), ["aux", "off", "main"])
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=tasks, num_experts=3, expert_hidden=[6])
+    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=500, progress=False, gradient_surgery="metabalance",
+                                           gradient_surgery_scope="shared",
+                                           gradient_surgery_options={"main_task": "main", "relax_factor": 1.0, "beta": 0.0}))
+    seen = []
+    original = trainer._surgery
+    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator, layout: seen.append((grads.clone(), layout))
+                        or original(grads, generator, layout))
+    initial = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(data)
+    (grads, layout), = seen
+    assert layout.task_names == ("aux", "main")
+    names = [name for name, _ in model.named_parameters()]
+    sizes = dict(zip(names, layout.segment_sizes))
+    assert sum(layout.segment_sizes) == grads.shape[1] and len(layout.segment_sizes) == len(names)
+    assert all(n > 0 for name, n in sizes.items() if "expert" in name), sizes
+    assert all(n == 0 for name, n in sizes.items() if "expert" not in name), sizes
+    # The combined gradient, recomputed from the initial weights: on each expert tensor the auxiliary
+    # gradient scaled to the main one's norm; elsewhere each task's own.
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), initial):
+            p.copy_(value)
+    outputs = model(data.inputs)
+    per_task = {}
+    for k, task in enumerate(tasks):
+        if task.weight:
+            loss = torch.nn.functional.mse_loss(outputs[task.name][:, 0], data.labels[:, k])
+            per_task[task.name] = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+    for name, p, aux, main in zip(names, model.parameters(), per_task["aux"], per_task["main"]):
+        aux = torch.zeros_like(p) if aux is None else aux
+        main = torch.zeros_like(p) if main is None else main
+        expected = main + (aux * main.norm() / aux.norm() if "expert" in name else aux)
+        if "expert" in name:
+            assert aux.norm() > 3 * main.norm()  # the auxiliary task's scale dominated the plain sum
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ConfigError, match=r"main_task: 'off' is not a task with a non-zero weight; expected one of \['aux', 'main'\]"):
+        Trainer(model, TrainerConfig(max_steps=1, progress=False, gradient_surgery="metabalance", gradient_surgery_scope="shared",
+                                     gradient_surgery_options={"main_task": "off"}))
 
 
 def test_db_mtl_gets_the_gradients_of_the_weighted_log_losses(monkeypatch):
@@ -488,6 +642,18 @@ def test_cagrad_at_alpha_zero_trains_as_the_weighted_sum():
 
 def test_the_pcgrad_example_runs():
 
-    done = run_example("pcgrad_synthetic.py", "--seeds", "1", "--correlations", "0", "--steps", "20")
+    done = run_example("pcgrad_synthetic.py", "--seeds", "1", "--correlations", "0", "--steps", "20",
+                       "--surgeries", "gradvac", "--options", '{"per_layer": true}')
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "ratio_mean" in done.stdout and "shared_bottom" in done.stdout
+    assert "ratio_mean" in done.stdout and "shared_bottom" in done.stdout and "gradvac" in done.stdout
+
+
+def test_the_metabalance_example_runs():
+    done = run_example("metabalance_funnel.py", "--seeds", "2", "--rows", "3000", "--epochs", "1", "--models", "mmoe",
+                       "--relax-factors", "0.5,1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = done.stdout.split("purchase test AUC, 2 seeds")[1]
+    for variant in ("purchase only", "none", "aux x 0.1", "metabalance r=0.5", "metabalance r=1"):
+        assert variant in table
+    none_row = next(line for line in table.splitlines() if " none " in line)
+    assert "+0.0000" in none_row  # the plain run's paired difference to itself

@@ -2,7 +2,9 @@
 
 from mtlkit.objectives.gradient_surgery import (
     DualBalancing,
+    GradientLayout,
     GradientVaccine,
+    MetaBalance,
     aligned_mtl,
     build_gradient_surgery,
     cagrad,
@@ -25,4 +27,4 @@ __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "Dyna
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
            "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine",
-           "DualBalancing", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]
+           "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]

@@ -11,7 +11,11 @@ instances are called the same way and keep state from step to step (GradVac's ta
 saves its ``state_dict()`` with the training state). A class may set ``log_losses`` (the trainer then
 hands it the gradients of ``w_k log L_k``, DB-MTL) and ``per_coordinate_state`` (its state follows
 each coordinate, so ``gradient_surgery_scope: shared``, whose coordinates change from step to step,
-is refused). ``TrainerConfig.gradient_surgery`` names one, and ``gradient_surgery_options`` its
+is refused). An instance whose ``uses_layout`` is true is called with a third argument, a
+:class:`GradientLayout` (the tasks' names in row order and how many columns each parameter tensor
+has: MetaBalance, GradVac per layer). A class may also set ``needs_shared_scope`` (it is defined on the parameters the tasks share, MetaBalance) and a
+``check_tasks(task_names)`` method the trainer calls once with the weighted tasks' names.
+``TrainerConfig.gradient_surgery`` names one, and ``gradient_surgery_options`` its
 options. Each surgery here is scaled so that where every task has the same gradient it returns
 their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at ``alpha`` 0; DB-MTL: of ``sum_k w_k log
 L_k``), so learning rates carry over from training without surgery.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -31,7 +36,7 @@ from mtlkit.configuration import check_non_negative, check_probability
 from mtlkit.errors import ConfigError
 
 __all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine", "DualBalancing",
-           "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries"]
+           "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -296,6 +301,18 @@ def nash_mtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.from_numpy(_nash_bargaining_weights(gram)).to(grads) @ grads
 
 
+@dataclass(frozen=True)
+class GradientLayout:
+    """What the rows and columns of a surgery's ``grads`` ``(K, P)`` are, for a surgery that sets
+    ``uses_layout``: ``task_names``, the ``K`` tasks in row order, and ``segment_sizes``, one count per
+    trainable parameter tensor in ``model.parameters()`` order, of the columns that are its coordinates
+    (summing to ``P``; under ``gradient_surgery_scope: shared`` only its shared coordinates, 0 where it
+    has none this step)."""
+
+    task_names: tuple[str, ...]
+    segment_sizes: tuple[int, ...]
+
+
 class GradientVaccine:
     """GradVac ("gradient vaccine", Wang et al., ICLR 2021): PCGrad with a learned target. For each
     pair of tasks an exponential moving average (rate ``beta``) of their gradients' cosine
@@ -303,17 +320,27 @@ class GradientVaccine:
     ``j``'s than that target, a multiple of ``g_j`` is added to it to bring the cosine exactly to the
     target, so tasks that usually agree are kept agreeing, not only kept from conflicting (PCGrad's
     target is always 0). The other tasks are visited in a random order per task (drawn from
-    ``generator``); the adjusted gradients are summed. Targets start at 0 and cover the whole
-    model (the paper also sets them per layer).
+    ``generator``); the adjusted gradients are summed. Targets start at 0. By default they cover the
+    whole model; with ``per_layer`` each parameter tensor has its own targets and its own
+    adjustment (the paper's finer granularity: layers that agree are left alone where another
+    conflicts), for which the trainer hands it a :class:`GradientLayout`.
 
-    Shape: ``grads`` ``(K, P)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, K)`` targets.
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, K)`` targets
+    (``(K, K, layers)`` with ``per_layer``).
     """
 
-    def __init__(self, beta: float = 0.01):
+    def __init__(self, beta: float = 0.01, per_layer: bool = False):
         self.beta = check_probability(beta, "training.gradient_surgery_options.beta")
+        if not isinstance(per_layer, bool):
+            raise ConfigError(f"training.gradient_surgery_options.per_layer: expected true or false, got {per_layer!r}")
+        self.uses_layout = per_layer
         self.targets: torch.Tensor | None = None
 
-    def __call__(self, grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, grads: torch.Tensor, generator: torch.Generator, layout: GradientLayout | None = None) -> torch.Tensor:
+        if self.uses_layout:
+            if layout is None:
+                raise ValueError("gradvac with per_layer needs the gradients' layout (the trainer hands it)")
+            return self._per_layer(grads, generator, layout)
         num_tasks = grads.shape[0]
         if self.targets is None:
             self.targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
@@ -334,6 +361,40 @@ class GradientVaccine:
                     scale = own_norm * (target * math.sqrt(max(1 - cosine**2, 0.0)) - cosine * math.sqrt(1 - target**2))
                     adjusted[i] += (scale / (norms[j] * math.sqrt(1 - target**2))) * grads[j]
                 self.targets[i, j] = (1 - self.beta) * target + self.beta * cosine
+        return adjusted.sum(0)
+
+    def _per_layer(self, grads: torch.Tensor, generator: torch.Generator, layout: GradientLayout) -> torch.Tensor:
+        """The same visits and adjustments, every layer on its own (all layers at once, in float64)."""
+        num_tasks = grads.shape[0]
+        sizes = torch.tensor(layout.segment_sizes, device=grads.device)
+        layer_of = torch.repeat_interleave(torch.arange(len(sizes), device=grads.device), sizes)
+
+        def layer_sums(values: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., layers)
+            sums = torch.zeros(*values.shape[:-1], len(sizes), dtype=torch.float64, device=values.device)
+            return sums.index_add_(-1, layer_of, values.double())
+
+        if self.targets is None:
+            self.targets = torch.zeros(num_tasks, num_tasks, len(sizes), dtype=torch.float64)
+        elif self.targets.shape[0] != num_tasks or self.targets.shape[2:] != (len(sizes),):
+            raise RuntimeError(f"gradvac: its targets are for {self.targets.shape[0]} tasks and layers "
+                               f"{tuple(self.targets.shape[2:])}, but gradients of {num_tasks} tasks and {len(sizes)} "
+                               "layers came; the weighted tasks and the parameters must stay the same")
+        tiny = torch.finfo(torch.float64).tiny
+        norms = layer_sums(grads.square()).sqrt()
+        adjusted = grads.clone()
+        for i in range(num_tasks):
+            for j in torch.randperm(num_tasks, generator=generator).tolist():
+                if j == i:
+                    continue
+                own = layer_sums(adjusted[i].square()).sqrt()
+                reached = (own > 0) & (norms[j] > 0)
+                cosine = torch.where(reached, layer_sums(adjusted[i] * grads[j]) / (own * norms[j]).clamp_min(tiny), 0.0)
+                target = self.targets[i, j].to(cosine.device)
+                root = (1 - target.square()).clamp_min(tiny).sqrt()
+                scale = own * (target * (1 - cosine.square()).clamp_min(0).sqrt() - cosine * root) / (norms[j] * root).clamp_min(tiny)
+                scale = torch.where(reached & (cosine < target) & (target < 1), scale, 0.0)
+                adjusted[i] += scale.to(grads.dtype)[layer_of] * grads[j]
+                self.targets[i, j] = torch.where(reached, (1 - self.beta) * target + self.beta * cosine, target).cpu()
         return adjusted.sum(0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -392,9 +453,74 @@ class DualBalancing:
         self.steps = int(state["steps"])
 
 
+class MetaBalance:
+    """MetaBalance (He et al., "Improving multi-task recommendations via adapting gradient magnitudes
+    of auxiliary tasks", WWW 2022): one main task and auxiliary tasks that are there only to help it.
+    On every shared parameter tensor (a layer), each task's gradient norm is averaged over steps
+    (``m_k <- beta m_k + (1 - beta) |g_k|``), and each auxiliary gradient is brought towards the main
+    one's size: ``g_k <- (relax_factor m_main / m_k + 1 - relax_factor) g_k``, so an auxiliary task can
+    neither swamp the main task's gradient nor be too small to help (the paper's strategy C). The main
+    gradient is kept; the adjusted gradients are summed, so tasks with the same gradient get their sum.
+    A layer the main task does not reach keeps the auxiliary gradients as they are. The defaults,
+    ``relax_factor`` 0.7 and ``beta`` 0.9, are the paper's code's.
+
+    It is defined on the shared layers (the task-specific ones take their own task's gradient), so it
+    needs ``gradient_surgery_scope: shared``. ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, layers)`` averages.
+    """
+
+    uses_layout = True
+    needs_shared_scope = True
+
+    def __init__(self, main_task: str | None = None, relax_factor: float = 0.7, beta: float = 0.9):
+        if not isinstance(main_task, str) or not main_task:
+            raise ConfigError(f"training.gradient_surgery_options.main_task: metabalance needs the name of the task the "
+                              f"others are auxiliary to, got {main_task!r}")
+        if not (isinstance(relax_factor, (int, float)) and not isinstance(relax_factor, bool) and 0 <= relax_factor <= 1):
+            raise ConfigError(f"training.gradient_surgery_options.relax_factor: expected a number in [0, 1], got {relax_factor!r}")
+        self.main_task = main_task
+        self.relax_factor = float(relax_factor)
+        self.beta = check_probability(beta, "training.gradient_surgery_options.beta")
+        self.averages: torch.Tensor | None = None
+
+    def check_tasks(self, task_names: tuple[str, ...]) -> None:
+        """Refuse a ``main_task`` that is not among the weighted tasks."""
+        if self.main_task not in task_names:
+            raise ConfigError(f"training.gradient_surgery_options.main_task: {self.main_task!r} is not a task with a "
+                              f"non-zero weight; expected one of {list(task_names)}")
+
+    def __call__(self, grads: torch.Tensor, generator: torch.Generator, layout: GradientLayout) -> torch.Tensor:
+        self.check_tasks(layout.task_names)
+        main = layout.task_names.index(self.main_task)
+        sizes = torch.tensor(layout.segment_sizes, device=grads.device)
+        layer_of = torch.repeat_interleave(torch.arange(len(sizes), device=grads.device), sizes)
+        norms = torch.zeros(len(grads), len(sizes), dtype=torch.float64, device=grads.device)
+        norms = norms.index_add_(1, layer_of, grads.double().square()).sqrt()
+        if self.averages is None:
+            self.averages = torch.zeros_like(norms)
+        elif self.averages.shape != norms.shape:
+            raise RuntimeError(f"metabalance: its averages are {tuple(self.averages.shape)} (tasks, layers), but gradients "
+                               f"for {tuple(norms.shape)} came; the weighted tasks and the parameters must stay the same")
+        self.averages = torch.lerp(norms, self.averages.to(norms), self.beta)
+        main_average = self.averages[main]
+        reached = (self.averages > 0) & (main_average > 0)
+        ratios = torch.where(reached, main_average / self.averages.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+        scales = self.relax_factor * ratios + (1 - self.relax_factor)
+        scales[main] = 1.0
+        return torch.einsum("kp,kp->p", scales.to(grads.dtype)[:, layer_of], grads)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averages": None if self.averages is None else self.averages.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.averages = None if state["averages"] is None else state["averages"].clone()
+
+
 _SURGERIES: dict[str, GradientSurgery | type] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl,
                                                  "imtl": imtl, "nash_mtl": nash_mtl, "upgrad": upgrad, "gradvac": GradientVaccine,
-                                                 "db_mtl": DualBalancing}
+                                                 "db_mtl": DualBalancing,
+                                                 "metabalance": MetaBalance}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery | type) -> None:
@@ -429,7 +555,9 @@ def build_gradient_surgery(name: str, options: Mapping[str, Any] | None = None) 
     if unknown:
         raise ConfigError(f"training.gradient_surgery_options: unknown {unknown} for {name!r}; allowed: {allowed}")
     if stateful:
-        surgery(**options)(torch.eye(2), torch.Generator().manual_seed(0))  # on a throwaway instance: the trial leaves no state
+        trial = surgery(**options)  # a throwaway instance: the trial leaves no state
+        if not getattr(trial, "uses_layout", False):  # one that does needs the tasks' names; its __init__ checks its options
+            trial(torch.eye(2), torch.Generator().manual_seed(0))
         return surgery(**options)
     bound = functools.partial(surgery, **options) if options else surgery
     bound(torch.eye(2), torch.Generator().manual_seed(0))

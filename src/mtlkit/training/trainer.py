@@ -24,7 +24,7 @@ from torch.optim import lr_scheduler
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
-from mtlkit.objectives import LossWeighting, build_gradient_surgery, build_weighting, task_losses
+from mtlkit.objectives import GradientLayout, LossWeighting, build_gradient_surgery, build_weighting, task_losses
 from mtlkit.objectives.weighting import tasks_with_possibly_negative_loss
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
@@ -74,12 +74,13 @@ class TrainerConfig:
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` (``w_k log L_k`` for ``"db_mtl"``) with a
             registered surgery (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``,
-            ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``; :mod:`mtlkit.objectives.gradient_surgery`) instead of summing
+            ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``, ``"metabalance"``; :mod:`mtlkit.objectives.gradient_surgery`) instead of summing
             them: one backward pass per task. Works with the weightings that learn nothing from the
             gradients (not ``gradnorm``; ``uncertainty``'s scales learn from its objective as usual, and
             with ``"imtl"`` make the IMTL paper's hybrid) and in one process (not under torchrun). None:
             the weighted sum's gradient.
-        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``).
+        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``,
+            ``{"main_task": "purchase"}`` for ``metabalance``, which needs it).
         gradient_surgery_scope: ``"all"``: the surgery combines the tasks' gradients over every
             parameter; ``"shared"``: only over the coordinates where at least two tasks have a non-zero
             gradient this step (shared experts and bottoms, OMoE's gate), as LibMTL restricts it to
@@ -171,6 +172,10 @@ class TrainerConfig:
             if self.gradient_surgery_scope == "shared" and getattr(surgery, "per_coordinate_state", False):
                 raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery!r} keeps a moving average per "
                                   "coordinate, and the shared coordinates change from step to step; use scope 'all'")
+            if self.gradient_surgery_scope == "all" and getattr(surgery, "needs_shared_scope", False):
+                raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery!r} adjusts the tasks' gradients "
+                                  "on the layers they share, and leaves each task's own layers its own gradient; set "
+                                  "gradient_surgery_scope: shared")
         elif self.gradient_surgery_options:
             raise ConfigError(f"training.gradient_surgery_options: {self.gradient_surgery_options!r} given without a gradient_surgery")
         if self.gradient_surgery_scope not in GRADIENT_SURGERY_SCOPES:
@@ -414,6 +419,9 @@ class Trainer:
                                   "losses (uncertainty) or none")
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_log_losses = getattr(self._surgery, "log_losses", False)
+            self._surgery_uses_layout = getattr(self._surgery, "uses_layout", False)
+            if hasattr(self._surgery, "check_tasks"):  # MetaBalance's main task
+                self._surgery.check_tasks(tuple(t.name for t in self.tasks if t.weight != 0))
             if own and self._surgery_log_losses:
                 raise ConfigError(f"training.gradient_surgery: {self.config.gradient_surgery!r} balances the losses' scales "
                                   f"itself (their logs); weighting {self.config.weighting!r} would learn scales it discards")
@@ -477,17 +485,27 @@ class Trainer:
         rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
         return rise if decay is None else lr_scheduler.SequentialLR(optimizer, [rise, decay()], milestones=[warmup])
 
-    def _combine_task_gradients(self, grads: torch.Tensor) -> torch.Tensor:
+    def _combine_task_gradients(self, grads: torch.Tensor, task_names: tuple[str, ...],
+                                parameter_sizes: list[int]) -> torch.Tensor:
         """The configured surgery of the tasks' flat gradients ``(K, P)`` -> ``(P,)``, over the coordinates
-        of ``gradient_surgery_scope``."""
-        if self.config.gradient_surgery_scope == "all":
-            return self._surgery(grads, self._surgery_generator)
-        # Coordinates only one task reaches (its slice of the stacked towers, its own gate) carry no
-        # conflict: they take the plain sum, and the surgery sees the rest.
-        shared = (grads != 0).sum(0) >= 2
+        of ``gradient_surgery_scope`` (rows: ``task_names``; columns: the parameters' coordinates in turn,
+        ``parameter_sizes`` of them each)."""
+        shared = None
+        if self.config.gradient_surgery_scope == "shared":
+            # Coordinates only one task reaches (its slice of the stacked towers, its own gate) carry no
+            # conflict: they take the plain sum, and the surgery sees the rest.
+            shared = (grads != 0).sum(0) >= 2
+            if not bool(shared.any()):
+                return grads.sum(0)
+        arguments = [grads if shared is None else grads[:, shared], self._surgery_generator]
+        if self._surgery_uses_layout:
+            sizes = parameter_sizes if shared is None else [int(n) for n in torch.stack(
+                [part.sum() for part in shared.split(parameter_sizes)]).tolist()]
+            arguments.append(GradientLayout(task_names, tuple(sizes)))
+        if shared is None:
+            return self._surgery(*arguments)
         combined = grads.sum(0)
-        if bool(shared.any()):
-            combined[shared] = self._surgery(grads[:, shared], self._surgery_generator)
+        combined[shared] = self._surgery(*arguments)
         return combined
 
     def _surgery_backward(self, losses: Mapping[str, torch.Tensor], auxiliary: torch.Tensor | None = None) -> None:
@@ -505,7 +523,8 @@ class Trainer:
             # DB-MTL's loss-scale balancing: a loss's scale no longer sets its gradient's (the reference's 1e-8
             # keeps a task without labelled rows, loss exactly 0, finite; its gradient is then 0).
             losses = {name: torch.log(loss + 1e-8) for name, loss in losses.items()}
-        terms = [float(weights[t.name]) * losses[t.name] for t in self.tasks if float(weights[t.name]) != 0.0]
+        weighted = [t.name for t in self.tasks if float(weights[t.name]) != 0.0]
+        terms = [float(weights[name]) * losses[name] for name in weighted]
         if not terms and auxiliary is None:
             return  # every weight 0: the gradients stay zero
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -516,7 +535,7 @@ class Trainer:
                               for p, g in zip(parameters, grads)])
 
         flat = [flat_gradient(term, k < len(terms) - 1 or auxiliary is not None) for k, term in enumerate(terms)]
-        combined = self._combine_task_gradients(torch.stack(flat)) if flat else 0.0
+        combined = self._combine_task_gradients(torch.stack(flat), tuple(weighted), [p.numel() for p in parameters]) if flat else 0.0
         if auxiliary is not None:
             combined = combined + flat_gradient(auxiliary, False)
         offset = 0
