@@ -27,4 +27,5 @@ __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "Dyna
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
            "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine",
-           "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries", "register_gradient_surgery"]
+           "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery",
+           "list_gradient_surgeries", "register_gradient_surgery"]

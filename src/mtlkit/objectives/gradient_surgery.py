@@ -13,8 +13,9 @@ hands it the gradients of ``w_k log L_k``, DB-MTL) and ``per_coordinate_state`` 
 each coordinate, so ``gradient_surgery_scope: shared``, whose coordinates change from step to step,
 is refused). An instance whose ``uses_layout`` is true is called with a third argument, a
 :class:`GradientLayout` (the tasks' names in row order and how many columns each parameter tensor
-has: MetaBalance, GradVac per layer). A class may also set ``needs_shared_scope`` (it is defined on the parameters the tasks share, MetaBalance) and a
-``check_tasks(task_names)`` method the trainer calls once with the weighted tasks' names.
+has: MetaBalance, GradVac per layer). A class may also set ``needs_shared_scope`` (it is defined on
+the parameters the tasks share, MetaBalance) and a ``check_tasks(task_names)`` method the trainer
+calls once with the weighted tasks' names.
 ``TrainerConfig.gradient_surgery`` names one, and ``gradient_surgery_options`` its
 options. Each surgery here is scaled so that where every task has the same gradient it returns
 their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at ``alpha`` 0; DB-MTL: of ``sum_k w_k log
@@ -36,7 +37,8 @@ from mtlkit.configuration import check_non_negative, check_probability
 from mtlkit.errors import ConfigError
 
 __all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine", "DualBalancing",
-           "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery", "list_gradient_surgeries"]
+           "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
+           "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
