@@ -63,12 +63,16 @@ def test_dselect_and_task_conditioned_gates_on_the_gpu(name, gates):
     _assert_same_on_both(model, torch.randn(64, 40, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("surgery", ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac", "db_mtl"])
+@pytest.mark.parametrize("surgery", ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac", "db_mtl",
+                                     "gradvac:per_layer", "metabalance"])
 def test_gradient_surgeries_train_on_the_gpu(surgery):
     tasks, (train, valid) = _synthetic()
     torch.manual_seed(0)
     model = build_model("mmoe", input_dim=20, tasks=tasks, gate_type="dselect_k", gate_top_k=2, gate_entropy_weight=0.01)
-    config = TrainerConfig(max_epochs=2, batch_size=256, progress=False, device="cuda", patience=None, gradient_surgery=surgery)
+    options = {"gradvac:per_layer": {"per_layer": True}, "metabalance": {"main_task": tasks[0].name}}.get(surgery, {})
+    config = TrainerConfig(max_epochs=2, batch_size=256, progress=False, device="cuda", patience=None,
+                           gradient_surgery=surgery.split(":")[0], gradient_surgery_options=options,
+                           gradient_surgery_scope="shared" if surgery == "metabalance" else "all")
     result = Trainer(model, config).fit(train, valid)
     assert next(model.parameters()).device.type == "cuda"
     for task in tasks:

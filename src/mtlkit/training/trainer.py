@@ -74,13 +74,14 @@ class TrainerConfig:
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` (``w_k log L_k`` for ``"db_mtl"``) with a
             registered surgery (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``,
-            ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``, ``"metabalance"``; :mod:`mtlkit.objectives.gradient_surgery`) instead of summing
-            them: one backward pass per task. Works with the weightings that learn nothing from the
+            ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``, ``"metabalance"``; :mod:`mtlkit.objectives.gradient_surgery`)
+            instead of summing them: one backward pass per task. Works with the weightings that learn nothing from the
             gradients (not ``gradnorm``; ``uncertainty``'s scales learn from its objective as usual, and
             with ``"imtl"`` make the IMTL paper's hybrid) and in one process (not under torchrun). None:
             the weighted sum's gradient.
-        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``, ``{"beta": 0.05}`` for ``gradvac``,
-            ``{"main_task": "purchase"}`` for ``metabalance``, which needs it).
+        gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``,
+            ``{"beta": 0.05, "per_layer": True}`` for ``gradvac``, ``{"main_task": "purchase"}`` for
+            ``metabalance``, which needs it).
         gradient_surgery_scope: ``"all"``: the surgery combines the tasks' gradients over every
             parameter; ``"shared"``: only over the coordinates where at least two tasks have a non-zero
             gradient this step (shared experts and bottoms, OMoE's gate), as LibMTL restricts it to
