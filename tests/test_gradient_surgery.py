@@ -1,5 +1,5 @@
-"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, UPGrad, GradVac, DB-MTL, MetaBalance), alone and
-in the trainer."""
+"""Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, FairGrad, UPGrad, GradVac, DB-MTL, MetaBalance),
+alone and in the trainer."""
 
 import math
 
@@ -11,8 +11,8 @@ from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
 from mtlkit.objectives import (DualBalancing, GradientLayout, GradientVaccine, MetaBalance, aligned_mtl, build_gradient_surgery,
-                               cagrad, imtl, list_gradient_surgeries, mgda, nash_mtl, pcgrad, upgrad)
-from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _nash_bargaining_weights, _simplex_minimiser
+                               cagrad, fairgrad, imtl, list_gradient_surgeries, mgda, nash_mtl, pcgrad, upgrad)
+from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _fair_share_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
 from in_process import run_example
@@ -131,8 +131,9 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
-     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'gradvac', 'imtl', 'metabalance', 'mgda', 'nash_mtl', "
-     r"'pcgrad', 'upgrad'\]"),
+     r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'fairgrad', 'gradvac', 'imtl', 'metabalance', 'mgda', "
+     r"'nash_mtl', 'pcgrad', 'upgrad'\]"),
+    (dict(gradient_surgery="fairgrad", gradient_surgery_options={"alpha": 0}), "options.alpha: expected a number > 0, got 0"),
     (dict(gradient_surgery="pcgrad", weighting="gradnorm"), "'gradnorm' learns its weights from the tasks' gradients"),
     (dict(gradient_surgery="db_mtl", weighting="uncertainty"), "'db_mtl' balances the losses' scales itself"),
     (dict(gradient_surgery="cagrad", gradient_surgery_options={"c": 0.5}), r"unknown \['c'\] for 'cagrad'; allowed: \['alpha'\]"),
@@ -161,8 +162,8 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
-    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "db_mtl", "gradvac", "imtl", "metabalance", "mgda", "nash_mtl",
-                                         "pcgrad", "upgrad"]
+    assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "db_mtl", "fairgrad", "gradvac", "imtl", "metabalance", "mgda",
+                                         "nash_mtl", "pcgrad", "upgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -252,14 +253,14 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
 @pytest.mark.parametrize("surgery, scope", [("mgda", "all"), ("cagrad", "all"), ("aligned_mtl", "all"), ("imtl", "all"),
                                             ("nash_mtl", "all"), ("upgrad", "all"), ("gradvac", "all"), ("pcgrad", "shared"),
                                             ("mgda", "shared"), ("nash_mtl", "shared"), ("db_mtl", "all"), ("metabalance", "shared"),
-                                            ("gradvac:per_layer", "shared")])
+                                            ("gradvac:per_layer", "shared"), ("fairgrad", "all")])
 def test_the_other_surgeries_train_both_conflicting_tasks(surgery, scope):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
     data = _data(-1.0)
     model = build_model("shared_bottom", input_dim=8, tasks=TASKS)
     before = {name: v["loss"] for name, v in evaluate(model, data, TASKS).items()}
-    options = {"main_task": "a"} if surgery == "metabalance" else {}
+    options = {"main_task": "a"} if surgery == "metabalance" else {"alpha": 2.0} if surgery == "fairgrad" else {}
     if surgery.endswith(":per_layer"):
         surgery, options = surgery.split(":")[0], {"per_layer": True}
     Trainer(model, TrainerConfig(max_steps=150, batch_size=100, progress=False, gradient_surgery=surgery,
@@ -332,7 +333,7 @@ def test_nash_mtl_is_the_nash_bargaining_direction():
             d = nash_mtl(grads, generator)
             gram = (grads @ grads.T).numpy()
             # Its weights solve (G G' / N) alpha = 1 / alpha, up to the 1e-12 ridge; so every task gains, and |d|^2 = K N.
-            alpha = _nash_bargaining_weights(gram)
+            alpha = _fair_share_weights(gram)
             np.testing.assert_allclose((gram / np.linalg.norm(gram)) @ alpha, 1 / alpha, rtol=1e-6)
             assert (grads @ d > 0).all()
             torch.testing.assert_close(d @ d, torch.tensor(num_tasks * np.linalg.norm(gram), dtype=torch.float64))
@@ -359,6 +360,42 @@ def test_nash_mtl_is_the_nash_bargaining_direction():
     one = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     torch.testing.assert_close(nash_mtl(one, generator), one[0])  # a task without gradient takes no part
     torch.testing.assert_close(nash_mtl(torch.zeros(2, 3), generator), torch.zeros(3))
+
+
+def test_fairgrad_is_the_alpha_fair_direction():
+    generator = torch.Generator()
+    for num_tasks in (2, 3, 5):
+        for seed in range(3):
+            grads = _conflicting(num_tasks, seed)
+            assert torch.equal(fairgrad(grads, generator), nash_mtl(grads, generator))  # alpha 1: proportional fairness
+            gram = (grads @ grads.T).numpy()
+            spreads = []
+            for alpha in (0.5, 1.0, 2.0, 5.0):
+                d = fairgrad(grads, generator, alpha=alpha)
+                weights = _fair_share_weights(gram, alpha)
+                np.testing.assert_allclose((gram / np.linalg.norm(gram)) @ weights, weights ** (-1 / alpha), rtol=1e-6)
+                gains = grads @ d
+                assert (gains > 0).all()
+                spreads.append(float(gains.max() / gains.min()))
+
+                # The alpha-fair allocation: no other direction of the same norm has a larger sum of utilities.
+                def utility(u):
+                    share = u @ grads.T
+                    value = share.clamp_min(1e-300).log() if alpha == 1 else share.clamp_min(1e-300) ** (1 - alpha) / (1 - alpha)
+                    return torch.where((share > 0).all(-1), value.sum(-1), -torch.inf)
+
+                mixes = torch.randn(2000, num_tasks, dtype=torch.float64) @ grads
+                for spread in (0.01, 0.1, 1.0):
+                    others = d + spread * d.norm() * mixes / mixes.norm(dim=1, keepdim=True)
+                    others = others / others.norm(dim=1, keepdim=True) * d.norm()
+                    assert utility(others).max() <= utility(d) + 1e-9 * abs(float(utility(d)))
+            # A larger alpha evens the tasks' gains out.
+            assert spreads == sorted(spreads, reverse=True), spreads
+    same = torch.tensor([[1.0, 2.0]] * 3, dtype=torch.float64)
+    for alpha in (0.5, 2.0):
+        torch.testing.assert_close(fairgrad(same, generator, alpha=alpha), same.sum(0))  # the same gradient: their sum
+        one = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+        torch.testing.assert_close(fairgrad(one, generator, alpha=alpha), one[0])  # a task without gradient takes no part
 
 
 def test_gradvac_brings_conflicting_gradients_to_their_target_cosine():

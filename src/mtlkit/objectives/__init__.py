@@ -8,6 +8,7 @@ from mtlkit.objectives.gradient_surgery import (
     aligned_mtl,
     build_gradient_surgery,
     cagrad,
+    fairgrad,
     get_gradient_surgery,
     imtl,
     list_gradient_surgeries,
@@ -26,6 +27,6 @@ from mtlkit.objectives.weighting import (
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
            "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
-           "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine",
+           "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
            "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery",
            "list_gradient_surgeries", "register_gradient_surgery"]

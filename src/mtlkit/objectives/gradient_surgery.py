@@ -33,12 +33,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from mtlkit.configuration import check_non_negative, check_probability
+from mtlkit.configuration import check_non_negative, check_positive, check_probability
 from mtlkit.errors import ConfigError
 
-__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "GradientVaccine", "DualBalancing",
-           "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery", "build_gradient_surgery",
-           "list_gradient_surgeries"]
+__all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
+           "DualBalancing", "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery",
+           "build_gradient_surgery", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -239,11 +239,12 @@ def upgrad(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.from_numpy(_dual_cone_weights(gram).sum(0)).to(grads) @ grads
 
 
-def _nash_bargaining_weights(gram: np.ndarray, ridge: float = 1e-12, max_iterations: int = 200) -> np.ndarray:
-    """The positive ``alpha`` solving ``M alpha = 1 / alpha`` (elementwise), ``M`` the Gram matrix
-    over its Frobenius norm: the stationary point of the convex ``alpha' M alpha / 2 - sum log alpha``,
-    found by damped Newton steps (the objective is self-concordant, so they converge from anywhere,
-    and quadratically once close).
+def _fair_share_weights(gram: np.ndarray, alpha: float = 1.0, ridge: float = 1e-12, max_iterations: int = 200) -> np.ndarray:
+    """The positive ``w`` solving ``M w = w^(-1/alpha)`` (elementwise), ``M`` the Gram matrix over its
+    Frobenius norm: the stationary point of the convex ``w' M w / 2 - sum U(w)`` with
+    ``U'(w) = w^(-1/alpha)`` (``U = log`` at ``alpha`` 1, Nash bargaining), found by damped Newton
+    steps. At ``alpha`` 1 the objective is self-concordant, so they converge from anywhere, and
+    quadratically once close; for other ``alpha`` every step is line-searched.
     Tasks with no gradient get weight 0. Where some positive mix of the gradients is zero
     (Pareto-stationary) there is no solution; ``ridge`` on the diagonal bounds the weights there,
     and the mix they give stays (near) zero.
@@ -255,35 +256,57 @@ def _nash_bargaining_weights(gram: np.ndarray, ridge: float = 1e-12, max_iterati
         return weights
     matrix = gram[np.ix_(active, active)]
     matrix = matrix / np.linalg.norm(matrix) + ridge * np.eye(len(active))
-    alpha = 1.0 / np.sqrt(np.diag(matrix))  # exact where the gradients are orthogonal
+    nash = alpha == 1
+    power = 1.0 / alpha
+    if nash:
+        w = 1.0 / np.sqrt(np.diag(matrix))  # exact where the gradients are orthogonal
 
-    def objective(a):
-        return 0.5 * a @ matrix @ a - np.log(a).sum()
+        def objective(a):
+            return 0.5 * a @ matrix @ a - np.log(a).sum()
 
-    value = objective(alpha)
+        def slope(a):
+            return 1.0 / a
+
+        def curvature(a):
+            return 1.0 / a**2
+    else:
+        w = np.diag(matrix) ** (-1.0 / (1.0 + power))  # exact where the gradients are orthogonal
+
+        def objective(a):
+            return 0.5 * a @ matrix @ a - (a ** (1.0 - power)).sum() / (1.0 - power)
+
+        def slope(a):
+            return a ** -power
+
+        def curvature(a):
+            return power * a ** (-power - 1.0)
+
+    value = objective(w)
     for _ in range(max_iterations):
-        gradient = matrix @ alpha - 1.0 / alpha
-        step = np.linalg.solve(matrix + np.diag(1.0 / alpha**2), -gradient)
+        gradient = matrix @ w - slope(w)
+        step = np.linalg.solve(matrix + np.diag(curvature(w)), -gradient)
         decrement = -gradient @ step  # the Newton decrement squared
-        if decrement < 0.1:
-            # Within the region of quadratic convergence, and the full step keeps alpha > 0 (the Hessian
-            # holds diag(1 / alpha^2), so |step_k| / alpha_k <= sqrt(decrement)); a line search there would
+        if nash and decrement < 0.1:
+            # Within the region of quadratic convergence, and the full step keeps w > 0 (the Hessian
+            # holds diag(1 / w^2), so |step_k| / w_k <= sqrt(decrement)); a line search there would
             # only see the objective's rounding.
-            alpha = alpha + step
+            w = w + step
             if decrement < 1e-16:
                 break
-            value = objective(alpha)
+            value = objective(w)
             continue
+        if decrement < 1e-16 * max(1.0, abs(value)):
+            break
         shrinking = step < 0
-        size = min(1.0, 0.99 * float(np.min(-alpha[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
-        while True:  # backtracking (Armijo) line search, staying inside alpha > 0
-            candidate = alpha + size * step
+        size = min(1.0, 0.99 * float(np.min(-w[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
+        while True:  # backtracking (Armijo) line search, staying inside w > 0
+            candidate = w + size * step
             new_value = objective(candidate)
             if new_value <= value - 0.25 * size * decrement or size < 1e-12:
                 break
             size *= 0.5
-        alpha, value = candidate, new_value
-    weights[active] = alpha
+        w, value = candidate, new_value
+    weights[active] = w
     return weights
 
 
@@ -300,7 +323,27 @@ def nash_mtl(grads: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
     """
     gram = (grads.double() @ grads.double().T).cpu().numpy()
-    return torch.from_numpy(_nash_bargaining_weights(gram)).to(grads) @ grads
+    return torch.from_numpy(_fair_share_weights(gram)).to(grads) @ grads
+
+
+def fairgrad(grads: torch.Tensor, generator: torch.Generator, alpha: float = 1.0) -> torch.Tensor:
+    """FairGrad (Ban & Ji, "Fair resource allocation in multi-task learning", ICML 2024): the update
+    shares out the loss decrease among the tasks as an ``alpha``-fair allocation, maximising
+    ``sum_k (g_k . d)^(1 - alpha) / (1 - alpha)`` (``sum_k log(g_k . d)`` at ``alpha`` 1). It is
+    ``d = sum_k w_k g_k`` with ``(G G' / N) w = w^(-1/alpha)``, so each task's gain is
+    ``g_k . d = N w_k^(-1/alpha) > 0``. ``alpha`` 1 (LibMTL's default) is proportional fairness, Nash-MTL's
+    direction (:func:`nash_mtl`, the same numbers); 2, minimum potential delay; larger ``alpha``
+    evens the gains out further, towards max-min fairness; towards 0 the larger gradients get more
+    (utilitarian). ``N`` is the Gram matrix's Frobenius norm (where LibMTL leaves it out; it changes
+    the step's length, not its direction), so tasks with the same gradient get their sum. Solved
+    exactly by damped Newton steps on the ``K x K`` Gram matrix, where the paper runs scipy's
+    least squares. ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)`` -> ``(P,)``.
+    """
+    check_positive(alpha, "training.gradient_surgery_options.alpha")
+    gram = (grads.double() @ grads.double().T).cpu().numpy()
+    return torch.from_numpy(_fair_share_weights(gram, float(alpha))).to(grads) @ grads
 
 
 @dataclass(frozen=True)
@@ -520,9 +563,8 @@ class MetaBalance:
 
 
 _SURGERIES: dict[str, GradientSurgery | type] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl,
-                                                 "imtl": imtl, "nash_mtl": nash_mtl, "upgrad": upgrad, "gradvac": GradientVaccine,
-                                                 "db_mtl": DualBalancing,
-                                                 "metabalance": MetaBalance}
+                                                 "imtl": imtl, "nash_mtl": nash_mtl, "fairgrad": fairgrad, "upgrad": upgrad,
+                                                 "gradvac": GradientVaccine, "db_mtl": DualBalancing, "metabalance": MetaBalance}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery | type) -> None:

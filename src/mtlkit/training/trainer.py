@@ -74,7 +74,7 @@ class TrainerConfig:
             (``uncertainty``, ``gradnorm``), without weight decay; None: ``learning_rate``, as for the model.
         gradient_surgery: combine the tasks' own gradients of ``w_k L_k`` (``w_k log L_k`` for ``"db_mtl"``) with a
             registered surgery (``"pcgrad"``, ``"mgda"``, ``"cagrad"``, ``"aligned_mtl"``, ``"imtl"``, ``"nash_mtl"``,
-            ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``, ``"metabalance"``; :mod:`mtlkit.objectives.gradient_surgery`)
+            ``"fairgrad"``, ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``, ``"metabalance"``; :mod:`mtlkit.objectives.gradient_surgery`)
             instead of summing them: one backward pass per task. Works with the weightings that learn nothing from the
             gradients (not ``gradnorm``; ``uncertainty``'s scales learn from its objective as usual, and
             with ``"imtl"`` make the IMTL paper's hybrid) and in one process (not under torchrun). None:
