@@ -357,6 +357,16 @@ class GradientLayout:
     task_names: tuple[str, ...]
     segment_sizes: tuple[int, ...]
 
+    def column_layers(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The parameter tensor (layer) each column belongs to. Shape: ``(P,)`` int64."""
+        sizes = torch.tensor(self.segment_sizes, device=device)
+        return torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+
+    def layer_sums(self, values: torch.Tensor, column_layers: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over each layer's columns, in float64. Shape: ``(..., P)`` -> ``(..., layers)``."""
+        sums = torch.zeros(*values.shape[:-1], len(self.segment_sizes), dtype=torch.float64, device=values.device)
+        return sums.index_add_(-1, column_layers, values.double())
+
 
 class GradientVaccine:
     """GradVac ("gradient vaccine", Wang et al., ICLR 2021): PCGrad with a learned target. For each
@@ -410,19 +420,17 @@ class GradientVaccine:
 
     def _per_layer(self, grads: torch.Tensor, generator: torch.Generator, layout: GradientLayout) -> torch.Tensor:
         """The same visits and adjustments, every layer on its own (all layers at once, in float64)."""
-        num_tasks = grads.shape[0]
-        sizes = torch.tensor(layout.segment_sizes, device=grads.device)
-        layer_of = torch.repeat_interleave(torch.arange(len(sizes), device=grads.device), sizes)
+        num_tasks, layers = grads.shape[0], len(layout.segment_sizes)
+        layer_of = layout.column_layers(grads.device)
 
-        def layer_sums(values: torch.Tensor) -> torch.Tensor:  # (..., P) -> (..., layers)
-            sums = torch.zeros(*values.shape[:-1], len(sizes), dtype=torch.float64, device=values.device)
-            return sums.index_add_(-1, layer_of, values.double())
+        def layer_sums(values: torch.Tensor) -> torch.Tensor:
+            return layout.layer_sums(values, layer_of)
 
         if self.targets is None:
-            self.targets = torch.zeros(num_tasks, num_tasks, len(sizes), dtype=torch.float64)
-        elif self.targets.shape[0] != num_tasks or self.targets.shape[2:] != (len(sizes),):
+            self.targets = torch.zeros(num_tasks, num_tasks, layers, dtype=torch.float64)
+        elif self.targets.shape[0] != num_tasks or self.targets.shape[2:] != (layers,):
             raise RuntimeError(f"gradvac: its targets are for {self.targets.shape[0]} tasks and layers "
-                               f"{tuple(self.targets.shape[2:])}, but gradients of {num_tasks} tasks and {len(sizes)} "
+                               f"{tuple(self.targets.shape[2:])}, but gradients of {num_tasks} tasks and {layers} "
                                "layers came; the weighted tasks and the parameters must stay the same")
         tiny = torch.finfo(torch.float64).tiny
         norms = layer_sums(grads.square()).sqrt()
@@ -538,10 +546,8 @@ class MetaBalance:
     def __call__(self, grads: torch.Tensor, generator: torch.Generator, layout: GradientLayout) -> torch.Tensor:
         self.check_tasks(layout.task_names)
         main = layout.task_names.index(self.main_task)
-        sizes = torch.tensor(layout.segment_sizes, device=grads.device)
-        layer_of = torch.repeat_interleave(torch.arange(len(sizes), device=grads.device), sizes)
-        norms = torch.zeros(len(grads), len(sizes), dtype=torch.float64, device=grads.device)
-        norms = norms.index_add_(1, layer_of, grads.double().square()).sqrt()
+        layer_of = layout.column_layers(grads.device)
+        norms = layout.layer_sums(grads.double().square(), layer_of).sqrt()
         if self.averages is None:
             self.averages = torch.zeros_like(norms)
         elif self.averages.shape != norms.shape:
