@@ -149,7 +149,10 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta": 1.0}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta_sigma": -1}), "options.beta_sigma: expected a number >= 0"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_scope="shared"), "'db_mtl' keeps a moving average per coordinate"),
-    (dict(gradient_surgery="metabalance", gradient_surgery_scope="shared"), "options.main_task: metabalance needs the name of the task"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_scope="shared"),
+     r"gradient_surgery_options: 'metabalance' needs \['main_task'\]"),
+    (dict(gradient_surgery="metabalance", gradient_surgery_scope="shared", gradient_surgery_options={"main_task": 3}),
+     "options.main_task: metabalance needs the name of the task the others are auxiliary to, got 3"),
     (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "a"}), "set gradient_surgery_scope: shared"),
     (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "c"}, gradient_surgery_scope="shared"),
      r"main_task: 'c' is not a task with a non-zero weight; expected one of \['a', 'b'\]"),
@@ -695,3 +698,19 @@ def test_the_metabalance_example_runs():
         assert variant in table
     none_row = next(line for line in table.splitlines() if " none " in line)
     assert "+0.0000" in none_row  # the plain run's paired difference to itself
+
+
+def test_the_objectives_command_lists_every_method_with_its_options():
+    from in_process import run_cli
+
+    done = run_cli("objectives", columns=250)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") >= 4}
+    for name in list_gradient_surgeries():
+        assert name in rows, name
+    assert "main_task (needed), relax_factor=0.7, beta=0.9" in rows["metabalance"] and rows["metabalance"].rstrip("│ ").endswith("shared")
+    assert "PCGrad (\"projecting conflicting gradients\", Yu et al., NeurIPS 2020)" in rows["pcgrad"]
+    assert "alpha=1.0" in rows["fairgrad"] and "beta=0.01, per_layer=False" in rows["gradvac"]
+    assert rows["db_mtl"].rstrip("│ ").endswith("│ all") and rows["pcgrad"].rstrip("│ ").endswith("all, shared")
+    for name, options in (("dwa", "temperature=2.0"), ("famo", "learning_rate=0.025"), ("uncertainty", "│ -")):
+        assert name in rows and options in rows[name], name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,46 @@ def models_command() -> None:
         cls = get_model_class(name)
         table.add_row(name, cls.__name__, ", ".join(cls.config_class.field_names()))
     console.print(table)
+
+
+def _method_summary(method: object) -> str:
+    """A method's name and reference: its docstring's opening up to the reference's closing
+    parenthesis (``PCGrad ("projecting conflicting gradients", Yu et al., NeurIPS 2020)``), or its
+    first sentence."""
+    text = " ".join((inspect.getdoc(method) or "").split("\n\n")[0].replace("``", "").split())
+    opening = text.find(" (")
+    if 0 < opening < 40:
+        depth = 0
+        for position in range(opening + 1, len(text)):
+            depth += {"(": 1, ")": -1}.get(text[position], 0)
+            if depth == 0:
+                return text[: position + 1]
+    return text.split(". ")[0].rstrip(".")
+
+
+def _options_cell(options: dict) -> str:
+    return ", ".join(f"{name} (needed)" if default is inspect.Parameter.empty else f"{name}={default!r}"
+                     for name, default in options.items()) or "-"
+
+
+@app.command("objectives")
+def objectives_command() -> None:
+    """List the loss weightings and gradient surgeries, with their options and defaults."""
+    from mtlkit.objectives import (get_gradient_surgery, get_weighting, gradient_surgery_options, list_gradient_surgeries,
+                                   list_weightings, weighting_options)
+
+    weightings = Table("training.weighting", "method", "training.weighting_options", title="loss weightings")
+    for name in list_weightings():
+        weightings.add_row(name, _method_summary(get_weighting(name)), _options_cell(weighting_options(name)))
+    console.print(weightings)
+    surgeries = Table("training.gradient_surgery", "method", "training.gradient_surgery_options",
+                      "training.gradient_surgery_scope", title="gradient surgeries")
+    for name in list_gradient_surgeries():
+        surgery = get_gradient_surgery(name)
+        scopes = "shared" if getattr(surgery, "needs_shared_scope", False) else \
+            "all" if getattr(surgery, "per_coordinate_state", False) else "all, shared"
+        surgeries.add_row(name, _method_summary(surgery), _options_cell(gradient_surgery_options(name)), scopes)
+    console.print(surgeries)
 
 
 @reproduce_app.command("mmoe-synthetic")

@@ -10,6 +10,7 @@ from mtlkit.objectives.gradient_surgery import (
     cagrad,
     fairgrad,
     get_gradient_surgery,
+    gradient_surgery_options,
     imtl,
     list_gradient_surgeries,
     mgda,
@@ -21,12 +22,14 @@ from mtlkit.objectives.gradient_surgery import (
 from mtlkit.objectives.losses import TaskLosses, task_losses
 from mtlkit.objectives.weighting import (
     DynamicWeightAverage, DynamicWeighting, FastAdaptiveWeighting, FixedWeighting, GeometricLossWeighting, GradNormWeighting,
-    LossWeighting, RandomLossWeighting, UncertaintyWeighting, build_weighting, list_weightings, register_weighting,
+    LossWeighting, RandomLossWeighting, UncertaintyWeighting, build_weighting, get_weighting, list_weightings, register_weighting,
+    weighting_options,
 )
 
 __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "DynamicWeighting", "DynamicWeightAverage",
            "UncertaintyWeighting", "GradNormWeighting", "RandomLossWeighting", "FastAdaptiveWeighting",
-           "GeometricLossWeighting", "build_weighting", "list_weightings", "register_weighting",
+           "GeometricLossWeighting", "build_weighting", "get_weighting", "list_weightings", "register_weighting",
+           "weighting_options",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
            "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery",
-           "list_gradient_surgeries", "register_gradient_surgery"]
+           "list_gradient_surgeries", "register_gradient_surgery", "gradient_surgery_options"]

@@ -38,7 +38,7 @@ from mtlkit.errors import ConfigError
 
 __all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
            "DualBalancing", "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery",
-           "build_gradient_surgery", "list_gradient_surgeries"]
+           "build_gradient_surgery", "gradient_surgery_options", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -526,7 +526,7 @@ class MetaBalance:
     uses_layout = True
     needs_shared_scope = True
 
-    def __init__(self, main_task: str | None = None, relax_factor: float = 0.7, beta: float = 0.9):
+    def __init__(self, main_task: str, relax_factor: float = 0.7, beta: float = 0.9):
         if not isinstance(main_task, str) or not main_task:
             raise ConfigError(f"training.gradient_surgery_options.main_task: metabalance needs the name of the task the "
                               f"others are auxiliary to, got {main_task!r}")
@@ -599,12 +599,15 @@ def build_gradient_surgery(name: str, options: Mapping[str, Any] | None = None) 
     if not isinstance(options, Mapping | None):
         raise ConfigError(f"training.gradient_surgery_options: expected a mapping of option names to values, got {options!r}")
     options = dict(options or {})
-    stateful = inspect.isclass(surgery)
-    allowed = [p.name for p in list(inspect.signature(surgery).parameters.values())[0 if stateful else 2:]]
+    accepted = gradient_surgery_options(name)
+    allowed = list(accepted)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"training.gradient_surgery_options: unknown {unknown} for {name!r}; allowed: {allowed}")
-    if stateful:
+    missing = [option for option, default in accepted.items() if default is inspect.Parameter.empty and option not in options]
+    if missing:
+        raise ConfigError(f"training.gradient_surgery_options: {name!r} needs {missing}")
+    if inspect.isclass(surgery):
         trial = surgery(**options)  # a throwaway instance: the trial leaves no state
         if not getattr(trial, "uses_layout", False):  # one that does needs the tasks' names; its __init__ checks its options
             trial(torch.eye(2), torch.Generator().manual_seed(0))
@@ -612,6 +615,14 @@ def build_gradient_surgery(name: str, options: Mapping[str, Any] | None = None) 
     bound = functools.partial(surgery, **options) if options else surgery
     bound(torch.eye(2), torch.Generator().manual_seed(0))
     return bound
+
+
+def gradient_surgery_options(name: str) -> dict[str, Any]:
+    """The options the surgery ``name`` takes, each with its default (``inspect.Parameter.empty``
+    for one it needs)."""
+    surgery = get_gradient_surgery(name)
+    parameters = list(inspect.signature(surgery).parameters.values())[0 if inspect.isclass(surgery) else 2:]
+    return {p.name: p.default for p in parameters}
 
 
 def list_gradient_surgeries() -> list[str]:

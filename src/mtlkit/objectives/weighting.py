@@ -6,6 +6,7 @@ The trainer holds one by composition; new schemes register with :func:`register_
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -476,12 +477,23 @@ def list_weightings() -> list[str]:
     return sorted(_WEIGHTINGS)
 
 
-def build_weighting(name: str, tasks: Sequence[TaskSpec], **options: Any) -> LossWeighting:
-    """Build a registered weighting; unknown names and options are errors that name them."""
+def get_weighting(name: str) -> Callable[..., LossWeighting]:
+    """The registered weighting factory called ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
     if name not in _WEIGHTINGS:
         raise ConfigError(f"weighting: unknown {name!r}; expected one of {list_weightings()}")
+    return _WEIGHTINGS[name]
+
+
+def weighting_options(name: str) -> dict[str, Any]:
+    """The options the weighting ``name`` takes (``training.weighting_options``), each with its default."""
+    return {p.name: p.default for p in list(inspect.signature(get_weighting(name)).parameters.values())[1:]}
+
+
+def build_weighting(name: str, tasks: Sequence[TaskSpec], **options: Any) -> LossWeighting:
+    """Build a registered weighting; unknown names and options are errors that name them."""
+    factory = get_weighting(name)
     try:
-        return _WEIGHTINGS[name](tasks, **options)
+        return factory(tasks, **options)
     except TypeError as error:
         raise ConfigError(f"weighting {name!r}: bad options {sorted(options)} ({error})") from None
 
