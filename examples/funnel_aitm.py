@@ -49,10 +49,8 @@ def main() -> None:
     rows = []
     for seed in range(args.seeds):
         data = make_funnel(STEPS, RATES, num_rows=args.rows, seed=seed)
-        order = torch.randperm(args.rows, generator=torch.Generator().manual_seed(seed))
-        parts = order.tensor_split([int(0.8 * args.rows), int(0.9 * args.rows)])
-        train, valid, test = (data.to_tensors().subset(part) for part in parts)
-        labels, truth = data.labels[parts[2]].numpy(), data.probabilities[parts[2].numpy()]
+        train, valid, test = data.split([0.8, 0.1, 0.1], seed=seed)
+        labels, truth = test.labels.numpy(), test.probabilities
         rows.append({"seed": seed, "model": "true probabilities", "violations": 0.0,
                      **{step: roc_auc_score(labels[:, t], truth[:, t]) for t, step in enumerate(STEPS)}})
         for label, (name, options) in MODELS.items():
@@ -61,7 +59,7 @@ def main() -> None:
             config = TrainerConfig(max_epochs=args.epochs, batch_size=1024, patience=2, monitor="mean/auc",
                                    learning_rate=1e-3, progress=False, seed=seed)
             started = time.perf_counter()
-            Trainer(model, config).fit(train, valid)
+            Trainer(model, config).fit(train.to_tensors(), valid.to_tensors())
             predicted = torch.stack(list(model.predict(test.inputs).values()), dim=1)
             rows.append({"seed": seed, "model": label, "seconds": time.perf_counter() - started,
                          "violations": float((predicted[:, 1:] > predicted[:, :-1]).any(dim=1).float().mean()),

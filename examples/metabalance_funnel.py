@@ -71,11 +71,9 @@ def main() -> None:
     rows = []
     for seed in range(args.seeds):
         data = make_funnel(STEPS, RATES, num_rows=args.rows, seed=seed)
-        order = torch.randperm(args.rows, generator=torch.Generator().manual_seed(seed))
-        parts = order.tensor_split([int(0.8 * args.rows), int(0.9 * args.rows)])
-        train, valid, test = (data.to_tensors().subset(part) for part in parts)
-        labels = data.labels[parts[2], main_index].numpy()
-        best = roc_auc_score(labels, data.probabilities[parts[2].numpy(), main_index])
+        train, valid, test = data.split([0.8, 0.1, 0.1], seed=seed)
+        labels = test.labels[:, main_index].numpy()
+        best = roc_auc_score(labels, test.probabilities[:, main_index])
         runs = [("single_task", "purchase only", {step: 1.0 for step in STEPS}, {})]
         runs += [(name, label, weights, settings) for name in args.models.split(",")
                  for label, (weights, settings) in variants(aux_weights, relax_factors).items()]
@@ -87,7 +85,7 @@ def main() -> None:
             config = TrainerConfig(max_epochs=args.epochs, batch_size=1024, patience=2, monitor=f"{MAIN}/auc",
                                    learning_rate=1e-3, progress=False, seed=seed, **settings)
             started = time.perf_counter()
-            Trainer(model, config).fit(train, valid)
+            Trainer(model, config).fit(train.to_tensors(), valid.to_tensors())
             auc = roc_auc_score(labels, model.predict(test.inputs)[MAIN].numpy())
             rows.append({"seed": seed, "model": name, "variant": label, "auc": auc, "gap": auc - best,
                          "seconds": time.perf_counter() - started})

@@ -148,6 +148,14 @@ def test_make_funnel_draws_nested_events_at_the_requested_rates():
     again = make_funnel(["click", "cart", "buy"], [0.2, 0.3, 0.3], num_rows=40_000, seed=3)
     assert torch.equal(again.inputs, data.inputs) and torch.equal(again.labels, data.labels)
     assert [t.name for t in data.tasks] == ["click", "cart", "buy"] and all(t.type == "binary" for t in data.tasks)
+    # Split as MultiTaskTensors.split cuts them: the same rows, each with its true probabilities.
+    parts = data.split([0.8, 0.1, 0.1], seed=7)
+    tables = data.to_tensors().split([0.8, 0.1, 0.1], seed=7)
+    assert [len(p.inputs) for p in parts] == [32_000, 4_000, 4_000]
+    for part, table in zip(parts, tables):
+        assert torch.equal(part.inputs, table.inputs) and torch.equal(part.labels, table.labels)
+        rows = [int(torch.nonzero((data.inputs == row).all(1))[0]) for row in part.inputs[:5]]
+        np.testing.assert_array_equal(part.probabilities[:5], data.probabilities[rows])
 
 
 @pytest.mark.parametrize("options, message", [

@@ -22,7 +22,7 @@ import torch
 
 from mtlkit.configuration import check_count
 from mtlkit.data.synthetic import correlation_matrix, related_weight_vectors
-from mtlkit.data.tensors import MultiTaskTensors
+from mtlkit.data.tensors import MultiTaskTensors, random_row_splits
 from mtlkit.errors import ConfigError
 from mtlkit.tasks import TaskSpec
 
@@ -48,6 +48,15 @@ class FunnelData:
     def to_tensors(self) -> MultiTaskTensors:
         """As :class:`MultiTaskTensors` for training."""
         return MultiTaskTensors(self.inputs, self.labels, [t.name for t in self.tasks])
+
+    def subset(self, rows: torch.Tensor) -> "FunnelData":
+        """The rows ``rows`` (indices), with their true probabilities."""
+        return FunnelData(self.inputs[rows], self.labels[rows], self.probabilities[rows.numpy()], self.tasks)
+
+    def split(self, fractions: Sequence[float], seed: int = 0) -> list["FunnelData"]:
+        """Random disjoint splits with the given fractions of the rows, as :meth:`MultiTaskTensors.split`
+        cuts them (the same rows for the same seed)."""
+        return [self.subset(rows) for rows in random_row_splits(len(self.inputs), fractions, seed)]
 
 
 def _bias_for_rate(logits: np.ndarray, rate: float) -> float:

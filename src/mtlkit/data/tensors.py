@@ -9,7 +9,7 @@ import torch
 
 from mtlkit.errors import DataError
 
-__all__ = ["Inputs", "Batch", "MultiTaskTensors", "map_inputs"]
+__all__ = ["Inputs", "Batch", "MultiTaskTensors", "map_inputs", "random_row_splits"]
 
 # A model input: one float tensor, or named tensors (e.g. "dense" floats and "categorical" codes)
 # that all have the same number of rows.
@@ -73,6 +73,20 @@ class Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(map_inputs(self.inputs, move), move(self.labels), move(self.label_mask),
                      None if self.sample_weight is None else move(self.sample_weight), self.all_labelled)
+
+
+def random_row_splits(num_rows: int, fractions: Sequence[float], seed: int = 0) -> list[torch.Tensor]:
+    """Disjoint random sets of row indices, ``round(fraction * num_rows)`` each, cut in turn from one
+    permutation drawn from ``seed`` (the fractions must be >= 0 and sum to <= 1)."""
+    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise ValueError(f"fractions must be >= 0 and sum to <= 1, got {list(fractions)}")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    parts, start = [], 0
+    for fraction in fractions:
+        stop = start + int(round(fraction * num_rows))
+        parts.append(order[start:stop])
+        start = stop
+    return parts
 
 
 class MultiTaskTensors:
@@ -174,15 +188,7 @@ class MultiTaskTensors:
 
     def split(self, fractions: Sequence[float], seed: int = 0) -> list["MultiTaskTensors"]:
         """Random disjoint splits with the given fractions of the rows (they must sum to <= 1)."""
-        if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
-            raise ValueError(f"fractions must be >= 0 and sum to <= 1, got {list(fractions)}")
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        parts, start = [], 0
-        for fraction in fractions:
-            stop = start + int(round(fraction * len(self)))
-            parts.append(self.subset(order[start:stop]))
-            start = stop
-        return parts
+        return [self.subset(rows) for rows in random_row_splits(len(self), fractions, seed)]
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
                 drop_last: bool = False) -> Iterator[Batch]:
