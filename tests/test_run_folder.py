@@ -104,6 +104,8 @@ def test_init_config_leaves_out_identifiers_and_ignored_columns(files):
     (lambda c: c["schema"]["dense"].append("colour"), r"missing column.*colour"),
     (lambda c: c.update(optimiser="sgd"), "optimiser"),
     (lambda c: c["data"].update(train="nowhere.csv"), "no such file"),
+    (lambda c: c["training"].update(gradient_surgery="metabalance", gradient_surgery_scope="shared",
+                                    gradient_surgery_options={"main_task": "purchase"}), r"main_task: 'purchase' is not a task"),
 ])
 def test_bad_configs_fail_before_training_and_leave_nothing(files, edit, message):
     config = yaml.safe_load((files / "run.yaml").read_text())
@@ -307,6 +309,15 @@ def test_config_values_overridden_from_the_command_line(files):
     assert done.returncode == 0, done.stdout + done.stderr
     saved = yaml.safe_load((files / "run" / "config.yaml").read_text())
     assert saved["model"] == {"name": "shared_bottom", "bottom_hidden": [8]} and saved["training"]["max_epochs"] == 1
+
+
+def test_metabalance_from_the_command_line(files):
+    done = run_cli("train", "--config", str(files / "run.yaml"), "--out", str(files / "run"), "--set", "training.max_epochs=1",
+                   "--set", "training.gradient_surgery=metabalance", "--set", "training.gradient_surgery_scope=shared",
+                   "--set", "training.gradient_surgery_options={main_task: click, relax_factor: 1.0}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = yaml.safe_load((files / "run" / "config.yaml").read_text())["training"]
+    assert saved["gradient_surgery"] == "metabalance" and saved["gradient_surgery_options"] == {"main_task": "click", "relax_factor": 1.0}
 
 
 def test_empty_config_file_and_bad_yaml(files):
