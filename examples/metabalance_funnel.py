@@ -41,6 +41,8 @@ MODELS = {
     "shared_bottom": {"bottom_hidden": [128, 64, 32], "tower_hidden": [16]},
     "mmoe": {"num_experts": 6, "expert_hidden": [64, 32], "tower_hidden": [16]},
 }
+# single_task trains a separate network per task: the auxiliary tasks never touch the purchase one.
+PURCHASE_ALONE = ("single_task", {"bottom_hidden": [128, 64, 32], "tower_hidden": []})
 
 
 def variants(aux_weights: list[float], relax_factors: list[float]) -> dict[str, tuple[dict[str, float], dict]]:
@@ -68,18 +70,17 @@ def main() -> None:
     aux_weights = [float(w) for w in args.aux_weights.split(",") if w]
     relax_factors = [float(r) for r in args.relax_factors.split(",") if r]
     main_index = STEPS.index(MAIN)
+    plan = [(*PURCHASE_ALONE, "purchase only", {step: 1.0 for step in STEPS}, {})]
+    plan += [(name, MODELS[name], label, weights, settings) for name in args.models.split(",")
+             for label, (weights, settings) in variants(aux_weights, relax_factors).items()]
     rows = []
     for seed in range(args.seeds):
         data = make_funnel(STEPS, RATES, num_rows=args.rows, seed=seed)
         train, valid, test = data.split([0.8, 0.1, 0.1], seed=seed)
         labels = test.labels[:, main_index].numpy()
         best = roc_auc_score(labels, test.probabilities[:, main_index])
-        runs = [("single_task", "purchase only", {step: 1.0 for step in STEPS}, {})]
-        runs += [(name, label, weights, settings) for name in args.models.split(",")
-                 for label, (weights, settings) in variants(aux_weights, relax_factors).items()]
-        for name, label, weights, settings in runs:
+        for name, options, label, weights, settings in plan:
             tasks = [dataclasses.replace(task, weight=weights[task.name]) for task in data.tasks]
-            options = MODELS.get(name, {"bottom_hidden": [128, 64, 32], "tower_hidden": []})
             torch.manual_seed(seed)
             model = build_model(name, input_dim=data.inputs.shape[1], tasks=tasks, **options)
             config = TrainerConfig(max_epochs=args.epochs, batch_size=1024, patience=2, monitor=f"{MAIN}/auc",

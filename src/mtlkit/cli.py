@@ -56,7 +56,8 @@ def _options_cell(options: dict) -> str:
 def objectives_command() -> None:
     """List the loss weightings and gradient surgeries, with their options and defaults."""
     from mtlkit.objectives import (get_gradient_surgery, get_weighting, gradient_surgery_options, list_gradient_surgeries,
-                                   list_weightings, weighting_options)
+                                   list_weightings, refused_scopes, weighting_options)
+    from mtlkit.training.trainer import GRADIENT_SURGERY_SCOPES
 
     weightings = Table("training.weighting", "method", "training.weighting_options", title="loss weightings")
     for name in list_weightings():
@@ -66,8 +67,7 @@ def objectives_command() -> None:
                       "training.gradient_surgery_scope", title="gradient surgeries")
     for name in list_gradient_surgeries():
         surgery = get_gradient_surgery(name)
-        scopes = "shared" if getattr(surgery, "needs_shared_scope", False) else \
-            "all" if getattr(surgery, "per_coordinate_state", False) else "all, shared"
+        scopes = ", ".join(scope for scope in GRADIENT_SURGERY_SCOPES if scope not in refused_scopes(surgery))
         surgeries.add_row(name, _method_summary(surgery), _options_cell(gradient_surgery_options(name)), scopes)
     console.print(surgeries)
 

@@ -16,6 +16,7 @@ from mtlkit.objectives.gradient_surgery import (
     mgda,
     nash_mtl,
     pcgrad,
+    refused_scopes,
     register_gradient_surgery,
     upgrad,
 )
@@ -32,4 +33,5 @@ __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "Dyna
            "weighting_options",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
            "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery",
-           "list_gradient_surgeries", "register_gradient_surgery", "gradient_surgery_options"]
+           "list_gradient_surgeries", "register_gradient_surgery", "gradient_surgery_options",
+           "refused_scopes"]

@@ -38,7 +38,7 @@ from mtlkit.errors import ConfigError
 
 __all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
            "DualBalancing", "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery",
-           "build_gradient_surgery", "gradient_surgery_options", "list_gradient_surgeries"]
+           "build_gradient_surgery", "gradient_surgery_options", "refused_scopes", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -623,6 +623,18 @@ def gradient_surgery_options(name: str) -> dict[str, Any]:
     surgery = get_gradient_surgery(name)
     parameters = list(inspect.signature(surgery).parameters.values())[0 if inspect.isclass(surgery) else 2:]
     return {p.name: p.default for p in parameters}
+
+
+def refused_scopes(surgery: object) -> dict[str, str]:
+    """The ``gradient_surgery_scope`` values ``surgery`` (registered, or an instance) refuses, each with why."""
+    refused = {}
+    if getattr(surgery, "per_coordinate_state", False):
+        refused["shared"] = ("keeps a moving average per coordinate, and the shared coordinates change from step to step; "
+                             "use scope 'all'")
+    if getattr(surgery, "needs_shared_scope", False):
+        refused["all"] = ("adjusts the tasks' gradients on the layers they share, and leaves each task's own layers its own "
+                          "gradient; set gradient_surgery_scope: shared")
+    return refused
 
 
 def list_gradient_surgeries() -> list[str]:

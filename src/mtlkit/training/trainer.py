@@ -24,7 +24,8 @@ from torch.optim import lr_scheduler
 from mtlkit.configuration import from_mapping
 from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
-from mtlkit.objectives import GradientLayout, LossWeighting, build_gradient_surgery, build_weighting, task_losses
+from mtlkit.objectives import (GradientLayout, LossWeighting, build_gradient_surgery, build_weighting, refused_scopes,
+                               task_losses)
 from mtlkit.objectives.weighting import tasks_with_possibly_negative_loss
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
@@ -170,13 +171,9 @@ class TrainerConfig:
                               "evaluation is best; monitor e.g. TASK/auc, TASK/logloss or TASK/ne")
         if self.gradient_surgery is not None:
             surgery = build_gradient_surgery(self.gradient_surgery, self.gradient_surgery_options)
-            if self.gradient_surgery_scope == "shared" and getattr(surgery, "per_coordinate_state", False):
-                raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery!r} keeps a moving average per "
-                                  "coordinate, and the shared coordinates change from step to step; use scope 'all'")
-            if self.gradient_surgery_scope == "all" and getattr(surgery, "needs_shared_scope", False):
-                raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery!r} adjusts the tasks' gradients "
-                                  "on the layers they share, and leaves each task's own layers its own gradient; set "
-                                  "gradient_surgery_scope: shared")
+            refusal = refused_scopes(surgery).get(self.gradient_surgery_scope)
+            if refusal:
+                raise ConfigError(f"training.gradient_surgery_scope: {self.gradient_surgery!r} {refusal}")
         elif self.gradient_surgery_options:
             raise ConfigError(f"training.gradient_surgery_options: {self.gradient_surgery_options!r} given without a gradient_surgery")
         if self.gradient_surgery_scope not in GRADIENT_SURGERY_SCOPES:
