@@ -72,37 +72,40 @@ def objectives_command() -> None:
     console.print(surgeries)
 
 
-@reproduce_app.command("mmoe-synthetic")
-def reproduce_mmoe_synthetic(
-    profile: str = typer.Option("quick", help="quick (minutes) or paper (the paper's sizes and run counts; hours, resumable)."),
-    seeds: Optional[int] = typer.Option(None, min=1, help="Independent runs per model and correlation (default: the profile's)."),
-    out: Path = typer.Option(Path("runs/mmoe-synthetic"), help="Output folder (resumes a sweep found there)."),
-    correlations: Optional[str] = typer.Option(None, help="Comma-separated correlations, e.g. 1,0.9,0.5,0.1."),
-    models: Optional[str] = typer.Option(None, help="Comma-separated model names (default: all six)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Training steps per run (default: the profile's)."),
-    jobs: int = typer.Option(0, min=0, help="Worker processes (0: one per CPU core)."),
-) -> None:
-    """The MMoE paper's synthetic experiment: loss vs task correlation, at equal parameter budgets."""
-    import dataclasses
+def _synthetic_options(setup: str):
+    """The options of ``mtlkit reproduce <setup>-synthetic``: one command per set-up, one implementation."""
 
+    def command(
+        profile: str = typer.Option("quick", help="quick (minutes) or paper (the paper's sizes and run counts; hours, resumable)."),
+        seeds: Optional[int] = typer.Option(None, min=1, help="Independent runs per model and correlation (default: the profile's)."),
+        out: Path = typer.Option(Path(f"runs/{setup}-synthetic"), help="Output folder (resumes a sweep found there)."),
+        correlations: Optional[str] = typer.Option(None, help="Comma-separated correlations (default: the paper's)."),
+        models: Optional[str] = typer.Option(None, help="Comma-separated model names (default: all the set-up sizes)."),
+        steps: Optional[int] = typer.Option(None, min=1, help="Training steps per run (default: the profile's)."),
+        jobs: int = typer.Option(0, min=0, help="Worker processes (0: one per CPU core)."),
+    ) -> None:
+        changes: dict = {}
+        if seeds is not None:
+            changes["seeds"] = seeds
+        if steps is not None:
+            changes["steps"] = steps
+        if correlations:
+            changes["correlations"] = tuple(_parse_floats(correlations, "--correlations"))
+        if models:
+            changes["models"] = tuple(_names(models))
+        _reproduce_synthetic(setup, profile, changes, out, jobs)
+
+    return command
+
+
+def _reproduce_synthetic(setup: str, profile: str, changes: dict, out: Path, jobs: int) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mtlkit.experiments.mmoe_synthetic import PROFILES, run_mmoe_synthetic
+    from mtlkit.experiments.synthetic_sweep import run_synthetic_sweep, sweep_profile
     from mtlkit.reports.plots import model_label
 
-    if profile not in PROFILES:
-        raise MtlkitError(f"--profile: unknown {profile!r}; expected one of {sorted(PROFILES)}")
-    changes = {}
-    if seeds is not None:
-        changes["seeds"] = seeds
-    if steps is not None:
-        changes["steps"] = steps
-    if correlations:
-        changes["correlations"] = tuple(_parse_floats(correlations, "--correlations"))
-    if models:
-        changes["models"] = tuple(_names(models))
-    config = dataclasses.replace(PROFILES[profile], **changes)
-    console.print(f"[bold]mmoe-synthetic[/] profile={config.profile} seeds={config.seeds} steps={config.steps} "
+    config = sweep_profile(setup, profile, **changes)
+    console.print(f"[bold]{setup}-synthetic[/] profile={config.profile} seeds={config.seeds} steps={config.steps} "
                   f"correlations={list(config.correlations)} -> {out}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
@@ -111,7 +114,7 @@ def reproduce_mmoe_synthetic(
         def on_progress(done: int, total: int, what: str) -> None:
             progress.update(bar, completed=done, total=total, description=what)
 
-        result = run_mmoe_synthetic(config, out, jobs=jobs or os.cpu_count() or 1, on_progress=on_progress)
+        result = run_synthetic_sweep(config, out, jobs=jobs or os.cpu_count() or 1, on_progress=on_progress)
 
     table = result["table"]
     corrs = sorted(table["correlation"].unique(), reverse=True)
@@ -128,17 +131,31 @@ def reproduce_mmoe_synthetic(
         view.add_row(model_label(model), *cells)
     console.print(view)
     for claim in result["claims"]:
-        verdict = "below" if claim["mmoe_mean"] < claim["shared_bottom_mean"] else "NOT below"
-        console.print(f"corr {claim['correlation']:g}: MMoE mean {claim['mmoe_mean']:.4f} is {verdict} Shared-Bottom "
-                      f"{claim['shared_bottom_mean']:.4f}; MMoE better in {claim['mmoe_wins']}/{claim['runs']} paired runs")
+        model, baseline = model_label(claim["model"]), model_label(claim["baseline"])
+        verdict = "below" if claim["model_mean"] < claim["baseline_mean"] else "NOT below"
+        console.print(f"corr {claim['correlation']:g}: {model} mean {claim['model_mean']:.4f} is {verdict} {baseline} "
+                      f"{claim['baseline_mean']:.4f}; {model} better in {claim['model_wins']}/{claim['runs']} paired runs")
     gain = result["mtl_gain"]
+    written = "summary.csv, history.csv, table.md, loss_curves.png, final_loss_distribution.png"
     if len(gain):
         means = gain.groupby("model")["mean_gain"].mean()
         seesaws = gain.groupby("model")[["seesaw_runs", "runs"]].sum()
         console.print("MTL gain over Single-Task (mean over tasks, seeds and correlations; mtl_gain.md per task): " + ", ".join(
             f"{model_label(m)} {means[m]:+.4f} (seesaw in {seesaws.loc[m, 'seesaw_runs']} of {seesaws.loc[m, 'runs']} runs)"
             for m in config.models if m in means.index))
-    console.print(f"wrote {out}/summary.csv, history.csv, table.md, mtl_gain.md, loss_curves.png, final_loss_distribution.png")
+        written += ", mtl_gain.md, mtl_gain.png"
+    console.print(f"wrote {written} in {out}")
+
+
+reproduce_app.command(
+    "mmoe-synthetic",
+    help="The MMoE paper's synthetic experiment: loss vs task correlation, at equal parameter budgets.",
+)(_synthetic_options("mmoe"))
+reproduce_app.command(
+    "ple-synthetic",
+    help="The PLE paper's synthetic experiment (512 inputs, towers 256-128-64): each task's MTL gain over "
+         "Single-Task vs task correlation, and the seesaw runs.",
+)(_synthetic_options("ple"))
 
 
 @reproduce_app.command("mmoe-census")

@@ -15,7 +15,8 @@ import pandas as pd  # noqa: E402
 
 from mtlkit.files import atomic_write  # noqa: E402
 
-__all__ = ["save_figure", "label_axes", "plot_loss_curves", "plot_final_loss_distribution", "plot_learning_curves", "plot_metric_bars"]
+__all__ = ["save_figure", "label_axes", "plot_loss_curves", "plot_final_loss_distribution", "plot_learning_curves", "plot_metric_bars",
+           "plot_mtl_gain"]
 
 MODEL_LABELS = {
     "single_task": "Single-Task",
@@ -162,5 +163,33 @@ def plot_metric_bars(table: pd.DataFrame, path: str | os.PathLike, title: str, m
         ax.set_title(task)
         ax.set_ylabel(metric_label)
         ax.grid(alpha=0.3, axis="y")
+    figure.suptitle(title)
+    return save_figure(figure, path)
+
+
+def plot_mtl_gain(gain: pd.DataFrame, path: str | os.PathLike, title: str) -> Path:
+    """The PLE paper's synthetic figure: each task's MTL gain over the single-task model against the
+    task correlation, one panel per task, a bar per model (mean over seeds, whiskers: std). Bars above
+    0 beat the single-task model; a model whose bars point opposite ways for the two tasks at one
+    correlation is the paper's "seesaw".
+
+    Args:
+        gain: columns ``model, correlation, gain_<task>, gain_<task>_std`` (``mtl_gain``'s table).
+    """
+    tasks = [c[len("gain_"):] for c in gain.columns if c.startswith("gain_") and not c.endswith("_std")]
+    correlations = sorted(gain["correlation"].unique())
+    models = _model_order(gain["model"])
+    width = 0.8 / len(models)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(max(4.5, 1.0 + 0.9 * len(correlations)) * len(tasks), 3.8),
+                                sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, model in enumerate(models):
+            part = gain[gain["model"] == model].set_index("correlation").reindex(correlations)
+            offsets = np.arange(len(correlations)) + (i - (len(models) - 1) / 2) * width
+            ax.bar(offsets, part[f"gain_{task}"], width, yerr=part[f"gain_{task}_std"].fillna(0), capsize=2,
+                   label=model_label(model), alpha=0.85)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(correlations)), [f"{c:g}" for c in correlations])
+        label_axes(ax, task, "task correlation", "MTL gain (single-task MSE - model's)")
     figure.suptitle(title)
     return save_figure(figure, path)
