@@ -1,5 +1,5 @@
 """The synthetic task-relatedness sweep of the MMoE paper (Ma et al., KDD 2018, section 5, Figures 4
-and 5) and of the PLE paper (Tang et al., RecSys 2020, section 5.3: MTL gain against correlation).
+and 5) and of the PLE paper (Tang et al., RecSys 2020: each task's MTL gain against correlation).
 
 A :class:`SyntheticSetup` holds one paper's generator preset, networks and grid. For every task
 correlation and seed, fresh data is generated (the seed varies data *and* initialisation, as in the
@@ -108,9 +108,11 @@ SYNTHETIC_SETUPS: dict[str, SyntheticSetup] = {
         correlations=(1.0, 0.75, 0.5, 0.4, 0.2),
         models=("single_task", "shared_bottom", "mmoe", "cgc", "ple"),
         profiles={
-            "quick": dict(seeds=3, steps=2_000, batch_size=256, lr_schedule="cosine", eval_every=250, valid_rows=10_000, test_rows=10_000),
+            "quick": dict(seeds=3, steps=2_000, batch_size=256, lr_schedule="cosine", eval_every=250,
+                          valid_rows=10_000, test_rows=10_000),
             # The paper's 1.4 M rows per correlation: 1.2 M seen once in training, 100,000 each held out.
-            "paper": dict(seeds=20, steps=4_688, batch_size=256, lr_schedule="cosine", eval_every=250, valid_rows=100_000, test_rows=100_000),
+            "paper": dict(seeds=20, steps=4_688, batch_size=256, lr_schedule="cosine", eval_every=250,
+                          valid_rows=100_000, test_rows=100_000),
         },
         comparisons=(("mmoe", "shared_bottom"), ("ple", "mmoe")),
     ),
