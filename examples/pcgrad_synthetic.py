@@ -1,5 +1,5 @@
 """Does gradient surgery help where tasks are unrelated? Shared-Bottom and MMoE, with and without
-PCGrad (or MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, FairGrad, UPGrad, GradVac, DB-MTL), on the MMoE paper's
+PCGrad (or MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, FairGrad, UPGrad, GradVac, DB-MTL, MoCo), on the MMoE paper's
 synthetic generator at several task correlations.
 
 Each (correlation, seed) draws one data set (20,000 rows, 10 % held out); every model trains on it

@@ -64,7 +64,7 @@ def test_dselect_and_task_conditioned_gates_on_the_gpu(name, gates):
 
 
 @pytest.mark.parametrize("surgery", ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "upgrad", "gradvac", "db_mtl",
-                                     "gradvac:per_layer", "metabalance", "fairgrad"])
+                                     "gradvac:per_layer", "metabalance", "fairgrad", "moco"])
 def test_gradient_surgeries_train_on_the_gpu(surgery):
     tasks, (train, valid) = _synthetic()
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors
 from mtlkit.models import build_model
-from mtlkit.objectives import (DualBalancing, GradientLayout, GradientVaccine, MetaBalance, aligned_mtl, build_gradient_surgery,
+from mtlkit.objectives import (DualBalancing, GradientLayout, GradientVaccine, MetaBalance, MoCo, aligned_mtl, build_gradient_surgery,
                                cagrad, fairgrad, imtl, list_gradient_surgeries, mgda, nash_mtl, pcgrad, upgrad)
 from mtlkit.objectives.gradient_surgery import _dual_cone_weights, _fair_share_weights, _simplex_minimiser
 from mtlkit.training import Trainer, TrainerConfig, evaluate
@@ -132,7 +132,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
 @pytest.mark.parametrize("options, message", [
     (dict(gradient_surgery="graddrop"),
      r"gradient_surgery.*'graddrop'.*\['aligned_mtl', 'cagrad', 'db_mtl', 'fairgrad', 'gradvac', 'imtl', 'metabalance', 'mgda', "
-     r"'nash_mtl', 'pcgrad', 'upgrad'\]"),
+     r"'moco', 'nash_mtl', 'pcgrad', 'upgrad'\]"),
     (dict(gradient_surgery="fairgrad", gradient_surgery_options={"alpha": 0}), "options.alpha: expected a number > 0, got 0"),
     (dict(gradient_surgery="pcgrad", weighting="gradnorm"), "'gradnorm' learns its weights from the tasks' gradients"),
     (dict(gradient_surgery="db_mtl", weighting="uncertainty"), "'db_mtl' balances the losses' scales itself"),
@@ -161,12 +161,16 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
      r"options.relax_factor: expected a number in \[0, 1\], got 1.5"),
     (dict(gradient_surgery="metabalance", gradient_surgery_options={"main_task": "a", "beta": 1}, gradient_surgery_scope="shared"),
      r"options.beta: expected a number in \[0, 1\)"),
+    (dict(gradient_surgery="moco", gradient_surgery_options={"beta": 0}), r"options.beta: expected a number in \(0, 1\], got 0"),
+    (dict(gradient_surgery="moco", gradient_surgery_options={"gamma": 0}), "options.gamma: expected a number > 0, got 0"),
+    (dict(gradient_surgery="moco", gradient_surgery_options={"rho": -1}), "options.rho: expected a number >= 0"),
+    (dict(gradient_surgery="moco", gradient_surgery_scope="shared"), "'moco' keeps a moving average per coordinate"),
 ])
 def test_bad_gradient_surgery_options(options, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(build_model("mmoe", input_dim=8, tasks=TASKS), TrainerConfig(max_steps=1, progress=False, **options))
     assert list_gradient_surgeries() == ["aligned_mtl", "cagrad", "db_mtl", "fairgrad", "gradvac", "imtl", "metabalance", "mgda",
-                                         "nash_mtl", "pcgrad", "upgrad"]
+                                         "moco", "nash_mtl", "pcgrad", "upgrad"]
 
 
 def _conflicting(num_tasks, seed, size=50):
@@ -256,7 +260,7 @@ def test_aligned_mtl_sums_the_gradients_made_orthogonal_and_of_equal_norm():
 @pytest.mark.parametrize("surgery, scope", [("mgda", "all"), ("cagrad", "all"), ("aligned_mtl", "all"), ("imtl", "all"),
                                             ("nash_mtl", "all"), ("upgrad", "all"), ("gradvac", "all"), ("pcgrad", "shared"),
                                             ("mgda", "shared"), ("nash_mtl", "shared"), ("db_mtl", "all"), ("metabalance", "shared"),
-                                            ("gradvac:per_layer", "shared"), ("fairgrad", "all")])
+                                            ("gradvac:per_layer", "shared"), ("fairgrad", "all"), ("moco", "all")])
 def test_the_other_surgeries_train_both_conflicting_tasks(surgery, scope):
     """Labels of opposite sign on shared inputs: both tasks' losses still fall."""
     torch.manual_seed(0)
@@ -502,6 +506,56 @@ def test_db_mtl_rescales_each_tasks_moving_average_to_the_largest_norm():
     with pytest.raises(RuntimeError, match=r"moving averages are \(3, 6\).*gradients of \(3, 5\)"):
         balancing(torch.ones(3, 5, dtype=torch.float64), generator)
     assert build_gradient_surgery("db_mtl", {"beta": 0.8}).averages is None  # the trial call left no state
+
+
+def test_moco_tracks_the_gradients_rescaled_to_the_losses_and_moves_its_weights_a_softmax_step():
+    generator = torch.Generator()
+    for beta, beta_sigma, gamma, gamma_sigma, rho in ((0.5, 0.5, 0.1, 0.5, 0.0), (0.9, 0.0, 1.0, 0.0, 0.5)):
+        moco = MoCo(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
+        tracked, weights = torch.zeros(3, 6, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+        for step in range(1, 5):
+            g = _conflicting(3, step, size=6)
+            losses = torch.tensor([0.5, 2.0, 1.0 + step], dtype=torch.float64)
+            rescaled = torch.stack([g[k] / (g[k].norm() + 1e-8) * losses[k] for k in range(3)])
+            tracked = tracked - beta / step**beta_sigma * (tracked - rescaled)
+            pull = (tracked @ tracked.T + rho * torch.eye(3, dtype=torch.float64)) @ weights
+            weights = torch.softmax(weights - gamma / step**gamma_sigma * pull, dim=0)
+            torch.testing.assert_close(moco(g, generator, losses=losses), weights @ tracked)
+        torch.testing.assert_close(moco.state_dict()["weights"], weights)
+        assert abs(float(weights.sum()) - 1) < 1e-12 and moco.state_dict()["steps"] == 4
+        resumed = MoCo(beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho)
+        resumed.load_state_dict(moco.state_dict())
+        g, losses = _conflicting(3, 9, size=6), torch.ones(3, dtype=torch.float64)
+        torch.testing.assert_close(resumed(g, generator, losses=losses), moco(g, generator, losses=losses))
+    # The same gradient and loss for every task: the direction is that gradient, at the loss's size.
+    same = torch.tensor([[3.0, 4.0]] * 2, dtype=torch.float64)
+    direction = MoCo(beta=1.0)(same, generator, losses=torch.tensor([2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(direction, torch.tensor([1.2, 1.6], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"tracked gradients are \(3, 6\).*gradients of \(3, 5\)"):
+        moco(torch.ones(3, 5, dtype=torch.float64), generator, losses=torch.ones(3))
+    assert build_gradient_surgery("moco", {"gamma": 0.3}).tracked is None  # the trial call left no state
+
+
+def test_moco_is_handed_the_weighted_losses(monkeypatch):
+    tasks = [TaskSpec("a", "regression", weight=2.0), TaskSpec("b", "regression", weight=0.5)]
+    data = _data(1.0)
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=tasks)
+    initial = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=1000, progress=False, gradient_surgery="moco"))
+    seen = []
+    original = trainer._surgery
+    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator, losses: seen.append(losses.clone()) or original(
+        grads, generator, losses=losses))
+    trainer.fit(data)
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), initial):
+            p.copy_(value)
+        outputs = model(data.inputs)
+        expected = [task.weight * torch.nn.functional.mse_loss(outputs[task.name][:, 0], data.labels[:, k])
+                    for k, task in enumerate(tasks)]
+    assert len(seen) == 1 and not seen[0].requires_grad
+    torch.testing.assert_close(seen[0], torch.stack(expected), rtol=1e-5, atol=1e-7)
 
 
 def test_metabalance_brings_each_auxiliary_gradient_towards_the_main_ones_norm_layer_by_layer():

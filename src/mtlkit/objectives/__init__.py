@@ -5,6 +5,7 @@ from mtlkit.objectives.gradient_surgery import (
     GradientLayout,
     GradientVaccine,
     MetaBalance,
+    MoCo,
     aligned_mtl,
     build_gradient_surgery,
     cagrad,
@@ -32,6 +33,6 @@ __all__ = ["task_losses", "TaskLosses", "LossWeighting", "FixedWeighting", "Dyna
            "GeometricLossWeighting", "build_weighting", "get_weighting", "list_weightings", "register_weighting",
            "weighting_options",
            "pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
-           "DualBalancing", "MetaBalance", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery",
+           "DualBalancing", "MetaBalance", "MoCo", "GradientLayout", "get_gradient_surgery", "build_gradient_surgery",
            "list_gradient_surgeries", "register_gradient_surgery", "gradient_surgery_options",
            "refused_scopes"]

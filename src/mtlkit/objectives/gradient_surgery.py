@@ -13,13 +13,15 @@ hands it the gradients of ``w_k log L_k``, DB-MTL) and ``per_coordinate_state`` 
 each coordinate, so ``gradient_surgery_scope: shared``, whose coordinates change from step to step,
 is refused). An instance whose ``uses_layout`` is true is called with a third argument, a
 :class:`GradientLayout` (the tasks' names in row order and how many columns each parameter tensor
-has: MetaBalance, GradVac per layer). A class may also set ``needs_shared_scope`` (it is defined on
+has: MetaBalance, GradVac per layer), and one whose ``uses_losses`` is true with a keyword argument
+``losses``, the ``(K,)`` weighted losses ``w_k L_k`` (MoCo). A class may also set ``needs_shared_scope`` (it is defined on
 the parameters the tasks share, MetaBalance) and a ``check_tasks(task_names)`` method the trainer
 calls once with the weighted tasks' names.
 ``TrainerConfig.gradient_surgery`` names one, and ``gradient_surgery_options`` its
 options. Each surgery here is scaled so that where every task has the same gradient it returns
 their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at ``alpha`` 0; DB-MTL: of ``sum_k w_k log
-L_k``), so learning rates carry over from training without surgery.
+L_k``), so learning rates carry over from training without surgery; MoCo alone returns a weighted
+mean of the gradients rescaled to the losses' sizes, as its authors' code does.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mtlkit.configuration import check_non_negative, check_positive, check_proba
 from mtlkit.errors import ConfigError
 
 __all__ = ["pcgrad", "mgda", "cagrad", "aligned_mtl", "imtl", "nash_mtl", "fairgrad", "upgrad", "GradientVaccine",
-           "DualBalancing", "MetaBalance", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery",
+           "DualBalancing", "MetaBalance", "MoCo", "GradientLayout", "register_gradient_surgery", "get_gradient_surgery",
            "build_gradient_surgery", "gradient_surgery_options", "refused_scopes", "list_gradient_surgeries"]
 
 GradientSurgery = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -568,9 +570,79 @@ class MetaBalance:
         self.averages = None if state["averages"] is None else state["averages"].clone()
 
 
+class MoCo:
+    """MoCo (Fernando et al., "Mitigating gradient bias in multi-objective learning", ICLR 2023): MGDA's
+    min-norm weighting made stable under minibatch noise by tracking each task's gradient and letting
+    the weights move a little every step instead of solving for them afresh. As in the authors' code
+    (and LibMTL's), each task's gradient is first rescaled to its loss's size, ``g_k |g_k|^-1 L_k``
+    (``L_k`` the weighted loss ``w_k L_k``, which the trainer hands it: ``uses_losses``), then at step
+    ``t``:
+
+    - tracking: ``y_k <- y_k - beta t^-beta_sigma (y_k - g_k)``;
+    - weights: ``lambda <- softmax(lambda - gamma t^-gamma_sigma (Y Y' + rho I) lambda)``, from
+      ``lambda = 1 / K``;
+    - direction: ``Y' lambda``.
+
+    The defaults (``beta`` 0.5, ``beta_sigma`` 0.5, ``gamma`` 0.1, ``gamma_sigma`` 0.5, ``rho`` 0) are
+    LibMTL's. The weights sum to 1, so unlike the other surgeries the step is a weighted mean, of the
+    size of the losses, not the summed gradient: Adam, the trainer's optimizer, hardly depends on the
+    gradient's scale, but a learning rate tuned for plain SGD does not carry over.
+    ``generator`` is unused (deterministic).
+
+    Shape: ``grads`` ``(K, P)``, ``losses`` ``(K,)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, P)``
+    tracked gradients, the ``(K,)`` weights and the step count; the tracking is per coordinate, so
+    the coordinates must stay the same (``gradient_surgery_scope: all``).
+    """
+
+    uses_losses = True
+    per_coordinate_state = True
+
+    def __init__(self, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1, gamma_sigma: float = 0.5,
+                 rho: float = 0.0):
+        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta <= 1):
+            raise ConfigError(f"training.gradient_surgery_options.beta: expected a number in (0, 1], got {beta!r}")
+        self.beta = float(beta)
+        self.beta_sigma = check_non_negative(beta_sigma, "training.gradient_surgery_options.beta_sigma")
+        self.gamma = check_positive(gamma, "training.gradient_surgery_options.gamma")
+        self.gamma_sigma = check_non_negative(gamma_sigma, "training.gradient_surgery_options.gamma_sigma")
+        self.rho = check_non_negative(rho, "training.gradient_surgery_options.rho")
+        self.tracked: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self.steps = 0
+
+    def __call__(self, grads: torch.Tensor, generator: torch.Generator, *, losses: torch.Tensor) -> torch.Tensor:
+        num_tasks = grads.shape[0]
+        if self.tracked is None:
+            self.tracked = torch.zeros_like(grads)
+            self.weights = torch.full((num_tasks,), 1.0 / num_tasks, dtype=grads.dtype, device=grads.device)
+        elif self.tracked.shape != grads.shape:
+            raise RuntimeError(f"moco: its tracked gradients are {tuple(self.tracked.shape)} (tasks, coordinates), but "
+                               f"gradients of {tuple(grads.shape)} came; the weighted tasks and the parameters must stay the same")
+        self.steps += 1
+        # The reference's 1e-8 keeps a task without labelled rows (gradient 0) at 0.
+        rescaled = grads / (grads.norm(dim=1, keepdim=True) + 1e-8) * losses.to(grads).reshape(-1, 1)
+        tracked = self.tracked.to(grads)
+        tracked = tracked - self.beta / self.steps**self.beta_sigma * (tracked - rescaled)
+        gram = tracked @ tracked.T + self.rho * torch.eye(num_tasks, dtype=grads.dtype, device=grads.device)
+        weights = self.weights.to(grads)
+        weights = torch.softmax(weights - self.gamma / self.steps**self.gamma_sigma * (gram @ weights), dim=0)
+        self.tracked, self.weights = tracked, weights
+        return weights @ tracked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracked": None if self.tracked is None else self.tracked.clone(),
+                "weights": None if self.weights is None else self.weights.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tracked = None if state["tracked"] is None else state["tracked"].clone()
+        self.weights = None if state["weights"] is None else state["weights"].clone()
+        self.steps = int(state["steps"])
+
+
 _SURGERIES: dict[str, GradientSurgery | type] = {"pcgrad": pcgrad, "mgda": mgda, "cagrad": cagrad, "aligned_mtl": aligned_mtl,
                                                  "imtl": imtl, "nash_mtl": nash_mtl, "fairgrad": fairgrad, "upgrad": upgrad,
-                                                 "gradvac": GradientVaccine, "db_mtl": DualBalancing, "metabalance": MetaBalance}
+                                                 "gradvac": GradientVaccine, "db_mtl": DualBalancing, "metabalance": MetaBalance,
+                                                 "moco": MoCo}
 
 
 def register_gradient_surgery(name: str, surgery: GradientSurgery | type) -> None:
@@ -610,7 +682,8 @@ def build_gradient_surgery(name: str, options: Mapping[str, Any] | None = None) 
     if inspect.isclass(surgery):
         trial = surgery(**options)  # a throwaway instance: the trial leaves no state
         if not getattr(trial, "uses_layout", False):  # one that does needs the tasks' names; its __init__ checks its options
-            trial(torch.eye(2), torch.Generator().manual_seed(0))
+            losses = {"losses": torch.ones(2)} if getattr(trial, "uses_losses", False) else {}
+            trial(torch.eye(2), torch.Generator().manual_seed(0), **losses)
         return surgery(**options)
     bound = functools.partial(surgery, **options) if options else surgery
     bound(torch.eye(2), torch.Generator().manual_seed(0))

@@ -418,6 +418,7 @@ class Trainer:
             self._surgery = build_gradient_surgery(self.config.gradient_surgery, self.config.gradient_surgery_options)
             self._surgery_log_losses = getattr(self._surgery, "log_losses", False)
             self._surgery_uses_layout = getattr(self._surgery, "uses_layout", False)
+            self._surgery_uses_losses = getattr(self._surgery, "uses_losses", False)
             if hasattr(self._surgery, "check_tasks"):  # MetaBalance's main task
                 self._surgery.check_tasks(tuple(t.name for t in self.tasks if t.weight != 0))
             if own and self._surgery_log_losses:
@@ -484,10 +485,11 @@ class Trainer:
         return rise if decay is None else lr_scheduler.SequentialLR(optimizer, [rise, decay()], milestones=[warmup])
 
     def _combine_task_gradients(self, grads: torch.Tensor, task_names: tuple[str, ...],
-                                parameter_sizes: list[int]) -> torch.Tensor:
+                                parameter_sizes: list[int], losses: torch.Tensor) -> torch.Tensor:
         """The configured surgery of the tasks' flat gradients ``(K, P)`` -> ``(P,)``, over the coordinates
         of ``gradient_surgery_scope`` (rows: ``task_names``; columns: the parameters' coordinates in turn,
-        ``parameter_sizes`` of them each)."""
+        ``parameter_sizes`` of them each; ``losses``: the ``(K,)`` weighted losses they are the gradients of,
+        for a surgery that ``uses_losses``)."""
         shared = None
         if self.config.gradient_surgery_scope == "shared":
             # Coordinates only one task reaches (its slice of the stacked towers, its own gate) carry no
@@ -500,10 +502,11 @@ class Trainer:
             sizes = parameter_sizes if shared is None else [int(n) for n in torch.stack(
                 [part.sum() for part in shared.split(parameter_sizes)]).tolist()]
             arguments.append(GradientLayout(task_names, tuple(sizes)))
+        keywords = {"losses": losses} if self._surgery_uses_losses else {}
         if shared is None:
-            return self._surgery(*arguments)
+            return self._surgery(*arguments, **keywords)
         combined = grads.sum(0)
-        combined[shared] = self._surgery(*arguments)
+        combined[shared] = self._surgery(*arguments, **keywords)
         return combined
 
     def _surgery_backward(self, losses: Mapping[str, torch.Tensor], auxiliary: torch.Tensor | None = None) -> None:
@@ -533,7 +536,8 @@ class Trainer:
                               for p, g in zip(parameters, grads)])
 
         flat = [flat_gradient(term, k < len(terms) - 1 or auxiliary is not None) for k, term in enumerate(terms)]
-        combined = self._combine_task_gradients(torch.stack(flat), tuple(weighted), [p.numel() for p in parameters]) if flat else 0.0
+        combined = (self._combine_task_gradients(torch.stack(flat), tuple(weighted), [p.numel() for p in parameters],
+                                                 torch.stack([term.detach() for term in terms])) if flat else 0.0)
         if auxiliary is not None:
             combined = combined + flat_gradient(auxiliary, False)
         offset = 0
