@@ -536,21 +536,28 @@ def test_moco_tracks_the_gradients_rescaled_to_the_losses_and_moves_its_weights_
     assert build_gradient_surgery("moco", {"gamma": 0.3}).tracked is None  # the trial call left no state
 
 
-def test_moco_is_handed_the_weighted_losses(monkeypatch):
+def _one_recorded_step(surgery, record):
+    """One step of MMoE on two tasks weighted 2 and 0.5 with ``surgery``, ``record(*arguments, **keywords)``
+    seeing what the trainer hands it. Returns the tasks, the data and the model back at its initial weights."""
     tasks = [TaskSpec("a", "regression", weight=2.0), TaskSpec("b", "regression", weight=0.5)]
     data = _data(1.0)
     torch.manual_seed(0)
     model = build_model("mmoe", input_dim=8, tasks=tasks)
     initial = [p.detach().clone() for p in model.parameters()]
-    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=1000, progress=False, gradient_surgery="moco"))
-    seen = []
+    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=1000, progress=False, gradient_surgery=surgery))
     original = trainer._surgery
-    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator, losses: seen.append(losses.clone()) or original(
-        grads, generator, losses=losses))
+    trainer._surgery = lambda *arguments, **keywords: record(*arguments, **keywords) or original(*arguments, **keywords)
     trainer.fit(data)
     with torch.no_grad():
         for p, value in zip(model.parameters(), initial):
             p.copy_(value)
+    return tasks, data, model
+
+
+def test_moco_is_handed_the_weighted_losses():
+    seen = []
+    tasks, data, model = _one_recorded_step("moco", lambda grads, generator, losses: seen.append(losses.clone()))
+    with torch.no_grad():
         outputs = model(data.inputs)
         expected = [task.weight * torch.nn.functional.mse_loss(outputs[task.name][:, 0], data.labels[:, k])
                     for k, task in enumerate(tasks)]
@@ -655,21 +662,10 @@ def test_metabalance_in_the_trainer_sees_the_shared_layers_and_the_weighted_task
                                      gradient_surgery_options={"main_task": "off"}))
 
 
-def test_db_mtl_gets_the_gradients_of_the_weighted_log_losses(monkeypatch):
+def test_db_mtl_gets_the_gradients_of_the_weighted_log_losses():
     """The trainer hands DB-MTL each task's gradient of ``w_k log L_k``: a task's loss scale no longer sets its gradient's."""
-    tasks = [TaskSpec("a", "regression", weight=2.0), TaskSpec("b", "regression", weight=0.5)]
-    data = _data(1.0)
-    torch.manual_seed(0)
-    model = build_model("mmoe", input_dim=8, tasks=tasks)
-    initial = [p.detach().clone() for p in model.parameters()]
-    trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=1000, progress=False, gradient_surgery="db_mtl"))
     seen = []
-    original = trainer._surgery
-    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator: seen.append(grads.clone()) or original(grads, generator))
-    trainer.fit(data)
-    with torch.no_grad():
-        for p, value in zip(model.parameters(), initial):
-            p.copy_(value)
+    tasks, data, model = _one_recorded_step("db_mtl", lambda grads, generator: seen.append(grads.clone()))
     outputs = model(data.inputs)
     expected = []
     for k, task in enumerate(tasks):
