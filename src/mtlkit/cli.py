@@ -72,7 +72,7 @@ def objectives_command() -> None:
     console.print(surgeries)
 
 
-def _synthetic_options(setup: str):
+def _synthetic_command(setup: str):
     """The options of ``mtlkit reproduce <setup>-synthetic``: one command per set-up, one implementation."""
 
     def command(
@@ -150,12 +150,12 @@ def _reproduce_synthetic(setup: str, profile: str, changes: dict, out: Path, job
 reproduce_app.command(
     "mmoe-synthetic",
     help="The MMoE paper's synthetic experiment: loss vs task correlation, at equal parameter budgets.",
-)(_synthetic_options("mmoe"))
+)(_synthetic_command("mmoe"))
 reproduce_app.command(
     "ple-synthetic",
     help="The PLE paper's synthetic experiment (512 inputs, towers 256-128-64): each task's MTL gain over "
          "Single-Task vs task correlation, and the seesaw runs.",
-)(_synthetic_options("ple"))
+)(_synthetic_command("ple"))
 
 
 @reproduce_app.command("mmoe-census")

@@ -119,6 +119,12 @@ SYNTHETIC_SETUPS: dict[str, SyntheticSetup] = {
 }
 
 
+def _setup(name: str) -> SyntheticSetup:
+    if name not in SYNTHETIC_SETUPS:
+        raise ConfigError(f"setup: unknown {name!r}; expected one of {sorted(SYNTHETIC_SETUPS)}")
+    return SYNTHETIC_SETUPS[name]
+
+
 @dataclass
 class SyntheticSweepConfig:
     """Settings of one sweep. :func:`sweep_profile` gives a setup's named ones.
@@ -159,9 +165,7 @@ class SyntheticSweepConfig:
     profile: str = "custom"
 
     def __post_init__(self) -> None:
-        if self.setup not in SYNTHETIC_SETUPS:
-            raise ConfigError(f"setup: unknown {self.setup!r}; expected one of {sorted(SYNTHETIC_SETUPS)}")
-        setup = SYNTHETIC_SETUPS[self.setup]
+        setup = _setup(self.setup)
         self.correlations = tuple(float(c) for c in (setup.correlations if self.correlations is None else self.correlations))
         self.models = tuple(setup.models if self.models is None else self.models)
         for corr in self.correlations:
@@ -194,9 +198,7 @@ class SyntheticSweepConfig:
 
 def sweep_profile(setup: str, profile: str = "quick", **changes: Any) -> SyntheticSweepConfig:
     """The settings of ``setup``'s named ``profile`` (``quick`` or ``paper``), with ``changes`` on top."""
-    if setup not in SYNTHETIC_SETUPS:
-        raise ConfigError(f"setup: unknown {setup!r}; expected one of {sorted(SYNTHETIC_SETUPS)}")
-    profiles = SYNTHETIC_SETUPS[setup].profiles
+    profiles = _setup(setup).profiles
     if profile not in profiles:
         raise ConfigError(f"--profile: unknown {profile!r}; expected one of {sorted(profiles)}")
     return SyntheticSweepConfig(**{"setup": setup, "profile": profile, **profiles[profile], **changes})
