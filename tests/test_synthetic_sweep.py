@@ -83,9 +83,9 @@ def test_same_seed_same_sweep(tmp_path):
 
 
 def test_models_are_compared_at_equal_budget():
-    configs = model_configs_at_equal_budget(["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"], 100, ["y1", "y2"])
+    configs = model_configs_at_equal_budget(["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt"], 100, ["y1", "y2"])
     sizes = {name: build_model(name, cfg).count_parameters() for name, cfg in configs.items()}
-    for name in ("single_task", "shared_bottom", "cgc", "ple"):
+    for name in ("single_task", "shared_bottom", "cgc", "ple", "adatt"):
         assert abs(sizes[name] - sizes["mmoe"]) / sizes["mmoe"] < 0.03, (name, sizes)
     assert configs["omoe"].expert_hidden == configs["mmoe"].expert_hidden  # same experts, one gate
 
@@ -94,10 +94,10 @@ def test_the_ple_setup_sizes_its_models_to_mmoe_with_the_papers_towers():
     config = sweep_profile("ple", "quick")
     assert config.correlations == (1.0, 0.75, 0.5, 0.4, 0.2) and config.batch_size == 256 and config.lr_schedule == "cosine"
     assert sweep_profile("ple", "paper").resolved_train_rows + 2 * 100_000 == pytest.approx(1_400_000, rel=0.001)
-    configs = model_configs_at_equal_budget(config.models, 512, ["y1", "y2"], setup="ple")
+    configs = model_configs_at_equal_budget(config.models + ("adatt",), 512, ["y1", "y2"], setup="ple")
     models = {name: build_model(name, cfg) for name, cfg in configs.items()}
     sizes = {name: model.count_parameters() for name, model in models.items()}
-    for name in ("single_task", "shared_bottom", "cgc", "ple"):
+    for name in ("single_task", "shared_bottom", "cgc", "ple", "adatt"):
         assert abs(sizes[name] - sizes["mmoe"]) / sizes["mmoe"] < 0.03, (name, sizes)
     assert all(tuple(cfg.tower_hidden) == (256, 128, 64) and cfg.input_dim == 512 for cfg in configs.values())
     assert configs["mmoe"].num_experts == 3 and configs["cgc"].num_shared_experts == configs["cgc"].num_task_experts == 1

@@ -209,7 +209,7 @@ def summarise(out: Path, config: CensusExperimentConfig, tasks: Sequence[str]) -
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     main = tasks[0]
     rows = []
-    order = [m for m in ("single_task", "shared_bottom", "cross_stitch", "omoe", "mmoe", "cgc", "ple", "gbdt")
+    order = [m for m in ("single_task", "shared_bottom", "cross_stitch", "omoe", "mmoe", "cgc", "ple", "adatt", "gbdt")
              if m in set(results["model"])]
     for model in order:
         part = results[results["model"] == model]

@@ -82,6 +82,9 @@ SYNTHETIC_SETUPS: dict[str, SyntheticSetup] = {
             "cgc": ("expert_hidden", dict(num_shared_experts=4, num_task_experts=2, expert_hidden=(16,), tower_hidden=(8,))),
             "ple": ("expert_hidden", dict(num_shared_experts=4, num_task_experts=2, num_levels=2, expert_hidden=(16,),
                                           tower_hidden=(8,))),
+            # Not in the paper; PLE's experts, every gate over all of them (--models adatt).
+            "adatt": ("expert_hidden", dict(num_shared_experts=4, num_task_experts=2, num_levels=2, expert_hidden=(16,),
+                                            tower_hidden=(8,))),
         },
         correlations=(1.0, 0.9, 0.5, 0.1),
         models=("single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple"),
@@ -104,6 +107,8 @@ SYNTHETIC_SETUPS: dict[str, SyntheticSetup] = {
                                           tower_hidden=_PLE_TOWERS)),
             "ple": ("expert_hidden", dict(num_shared_experts=1, num_task_experts=1, num_levels=2, expert_hidden=(64,),
                                           tower_hidden=_PLE_TOWERS)),
+            "adatt": ("expert_hidden", dict(num_shared_experts=1, num_task_experts=1, num_levels=2, expert_hidden=(64,),
+                                            tower_hidden=_PLE_TOWERS)),
         },
         correlations=(1.0, 0.75, 0.5, 0.4, 0.2),
         models=("single_task", "shared_bottom", "mmoe", "cgc", "ple"),

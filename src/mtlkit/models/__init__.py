@@ -6,6 +6,7 @@ Every model is built from a typed config through one registry::
     model = build_model("mmoe", input_dim=100, tasks=["y1", "y2"], num_experts=8)
 """
 
+from mtlkit.models.adaptive_task_fusion import AdaptiveTaskFusion, AdaTTConfig
 from mtlkit.models.adaptive_information_transfer import AdaptiveInformationTransferModel, AITMConfig, funnel_violation
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
@@ -39,7 +40,7 @@ __all__ = [
     "model_config", "count_model_parameters", "match_parameter_budget",
     "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
-    "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction",
+    "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction", "AdaTTConfig", "AdaptiveTaskFusion",
     "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel", "apply_output_calibration", "IsotonicCalibration",
     "FunnelESMMConfig", "EntireSpaceFunnelModel",
     "CrossStitchConfig", "CrossStitchNetwork", "AITMConfig", "AdaptiveInformationTransferModel", "funnel_violation",

@@ -78,6 +78,9 @@ class _ExtractionLevel(torch.nn.Module):
     output ``(B, K, D)`` (last level) or ``(B, K + 1, D)``.
     """
 
+    # AdaTT's levels (models/adaptive_task_fusion.py) let every gate mix all of the level's experts.
+    gates_see_all_experts = False
+
     def __init__(self, c: CGCConfig, input_dim: int, first: bool, last: bool) -> None:
         super().__init__()
         K, Et, Es = c.num_tasks, c.num_task_experts, c.num_shared_experts
@@ -87,20 +90,31 @@ class _ExtractionLevel(torch.nn.Module):
         self.experts = ExpertBank(total, input_dim, c.expert_hidden, input_groups=groups,
                                   activation=c.activation, dropout=c.dropout, norm=c.norm)
         shared = list(range(K * Et, total))
-        self.choices = [list(range(k * Et, (k + 1) * Et)) + shared for k in range(K)] + ([] if last else [list(range(total))])
+        everything = list(range(total))
+        # A shared gate feeds the next level's shared experts; PLE keeps it even without any.
+        self.has_shared_gate = not last and (Es > 0 or not self.gates_see_all_experts)
+        if self.gates_see_all_experts:
+            task_choices = [everything] * K
+        else:
+            task_choices = [list(range(k * Et, (k + 1) * Et)) + shared for k in range(K)]
+        self.choices = task_choices + ([everything] if self.has_shared_gate else [])
         self.num_gates = len(self.choices)
         tasks = [t.name for t in c.tasks]
-        self.gates = c.build_gate_bank(self.num_gates, input_dim, total, shared_input=first, choices=self.choices,
-                                       gate_names=tasks + ([] if last else ["shared"]),
+        self.gates = c.build_gate_bank(self.num_gates, input_dim, total, shared_input=first,
+                                       choices=None if self.gates_see_all_experts else self.choices,
+                                       gate_names=tasks + (["shared"] if self.has_shared_gate else []),
                                        choice_names=[f"{task} {i}" for task in tasks for i in range(Et)]
                                        + [f"shared {i}" for i in range(Es)])
         self.output_dim = self.experts.output_dim
 
+    def gate_selector(self, h: torch.Tensor) -> torch.Tensor:
+        """What the gates read: the input itself at the first level; above it gate ``g`` reads input
+        ``g`` (task ``k``'s, then the shared one where the level below had a shared gate)."""
+        return h if self.first or h.shape[1] == self.num_gates else h[:, : self.num_gates]
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts = self.experts(h)
-        # Above the first level gate g reads input g: task k's, then the shared one.
-        selector = h if self.first or h.shape[1] == self.num_gates else h[:, : self.num_gates]
-        return mix_experts(self.gates(selector), experts)
+        return mix_experts(self.gates(self.gate_selector(h)), experts)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._upgrade_two_gate_banks(state_dict, prefix)
@@ -145,13 +159,15 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
     # (models/small_mixture.py); False keeps the module-by-module path.
     small_mixture: bool = True
 
+    level_class: type[_ExtractionLevel] = _ExtractionLevel
+
     def __init__(self, config: CGCConfig) -> None:
         super().__init__(config)
         c = config
         self.levels = torch.nn.ModuleList()
         width = c.input_dim
         for level in range(c.levels):
-            block = _ExtractionLevel(c, width, first=level == 0, last=level == c.levels - 1)
+            block = self.level_class(c, width, first=level == 0, last=level == c.levels - 1)
             self.levels.append(block)
             width = block.output_dim
         self.towers = TaskTowers(c.tasks, width, c.tower_hidden, shared_input=False,

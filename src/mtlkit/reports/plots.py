@@ -26,6 +26,7 @@ MODEL_LABELS = {
     "mmoe": "MMoE",
     "cgc": "CGC",
     "ple": "PLE",
+    "adatt": "AdaTT",
     "esmm": "ESMM",
     "esmm_funnel": "ESMM funnel",
     "aitm": "AITM",

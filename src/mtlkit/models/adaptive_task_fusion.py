@@ -1,0 +1,110 @@
+"""AdaTT (adaptive task-to-task fusion, Li et al., KDD 2023): PLE's levels with every gate fusing
+all of a level's experts, plus a learned residual from each task's own experts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mtlkit.errors import ConfigError
+from mtlkit.models.gates import mix_experts
+from mtlkit.models.progressive_layered_extraction import CGCConfig, PLEConfig, ProgressiveLayeredExtraction, _ExtractionLevel
+from mtlkit.models.registry import register_model
+
+__all__ = ["AdaTTConfig", "AdaptiveTaskFusion"]
+
+
+@dataclass
+class AdaTTConfig(PLEConfig):
+    """Config of AdaTT: :class:`~mtlkit.models.PLEConfig`'s fields (``num_levels`` fusion levels of
+    ``num_task_experts`` experts per task and ``num_shared_experts`` shared ones; 0 shared experts is
+    the paper's AdaTT-sp), plus:
+
+    Args:
+        native_residual: add to each task's gated fusion a learned linear combination of its own
+            experts (the paper's "native experts" residual; the authors call it crucial). Where every
+            task and the shared module own exactly one expert the combination is that expert, unweighted,
+            as in the authors' code. False leaves the gates alone (an ablation).
+    """
+
+    native_residual: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_task_experts < 1:
+            raise ConfigError(f"num_task_experts: AdaTT fuses each task's own experts with the others, so it needs "
+                              f"at least 1 per task, got {self.num_task_experts}")
+        if not isinstance(self.native_residual, bool):
+            raise ConfigError(f"native_residual: expected true or false, got {self.native_residual!r}")
+
+
+class _FusionLevel(_ExtractionLevel):
+    """One AdaTT level: ``K * Et`` task experts then ``Es`` shared ones; every gate (one per task, and a
+    shared one below the last level where there are shared experts) is a softmax over all of them,
+    and module ``m``'s native experts (task ``k``'s own; the shared gate's: the shared experts) add
+    ``v_m`` to their entries of its gate's weights, so the fusion is ``sum_e (g_me + v_me) E_e``.
+
+    Shape: as :class:`_ExtractionLevel`'s, ``(B, in)`` or ``(B, G, in) -> (B, G', D)``.
+    """
+
+    gates_see_all_experts = True
+
+    def __init__(self, c: CGCConfig, input_dim: int, first: bool, last: bool) -> None:
+        super().__init__(c, input_dim, first, last)
+        K, Et, Es = c.num_tasks, c.num_task_experts, c.num_shared_experts
+        self.native_residual = c.native_residual
+        self.shared_experts = Es
+        self.register_buffer("unit_native", None, persistent=False)
+        self.task_native: torch.nn.Parameter | None = None
+        self.shared_native: torch.nn.Parameter | None = None
+        if not self.native_residual:
+            return
+        if Et == 1 and Es <= 1:
+            # Each module's single native expert added with weight 1, as in the authors' code.
+            self.unit_native = self._dense(torch.ones(K, 1), torch.ones(Es) if self.has_shared_gate else None)
+            return
+        bound = 1 / math.sqrt(Et)
+        self.task_native = torch.nn.Parameter(torch.empty(K, Et).uniform_(-bound, bound))
+        if self.has_shared_gate:
+            bound = 1 / math.sqrt(Es)
+            self.shared_native = torch.nn.Parameter(torch.empty(Es).uniform_(-bound, bound))
+
+    def _dense(self, task_native: torch.Tensor, shared_native: torch.Tensor | None) -> torch.Tensor:
+        """The residual as ``(G, E)`` gate-weight offsets: task ``k``'s row holds its weights at its own
+        experts' columns, the shared gate's row the shared weights at the shared columns, zeros elsewhere."""
+        blocks = list(task_native.split(1)) + ([shared_native[None]] if shared_native is not None else [])
+        dense = torch.block_diag(*blocks)
+        # Without a shared gate the shared experts' columns are no gate's natives.
+        return dense if shared_native is not None else F.pad(dense, (0, self.shared_experts))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        experts = self.experts(h)
+        weights = self.gates(self.gate_selector(h))
+        if self.native_residual:
+            residual = self.unit_native if self.unit_native is not None else self._dense(self.task_native, self.shared_native)
+            weights = weights + residual
+        return mix_experts(weights, experts)
+
+
+@register_model("adatt")
+class AdaptiveTaskFusion(ProgressiveLayeredExtraction):
+    """AdaTT: ``num_levels`` fusion levels, then a tower per task. Each task's fusion unit mixes every
+    expert of the level, its own, the other tasks' and the shared ones, through its gate, and adds a
+    learned combination of its own experts (:class:`AdaTTConfig`), so a task can draw on any other
+    task's experts as much as the data says, while its own experts stay a direct path.
+
+    CPU batches take the module path: the one-node path of small mixtures
+    (:mod:`mtlkit.models.small_mixture`) has no residual.
+
+    Shape: ``(B, input_dim) -> {task: (B, output_dim)}``.
+    """
+
+    config_class = AdaTTConfig
+    level_class = _FusionLevel
+    small_mixture = False
+
+    def takes_small_mixture_path(self, x: torch.Tensor, levels: list | None = None) -> bool:
+        return False
