@@ -150,7 +150,7 @@ class MultiTaskModel(nn.Module):
         """The parameters of the last layer that every task's output depends on (GradNorm balances
         the tasks' gradient norms there); a :class:`ConfigError` for models without one."""
         raise ConfigError(f"model {self.registry_name!r} has no layer that every task shares; GradNorm needs one "
-                          "(shared_bottom, omoe, mmoe, cgc, ple)")
+                          "(shared_bottom, omoe, mmoe, cgc, ple, adatt)")
 
     def gate_banks(self) -> dict[str, GateBank]:
         """All gate banks of the model, by module path."""
