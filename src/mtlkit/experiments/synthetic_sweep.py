@@ -25,7 +25,7 @@ from mtlkit.data.synthetic import SyntheticConfig, make_synthetic
 from mtlkit.errors import ConfigError
 from mtlkit.files import atomic_write, read_json_lines, write_json, write_text
 from mtlkit.models import build_model, match_parameter_budget, model_config
-from mtlkit.reports.plots import model_label, plot_final_loss_distribution, plot_loss_curves, plot_mtl_gain
+from mtlkit.reports.plots import gain_tasks, model_label, plot_final_loss_distribution, plot_loss_curves, plot_mtl_gain
 from mtlkit.training import Trainer, TrainerConfig
 from mtlkit.training.trainer import LR_SCHEDULES
 
@@ -437,7 +437,7 @@ def paired_comparisons(summary: pd.DataFrame, pairs: Sequence[tuple[str, str]]) 
 
 
 def _markdown_gain(gain: pd.DataFrame, config: SyntheticSweepConfig) -> str:
-    tasks = [c[len("gain_"):] for c in gain.columns if c.startswith("gain_") and not c.endswith("_std")]
+    tasks = gain_tasks(gain)
     correlations = sorted(gain["correlation"].unique(), reverse=True)
     lines = [f"MTL gain (single-task test MSE minus the model's, paired by seed; positive is better), mean +- std over "
              f"{config.seeds} seeds, {config.steps} steps; seesaw: runs where one task gains and another loses.", "",

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 from mtlkit.files import atomic_write  # noqa: E402
 
 __all__ = ["save_figure", "label_axes", "plot_loss_curves", "plot_final_loss_distribution", "plot_learning_curves", "plot_metric_bars",
-           "plot_mtl_gain"]
+           "plot_mtl_gain", "gain_tasks"]
 
 MODEL_LABELS = {
     "single_task": "Single-Task",
@@ -168,6 +168,11 @@ def plot_metric_bars(table: pd.DataFrame, path: str | os.PathLike, title: str, m
     return save_figure(figure, path)
 
 
+def gain_tasks(gain: pd.DataFrame) -> list[str]:
+    """The tasks of an MTL-gain table, read from its ``gain_<task>`` columns."""
+    return [c[len("gain_"):] for c in gain.columns if c.startswith("gain_") and not c.endswith("_std")]
+
+
 def plot_mtl_gain(gain: pd.DataFrame, path: str | os.PathLike, title: str) -> Path:
     """The PLE paper's synthetic figure: each task's MTL gain over the single-task model against the
     task correlation, one panel per task, a bar per model (mean over seeds, whiskers: std). Bars above
@@ -177,7 +182,7 @@ def plot_mtl_gain(gain: pd.DataFrame, path: str | os.PathLike, title: str) -> Pa
     Args:
         gain: columns ``model, correlation, gain_<task>, gain_<task>_std`` (``mtl_gain``'s table).
     """
-    tasks = [c[len("gain_"):] for c in gain.columns if c.startswith("gain_") and not c.endswith("_std")]
+    tasks = gain_tasks(gain)
     correlations = sorted(gain["correlation"].unique())
     models = _model_order(gain["model"])
     width = 0.8 / len(models)
