@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from benchmarks.workloads import Workload, WorkloadData, torch_inputs
 
 LIBRARIES = ("mtlkit", "torch_rechub", "deepctr_torch")
+_DISPLAY_NAMES = {"omoe": "OMoE", "aitm": "AITM", "adatt": "AdaTT"}  # the models a reference library lacks
 
 
 def import_error(library: str) -> str | None:
@@ -183,8 +184,8 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator
 
-    if model_name == "omoe":
-        raise NotImplementedError("torch-rechub has no OMoE")
+    if model_name in ("omoe", "adatt"):
+        raise NotImplementedError(f"torch-rechub has no {_DISPLAY_NAMES[model_name]}")
     batch = workload.batch_size
     task_type = "regression" if workload.task_type == "regression" else "classification"
     sparse = [SparseFeature(f"c{i}", vocab_size=v, embed_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)]
@@ -242,8 +243,8 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import ESMM, MMOE, PLE, SharedBottom
 
-    if model_name in ("omoe", "aitm"):
-        raise NotImplementedError(f"deepctr-torch has no {model_name.upper()}")
+    if model_name in ("omoe", "aitm", "adatt"):
+        raise NotImplementedError(f"deepctr-torch has no {_DISPLAY_NAMES[model_name]}")
     batch = workload.batch_size
     sparse = [SparseFeat(f"c{i}", vocabulary_size=v, embedding_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)]
     if workload.vocab_sizes:

@@ -7,7 +7,8 @@ W2 "census-like recsys": 7 dense + 33 categorical features (vocabularies 3..60),
 Shared-Bottom's bottom is one expert's MLP. ESMM (W2 only) reads the 33 categorical features, with
 CTR and CVR towers of the expert MLP's sizes. AITM (W2 only; not among the issue's targets) gives each
 task a network of the expert MLP's sizes and the towers [64] + Linear(64, 1), without the calibrator,
-which the reference implementation lacks.
+which the reference implementation lacks. AdaTT (not among the issue's targets, and in neither
+reference library) has PLE's experts and levels.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-MODELS = ("shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm", "aitm")
+MODELS = ("shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "esmm", "aitm")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Workload:
         if model == "cgc":
             return {**common, "num_shared_experts": self.num_shared_experts, "num_task_experts": self.num_task_experts,
                     "expert_hidden": self.expert_hidden}
-        if model == "ple":
+        if model in ("ple", "adatt"):
             return {**self.model_options("cgc"), "num_levels": self.num_levels}
         if model == "esmm":
             return {"tower_hidden": self.expert_hidden}
@@ -70,7 +71,7 @@ def _w2_vocab_sizes() -> tuple[int, ...]:
 WORKLOADS = {
     "W1": Workload("W1", "paper-synthetic", batch_size=1024, num_dense=100, vocab_sizes=(), embedding_dim=0,
                    task_type="regression", expert_hidden=(16,), tower_hidden=(8,), rows=200_000,
-                   models=("shared_bottom", "omoe", "mmoe", "cgc", "ple")),
+                   models=("shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt")),
     "W2": Workload("W2", "census-like recsys", batch_size=2048, num_dense=7, vocab_sizes=_w2_vocab_sizes(), embedding_dim=8,
                    task_type="binary", expert_hidden=(256, 128), tower_hidden=(64,), rows=200_000),
 }
