@@ -16,7 +16,8 @@ def _uniform_gates(model):
 
 
 def _level_outputs(model, x):
-    """Each level's input and output in one forward."""
+    """Each level's input and output in one forward (module by module: the CPU's one-node path has no levels to hook)."""
+    model.small_mixture = False
     seen = []
     handles = [level.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for level in model.levels]
     try:
@@ -84,27 +85,28 @@ def test_without_the_residual_the_fusion_is_the_gates_alone():
     torch.testing.assert_close(out0, experts.mean(1, keepdim=True).expand(-1, 3, -1))
 
 
-def test_trains_on_the_module_path_and_with_dselect_gates():
+@pytest.mark.parametrize("gates, one_node", [(dict(), True), (dict(), False), (dict(gate_type="dselect_k", gate_top_k=2), False)])
+def test_trains_on_either_path_and_with_dselect_gates(gates, one_node):
     torch.manual_seed(0)
     x = torch.randn(256, 8)
     y = {"a": x[:, :1].sin(), "b": (x[:, 1:2] * x[:, 2:3])}
-    for gates in (dict(), dict(gate_type="dselect_k", gate_top_k=2)):
-        model = build_model("adatt", input_dim=8, tasks=[{"name": "a", "type": "regression"}, {"name": "b", "type": "regression"}],
-                            num_shared_experts=1, num_task_experts=2, expert_hidden=(16,), **gates)
-        assert not model.takes_small_mixture_path(x)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model = build_model("adatt", input_dim=8, tasks=[{"name": "a", "type": "regression"}, {"name": "b", "type": "regression"}],
+                        num_shared_experts=1, num_task_experts=2, expert_hidden=(16,), **gates)
+    model.small_mixture = one_node
+    assert model.takes_small_mixture_path(x) == one_node
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 
-        def loss():
-            out = model(x)
-            return sum((out[t] - y[t]).pow(2).mean() for t in y)
+    def loss():
+        out = model(x)
+        return sum((out[t] - y[t]).pow(2).mean() for t in y)
 
-        start = float(loss().detach())
-        for _ in range(150):
-            optimizer.zero_grad()
-            value = loss()
-            value.backward()
-            optimizer.step()
-        assert float(loss().detach()) < 0.5 * start
+    start = float(loss().detach())
+    for _ in range(150):
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        optimizer.step()
+    assert float(loss().detach()) < 0.5 * start
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -37,6 +37,13 @@ CONFIGS = [
     ("ple", dict(num_shared_experts=2, num_task_experts=1, num_levels=3, expert_hidden=(6, 5), tower_hidden=(),
                  gate_temperature=0.5)),
     ("ple", dict(num_shared_experts=0, num_task_experts=2, num_levels=2, expert_hidden=(4,), tower_hidden=(3, 2))),
+    # AdaTT: learned residuals (with and without a shared gate), the unit one, and none.
+    ("adatt", dict(num_shared_experts=2, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,))),
+    ("adatt", dict(num_shared_experts=0, num_task_experts=3, num_levels=3, expert_hidden=(5, 4), tower_hidden=(3,),
+                   gate_temperature=0.5)),
+    ("adatt", dict(num_shared_experts=1, num_task_experts=1, num_levels=2, expert_hidden=(6,), tower_hidden=(4,))),
+    ("adatt", dict(num_shared_experts=1, num_task_experts=2, num_levels=1, expert_hidden=(6,), tower_hidden=(),
+                   native_residual=False)),
 ]
 
 
@@ -81,26 +88,28 @@ def test_operator_form_for_torch_compile_equals_the_node(name, config):
     torch.manual_seed(0)
     model = build_model(name, input_dim=9, tasks=TASKS, **config).double()
     x = torch.randn(13, 9, dtype=torch.double, requires_grad=True)
-    levels = model._mixture_levels() if name in ("cgc", "ple") else [(model.experts, model.gates)]
+    levels = model._mixture_levels() if name in ("cgc", "ple", "adatt") else [(model.experts, model.gates)]
     structure, params = _node_arguments(levels, model.towers)
-    if name == "ple":
-        assert all(sizes is not None for _, _, _, _, sizes in structure[0][1:])  # the expand-and-cat form is tested
+    if name in ("ple", "adatt"):
+        assert all(sizes is not None for _, _, _, _, sizes, _ in structure[0][1:])  # the expand-and-cat form is tested
     upstream = torch.randn(3, 1, 13, generator=torch.Generator().manual_seed(7), dtype=torch.double)
     results = []
     for form in (lambda: _small_mixture_ops(x, structure, params), lambda: _SmallMixture.apply(x, structure, *params)):
         out = form()
-        results.append((out.detach(), torch.autograd.grad(out, [x, *params], upstream)))
+        # AdaTT's unit residual is a constant buffer among the node's tensors.
+        results.append((out.detach(), torch.autograd.grad(out, [x, *(p for p in params if p.requires_grad)], upstream)))
     (ops, ops_grads), (node, node_grads) = results
     torch.testing.assert_close(ops, node, atol=1e-12, rtol=0)
     for a, b in zip(ops_grads, node_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_compiled_ple_trains_like_the_eager_one():
+@pytest.mark.parametrize("name", ["ple", "adatt"])
+def test_compiled_mixture_trains_like_the_eager_one(name):
     """Under torch.compile (inductor) the model traces in one graph and its outputs and gradients
-    agree with the eager node's, in float32."""
+    agree with the eager node's, in float32 (AdaTT: its residual traced with the levels)."""
     torch.manual_seed(8)
-    model = build_model("ple", input_dim=9, tasks=TASKS, num_shared_experts=3, num_task_experts=2, num_levels=2,
+    model = build_model(name, input_dim=9, tasks=TASKS, num_shared_experts=3, num_task_experts=2, num_levels=2,
                         expert_hidden=(6,), tower_hidden=(4,))
     x = torch.randn(32, 9, requires_grad=True)
     params = list(model.parameters())
@@ -147,8 +156,8 @@ def test_excluded_gate_entries_get_no_gradient():
     assert (grad[:, excluded] == 0).all() and (grad[:, ~excluded] != 0).any()
 
 
-@pytest.mark.parametrize("levels", [1, 2])
-def test_small_mixture_gradcheck(levels):
+@pytest.mark.parametrize("levels, residual", [(1, False), (2, False), (2, True)])
+def test_small_mixture_gradcheck(levels, residual):
     torch.manual_seed(4)
     double = dict(dtype=torch.double, requires_grad=True)
     x = torch.randn(5, 4, **double)
@@ -159,11 +168,14 @@ def test_small_mixture_gradcheck(levels):
         params += [torch.randn(3, 2, 2, **double), torch.randn(3, 2, **double), torch.randn(2, 2, 3, **double), torch.randn(2, 3, **double)]
     params += [torch.randn(2, 2, 3, **double), torch.randn(2, 3, **double), torch.randn(2, 3, 1, **double), torch.randn(2, 1, **double)]
     mask = torch.tensor([[0.0, float("-inf"), 0.0], [0.0, 0.0, 0.0]], dtype=torch.double)
+    if residual:  # offsets added to the second level's gate weights (AdaTT's native experts)
+        params.append(torch.randn(2, 3, **double))
 
     def fn(x, *p):
         stack = [MixtureLevel([p[0]], [p[1]], p[2], p[3], temperature=1.5)]
         if levels == 2:
-            stack.append(MixtureLevel([p[4]], [p[5]], p[6], p[7], gate_mask=mask, expert_groups=torch.tensor([0, 1, 1])))
+            stack.append(MixtureLevel([p[4]], [p[5]], p[6], p[7], gate_mask=mask, expert_groups=torch.tensor([0, 1, 1]),
+                                      gate_residual=p[-1] if residual else None))
         t = p[4 * levels :]
         return small_mixture(x, stack, [t[0], t[2]], [t[1], t[3]], towers_shared=False)
 

@@ -80,13 +80,17 @@ class _FusionLevel(_ExtractionLevel):
         # Without a shared gate the shared experts' columns are no gate's natives.
         return dense if shared_native is not None else F.pad(dense, (0, self.shared_experts))
 
+    def gate_residual(self) -> torch.Tensor | None:
+        """What the level adds to its gates' weights: ``(G, E)``, or None without the residual."""
+        if not self.native_residual:
+            return None
+        return self.unit_native if self.unit_native is not None else self._dense(self.task_native, self.shared_native)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts = self.experts(h)
         weights = self.gates(self.gate_selector(h))
-        if self.native_residual:
-            residual = self.unit_native if self.unit_native is not None else self._dense(self.task_native, self.shared_native)
-            weights = weights + residual
-        return mix_experts(weights, experts)
+        residual = self.gate_residual()
+        return mix_experts(weights if residual is None else weights + residual, experts)
 
 
 @register_model("adatt")
@@ -96,15 +100,14 @@ class AdaptiveTaskFusion(ProgressiveLayeredExtraction):
     learned combination of its own experts (:class:`AdaTTConfig`), so a task can draw on any other
     task's experts as much as the data says, while its own experts stay a direct path.
 
-    CPU batches take the module path: the one-node path of small mixtures
-    (:mod:`mtlkit.models.small_mixture`) has no residual.
+    On the CPU small levels run as one node (:mod:`mtlkit.models.small_mixture`), as PLE's do, the
+    residual added to the gates' weights inside it.
 
     Shape: ``(B, input_dim) -> {task: (B, output_dim)}``.
     """
 
     config_class = AdaTTConfig
     level_class = _FusionLevel
-    small_mixture = False
 
-    def takes_small_mixture_path(self, x: torch.Tensor, levels: list | None = None) -> bool:
-        return False
+    def _mixture_levels(self) -> list:
+        return [(level._modules["experts"], level._modules["gates"], level.gate_residual()) for level in self._modules["levels"]]

@@ -1,4 +1,4 @@
-"""Mixtures of small ReLU experts (one level or PLE's stack), gates and towers as one autograd node, batch-last.
+"""Mixtures of small ReLU experts (one level or a stack of them: PLE, AdaTT), gates and towers as one autograd node, batch-last.
 
 At the MMoE paper's sizes (W1 in ``benchmarks/``: 8 experts of 16 units, 2 gates, towers of 8, a
 batch of 1,024) a training step is about 60 small operators and autograd nodes, each costing a
@@ -99,16 +99,19 @@ class MixtureLevel(NamedTuple):
     gate_mask: torch.Tensor | None = None
     expert_groups: torch.Tensor | None = None
     temperature: float = 1.0
+    gate_residual: torch.Tensor | None = None
 
 
 class _SmallMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, structure, *params):
-        levels, towers_shared = structure  # per level: (expert layers, gate mask, expert groups, temperature, group sizes)
+        # per level: (expert layers, gate mask, expert groups, temperature, group sizes,
+        # whether a gate residual follows the gate's parameters)
+        levels, towers_shared = structure
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
-        for level, (num_layers, gate_mask, groups, temperature, _) in enumerate(levels):
+        for level, (num_layers, gate_mask, groups, temperature, _, has_residual) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -119,14 +122,16 @@ class _SmallMixture(torch.autograd.Function):
                 out = _layer(out, params[p + 2 * i], params[p + 2 * i + 1], shared=first and i == 0, relu=True)
                 saved.append(out)
             gate_weight, gate_bias = params[p + 2 * num_layers], params[p + 2 * num_layers + 1]
-            p += 2 * num_layers + 2
+            mixing_offset = params[p + 2 * num_layers + 2] if has_residual else None
+            p += 2 * num_layers + 2 + has_residual
             bias = gate_bias if gate_mask is None else gate_bias + gate_mask
             logits = _layer(h if first else h[: bias.shape[0]], gate_weight, bias, shared=first)
             if temperature != 1.0:
                 logits = logits / temperature
             gates = torch.softmax(logits, dim=1)  # (G, E, B)
             saved.append(gates)
-            h = (gates.unsqueeze(2) * out).sum(1)  # (G, D, B)
+            mixing = gates if mixing_offset is None else gates + mixing_offset.unsqueeze(2)
+            h = (mixing.unsqueeze(2) * out).sum(1)  # (G, D, B)
         # Towers: all tasks on one gate's mixture (OMoE: a shared first layer), or task k on gate k's.
         tower_inputs = [h[0] if towers_shared else h]
         num_tower_layers = (len(params) - p) // 2
@@ -163,9 +168,9 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _ = levels[level]
+            num_layers, _, groups, temperature, _, has_residual = levels[level]
             first = level == 0
-            p -= 2 * num_layers + 2
+            p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
             k -= num_layers + 1 + above
             h = x.t() if first else saved[k]
@@ -173,11 +178,18 @@ class _SmallMixture(torch.autograd.Function):
             outputs = saved[k + above : k + above + num_layers]
             gates = saved[k + above + num_layers]
             experts = outputs[-1]
-            # Mixing: d gates[g, e] = <d mixed[g], experts[e]> over D; d experts[e] = sum_g gates[g, e] d mixed[g].
+            # Mixing: d mixing[g, e] = <d mixed[g], experts[e]> over D; d experts[e] = sum_g mixing[g, e] d mixed[g].
+            # The mixing weights are the gates' plus, with a residual, its offsets (the same for every row).
             grad_gates = (grad_mixed.unsqueeze(1) * experts).sum(2)
-            grad_experts = gates[0].unsqueeze(1) * grad_mixed[0]
-            for g in range(1, gates.shape[0]):
-                grad_experts.addcmul_(gates[g].unsqueeze(1), grad_mixed[g])
+            mixing = gates
+            if has_residual:
+                r = p + 2 * num_layers + 2
+                mixing = gates + params[r].unsqueeze(2)
+                if needs[r]:
+                    grads[r] = grad_gates.sum(2)
+            grad_experts = mixing[0].unsqueeze(1) * grad_mixed[0]
+            for g in range(1, mixing.shape[0]):
+                grad_experts.addcmul_(mixing[g].unsqueeze(1), grad_mixed[g])
             grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
             if temperature != 1.0:
                 grad_logits = grad_logits / temperature
@@ -218,7 +230,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    for level, (num_layers, gate_mask, groups, temperature, group_sizes) in enumerate(levels):
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -232,8 +244,10 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         if gate_mask is not None:
             bias = bias + gate_mask
         logits = _linear(h if first else h[: bias.shape[0]], params[p + 2 * num_layers], bias, shared=first)
-        p += 2 * num_layers + 2
         gates = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
+        if has_residual:
+            gates = gates + params[p + 2 * num_layers + 2].unsqueeze(2)
+        p += 2 * num_layers + 2 + has_residual
         h = (gates.unsqueeze(2) * out).sum(1)
     out = h[0] if towers_shared else h
     num_tower_layers = (len(params) - p) // 2
@@ -278,7 +292,9 @@ def small_mixture(
             ``[E, in, out]``, biases ``[E, out]``; its gates ``[in, G * E]`` and ``[G, E]``. Above it,
             expert ``e`` reads the level below's mixture ``expert_groups[e]`` (every weight
             ``[E, in, out]``) and gate ``g`` mixture ``g`` (``[G, D, E]``). ``gate_mask`` (``[G, E]``,
-            optional) is added to the gate bias (``-inf`` excludes an expert from a gate).
+            optional) is added to the gate bias (``-inf`` excludes an expert from a gate);
+            ``gate_residual`` (``[G, E]``, optional; AdaTT's native experts) to the gates' softmax
+            weights before the mixing.
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
             ``towers_shared`` (one gate in the last level, ``G = 1``, read by every tower) the first
             is ``[D, K * out]``.
@@ -292,14 +308,17 @@ def small_mixture(
         for weight, bias in zip(level.expert_weights, level.expert_biases):
             params += [weight, bias]
         params += [level.gate_weight, level.gate_bias]
-        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None))
+        has_residual = level.gate_residual is not None
+        if has_residual:
+            params.append(level.gate_residual)
+        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
 
 
 def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> bool:
-    """Whether mixture levels ``[(experts, gates), ...]`` and towers on input ``x`` can run as
+    """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
     dropout, softmax gates conditioned on the row without dropout in training nor top-k, experts small enough (see
     the module docstring), no gate recording and no forward hooks on the experts, gates or towers (their
@@ -308,7 +327,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks or towers._forward_hooks or towers._forward_pre_hooks:
         return False
-    for level, (experts, gates) in enumerate(levels):
+    for level, (experts, gates, *_) in enumerate(levels):
         first = level == 0
         linear = _member(gates, "linear")
         if (not experts.fused or (_member(experts, "input_groups") is None) != first
@@ -336,20 +355,24 @@ def _member(module: torch.nn.Module, name: str):
 
 
 def _node_arguments(levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers"):
-    """The node's ``(structure, parameters)`` straight from the modules (no MixtureLevel in between),
+    """The node's ``(structure, parameters)`` straight from the modules (no MixtureLevel in between;
+    a level's gate residual, where it has one, follows its gate's parameters),
     read from their dictionaries (see :func:`_member`): at W1's sizes the Python around the node is
     a few percent of a training step (PLE: 19 us a forward through ``getattr``, 3.9 us this way)."""
     params: list[torch.Tensor] = []
     structure = []
-    for experts, gates in levels:
+    for experts, gates, *residual in levels:
         linears = experts._modules["linears"]._modules.values()
         for layer in linears:
             own = layer._parameters
             params += (own["weight"], own["bias"])
         own = gates._modules["linear"]._parameters
         params += (own["weight"], own["bias"])
+        has_residual = bool(residual) and residual[0] is not None
+        if has_residual:
+            params.append(residual[0])
         structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
-                          float(gates.temperature), experts.group_sizes))
+                          float(gates.temperature), experts.group_sizes, has_residual))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
@@ -358,10 +381,10 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "
 
 
 def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> TaskOutputs:
-    """The model's forward through :func:`small_mixture`: levels ``[(experts, gates), ...]``, each
-    ``mix_experts(gates(h), experts(h))``, then ``towers`` (one gate read by every tower when the
-    towers share their input). Under ``torch.compile`` the same maths as plain operators, which
-    inductor fuses.
+    """The model's forward through :func:`small_mixture`: levels ``[(experts, gates[, residual]), ...]``,
+    each ``mix_experts(gates(h) [+ residual], experts(h))`` (``residual`` ``(G, E)`` or None), then
+    ``towers`` (one gate read by every tower when the towers share their input). Under
+    ``torch.compile`` the same maths as plain operators, which inductor fuses.
 
     Shape: ``(B, in) -> {task: (B, output_dim)}``.
     """
