@@ -485,11 +485,11 @@ class Trainer:
         return rise if decay is None else lr_scheduler.SequentialLR(optimizer, [rise, decay()], milestones=[warmup])
 
     def _combine_task_gradients(self, grads: torch.Tensor, task_names: tuple[str, ...],
-                                parameter_sizes: list[int], losses: torch.Tensor) -> torch.Tensor:
+                                parameter_sizes: list[int], losses: torch.Tensor | None) -> torch.Tensor:
         """The configured surgery of the tasks' flat gradients ``(K, P)`` -> ``(P,)``, over the coordinates
         of ``gradient_surgery_scope`` (rows: ``task_names``; columns: the parameters' coordinates in turn,
         ``parameter_sizes`` of them each; ``losses``: the ``(K,)`` weighted losses they are the gradients of,
-        for a surgery that ``uses_losses``)."""
+        for a surgery that ``uses_losses``, else None)."""
         shared = None
         if self.config.gradient_surgery_scope == "shared":
             # Coordinates only one task reaches (its slice of the stacked towers, its own gate) carry no
@@ -536,8 +536,9 @@ class Trainer:
                               for p, g in zip(parameters, grads)])
 
         flat = [flat_gradient(term, k < len(terms) - 1 or auxiliary is not None) for k, term in enumerate(terms)]
+        stacked_losses = torch.stack([term.detach() for term in terms]) if self._surgery_uses_losses and terms else None
         combined = (self._combine_task_gradients(torch.stack(flat), tuple(weighted), [p.numel() for p in parameters],
-                                                 torch.stack([term.detach() for term in terms])) if flat else 0.0)
+                                                 stacked_losses) if flat else 0.0)
         if auxiliary is not None:
             combined = combined + flat_gradient(auxiliary, False)
         offset = 0
