@@ -499,8 +499,10 @@ class Trainer:
                 return grads.sum(0)
         arguments = [grads if shared is None else grads[:, shared], self._surgery_generator]
         if self._surgery_uses_layout:
-            sizes = parameter_sizes if shared is None else [int(n) for n in torch.stack(
-                [part.sum() for part in shared.split(parameter_sizes)]).tolist()]
+            sizes = parameter_sizes
+            if shared is not None:  # each parameter's count of shared coordinates: differences of a running count at its end
+                counts = shared.cumsum(0)[torch.tensor(parameter_sizes, device=shared.device).cumsum(0) - 1]
+                sizes = torch.diff(counts, prepend=counts.new_zeros(1)).tolist()
             arguments.append(GradientLayout(task_names, tuple(sizes)))
         keywords = {"losses": losses} if self._surgery_uses_losses else {}
         if shared is None:
