@@ -25,9 +25,10 @@ class AdaTTConfig(PLEConfig):
 
     Args:
         native_residual: add to each task's gated fusion a learned linear combination of its own
-            experts (the paper's "native experts" residual; the authors call it crucial). Where every
-            task and the shared module own exactly one expert the combination is that expert, unweighted,
-            as in the authors' code. False leaves the gates alone (an ablation).
+            experts (the paper's "native experts" residual; the authors call it crucial), and to the
+            shared gate's fusion one of the shared experts. Where each task owns one expert and there
+            is at most one shared expert, each module's own expert is added unweighted, as in the
+            authors' code. False leaves the gates alone (an ablation).
     """
 
     native_residual: bool = True
