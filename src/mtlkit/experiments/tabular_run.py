@@ -494,7 +494,7 @@ def _run_with_gates(run_dir: str | os.PathLike) -> LoadedRun:
     run = load_run(run_dir)
     if not run.model.gate_banks():
         raise ConfigError(f"{run_dir}: model {run.model.registry_name!r} has no gates; gate usage needs one of "
-                          "omoe, mmoe, cgc, ple")
+                          "omoe, mmoe, cgc, ple, adatt")
     return run
 
 
