@@ -46,7 +46,8 @@ class SyntheticSetup:
             the config it starts from.
         correlations, models: the default grid.
         profiles: named settings (``quick``, ``paper``): :class:`SyntheticSweepConfig` fields.
-        comparisons: ``(model, baseline)`` pairs compared run by run at every correlation (the paper's claims).
+        comparisons: ``(model, baseline)`` pairs compared run by run at every correlation (the paper's claims;
+            a pair whose models were not run is left out).
     """
 
     name: str
@@ -94,7 +95,7 @@ SYNTHETIC_SETUPS: dict[str, SyntheticSetup] = {
             # The paper: 10,000 steps, 200 independent runs per model and correlation (hours; resumable).
             "paper": dict(seeds=200, steps=10_000, eval_every=200),
         },
-        comparisons=(("mmoe", "shared_bottom"),),
+        comparisons=(("mmoe", "shared_bottom"), ("adatt", "ple")),  # the second only where --models adds adatt
     ),
     "ple": SyntheticSetup(
         name="ple", title="PLE synthetic", generator="ple",
@@ -119,7 +120,7 @@ SYNTHETIC_SETUPS: dict[str, SyntheticSetup] = {
             "paper": dict(seeds=20, steps=4_688, batch_size=256, lr_schedule="cosine", eval_every=250,
                           valid_rows=100_000, test_rows=100_000),
         },
-        comparisons=(("mmoe", "shared_bottom"), ("ple", "mmoe")),
+        comparisons=(("mmoe", "shared_bottom"), ("ple", "mmoe"), ("adatt", "ple")),
     ),
 }
 
