@@ -87,10 +87,12 @@ class _FusionLevel(_ExtractionLevel):
             return None
         return self.unit_native if self.unit_native is not None else self._dense(self.task_native, self.shared_native)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual``: :meth:`gate_residual`'s value where the caller has it already (None: built here)."""
         experts = self.experts(h)
         weights = self.gates(self.gate_selector(h))
-        residual = self.gate_residual()
+        if residual is None:
+            residual = self.gate_residual()
         return mix_experts(weights if residual is None else weights + residual, experts)
 
 

@@ -191,8 +191,8 @@ class ProgressiveLayeredExtraction(MultiTaskModel):
         if self.takes_small_mixture_path(x, levels):
             return small_mixture_outputs(x, levels, self.towers)
         h = x
-        for level in self.levels:
-            h = level(h)
+        for level, (_, _, *residual) in zip(self.levels, levels):
+            h = level(h, *residual)  # AdaTT's levels take the residual _mixture_levels built
         return self.towers(h)
 
 
