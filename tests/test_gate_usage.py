@@ -15,7 +15,7 @@ from in_process import run_cli, run_example
 from tables import SCHEMA, make_table
 
 
-@pytest.mark.parametrize("name", ["omoe", "mmoe", "cgc", "ple", "adatt"])
+@pytest.mark.parametrize("name", ["omoe", "mmoe", "cgc", "ple", "adatt", "stem"])
 def test_summaries_equal_the_recorded_weights_whatever_the_batching(name):
     torch.manual_seed(0)
     model = build_model(name, input_dim=7, tasks=["a", "b", "c"], num_experts=5) if name in ("omoe", "mmoe") else \

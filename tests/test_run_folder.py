@@ -217,13 +217,14 @@ EXPORTED_MODELS = [{"name": "mmoe", "num_experts": 3, "expert_hidden": [16], "to
                    {"name": "ple", "num_levels": 2, "expert_hidden": [256, 128], "tower_hidden": [8]},
                    {"name": "aitm", "bottom_hidden": [16, 8]},
                    {"name": "ple", "gate_type": "dselect_k", "gate_top_k": 2, "gate_entropy_weight": 0.01},
-                   {"name": "mmoe", "gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"}]
+                   {"name": "mmoe", "gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"},
+                   {"name": "stem", "num_levels": 2, "expert_hidden": [16], "tower_hidden": [8]}]
 
 
 def test_export_serves_the_runs_predictions_with_pytorch_alone(files):
     """Dense, categorical and multi-valued inputs, two binary tasks and a standardised regression
-    task; small (the one-node CPU path) and large (fused) experts, AITM's chain of transfers and
-    DSelect-k gates (conditioned on the row, and on the task only). Each program, loaded in a process
+    task; small (the one-node CPU path) and large (fused) experts, AITM's chain of transfers,
+    DSelect-k gates (conditioned on the row, and on the task only) and STEM's embedding views. Each program, loaded in a process
     that never imports mtlkit (one for all the models: a new interpreter costs seconds), gives
     LoadedRun.predict's numbers for any batch size."""
     frame = pd.read_parquet(files / "test.parquet")

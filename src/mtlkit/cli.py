@@ -308,7 +308,7 @@ def export_command(
 
 @app.command("gates")
 def gates_command(
-    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train' (omoe, mmoe, cgc, ple or adatt)."),
+    run: Path = typer.Argument(..., help="A run folder written by 'mtlkit train' (omoe, mmoe, cgc, ple, adatt or stem)."),
     data: Path = typer.Option(..., "--data", help="A table with the feature columns (labels not needed)."),
     by: Optional[str] = typer.Option(None, help="Also split the rows by this column's values (a segment, a label): "
                                      "one column per value in each gate's table."),

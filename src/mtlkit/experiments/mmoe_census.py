@@ -25,9 +25,9 @@ import yaml
 from mtlkit.data.census import CENSUS_GROUPS, CENSUS_PROTOCOLS, census_schema, load_census
 from mtlkit.data.tensors import MultiTaskTensors
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.features import FeatureEncoder, TablePreprocessor
+from mtlkit.features import TablePreprocessor
 from mtlkit.files import atomic_write, read_json_lines, write_json, write_text
-from mtlkit.models import TabularMultiTaskModel, build_model, list_models
+from mtlkit.models import build_tabular_model, list_models
 from mtlkit.reports.plots import model_label, plot_metric_bars
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
@@ -180,10 +180,7 @@ def run_mmoe_census(config: CensusExperimentConfig, out_dir: str | Path,
                       "seconds": time.perf_counter() - t0})
             for model_name, seed in todo:
                 torch.manual_seed(seed)
-                encoder = FeatureEncoder(preprocessor.encoder_config())
-                backbone = build_model(model_name, {"input_dim": encoder.output_dim, "tasks": schema.tasks,
-                                                    **hyper["models"][model_name]})
-                model = TabularMultiTaskModel(encoder, backbone)
+                model = build_tabular_model(model_name, preprocessor.encoder_config(), schema.tasks, hyper["models"][model_name])
                 trainer = Trainer(model, TrainerConfig.from_dict({**hyper.get("training", {}), "seed": seed,
                                                                   "progress": config.progress}))
                 result = trainer.fit(train, valid)
@@ -209,7 +206,7 @@ def summarise(out: Path, config: CensusExperimentConfig, tasks: Sequence[str]) -
     atomic_write(out / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     main = tasks[0]
     rows = []
-    order = [m for m in ("single_task", "shared_bottom", "cross_stitch", "omoe", "mmoe", "cgc", "ple", "adatt", "gbdt")
+    order = [m for m in ("single_task", "shared_bottom", "cross_stitch", "omoe", "mmoe", "cgc", "ple", "adatt", "stem", "gbdt")
              if m in set(results["model"])]
     for model in order:
         part = results[results["model"] == model]

@@ -28,9 +28,9 @@ from mtlkit.configuration import from_mapping
 from mtlkit.data.readers import iter_table, read_table, table_format
 from mtlkit.data.schema import TableSchema, identifier_columns, infer_schema, is_funnel
 from mtlkit.errors import ConfigError, DataError
-from mtlkit.features import FeatureEncoder, TablePreprocessor
+from mtlkit.features import TablePreprocessor
 from mtlkit.files import atomic_write, write_json, write_text
-from mtlkit.models import IsotonicCalibration, TabularMultiTaskModel, apply_output_calibration, build_model, model_config
+from mtlkit.models import IsotonicCalibration, TabularMultiTaskModel, apply_output_calibration, build_tabular_model, model_config
 from mtlkit.reports.calibration import POSITIVE_SHARE_AXES, RELIABILITY_AXES, plot_reliability, reliability_table
 from mtlkit.reports.feature_importance import FeatureImportance, permutation_importance
 from mtlkit.reports.gate_usage import (
@@ -196,10 +196,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, overwrite: bool = F
     test = preprocessor.transform(test_frame, source=config.data.test) if test_frame is not None else None
 
     torch.manual_seed(config.seed)
-    encoder = FeatureEncoder(preprocessor.encoder_config())
-    backbone = build_model(config.model["name"], {"input_dim": encoder.output_dim, "tasks": schema.tasks,
-                                                  **config.model_options})
-    model = TabularMultiTaskModel(encoder, backbone)
+    model = build_tabular_model(config.model["name"], preprocessor.encoder_config(), schema.tasks, config.model_options)
     training = TrainerConfig.from_dict({**config.training.to_dict(), "progress": progress and config.training.progress})
     out.parent.mkdir(parents=True, exist_ok=True)
     barrier()  # every rank sees the same state file, or none
@@ -365,8 +362,10 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     config = from_mapping(RunConfig, yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
     preprocessor = TablePreprocessor.load(run / "preprocessing.json")
     model, payload = load_checkpoint(run / "model.pt")
+    # The columns' sizes must agree; how many embedding copies there are is the model's (STEM's views).
     expected = preprocessor.encoder_config().to_dict()
-    if payload.get("encoder_config") != expected:
+    del expected["views"]
+    if {k: v for k, v in (payload.get("encoder_config") or {}).items() if k != "views"} != expected:
         raise DataError(f"{run}: the checkpoint's feature sizes {payload.get('encoder_config')} do not match "
                         f"preprocessing.json {expected}; the files come from different runs")
     if [t.name for t in model.tasks] != [t.name for t in preprocessor.schema.tasks]:
@@ -494,7 +493,7 @@ def _run_with_gates(run_dir: str | os.PathLike) -> LoadedRun:
     run = load_run(run_dir)
     if not run.model.gate_banks():
         raise ConfigError(f"{run_dir}: model {run.model.registry_name!r} has no gates; gate usage needs one of "
-                          "omoe, mmoe, cgc, ple, adatt")
+                          "omoe, mmoe, cgc, ple, adatt, stem")
     return run
 
 

@@ -25,6 +25,8 @@ class EncoderConfig:
         categorical_embedding_dims: embedding width of each categorical column.
         multi_valued_cardinalities, multi_valued_embedding_dims: the same for multi-valued columns.
         multi_valued_pooling: ``mean`` or ``sum`` per multi-valued column.
+        views: separately learned copies of every embedding (1; STEM's ``K + 1``: one per task,
+            then a shared one). The dense features are the same in every view.
     """
 
     num_dense: int = 0
@@ -33,9 +35,11 @@ class EncoderConfig:
     multi_valued_cardinalities: Sequence[int] = ()
     multi_valued_embedding_dims: Sequence[int] = ()
     multi_valued_pooling: Sequence[str] = ()
+    views: int = 1
 
     def __post_init__(self) -> None:
         check_count(self.num_dense, "encoder.num_dense", 0)
+        check_count(self.views, "encoder.views", 1)
         for key in ("categorical_cardinalities", "categorical_embedding_dims", "multi_valued_cardinalities",
                     "multi_valued_embedding_dims", "multi_valued_pooling"):
             setattr(self, key, tuple(getattr(self, key)))
@@ -50,6 +54,7 @@ class EncoderConfig:
 
     @property
     def output_dim(self) -> int:
+        """Width of one view."""
         return self.num_dense + sum(self.categorical_embedding_dims) + sum(self.multi_valued_embedding_dims)
 
     @classmethod
@@ -102,22 +107,25 @@ class FeatureEncoder(nn.Module):
 
     Categorical columns that share an embedding width live in one table with per-column offsets, so
     all their lookups are a single ``embedding`` call (with equal widths: one lookup for every column).
+    With ``views`` V > 1 each table row holds the V copies side by side, so the lookups stay one call.
 
     Input: ``{"dense": (B, D) float, "categorical": (B, C) int64, "multi_valued": (B, M, L) int64 (-1 pads)}``
-    (absent keys for absent kinds). Output: ``(B, output_dim)``.
+    (absent keys for absent kinds). Output: ``(B, output_dim)``, or ``(B, V, output_dim)`` with
+    ``views`` V > 1 (view ``v``: the dense features, then every column's ``v``-th embedding copy).
     """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
         self.output_dim = config.output_dim
+        self.views = views = config.views
         dims = config.categorical_embedding_dims
         self.groups = nn.ModuleList()
         self._group_columns: list[list[int]] = []
         for width in sorted(set(dims)):
             columns = [i for i, d in enumerate(dims) if d == width]
             cards = [config.categorical_cardinalities[i] for i in columns]
-            table = nn.Embedding(sum(cards), width)
+            table = nn.Embedding(sum(cards), width * views)
             nn.init.normal_(table.weight, std=0.05)
             self.groups.append(table)
             offsets = torch.tensor([0] + cards[:-1]).cumsum(0)
@@ -127,20 +135,27 @@ class FeatureEncoder(nn.Module):
         self._all_columns_in_one_group = len(self._group_columns) == 1
         self.multi_valued = nn.ModuleList()
         for card, width in zip(config.multi_valued_cardinalities, config.multi_valued_embedding_dims):
-            table = nn.Embedding(card, width)
+            table = nn.Embedding(card, width * views)
             nn.init.normal_(table.weight, std=0.05)
             self.multi_valued.append(table)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         parts = []
+        views = self.views
         if self.config.num_dense:
-            parts.append(inputs["dense"])
+            dense = inputs["dense"]
+            parts.append(dense if views == 1 else dense.unsqueeze(1).expand(-1, views, -1))
         if self.groups:
             codes = inputs["categorical"]
             for g, table in enumerate(self.groups):
                 group_codes = codes if self._all_columns_in_one_group else codes.index_select(1, getattr(self, f"columns_{g}"))
                 rows = (group_codes + getattr(self, f"offsets_{g}")).flatten()
-                parts.append(table_rows(table.weight, rows).view(codes.shape[0], -1))
+                embedded = table_rows(table.weight, rows)
+                if views == 1:
+                    parts.append(embedded.view(codes.shape[0], -1))
+                else:  # (B, C, V, width) -> (B, V, C * width)
+                    embedded = embedded.view(codes.shape[0], group_codes.shape[1], views, -1)
+                    parts.append(embedded.transpose(1, 2).reshape(codes.shape[0], views, -1))
         if self.multi_valued:
             codes = inputs["multi_valued"]
             for m, (table, pooling) in enumerate(zip(self.multi_valued, self.config.multi_valued_pooling)):
@@ -149,5 +164,5 @@ class FeatureEncoder(nn.Module):
                 pooled = (table(column.clamp_min(0)) * present).sum(1)
                 if pooling == "mean":
                     pooled = pooled / present.sum(1).clamp_min(1.0)
-                parts.append(pooled)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                parts.append(pooled if views == 1 else pooled.view(pooled.shape[0], views, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

@@ -29,10 +29,11 @@ from mtlkit.models.progressive_layered_extraction import (
     ProgressiveLayeredExtraction,
 )
 from mtlkit.models.registry import build_model, get_model_class, list_models, model_config, register_model
+from mtlkit.models.shared_and_task_embeddings import SharedAndTaskSpecificEmbeddings, STEMConfig
 from mtlkit.models.shared_bottom import SharedBottomConfig, SharedBottomModel
 from mtlkit.models.single_task import SingleTaskConfig, SingleTaskModel
 from mtlkit.models.calibrated_outputs import IsotonicCalibration, apply_output_calibration
-from mtlkit.models.tabular import TabularMultiTaskModel
+from mtlkit.models.tabular import TabularMultiTaskModel, build_tabular_model
 
 __all__ = [
     "MLP", "StackedLinear", "StackedMLP", "ExpertBank", "GateBank", "DSelectKGateBank", "GateSettings", "mix_experts",
@@ -41,7 +42,9 @@ __all__ = [
     "SingleTaskConfig", "SingleTaskModel", "SharedBottomConfig", "SharedBottomModel",
     "MixtureOfExpertsConfig", "OneGateMixtureOfExperts", "MultiGateMixtureOfExperts",
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction", "AdaTTConfig", "AdaptiveTaskFusion",
-    "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks", "TabularMultiTaskModel", "apply_output_calibration", "IsotonicCalibration",
+    "STEMConfig", "SharedAndTaskSpecificEmbeddings",
+    "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks",
+    "TabularMultiTaskModel", "build_tabular_model", "apply_output_calibration", "IsotonicCalibration",
     "FunnelESMMConfig", "EntireSpaceFunnelModel",
     "CrossStitchConfig", "CrossStitchNetwork", "AITMConfig", "AdaptiveInformationTransferModel", "funnel_violation",
 ]

@@ -103,6 +103,13 @@ class MultiTaskModel(nn.Module):
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
+    @classmethod
+    def input_views(cls, config: ModelConfig) -> int:
+        """How many copies of its input features the model with ``config`` reads per row: 1, or
+        ``K + 1`` for STEM (each task's, then the shared one), which a table's feature encoder then
+        embeds separately."""
+        return 1
+
     def count_parameters(self, trainable_only: bool = True) -> int:
         """Number of (trainable) parameters, leaving out gate entries a gate can never choose (PLE's
         gates are dense over a level's experts, see :class:`~mtlkit.models.GateBank`)."""
@@ -150,7 +157,7 @@ class MultiTaskModel(nn.Module):
         """The parameters of the last layer that every task's output depends on (GradNorm balances
         the tasks' gradient norms there); a :class:`ConfigError` for models without one."""
         raise ConfigError(f"model {self.registry_name!r} has no layer that every task shares; GradNorm needs one "
-                          "(shared_bottom, omoe, mmoe, cgc, ple, adatt)")
+                          "(shared_bottom, omoe, mmoe, cgc, ple, adatt, stem)")
 
     def gate_banks(self) -> dict[str, GateBank]:
         """All gate banks of the model, by module path."""

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from mtlkit.features.encoder import FeatureEncoder
+from mtlkit.features.encoder import EncoderConfig, FeatureEncoder
 from mtlkit.models.base import MultiTaskModel
 from mtlkit.models.calibrated_outputs import IsotonicCalibration, OutputCalibration, apply_output_calibration
+from mtlkit.models.registry import get_model_class, model_config
+from mtlkit.tasks import TaskSpec
 
-__all__ = ["TabularMultiTaskModel"]
+__all__ = ["TabularMultiTaskModel", "build_tabular_model"]
 
 
 class TabularMultiTaskModel(MultiTaskModel):
@@ -26,6 +29,9 @@ class TabularMultiTaskModel(MultiTaskModel):
     def __init__(self, encoder: FeatureEncoder, backbone: MultiTaskModel) -> None:
         if encoder.output_dim != backbone.config.input_dim:
             raise ValueError(f"encoder output width {encoder.output_dim} != model input_dim {backbone.config.input_dim}")
+        views = backbone.input_views(backbone.config)
+        if encoder.views != views:
+            raise ValueError(f"encoder views {encoder.views} != the {views} input views model {backbone.registry_name!r} reads")
         super().__init__(backbone.config)
         self.registry_name = backbone.registry_name
         self.encoder = encoder
@@ -57,3 +63,13 @@ class TabularMultiTaskModel(MultiTaskModel):
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs = self.backbone(self.encoder(inputs))
         return outputs if self.output_calibration is None else apply_output_calibration(outputs, self.output_calibration)
+
+
+def build_tabular_model(name: str, encoder_config: EncoderConfig, tasks: Sequence[TaskSpec | Mapping[str, Any] | str],
+                        options: Mapping[str, Any] | None = None) -> TabularMultiTaskModel:
+    """The registered model ``name`` (its config fields in ``options``) behind a feature encoder of
+    ``encoder_config``'s columns, with as many embedding views as the model reads (STEM's ``K + 1``)."""
+    config = model_config(name, {"input_dim": encoder_config.output_dim, "tasks": tasks, **(options or {})})
+    # The encoder is built (and so initialised from the seed) before the model, as it always was.
+    encoder = FeatureEncoder(dataclasses.replace(encoder_config, views=get_model_class(name).input_views(config)))
+    return TabularMultiTaskModel(encoder, get_model_class(name)(config))

@@ -27,6 +27,7 @@ MODEL_LABELS = {
     "cgc": "CGC",
     "ple": "PLE",
     "adatt": "AdaTT",
+    "stem": "STEM",
     "esmm": "ESMM",
     "esmm_funnel": "ESMM funnel",
     "aitm": "AITM",
