@@ -10,6 +10,8 @@ from mtlkit.features import EncoderConfig, FeatureEncoder
 from mtlkit.models import TabularMultiTaskModel, build_model, build_tabular_model
 from mtlkit.training import load_checkpoint, save_checkpoint
 
+from in_process import run_example
+
 ENCODER = EncoderConfig(num_dense=2, categorical_cardinalities=(5, 7), categorical_embedding_dims=(3, 3),
                         multi_valued_cardinalities=(4,), multi_valued_embedding_dims=(2,), multi_valued_pooling=("mean",))
 
@@ -178,3 +180,11 @@ def test_training_lowers_the_loss():
 def test_invalid_configs_name_their_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         build_model("stem", input_dim=4, tasks=["a", "b"], **overrides)
+
+
+def test_the_task_embeddings_example_runs():
+    done = run_example("task_embeddings.py", "--seeds", "1", "--rows", "2000", "--models", "stem,mmoe, 3x wide")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "'model': 'stem'" in done.stdout and "'model': 'mmoe, 3x wide'" in done.stdout and "true probabilities" in done.stdout
+    done = run_example("task_embeddings.py", "--models", "stem,nope")
+    assert done.returncode == 2 and "nope" in done.stderr
