@@ -183,8 +183,8 @@ def test_invalid_configs_name_their_key(overrides, key):
 
 
 def test_the_task_embeddings_example_runs():
-    done = run_example("task_embeddings.py", "--seeds", "1", "--rows", "2000", "--models", "stem,mmoe, 3x wide")
+    done = run_example("task_embeddings.py", "--seeds", "1", "--rows", "2000", "--models", "stem,mmoe_wide")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "'model': 'stem'" in done.stdout and "'model': 'mmoe, 3x wide'" in done.stdout and "true probabilities" in done.stdout
+    assert "'model': 'stem'" in done.stdout and "'model': 'mmoe_wide'" in done.stdout and "true probabilities" in done.stdout
     done = run_example("task_embeddings.py", "--models", "stem,nope")
     assert done.returncode == 2 and "nope" in done.stderr
