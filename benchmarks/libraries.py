@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from benchmarks.workloads import Workload, WorkloadData, torch_inputs
 
 LIBRARIES = ("mtlkit", "torch_rechub", "deepctr_torch")
-_DISPLAY_NAMES = {"omoe": "OMoE", "aitm": "AITM", "adatt": "AdaTT"}  # the models a reference library lacks
+_DISPLAY_NAMES = {"omoe": "OMoE", "aitm": "AITM", "adatt": "AdaTT", "stem": "STEM"}  # the models a reference library lacks
 
 
 def import_error(library: str) -> str | None:
@@ -63,8 +63,8 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
     """mtlkit's model for the workload, its tasks and the data as :class:`MultiTaskTensors`."""
     from mtlkit import TaskSpec
     from mtlkit.data import MultiTaskTensors
-    from mtlkit.features import EncoderConfig, FeatureEncoder
-    from mtlkit.models import TabularMultiTaskModel, build_model, esmm_tasks
+    from mtlkit.features import EncoderConfig
+    from mtlkit.models import build_model, build_tabular_model, esmm_tasks
 
     labels = torch.from_numpy(data.labels)
     if model_name == "esmm":
@@ -76,10 +76,9 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
     torch.manual_seed(0)
     if workload.vocab_sizes:
         num_dense = 0 if model_name == "esmm" else workload.num_dense
-        encoder = FeatureEncoder(EncoderConfig(num_dense=num_dense, categorical_cardinalities=workload.vocab_sizes,
-                                               categorical_embedding_dims=[workload.embedding_dim] * len(workload.vocab_sizes)))
-        model = TabularMultiTaskModel(encoder, build_model(model_name, input_dim=encoder.output_dim, tasks=tasks,
-                                                           **workload.model_options(model_name)))
+        encoder = EncoderConfig(num_dense=num_dense, categorical_cardinalities=workload.vocab_sizes,
+                                categorical_embedding_dims=[workload.embedding_dim] * len(workload.vocab_sizes))
+        model = build_tabular_model(model_name, encoder, tasks, workload.model_options(model_name))
     else:
         model = build_model(model_name, input_dim=workload.num_dense, tasks=tasks, **workload.model_options(model_name))
     dataset = MultiTaskTensors(torch_inputs(workload, data, model_name), labels, [t.name for t in tasks])
@@ -184,7 +183,7 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     from torch_rechub.trainers import MTLTrainer
     from torch_rechub.utils.data import DataGenerator
 
-    if model_name in ("omoe", "adatt"):
+    if model_name in ("omoe", "adatt", "stem"):
         raise NotImplementedError(f"torch-rechub has no {_DISPLAY_NAMES[model_name]}")
     batch = workload.batch_size
     task_type = "regression" if workload.task_type == "regression" else "classification"
@@ -243,7 +242,7 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import ESMM, MMOE, PLE, SharedBottom
 
-    if model_name in ("omoe", "aitm", "adatt"):
+    if model_name in ("omoe", "aitm", "adatt", "stem"):
         raise NotImplementedError(f"deepctr-torch has no {_DISPLAY_NAMES[model_name]}")
     batch = workload.batch_size
     sparse = [SparseFeat(f"c{i}", vocabulary_size=v, embedding_dim=workload.embedding_dim) for i, v in enumerate(workload.vocab_sizes)]

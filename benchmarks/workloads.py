@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-MODELS = ("shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "esmm", "aitm")
+MODELS = ("shared_bottom", "omoe", "mmoe", "cgc", "ple", "adatt", "stem", "esmm", "aitm")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Workload:
                     "expert_hidden": self.expert_hidden}
         if model in ("ple", "adatt"):
             return {**self.model_options("cgc"), "num_levels": self.num_levels}
+        if model == "stem":  # CGC's experts, each task's on its own embedding copy (as in configs/census.yaml)
+            return {**self.model_options("cgc"), "num_levels": 1}
         if model == "esmm":
             return {"tower_hidden": self.expert_hidden}
         if model == "aitm":
