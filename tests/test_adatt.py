@@ -6,6 +6,8 @@ import torch
 from mtlkit import ConfigError
 from mtlkit.models import build_model
 
+from forward_hooks import inputs_and_outputs
+
 
 def _uniform_gates(model):
     """Zero every gate's weights and biases: each gate then gives every expert 1/E."""
@@ -18,14 +20,7 @@ def _uniform_gates(model):
 def _level_outputs(model, x):
     """Each level's input and output in one forward (module by module: the CPU's one-node path has no levels to hook)."""
     model.small_mixture = False
-    seen = []
-    handles = [level.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for level in model.levels]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    return inputs_and_outputs(model, x, list(model.levels))
 
 
 def test_sp_variant_adds_each_tasks_own_expert_to_the_mean_of_all():

@@ -10,6 +10,7 @@ from mtlkit.features import EncoderConfig, FeatureEncoder
 from mtlkit.models import TabularMultiTaskModel, build_model, build_tabular_model
 from mtlkit.training import load_checkpoint, save_checkpoint
 
+from forward_hooks import inputs_and_outputs
 from in_process import run_example
 
 ENCODER = EncoderConfig(num_dense=2, categorical_cardinalities=(5, 7), categorical_embedding_dims=(3, 3),
@@ -25,19 +26,9 @@ def _inputs(rows=6, seed=0):
 
 def _level_io(model, x):
     """Each level's input, its gates' input and its output, in one forward."""
-    seen = []
-    handles = []
-    for level in model.levels:
-        record = {}
-        seen.append(record)
-        handles.append(level.register_forward_hook(lambda m, args, out, r=record: r.update(h=args[0], out=out)))
-        handles.append(level.gates.register_forward_hook(lambda m, args, out, r=record: r.update(selector=args[0], weights=out)))
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    modules = [m for level in model.levels for m in (level, level.gates)]
+    seen = inputs_and_outputs(model, x, modules)
+    return [dict(h=level[0], out=level[1], selector=gates[0], weights=gates[1]) for level, gates in zip(seen[::2], seen[1::2])]
 
 
 def test_encoder_views_hold_separate_embeddings_and_the_same_dense_features():
