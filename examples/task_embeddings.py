@@ -17,7 +17,7 @@ any model can do on those rows):
 
     python examples/task_embeddings.py --seeds 3
 
-It takes about 40 seconds per seed on 2 cores.
+It takes about 30 seconds per seed on 2 cores.
 """
 
 from __future__ import annotations
