@@ -23,6 +23,8 @@ else:
 if model_name == "ple_dselect":  # DSelect-k gates: their penalty (codes of no expert, entropy) as the auxiliary loss
     model_name, options = "ple", {"num_shared_experts": 2, "num_task_experts": 1, "gate_type": "dselect_k", "gate_top_k": 2,
                                   "gate_entropy_weight": 0.01}
+if model_name == "stem":  # each task's loss stops at the other tasks' experts
+    options = {"num_shared_experts": 2, "num_task_experts": 1, "num_levels": 2}
 first = data.tasks[0].name
 train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
 torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's

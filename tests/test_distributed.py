@@ -14,6 +14,7 @@ from mtlkit.training import distributed
     ("fixed", 29536, "aitm", "bf16"),  # a model's auxiliary loss and autocast under DDP
     ("fixed", 29537, "ple_dselect", "fp32"),  # the gates' penalty under DDP
     ("famo", 29538, "mmoe", "fp32"),  # FAMO's logits, updated from each rank's own losses
+    ("fixed", 29539, "stem", "fp32"),  # gradients stopped at other tasks' experts: every parameter still gets one
 ])
 def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision):
     # On the CPU through Gloo; on a one-GPU machine both ranks share the GPU, through Gloo too.
