@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mtlkit.errors import ConfigError
 from mtlkit.models.gates import mix_experts
@@ -57,12 +56,18 @@ class _FusionLevel(_ExtractionLevel):
         super().__init__(c, input_dim, first, last)
         K, Et, Es = c.num_tasks, c.num_task_experts, c.num_shared_experts
         self.native_residual = c.native_residual
-        self.shared_experts = Es
         self.register_buffer("unit_native", None, persistent=False)
         self.task_native: torch.nn.Parameter | None = None
         self.shared_native: torch.nn.Parameter | None = None
         if not self.native_residual:
             return
+        # Where each residual weight goes in the flat (G, E) offsets: task k's row at its own experts'
+        # columns, then the shared gate's row at the shared columns (one scatter builds the offsets).
+        E = K * Et + Es
+        positions = [k * E + k * Et + j for k in range(K) for j in range(Et)]
+        if self.has_shared_gate:
+            positions += [K * E + K * Et + j for j in range(Es)]
+        self.register_buffer("native_positions", torch.tensor(positions), persistent=False)
         if Et == 1 and Es <= 1:
             # Each module's single native expert added with weight 1, as in the authors' code.
             self.unit_native = self._dense(torch.ones(K, 1), torch.ones(Es) if self.has_shared_gate else None)
@@ -75,11 +80,11 @@ class _FusionLevel(_ExtractionLevel):
 
     def _dense(self, task_native: torch.Tensor, shared_native: torch.Tensor | None) -> torch.Tensor:
         """The residual as ``(G, E)`` gate-weight offsets: task ``k``'s row holds its weights at its own
-        experts' columns, the shared gate's row the shared weights at the shared columns, zeros elsewhere."""
-        blocks = list(task_native.split(1)) + ([shared_native[None]] if shared_native is not None else [])
-        dense = torch.block_diag(*blocks)
-        # Without a shared gate the shared experts' columns are no gate's natives.
-        return dense if shared_native is not None else F.pad(dense, (0, self.shared_experts))
+        experts' columns, the shared gate's row the shared weights at the shared columns, zeros elsewhere
+        (without a shared gate the shared experts' columns are no gate's natives)."""
+        values = task_native.reshape(-1) if shared_native is None else torch.cat([task_native.reshape(-1), shared_native])
+        G, E = self.num_gates, self.experts.num_experts
+        return values.new_zeros(G * E).index_put((self.native_positions,), values).view(G, E)
 
     def gate_residual(self) -> torch.Tensor | None:
         """What the level adds to its gates' weights: ``(G, E)``, or None without the residual."""
