@@ -111,7 +111,7 @@ class SharedAndTaskSpecificEmbeddings(ProgressiveLayeredExtraction):
         return config.num_tasks + 1
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        views = self.config.num_tasks + 1
+        views = self.input_views(self.config)
         if x.dim() == 2:
             h = x.unsqueeze(1).expand(-1, views, -1)
         elif x.dim() == 3 and x.shape[1] == views:
