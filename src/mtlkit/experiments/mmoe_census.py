@@ -27,7 +27,7 @@ from mtlkit.data.tensors import MultiTaskTensors
 from mtlkit.errors import ConfigError, DataError
 from mtlkit.features import TablePreprocessor
 from mtlkit.files import atomic_write, read_json_lines, write_json, write_text
-from mtlkit.models import build_tabular_model, list_models
+from mtlkit.models import build_tabular_model, get_model_class, list_models
 from mtlkit.reports.plots import model_label, plot_metric_bars
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 
@@ -95,7 +95,8 @@ class CensusExperimentConfig:
         if self.protocol not in CENSUS_PROTOCOLS:
             raise ConfigError(f"protocol: expected one of {list(CENSUS_PROTOCOLS)}, got {self.protocol!r}")
         self.models = tuple(self.models)
-        unknown = [m for m in self.models if m not in list_models() or m == "esmm"]
+        # ESMM and ESCM2 need the fixed roles ctr, cvr and ctcvr, which census-income has not.
+        unknown = [m for m in self.models if m not in list_models() or not get_model_class(m).any_number_of_tasks]
         if unknown:
             raise ConfigError(f"models: unknown or unsuitable {unknown}; expected some of {list(DEFAULT_MODELS)}")
         if not isinstance(self.seeds, int) or self.seeds < 1:

@@ -117,7 +117,8 @@ class AdaptiveInformationTransferModel(MultiTaskModel):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.towers(self.transferred(x).transpose(0, 1))
 
-    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None,
+                       label_mask: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None) -> torch.Tensor | None:
         """The behavioural expectation calibrator: ``calibration_weight`` times the mean over rows of
         the summed :func:`funnel_violation` of each pair of consecutive binary tasks (None when the
         weight is 0 or no pair is binary)."""

@@ -136,10 +136,13 @@ class MultiTaskModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None,
+                       label_mask: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None) -> torch.Tensor | None:
         """A term the trainer adds to the weighted task losses, computed from the training forward's
-        ``outputs`` (a scalar; AITM's calibrator), or None (no such term). Loss weightings never
-        scale it, and validation losses leave it out. The default is :meth:`gate_penalty`."""
+        ``outputs`` and the batch's ``labels`` and ``label_mask`` (``(B, K)`` in task order) and
+        ``sample_weight`` (``(B,)`` or None): a scalar (AITM's calibrator, ESCM2's counterfactual
+        risk), or None (no such term). Loss weightings never scale it, and validation losses leave it
+        out. The default is :meth:`gate_penalty`."""
         return self.gate_penalty()
 
     def gate_penalty(self) -> torch.Tensor | None:

@@ -54,8 +54,9 @@ class TabularMultiTaskModel(MultiTaskModel):
         self.output_calibration = {name: fitted if isinstance(fitted, IsotonicCalibration) else (float(fitted[0]), float(fitted[1]))
                                    for name, fitted in calibration.items()}
 
-    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        return self.backbone.auxiliary_loss(outputs)
+    def auxiliary_loss(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor | None = None,
+                       label_mask: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.backbone.auxiliary_loss(outputs, labels, label_mask, sample_weight)
 
     def shared_layer_parameters(self) -> list[torch.nn.Parameter]:
         return self.backbone.shared_layer_parameters()

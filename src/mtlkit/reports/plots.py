@@ -29,6 +29,7 @@ MODEL_LABELS = {
     "adatt": "AdaTT",
     "stem": "STEM",
     "esmm": "ESMM",
+    "escm2": "ESCM2-IPS",
     "esmm_funnel": "ESMM funnel",
     "aitm": "AITM",
     "gbdt": "GBDT",

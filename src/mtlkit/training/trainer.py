@@ -391,8 +391,9 @@ class Trainer:
         self._balanced_parameters = self.model.shared_layer_parameters() if self.weighting.balances_gradients else None
         self._autocast_dtype = PRECISIONS[self.config.precision]
         self._losses, self._objective = self._forward_losses, self._forward_objective
-        # A model's own term of the objective (AITM's calibrator, DSelect-k gates' penalty); models without one return None.
-        self._auxiliary_loss = getattr(self.model, "auxiliary_loss", lambda outputs: None)
+        # A model's own term of the objective (AITM's calibrator, DSelect-k gates' penalty, ESCM2's counterfactual
+        # risk); models without one return None.
+        self._auxiliary_loss = getattr(self.model, "auxiliary_loss", lambda *batch_fields: None)
         if self.config.compile and (self._balanced_parameters is not None or self.config.gradient_surgery is not None):
             # Measured in torch 2.13: a second backward through one compiled graph (retain_graph, one
             # per task) returned zero gradients, so these per-task gradients are taken eagerly.
@@ -463,7 +464,7 @@ class Trainer:
                 outputs = self.train_module(inputs)
             outputs = in_float32(outputs)
         losses = task_losses(outputs, labels, label_mask, self.tasks, sample_weight, all_labelled)
-        return losses, self._auxiliary_loss(outputs)
+        return losses, self._auxiliary_loss(outputs, labels, label_mask, sample_weight)
 
     def _forward_objective(self, *batch_fields):
         losses, auxiliary = self._losses(*batch_fields)
