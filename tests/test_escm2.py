@@ -11,6 +11,7 @@ from mtlkit.experiments.tabular_run import train_run
 from mtlkit.models import build_model, esmm_tasks, inverse_propensity_risk
 from mtlkit.training import Trainer, TrainerConfig
 
+from in_process import run_example
 from test_esmm import _ali_ccp_config
 
 
@@ -148,3 +149,9 @@ def test_escm2_on_the_ali_ccp_sample(shared_data, tmp_path):
     assert metrics["test"]["ctcvr"]["count"] == 50
     history = pd.read_csv(run / "history.csv")
     assert (history["auxiliary_loss"].dropna() > 0).any()
+
+
+def test_the_counterfactual_example_runs():
+    done = run_example("counterfactual_cvr.py", "--seeds", "1", "--rows", "3000", "--epochs", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "escm2 (weight 0.1)" in done.stdout and "seeds where the model beats ESMM" in done.stdout
