@@ -271,6 +271,13 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
         x = {f"c{i}": data.categorical[:, i] for i in range(len(workload.vocab_sizes))}
     else:
         raise KeyError(model_name)
+    if model_name in ("cgc", "ple"):
+        try:
+            model.predict({k: v[:2] for k, v in x.items()}, batch_size=2)
+        except IndexError as error:
+            # deepctr-torch 0.3.0 indexes its shared experts by the task-specific count (the crash).
+            raise RuntimeError(f"crashes with {workload.num_shared_experts} shared > {workload.num_task_experts} task experts "
+                               f"(deepctr-torch's own bug: {error})") from error
     loss = "mse" if workload.task_type == "regression" else "binary_crossentropy"
     model.compile("adam", loss=[loss, loss])
     y = data.labels

@@ -251,3 +251,13 @@ def test_precision_benchmark_runs_on_a_tiny_size(tmp_path):
     assert entry["workload"] == "W1" and entry["model"] == "mmoe"
     assert all(len(v) == 1 and v[0] > 0 for v in entry["samples_per_s"].values())
     assert entry["bf16_over_fp32"] == entry["samples_per_s"]["bf16"][0] / entry["samples_per_s"]["fp32"][0]
+
+
+def test_deepctr_torchs_crash_on_more_shared_than_task_experts_is_named():
+    pytest.importorskip("deepctr_torch", reason="deepctr-torch is in benchmarks/requirements.txt, not installed here")
+    from benchmarks.libraries import deepctr_measure
+    from benchmarks.workloads import WORKLOADS, make_data
+
+    workload = WORKLOADS["W1"]
+    with pytest.raises(RuntimeError, match="4 shared > 2 task experts"):
+        deepctr_measure(workload, "cgc", make_data(workload, rows=64), windows=1, steps=1, warmup=0)
