@@ -4,8 +4,8 @@ post-click conversion rate is known for every impression, clicked or not.
 Each seed draws one funnel (``mtlkit.data.make_funnel``: click -> purchase, 200,000 rows, 80/10/10
 split). Clicks and purchases have related weight vectors (``--relatedness``), so the clicked rows
 are a biased sample of the impressions: the sample-selection bias ESMM and ESCM2 address. Every
-model has the same CTR and CVR networks and trains with Adam, early stopping on the validation AUC
-averaged over the tasks. On the test rows the table shows:
+model has the same CTR and CVR networks (``--towers``) and trains with Adam, early stopping on the
+validation AUC averaged over the tasks. On the test rows the table shows:
 
 - ``cvr_auc_clicked``: the CVR AUC on clicked rows against their purchases (what the papers report);
 - ``cvr_auc_all``: the CVR AUC on all impressions against the conversion each would have had if
@@ -14,9 +14,10 @@ averaged over the tasks. On the test rows the table shows:
   "inherent estimation bias" of ESMM is a positive one), and ``cvr_abs_bias`` its size;
 - ``ctcvr_auc``: the AUC of pCTR x pCVR against purchases on all impressions.
 
-A second table pairs each model with ESMM seed by seed::
+A second table pairs each model with ESMM seed by seed. The README's two tables::
 
-    python examples/counterfactual_cvr.py --seeds 5
+    python examples/counterfactual_cvr.py --seeds 5 --rows 1000000
+    python examples/counterfactual_cvr.py --seeds 5 --rows 1000000 --towers 16 --rates 0.05,0.2
 
 """
 
@@ -35,15 +36,18 @@ from mtlkit.models import build_model, esmm_tasks
 from mtlkit.tasks import TaskSpec
 from mtlkit.training import Trainer, TrainerConfig
 
-TOWERS = [128, 64, 32]
-# CTR and CVR networks of the same size in every model; "cvr on clicks" is the naive baseline that
-# fits the CVR network to clicked rows only (ESMM's "BASE").
-MODELS = {
-    "cvr on clicks": ("single_task", {"bottom_hidden": TOWERS, "tower_hidden": []}),
-    "esmm": ("esmm", {"tower_hidden": TOWERS}),
-    "escm2 (weight 0.1)": ("escm2", {"tower_hidden": TOWERS, "counterfactual_weight": 0.1}),
-    "escm2 (weight 1)": ("escm2", {"tower_hidden": TOWERS, "counterfactual_weight": 1.0}),
-}
+
+def models(towers: list[int]) -> dict[str, tuple[str, dict]]:
+    """CTR and CVR networks of the same size in every model; "cvr on clicks" is the naive baseline
+    that fits the CVR network to clicked rows only (ESMM's "BASE")."""
+    return {
+        "cvr on clicks": ("single_task", {"bottom_hidden": towers, "tower_hidden": []}),
+        "esmm": ("esmm", {"tower_hidden": towers}),
+        "escm2 (weight 0.1)": ("escm2", {"tower_hidden": towers, "counterfactual_weight": 0.1}),
+        "escm2 (weight 1)": ("escm2", {"tower_hidden": towers, "counterfactual_weight": 1.0}),
+    }
+
+
 METRICS = ["cvr_auc_clicked", "cvr_auc_all", "cvr_bias", "cvr_abs_bias", "ctcvr_auc"]
 LOWER_IS_BETTER = {"cvr_abs_bias"}
 
@@ -63,7 +67,9 @@ def main() -> None:
     parser.add_argument("--relatedness", type=float, default=0.5)
     parser.add_argument("--rates", default="0.1,0.2", help="mean click rate, mean conversion rate after a click")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--towers", default="128,64,32", help="hidden widths of each CTR and CVR network ('' for none)")
     args = parser.parse_args()
+    towers = [int(w) for w in args.towers.split(",") if w]
     rates = tuple(float(r) for r in args.rates.split(","))
     rows = []
     for seed in range(args.seeds):
@@ -84,7 +90,7 @@ def main() -> None:
                     "ctcvr_auc": roc_auc_score(purchase, ctcvr)}
 
         rows.append(scores("true probabilities", true_cvr, test.probabilities[:, 1]))
-        for label, (name, options) in MODELS.items():
+        for label, (name, options) in models(towers).items():
             torch.manual_seed(seed)
             tasks = esmm_tasks() if name != "single_task" else [TaskSpec("ctr"), TaskSpec("cvr")]
             model = build_model(name, input_dim=data.inputs.shape[1], tasks=tasks, **options)
@@ -98,7 +104,7 @@ def main() -> None:
             rows.append(scores(label, cvr, ctcvr, time.perf_counter() - started))
             print(rows[-1], flush=True)
     runs = pd.DataFrame(rows)
-    print(f"\ntest metrics, mean and std over {args.seeds} seeds (relatedness {args.relatedness}, rates {rates})")
+    print(f"\ntest metrics, mean and std over {args.seeds} seeds (relatedness {args.relatedness}, rates {rates}, towers {towers})")
     print(runs.groupby("model", sort=False)[METRICS].agg(["mean", "std"]).to_string(float_format=lambda v: f"{v:.4f}"))
     # Seeds draw funnels of different difficulty: each model's gap to ESMM on the same seed.
     base = runs[runs.model == "esmm"].set_index("seed")[METRICS]
