@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--relatedness", type=float, default=0.5)
     parser.add_argument("--rates", default="0.1,0.2", help="mean click rate, mean conversion rate after a click")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--towers", default="128,64,32", help="hidden widths of each CTR and CVR network ('' for none)")
+    parser.add_argument("--towers", default="128,64,32", help="hidden widths of each CTR and CVR network")
     args = parser.parse_args()
     towers = [int(w) for w in args.towers.split(",") if w]
     rates = tuple(float(r) for r in args.rates.split(","))
