@@ -119,6 +119,24 @@ def test_a_tasks_loss_does_not_train_the_other_tasks_experts_or_embeddings():
     assert other > 0
 
 
+@pytest.mark.parametrize("experts, width", [(4, 2), (8, 16), (8, 64)])  # the loop, padded-bmm and bmm paths
+def test_the_masked_mix_has_the_gradients_of_mixing_detached_experts(experts, width):
+    from mtlkit.models.gates import mix_experts
+
+    g = torch.Generator().manual_seed(experts + width)
+    weights = torch.rand(7, 3, experts, generator=g).requires_grad_()
+    outputs = torch.randn(7, experts, width, generator=g).requires_grad_()
+    mask = (torch.rand(3, experts, generator=g) < 0.5).float()
+    upstream = torch.randn(7, 3, width, generator=g)
+    # The reference: each gate reads the experts it may not train through a detached copy.
+    reference = mix_experts(weights * mask, outputs) + mix_experts(weights * (1 - mask), outputs.detach())
+    expected = torch.autograd.grad(reference, (weights, outputs), upstream)
+    masked = mix_experts(weights, outputs, mask)
+    torch.testing.assert_close(masked, reference)
+    for got, want in zip(torch.autograd.grad(masked, (weights, outputs), upstream), expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_stopping_the_gradient_changes_no_output():
     torch.manual_seed(0)
     model = build_model("stem", input_dim=6, tasks=["a", "b"], num_levels=2)

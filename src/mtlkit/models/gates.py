@@ -35,30 +35,33 @@ _PAD_MIXING_FROM = 192
 
 class _MixExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate_weights: torch.Tensor, expert_outputs: torch.Tensor,
+                expert_gradient_mask: torch.Tensor | None = None) -> torch.Tensor:
         num_gates, num_experts = gate_weights.shape[1:]
         per_gate = num_experts * expert_outputs.shape[2]
         if _PAD_MIXING_FROM <= num_gates * per_gate < _BLAS_BMM:
             # Zero gate rows up to ATen's BLAS size: the padded product is cheaper than the loop.
             rows = -(-_BLAS_BMM // per_gate)
             padded = F.pad(gate_weights, (0, 0, 0, rows - num_gates))
-            ctx.save_for_backward(padded[:, :num_gates], expert_outputs)
+            ctx.save_for_backward(padded[:, :num_gates], expert_outputs, expert_gradient_mask)
             return torch.bmm(padded, expert_outputs)[:, :num_gates]
         # Gates arrive batch-last (a permuted view, see GateBank): one copy here, so that the bmm
         # and the backward's per-gate multiply-adds read each row's gate weights contiguously.
         gate_weights = gate_weights.contiguous()
-        ctx.save_for_backward(gate_weights, expert_outputs)
+        ctx.save_for_backward(gate_weights, expert_outputs, expert_gradient_mask)
         return torch.bmm(gate_weights, expert_outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        gate_weights, expert_outputs = ctx.saved_tensors
+        gate_weights, expert_outputs, expert_gradient_mask = ctx.saved_tensors
         grad_gates = grad_experts = None
         if ctx.needs_input_grad[0]:
             grad_gates = torch.bmm(grad, expert_outputs.transpose(1, 2))
         if ctx.needs_input_grad[1]:
             num_gates = gate_weights.shape[1]
+            if expert_gradient_mask is not None:
+                gate_weights = gate_weights * expert_gradient_mask.to(gate_weights.dtype)
             if gate_weights[0].numel() * grad.shape[2] <= _SMALL_MIXING:
                 # Sum over the gates (tasks) of outer products: a loop over gates, not experts.
                 grad_experts = gate_weights[:, 0, :, None] * grad[:, 0, None, :]
@@ -66,7 +69,7 @@ class _MixExperts(torch.autograd.Function):
                     grad_experts.addcmul_(gate_weights[:, g, :, None], grad[:, g, None, :])
             else:
                 grad_experts = torch.bmm(gate_weights.transpose(1, 2), grad)
-        return grad_gates, grad_experts
+        return grad_gates, grad_experts, None
 
 
 class GateBank(nn.Module):
@@ -208,9 +211,14 @@ def _labels(names: Sequence[str] | None, count: int, kind: str) -> list[str]:
     return list(names)
 
 
-def mix_experts(gate_weights: torch.Tensor, expert_outputs: torch.Tensor) -> torch.Tensor:
+def mix_experts(gate_weights: torch.Tensor, expert_outputs: torch.Tensor,
+                expert_gradient_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Gate-weighted sum of expert outputs.
+
+    ``expert_gradient_mask`` ``(G, E)`` (None: all ones) scales the gradient each gate's weight
+    passes into each expert, not the output: with 0, gate ``g`` reads expert ``e`` as if detached
+    (STEM's stop-gradients), and the gate's own weights still receive their full gradient.
 
     Shape: gates ``(B, G, E)``, experts ``(B, E, D)`` (any strides) ``-> (B, G, D)``.
     """
-    return _MixExperts.apply(gate_weights, expert_outputs)
+    return _MixExperts.apply(gate_weights, expert_outputs, expert_gradient_mask)

@@ -80,11 +80,8 @@ class _STEMLevel(_ExtractionLevel):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         experts = self.experts(h)
         weights = self.gates(self.gate_selector(h))
-        if not (self.stop_gradient and torch.is_grad_enabled()):
-            return mix_experts(weights, experts)
-        # The same sum, split so that only each gate's own and the shared experts receive its gradient.
-        trained = self.trained_by_gate
-        return mix_experts(weights * trained, experts) + mix_experts(weights * (1 - trained), experts.detach())
+        # One mix; only its backward differs: each gate's gradient reaches its own and the shared experts.
+        return mix_experts(weights, experts, self.trained_by_gate if self.stop_gradient else None)
 
 
 @register_model("stem")
