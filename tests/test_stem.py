@@ -197,3 +197,28 @@ def test_the_task_embeddings_example_runs():
     assert "'model': 'stem'" in done.stdout and "'model': 'mmoe_wide'" in done.stdout and "true probabilities" in done.stdout
     done = run_example("task_embeddings.py", "--models", "stem,nope")
     assert done.returncode == 2 and "nope" in done.stderr
+
+
+def test_compiled_stem_keeps_the_gradient_stops():
+    """Under torch.compile (one graph) the masked mix's outputs and gradients are the eager ones."""
+    torch.manual_seed(3)
+    model = build_model("stem", input_dim=5, tasks=["a", "b"], num_levels=2, num_shared_experts=2, num_task_experts=1,
+                        expert_hidden=(6,), tower_hidden=(4,))
+    x = torch.randn(16, 3, 5)
+    params = list(model.parameters())
+
+    def outputs_and_grads(module):
+        out = module(x)
+        return out["a"], torch.autograd.grad(out["a"].square().mean(), params, allow_unused=True)
+
+    eager, compiled = outputs_and_grads(model), outputs_and_grads(torch.compile(model, fullgraph=True, dynamic=False))
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(compiled[1], eager[1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # Task a's loss leaves task b's last-level expert untouched (experts a, b, shared, shared), compiled too;
+    # below the last level the shared gate's mix, which trains every expert, carries a's gradient to all.
+    last = model.levels[1].experts.linears[0].weight
+    grad = compiled[1][next(i for i, p in enumerate(params) if p is last)]
+    assert grad[1].abs().sum() == 0 and grad[[0, 2, 3]].abs().sum() > 0
