@@ -82,11 +82,11 @@ def main() -> None:
         purchase = test.labels[:, 1].numpy()
 
         def scores(label: str, cvr: np.ndarray, ctcvr: np.ndarray, seconds: float = 0.0) -> dict:
+            bias = float(cvr.mean() - true_cvr.mean())
             return {"seed": seed, "model": label, "seconds": seconds,
                     "cvr_auc_clicked": roc_auc_score(purchase[clicked], cvr[clicked]),
                     "cvr_auc_all": roc_auc_score(would_convert, cvr),
-                    "cvr_bias": float(cvr.mean() - true_cvr.mean()),
-                    "cvr_abs_bias": abs(float(cvr.mean() - true_cvr.mean())),
+                    "cvr_bias": bias, "cvr_abs_bias": abs(bias),
                     "ctcvr_auc": roc_auc_score(purchase, ctcvr)}
 
         rows.append(scores("true probabilities", true_cvr, test.probabilities[:, 1]))

@@ -67,7 +67,7 @@ class _STEMLevel(_ExtractionLevel):
             own[k, k * Et:(k + 1) * Et] = 1
         own[:K, K * Et:] = 1
         own[K:] = 1  # the shared gate trains every expert it mixes
-        # 1 where a gate's weight passes gradient into the expert, 0 where the expert's output is detached.
+        # 1 where a gate's weight passes gradient into the expert, 0 where it reads the expert as if detached.
         self.register_buffer("trained_by_gate", own, persistent=False)
 
     def gate_selector(self, h: torch.Tensor) -> torch.Tensor:
