@@ -59,8 +59,9 @@ def _windows(run_step: Callable[[], None], batch: int, windows: int, steps: int,
 
 
 # --------------------------------------------------------------------------------------------- mtlkit
-def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
-    """mtlkit's model for the workload, its tasks and the data as :class:`MultiTaskTensors`."""
+def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData, **overrides):
+    """mtlkit's model for the workload, its tasks and the data as :class:`MultiTaskTensors`;
+    ``overrides`` replace or add model config fields (a gate type, say)."""
     from mtlkit import TaskSpec
     from mtlkit.data import MultiTaskTensors
     from mtlkit.features import EncoderConfig
@@ -78,9 +79,9 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData):
         num_dense = 0 if model_name == "esmm" else workload.num_dense
         encoder = EncoderConfig(num_dense=num_dense, categorical_cardinalities=workload.vocab_sizes,
                                 categorical_embedding_dims=[workload.embedding_dim] * len(workload.vocab_sizes))
-        model = build_tabular_model(model_name, encoder, tasks, workload.model_options(model_name))
+        model = build_tabular_model(model_name, encoder, tasks, {**workload.model_options(model_name), **overrides})
     else:
-        model = build_model(model_name, input_dim=workload.num_dense, tasks=tasks, **workload.model_options(model_name))
+        model = build_model(model_name, input_dim=workload.num_dense, tasks=tasks, **{**workload.model_options(model_name), **overrides})
     dataset = MultiTaskTensors(torch_inputs(workload, data, model_name), labels, [t.name for t in tasks])
     return model, tasks, dataset
 

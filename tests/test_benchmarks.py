@@ -147,6 +147,27 @@ def test_data_path_cost_runs_on_a_tiny_size(tmp_path):
     assert "trainer's batches" in done.stdout
 
 
+def test_gate_types_runs_on_a_tiny_size_with_the_gates_it_names(tmp_path):
+    from benchmarks.gate_types import VARIANTS
+    from benchmarks.libraries import build_mtlkit
+    from benchmarks.workloads import WORKLOADS, make_data
+    from mtlkit.models import DSelectKGateBank
+
+    out = tmp_path / "gates.json"
+    done = run_module("benchmarks.gate_types", "--steps", "2", "--rounds", "1", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert list(report["seconds"]) == list(VARIANTS)
+    assert all(len(values) == 1 and values[0] > 0 for values in report["seconds"].values())
+    workload = WORKLOADS["W1"]
+    data = make_data(workload, 8)
+    for name, options in VARIANTS.items():
+        model, _, _ = build_mtlkit(workload, "mmoe", data, **options)
+        assert isinstance(model.gates, DSelectKGateBank) == name.startswith("dselect")
+        assert model.gates.top_k == options.get("gate_top_k")
+        assert (model.gates.linear.in_features == 0) == name.endswith("task")
+
+
 def test_profile_step_counts_the_rows_its_steps_really_read():
     from benchmarks.profile_step import samples_seen
 

@@ -9,7 +9,7 @@ import torch
 from mtlkit import ConfigError
 from mtlkit.data import make_synthetic
 from mtlkit.models import DSelectKGateBank, GateBank, build_model
-from mtlkit.models.dselect_gates import smooth_step
+from mtlkit.models.dselect_gates import _dselect_ops, _DSelectKWeights, smooth_step
 from mtlkit.reports.gate_usage import measure_gate_usage
 from mtlkit.training import Trainer, TrainerConfig
 
@@ -70,6 +70,50 @@ def test_dselect_weights_are_the_papers_formula(num_choices, choices, shared_inp
         for g, chosen in enumerate(choices):
             others = [e for e in range(num_choices) if e not in chosen]
             assert (weights[:, g, others] == 0).all()
+
+
+@pytest.mark.parametrize("num_choices, choices, shared_input, k", [
+    (8, None, True, 2), (5, None, True, 3), (1, None, True, 2), (16, None, True, 1),
+    (8, [[0, 1, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7], list(range(8))], True, 2),
+    (6, [[0, 4, 5], [1, 2, 3, 4, 5]], False, 3),
+])
+def test_the_written_out_gate_matches_its_operators_forward_and_backward(num_choices, choices, shared_input, k):
+    """The eager gate (one autograd node, backward written out) against the same maths in operators:
+    weights, codes and the logits' gradient through either or both (the mixing reads the weights, the
+    penalty the codes), and against finite differences."""
+    torch.manual_seed(1)
+    gates = 2 if choices is None else len(choices)
+    bank = DSelectKGateBank(gates, 5, num_choices, k=k, shared_input=shared_input, choices=choices).double()
+    structure = bank._structure()
+    # Spread wide enough that some digits sit past the cubic region (zero slope) and some inside it.
+    logits = (1.5 * torch.randn(gates, k * (bank.num_digits + 1), 7, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: _DSelectKWeights.apply(z, *structure), (logits,))
+    node, ops = _DSelectKWeights.apply(logits, *structure), _dselect_ops(logits, *structure)[:2]
+    for a, b in zip(node, ops):
+        torch.testing.assert_close(a, b)
+    probes = [torch.randn_like(t) for t in node]
+    for used in ([0], [1], [0, 1]) if bank.num_digits else ([0],):  # one expert: constant codes
+        grads = [torch.autograd.grad(sum((out[i] * probes[i]).sum() for i in used), logits, retain_graph=True)[0]
+                 for out in (node, ops)]
+        torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compiled_dselect_model_is_one_graph_and_matches_eager():
+    torch.manual_seed(0)
+    model = build_model("ple", input_dim=6, tasks=["a", "b"], gate_type="dselect_k", gate_top_k=2,
+                        num_shared_experts=2, num_task_experts=1, expert_hidden=(4,), tower_hidden=(3,))
+    x = torch.randn(12, 6)
+    params = list(model.parameters())
+
+    def outputs_and_grads(module):
+        out = module(x)
+        loss = out["a"].square().mean() + module.auxiliary_loss(out)
+        return out["a"], torch.autograd.grad(loss, params)
+
+    eager, compiled = outputs_and_grads(model), outputs_and_grads(torch.compile(model, fullgraph=True, dynamic=False))
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_converged_selectors_pick_at_most_k_experts_and_stop_learning():

@@ -44,6 +44,10 @@ CONFIGS = [
     ("adatt", dict(num_shared_experts=1, num_task_experts=1, num_levels=2, expert_hidden=(6,), tower_hidden=(4,))),
     ("adatt", dict(num_shared_experts=1, num_task_experts=2, num_levels=1, expert_hidden=(6,), tower_hidden=(),
                    native_residual=False)),
+    # Top-k softmax gates: each row's other experts get weight 0 and no gradient.
+    ("mmoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,), gate_top_k=2, gate_temperature=0.7)),
+    ("omoe", dict(num_experts=4, expert_hidden=(6,), tower_hidden=(4,), gate_top_k=1)),
+    ("ple", dict(num_shared_experts=3, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,), gate_top_k=3)),
 ]
 
 
@@ -91,7 +95,7 @@ def test_operator_form_for_torch_compile_equals_the_node(name, config):
     levels = model._mixture_levels() if name in ("cgc", "ple", "adatt") else [(model.experts, model.gates)]
     structure, params = _node_arguments(levels, model.towers)
     if name in ("ple", "adatt"):
-        assert all(sizes is not None for _, _, _, _, sizes, _ in structure[0][1:])  # the expand-and-cat form is tested
+        assert all(sizes is not None for _, _, _, _, sizes, *_ in structure[0][1:])  # the expand-and-cat form is tested
     upstream = torch.randn(3, 1, 13, generator=torch.Generator().manual_seed(7), dtype=torch.double)
     results = []
     for form in (lambda: _small_mixture_ops(x, structure, params), lambda: _SmallMixture.apply(x, structure, *params)):
@@ -188,6 +192,8 @@ def test_module_path_where_the_small_mixture_does_not_apply():
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, activation="gelu").takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, dropout=0.1).takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, norm="layer").takes_small_mixture_path(x)
+    assert not build_model("mmoe", input_dim=6, tasks=TASKS, gate_type="dselect_k", gate_top_k=2).takes_small_mixture_path(x)
+    assert build_model("mmoe", input_dim=6, tasks=TASKS, gate_top_k=2).takes_small_mixture_path(x)
     assert build_model("ple", input_dim=6, tasks=TASKS, num_levels=2).takes_small_mixture_path(x)
     large = build_model("mmoe", input_dim=6, tasks=TASKS, num_experts=8, expert_hidden=(256,))
     assert not large.takes_small_mixture_path(torch.randn(512, 6))  # 1 M activations: the GEMMs dominate

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from mtlkit.errors import ConfigError
 from mtlkit.models.layers import StackedLinear
 
-__all__ = ["GateBank", "mix_experts", "check_top_k"]
+__all__ = ["GateBank", "mix_experts", "check_top_k", "keep_top_k"]
 
 # The largest gates x experts x width of a mixing whose expert gradient is summed over gates instead
 # of a bmm (measured crossover, see above).
@@ -158,12 +158,6 @@ class GateBank(nn.Module):
             keep |= ~keep.any(dim=1, keepdim=True)
         return logits.masked_fill(~keep, float("-inf"))
 
-    def _keep_top_k(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits below each gate's ``top_k``-th largest for a row set to -inf (ties at the threshold
-        are all kept; an excluded choice's -inf stays -inf)."""
-        threshold = logits.topk(self.top_k, dim=1).values[:, -1:]  # (G, 1, B)
-        return logits.masked_fill(logits < threshold, float("-inf"))
-
     def take_penalty(self) -> torch.Tensor | None:
         """A term the last training forward adds to the objective; a softmax gate has none."""
         return None
@@ -187,11 +181,18 @@ class GateBank(nn.Module):
         if self.dropout > 0 and self.training:
             logits = self._drop_choices(logits)
         if self.top_k is not None:
-            logits = self._keep_top_k(logits)
+            logits = keep_top_k(logits, self.top_k)
         weights = torch.softmax(logits, dim=1).permute(2, 0, 1)
         if self.record:
             self.last_weights = weights.detach()
         return weights
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits below each gate's ``k``-th largest for a row set to -inf (ties at the threshold are
+    all kept; an excluded choice's -inf stays -inf). Shape: batch-last ``(G, E, B) -> (G, E, B)``."""
+    threshold = logits.topk(k, dim=1).values[:, -1:]  # (G, 1, B)
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def check_top_k(value: object, num_experts: int, experts: str) -> None:

@@ -40,11 +40,11 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 from mtlkit.models.fused_mlp import _add_relu_, _relu_grad_
+from mtlkit.models.gates import GateBank, keep_top_k
 from mtlkit.tasks import TaskOutputs
 
 if TYPE_CHECKING:
     from mtlkit.models.experts import ExpertBank
-    from mtlkit.models.gates import GateBank
     from mtlkit.models.towers import TaskTowers
 
 __all__ = ["SMALL_MIXTURE_MAX_ACTIVATIONS", "MixtureLevel", "small_mixture", "small_mixture_applies", "small_mixture_outputs"]
@@ -100,6 +100,7 @@ class MixtureLevel(NamedTuple):
     expert_groups: torch.Tensor | None = None
     temperature: float = 1.0
     gate_residual: torch.Tensor | None = None
+    top_k: int | None = None
 
 
 class _SmallMixture(torch.autograd.Function):
@@ -111,7 +112,7 @@ class _SmallMixture(torch.autograd.Function):
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
-        for level, (num_layers, gate_mask, groups, temperature, _, has_residual) in enumerate(levels):
+        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -128,7 +129,9 @@ class _SmallMixture(torch.autograd.Function):
             logits = _layer(h if first else h[: bias.shape[0]], gate_weight, bias, shared=first)
             if temperature != 1.0:
                 logits = logits / temperature
-            gates = torch.softmax(logits, dim=1)  # (G, E, B)
+            if top_k is not None:
+                logits = keep_top_k(logits, top_k)
+            gates = torch.softmax(logits, dim=1)  # (G, E, B); 0 off a row's top k, whose backward then passes nothing
             saved.append(gates)
             mixing = gates if mixing_offset is None else gates + mixing_offset.unsqueeze(2)
             h = (mixing.unsqueeze(2) * out).sum(1)  # (G, D, B)
@@ -168,7 +171,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _ = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -230,7 +233,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual) in enumerate(levels):
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -244,7 +247,9 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         if gate_mask is not None:
             bias = bias + gate_mask
         logits = _linear(h if first else h[: bias.shape[0]], params[p + 2 * num_layers], bias, shared=first)
-        gates = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=1)
+        if temperature != 1.0:
+            logits = logits / temperature
+        gates = torch.softmax(logits if top_k is None else keep_top_k(logits, top_k), dim=1)
         if has_residual:
             gates = gates + params[p + 2 * num_layers + 2].unsqueeze(2)
         p += 2 * num_layers + 2 + has_residual
@@ -311,16 +316,18 @@ def small_mixture(
         has_residual = level.gate_residual is not None
         if has_residual:
             params.append(level.gate_residual)
-        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual))
+        structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
+                          level.top_k))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
 
 
-def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> bool:
+def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", GateBank]], towers: "TaskTowers") -> bool:
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
-    dropout, softmax gates conditioned on the row without dropout in training nor top-k, experts small enough (see
+    dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k or not) conditioned on the row without
+    dropout in training, experts small enough (see
     the module docstring), no gate recording and no forward hooks on the experts, gates or towers (their
     submodules' own hooks are not looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
@@ -330,9 +337,9 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     for level, (experts, gates, *_) in enumerate(levels):
         first = level == 0
         linear = _member(gates, "linear")
-        if (not experts.fused or (_member(experts, "input_groups") is None) != first
+        if (type(gates) is not GateBank or not experts.fused or (_member(experts, "input_groups") is None) != first
                 or linear.shared_input != first or linear.in_features == 0 or gates.record
-                or (gates.dropout > 0 and gates.training) or gates.top_k is not None):
+                or (gates.dropout > 0 and gates.training)):
             return False
         if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:
             return False
@@ -354,7 +361,7 @@ def _member(module: torch.nn.Module, name: str):
     raise AttributeError(f"{type(module).__name__!r} object has no attribute {name!r}")
 
 
-def _node_arguments(levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers"):
+def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "TaskTowers"):
     """The node's ``(structure, parameters)`` straight from the modules (no MixtureLevel in between;
     a level's gate residual, where it has one, follows its gate's parameters),
     read from their dictionaries (see :func:`_member`): at W1's sizes the Python around the node is
@@ -372,7 +379,7 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "
         if has_residual:
             params.append(residual[0])
         structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
-                          float(gates.temperature), experts.group_sizes, has_residual))
+                          float(gates.temperature), experts.group_sizes, has_residual, gates.top_k))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
@@ -380,7 +387,7 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "
     return (tuple(structure), tower_linears[0].shared_input), params
 
 
-def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", "GateBank"]], towers: "TaskTowers") -> TaskOutputs:
+def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", GateBank]], towers: "TaskTowers") -> TaskOutputs:
     """The model's forward through :func:`small_mixture`: levels ``[(experts, gates[, residual]), ...]``,
     each ``mix_experts(gates(h) [+ residual], experts(h))`` (``residual`` ``(G, E)`` or None), then
     ``towers`` (one gate read by every tower when the towers share their input). Under

@@ -1,0 +1,58 @@
+"""What each gate type costs a training step, through mtlkit's own trainer.
+
+Softmax gates of the small mixtures run inside one autograd node (``models/small_mixture.py``);
+top-k and DSelect-k gates leave it and run through the modules. This script trains the same model
+(W1's MMoE by default) with each gate type, the trainer's data path included, alternating variant
+by variant in one process so that the machine's drift spreads over all of them, and prints each
+one's time per step and its speed as a share of softmax gates':
+
+    python -m benchmarks.gate_types --model mmoe --steps 200 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.alternating import print_timings, time_alternating
+from benchmarks.libraries import build_mtlkit, trainer_rates
+from benchmarks.workloads import WORKLOADS, make_data
+
+VARIANTS = {
+    "softmax": {},
+    "softmax, top 2": {"gate_top_k": 2},
+    "dselect-k, k 2": {"gate_type": "dselect_k", "gate_top_k": 2},
+    "dselect-k, k 2, task": {"gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="W1", choices=sorted(WORKLOADS))
+    parser.add_argument("--model", default="mmoe", help="a gated model: omoe, mmoe, cgc, ple")
+    parser.add_argument("--steps", type=int, default=200, help="trainer steps per timing")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
+    args = parser.parse_args()
+    from mtlkit.files import write_json
+
+    workload = WORKLOADS[args.workload]
+    size = workload.batch_size
+    data = make_data(workload, size * 8)
+    built = {name: build_mtlkit(workload, args.model, data, **options) for name, options in VARIANTS.items()}
+
+    def run(variant: str, steps: int) -> float:
+        model, _, dataset = built[variant]
+        _, rates = trainer_rates(model, dataset, size, windows=1, steps=steps, warmup=10)
+        return size / rates[0]
+
+    seconds = time_alternating(run, list(VARIANTS), args.rounds, args.steps)
+    print(f"{args.workload} {args.model}: batch {size}, {args.rounds} x {args.steps} trainer steps each, alternating")
+    print_timings(seconds, "softmax", "vs softmax")
+    if args.out is not None:
+        write_json(args.out, {"workload": args.workload, "model": args.model, "batch_size": size, "steps": args.steps,
+                              "variants": VARIANTS, "seconds": seconds})
+
+
+if __name__ == "__main__":
+    main()
