@@ -1,10 +1,10 @@
 """What each gate type costs a training step, through mtlkit's own trainer.
 
-Softmax gates of the small mixtures run inside one autograd node (``models/small_mixture.py``);
-top-k and DSelect-k gates leave it and run through the modules. This script trains the same model
-(W1's MMoE by default) with each gate type, the trainer's data path included, alternating variant
-by variant in one process so that the machine's drift spreads over all of them, and prints each
-one's time per step and its speed as a share of softmax gates':
+Softmax gates of the small mixtures, top-k and gate dropout included, run inside one autograd node
+(``models/small_mixture.py``); DSelect-k gates leave it and run through the modules, their gate one
+node of its own. This script trains the same model (W1's MMoE by default) with each gate type, the
+trainer's data path included, alternating variant by variant in one process so that the machine's
+drift spreads over all of them, and prints each one's time per step and its share of softmax's speed:
 
     python -m benchmarks.gate_types --model mmoe --steps 200 --rounds 5
 """
@@ -21,6 +21,7 @@ from benchmarks.workloads import WORKLOADS, make_data
 VARIANTS = {
     "softmax": {},
     "softmax, top 2": {"gate_top_k": 2},
+    "softmax, dropout 0.1": {"gate_dropout": 0.1},
     "dselect-k, k 2": {"gate_type": "dselect_k", "gate_top_k": 2},
     "dselect-k, k 2, task": {"gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"},
 }

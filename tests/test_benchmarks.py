@@ -165,6 +165,7 @@ def test_gate_types_runs_on_a_tiny_size_with_the_gates_it_names(tmp_path):
         model, _, _ = build_mtlkit(workload, "mmoe", data, **options)
         assert isinstance(model.gates, DSelectKGateBank) == name.startswith("dselect")
         assert model.gates.top_k == options.get("gate_top_k")
+        assert model.gates.dropout == options.get("gate_dropout", 0.0)
         assert (model.gates.linear.in_features == 0) == name.endswith("task")
 
 

@@ -186,6 +186,35 @@ def test_small_mixture_gradcheck(levels, residual):
     assert torch.autograd.gradcheck(fn, (x, *params))
 
 
+@pytest.mark.parametrize("name,config", [
+    ("mmoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,), gate_dropout=0.3)),
+    ("ple", dict(num_shared_experts=3, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,),
+                 gate_dropout=0.4, gate_top_k=2)),
+])
+def test_gate_dropout_on_the_node_draws_the_module_paths_masks(name, config):
+    """In training the node drops the same experts for the same rows as the module path from the same
+    random state (forward and every gradient); in evaluation it drops none."""
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=9, tasks=TASKS, **config).double()
+    x = torch.randn(13, 9, dtype=torch.double, requires_grad=True)
+    params = list(model.parameters())
+    model.train()
+    assert model.takes_small_mixture_path(x)
+    results = []
+    for path in (model, lambda inputs: _module_path(model, inputs)):
+        torch.manual_seed(1)
+        results.append(_outputs_and_grads(path(x), x, params))
+    (fast, fast_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=0)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-12, rtol=0)
+    model.eval()
+    evaluated = _outputs_and_grads(model(x), x, params)[0]
+    assert not torch.allclose(evaluated, fast)  # training dropped some experts somewhere
+    torch.manual_seed(2)
+    torch.testing.assert_close(_outputs_and_grads(model(x), x, params)[0], evaluated, atol=0, rtol=0)
+
+
 def test_module_path_where_the_small_mixture_does_not_apply():
     torch.manual_seed(5)
     x = torch.randn(4, 6)

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from mtlkit.errors import ConfigError
 from mtlkit.models.layers import StackedLinear
 
-__all__ = ["GateBank", "mix_experts", "check_top_k", "keep_top_k"]
+__all__ = ["GateBank", "mix_experts", "check_top_k", "drop_choices", "keep_top_k"]
 
 # The largest gates x experts x width of a mixing whose expert gradient is summed over gates instead
 # of a bmm (measured crossover, see above).
@@ -146,18 +146,6 @@ class GateBank(nn.Module):
                 mask[g, list(chosen)] = 0.0
             self.register_buffer("choice_mask", mask, persistent=False)
 
-    def _drop_choices(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each gate ignores each of its experts for a row with probability ``dropout`` (logit -inf: the
-        softmax renormalises over the rest); a row that would lose them all keeps them all."""
-        keep = torch.rand_like(logits) >= self.dropout  # (G, E, B)
-        if self.choice_mask is not None:
-            allowed = torch.isfinite(self.choice_mask)[:, :, None]
-            keep &= allowed
-            keep |= allowed & ~keep.any(dim=1, keepdim=True)
-        else:
-            keep |= ~keep.any(dim=1, keepdim=True)
-        return logits.masked_fill(~keep, float("-inf"))
-
     def take_penalty(self) -> torch.Tensor | None:
         """A term the last training forward adds to the objective; a softmax gate has none."""
         return None
@@ -179,13 +167,28 @@ class GateBank(nn.Module):
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if self.dropout > 0 and self.training:
-            logits = self._drop_choices(logits)
+            logits = drop_choices(logits, self.dropout, self.choice_mask)
         if self.top_k is not None:
             logits = keep_top_k(logits, self.top_k)
         weights = torch.softmax(logits, dim=1).permute(2, 0, 1)
         if self.record:
             self.last_weights = weights.detach()
         return weights
+
+
+def drop_choices(logits: torch.Tensor, p: float, choice_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each gate ignores each of its experts for a row with probability ``p`` (logit -inf: the
+    softmax renormalises over the rest); a row that would lose them all keeps them all, and a choice
+    ``choice_mask`` excludes (``-inf``) stays excluded. Shape: batch-last ``(G, E, B) -> (G, E, B)``,
+    mask ``(G, E)``."""
+    keep = torch.rand_like(logits) >= p
+    if choice_mask is not None:
+        allowed = torch.isfinite(choice_mask)[:, :, None]
+        keep &= allowed
+        keep |= allowed & ~keep.any(dim=1, keepdim=True)
+    else:
+        keep |= ~keep.any(dim=1, keepdim=True)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 from mtlkit.models.fused_mlp import _add_relu_, _relu_grad_
-from mtlkit.models.gates import GateBank, keep_top_k
+from mtlkit.models.gates import GateBank, drop_choices, keep_top_k
 from mtlkit.tasks import TaskOutputs
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class MixtureLevel(NamedTuple):
     temperature: float = 1.0
     gate_residual: torch.Tensor | None = None
     top_k: int | None = None
+    dropout: float = 0.0
 
 
 class _SmallMixture(torch.autograd.Function):
@@ -112,7 +113,7 @@ class _SmallMixture(torch.autograd.Function):
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
-        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k) in enumerate(levels):
+        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -129,6 +130,8 @@ class _SmallMixture(torch.autograd.Function):
             logits = _layer(h if first else h[: bias.shape[0]], gate_weight, bias, shared=first)
             if temperature != 1.0:
                 logits = logits / temperature
+            if dropout:
+                logits = drop_choices(logits, dropout, gate_mask)
             if top_k is not None:
                 logits = keep_top_k(logits, top_k)
             gates = torch.softmax(logits, dim=1)  # (G, E, B); 0 off a row's top k, whose backward then passes nothing
@@ -171,7 +174,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual, _ = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _, _ = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -233,7 +236,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k) in enumerate(levels):
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -249,6 +252,8 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         logits = _linear(h if first else h[: bias.shape[0]], params[p + 2 * num_layers], bias, shared=first)
         if temperature != 1.0:
             logits = logits / temperature
+        if dropout:
+            logits = drop_choices(logits, dropout, gate_mask)
         gates = torch.softmax(logits if top_k is None else keep_top_k(logits, top_k), dim=1)
         if has_residual:
             gates = gates + params[p + 2 * num_layers + 2].unsqueeze(2)
@@ -299,7 +304,8 @@ def small_mixture(
             ``[E, in, out]``) and gate ``g`` mixture ``g`` (``[G, D, E]``). ``gate_mask`` (``[G, E]``,
             optional) is added to the gate bias (``-inf`` excludes an expert from a gate);
             ``gate_residual`` (``[G, E]``, optional; AdaTT's native experts) to the gates' softmax
-            weights before the mixing.
+            weights before the mixing. ``dropout`` (training only) and ``top_k`` act on the logits
+            as :class:`~mtlkit.models.GateBank`'s do, with the same random draws.
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
             ``towers_shared`` (one gate in the last level, ``G = 1``, read by every tower) the first
             is ``[D, K * out]``.
@@ -317,7 +323,7 @@ def small_mixture(
         if has_residual:
             params.append(level.gate_residual)
         structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
-                          level.top_k))
+                          level.top_k, float(level.dropout)))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -326,8 +332,8 @@ def small_mixture(
 def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", GateBank]], towers: "TaskTowers") -> bool:
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
-    dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k or not) conditioned on the row without
-    dropout in training, experts small enough (see
+    dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, with top-k or gate dropout or neither) conditioned
+    on the row, experts small enough (see
     the module docstring), no gate recording and no forward hooks on the experts, gates or towers (their
     submodules' own hooks are not looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
@@ -338,8 +344,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         first = level == 0
         linear = _member(gates, "linear")
         if (type(gates) is not GateBank or not experts.fused or (_member(experts, "input_groups") is None) != first
-                or linear.shared_input != first or linear.in_features == 0 or gates.record
-                or (gates.dropout > 0 and gates.training)):
+                or linear.shared_input != first or linear.in_features == 0 or gates.record):
             return False
         if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:
             return False
@@ -379,7 +384,8 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "Ta
         if has_residual:
             params.append(residual[0])
         structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
-                          float(gates.temperature), experts.group_sizes, has_residual, gates.top_k))
+                          float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
+                          gates.dropout if gates.training else 0.0))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
