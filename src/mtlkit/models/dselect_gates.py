@@ -21,7 +21,6 @@ import math
 from typing import Sequence
 
 import torch
-
 from torch.autograd.function import once_differentiable
 
 from mtlkit.configuration import check_count, check_non_negative, check_positive
@@ -224,14 +223,14 @@ class _DSelectKWeights(torch.autograd.Function):
         if code_map is not None:
             weights = torch.bmm(code_map, weights)
         ctx.set_materialize_grads(False)
-        ctx.structure = (k, m, width, len(prefixes))
+        ctx.structure = (k, m, width)
         ctx.save_for_backward(u, steps, complements, codes, mixture, digit_mask, code_map, *prefixes)
         return weights, codes
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_weights, grad_codes):
-        k, m, width, _ = ctx.structure
+        k, m, width = ctx.structure
         u, steps, complements, codes, mixture, digit_mask, code_map, *prefixes = ctx.saved_tensors
         gates, _, rows = mixture.shape
         grad_mixture = None
