@@ -1,5 +1,5 @@
-"""ESCM2-IPS against ESMM and a CVR model trained on clicks alone, on a synthetic funnel where the
-post-click conversion rate is known for every impression, clicked or not.
+"""ESCM2 (IPS and DR) against ESMM and a CVR model trained on clicks alone, on a synthetic funnel where
+the post-click conversion rate is known for every impression, clicked or not.
 
 Each seed draws one funnel (``mtlkit.data.make_funnel``: click -> purchase, 200,000 rows, 80/10/10
 split). Clicks and purchases have related weight vectors (``--relatedness``), so the clicked rows
@@ -45,6 +45,8 @@ def models(towers: list[int]) -> dict[str, tuple[str, dict]]:
         "esmm": ("esmm", {"tower_hidden": towers}),
         "escm2 (weight 0.1)": ("escm2", {"tower_hidden": towers, "counterfactual_weight": 0.1}),
         "escm2 (weight 1)": ("escm2", {"tower_hidden": towers, "counterfactual_weight": 1.0}),
+        "escm2-dr (weight 0.1)": ("escm2", {"tower_hidden": towers, "counterfactual_weight": 0.1, "counterfactual_mode": "dr"}),
+        "escm2-dr (weight 1)": ("escm2", {"tower_hidden": towers, "counterfactual_weight": 1.0, "counterfactual_mode": "dr"}),
     }
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mtlkit import ConfigError
 from mtlkit.data import MultiTaskTensors
 from mtlkit.experiments.tabular_run import train_run
-from mtlkit.models import build_model, esmm_tasks, inverse_propensity_risk
+from mtlkit.models import build_model, doubly_robust_risk, esmm_tasks, inverse_propensity_risk
 from mtlkit.training import Trainer, TrainerConfig
 
 from in_process import run_example
@@ -113,12 +113,81 @@ def test_the_propensity_floor_caps_a_rows_weight():
     torch.testing.assert_close(model.auxiliary_loss(outputs, labels, mask), torch.tensor(20 * 0.6931471805599453))
 
 
+def test_the_doubly_robust_risk_is_unbiased_and_exact_with_a_perfect_imputation():
+    """Over random clicks with known propensities the risk averages to the loss on every row's label,
+    whatever the imputation; with an imputation equal to the labels every draw gives that loss."""
+    g = torch.Generator().manual_seed(0)
+    rows, draws = 40, 1000
+    logit = 1.5 * torch.randn(rows, generator=g)
+    conversion = (torch.rand(rows, generator=g) < 0.3).float()
+    propensity = 0.1 + 0.8 * torch.rand(rows, generator=g)
+    truth = F.binary_cross_entropy_with_logits(logit, conversion)
+    clicks = (torch.rand(draws, rows, generator=g) < propensity).float()
+    for imputation, exact in ((torch.randn(rows, generator=g), False), (30 * (2 * conversion - 1), True)):
+        risks = torch.stack([doubly_robust_risk(logit, conversion, click, propensity, imputation)[0] for click in clicks])
+        if exact:
+            torch.testing.assert_close(risks, truth.expand(draws), atol=1e-5, rtol=0)
+        else:
+            assert risks.std() > 0.05 and abs(risks.mean() - truth) < 4 * risks.std() / draws ** 0.5
+    # On clicked rows whose propensity is 1 it is the plain loss, and the imputation fits the errors.
+    ones = torch.ones(rows)
+    risk, imputation_loss = doubly_robust_risk(logit, conversion, ones, ones, torch.zeros(rows))
+    torch.testing.assert_close(risk, truth)
+    imputed_error = F.binary_cross_entropy_with_logits(logit, torch.full((rows,), 0.5), reduction="none")
+    error = F.binary_cross_entropy_with_logits(logit, conversion, reduction="none")
+    torch.testing.assert_close(imputation_loss, (error - imputed_error).square().mean())
+
+
+def test_the_doubly_robust_risk_trains_the_cvr_network_and_its_loss_the_imputation():
+    g = torch.Generator().manual_seed(1)
+    logit, imputation = torch.randn(8, generator=g, requires_grad=True), torch.randn(8, generator=g, requires_grad=True)
+    click = torch.tensor([1.0, 0, 1, 0, 0, 1, 0, 0])
+    risk, imputation_loss = doubly_robust_risk(logit, torch.ones(8), click, torch.full((8,), 0.4), imputation)
+    grad_logit, grad_imputation = torch.autograd.grad(risk, [logit, imputation], allow_unused=True, retain_graph=True)
+    assert grad_imputation is None and (grad_logit != 0).all()  # unclicked rows too: towards their imputed conversion
+    grad_logit, grad_imputation = torch.autograd.grad(imputation_loss, [logit, imputation], allow_unused=True)
+    assert grad_logit is None and (grad_imputation[click > 0] != 0).all() and (grad_imputation[click == 0] == 0).all()
+
+
+def test_escm2_dr_adds_an_imputation_network_that_only_trains():
+    x, labels, mask = _batch()
+    torch.manual_seed(0)
+    ips = build_model("escm2", input_dim=6, tasks=esmm_tasks(), tower_hidden=[8])
+    model = build_model("escm2", input_dim=6, tasks=esmm_tasks(), tower_hidden=[8], counterfactual_mode="dr",
+                        counterfactual_weight=0.5, imputation_weight=2.0)
+    assert not any(name.startswith("imputation") for name in ips.state_dict())
+    missing = model.load_state_dict(ips.state_dict(), strict=False).missing_keys
+    assert missing and all(name.startswith("imputation.") for name in missing)
+    model.eval()
+    with torch.no_grad():
+        for name, value in model(x).items():  # predictions are ESMM's: the imputation never runs here
+            torch.testing.assert_close(value, ips.eval()(x)[name])
+    with pytest.raises(ValueError, match="dr"):
+        model.auxiliary_loss(model(x), labels, mask)
+    model.train()
+    outputs = model(x)
+    imputation_logit = model.imputation(x)["imputation"].squeeze(-1)
+    loss = model.auxiliary_loss(outputs, labels, mask)
+    click, conversion = labels[:, 0], labels[:, 2]
+    propensity = torch.sigmoid(outputs["ctr"].squeeze(-1)).clamp_min(0.05)
+    risk, fit = doubly_robust_risk(outputs["cvr"].squeeze(-1), conversion, click, propensity, imputation_logit)
+    torch.testing.assert_close(loss, 0.5 * (risk + 2.0 * fit))
+    loss.backward()
+    ctr_grad = model.towers.net.linears[0].weight.grad.view(6, 2, 8)[:, 0]
+    assert ctr_grad.abs().max() == 0  # the propensity is detached
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.imputation.parameters())
+    with pytest.raises(ValueError, match="dr"):  # each training forward's imputation is taken once
+        model.auxiliary_loss(outputs, labels, mask)
+
+
 @pytest.mark.parametrize("options, key", [({"counterfactual_weight": -0.1}, "counterfactual_weight"),
                                           ({"counterfactual_weight": float("nan")}, "counterfactual_weight"),
                                           ({"counterfactual_weight": True}, "counterfactual_weight"),
                                           ({"propensity_floor": 0.0}, "propensity_floor"),
                                           ({"propensity_floor": 1.5}, "propensity_floor"),
-                                          ({"propensity_floor": "0.1"}, "propensity_floor")])
+                                          ({"propensity_floor": "0.1"}, "propensity_floor"),
+                                          ({"counterfactual_mode": "direct"}, "counterfactual_mode"),
+                                          ({"counterfactual_mode": "dr", "imputation_weight": -1.0}, "imputation_weight")])
 def test_invalid_settings_name_their_key(options, key):
     with pytest.raises(ConfigError, match=key):
         build_model("escm2", input_dim=4, tasks=esmm_tasks(), **options)
@@ -126,14 +195,15 @@ def test_invalid_settings_name_their_key(options, key):
         build_model("escm2", input_dim=4, tasks=["ctr", "cvr"])
 
 
-def test_training_lowers_the_loss():
+@pytest.mark.parametrize("mode", ["ips", "dr"])
+def test_training_lowers_the_loss(mode):
     x, labels, _ = _batch(rows=2048, seed=3)
     labels[:, 0] = (x[:, 0] > 0).float()  # clicks and conversions that the inputs tell
     labels[:, 2] = labels[:, 0] * (x[:, 1] > 0).float()
     labels[:, 1] = torch.where(labels[:, 0] > 0, labels[:, 2], torch.nan)
     data = MultiTaskTensors(x, labels, ["ctr", "cvr", "ctcvr"])
     torch.manual_seed(0)
-    model = build_model("escm2", input_dim=6, tasks=esmm_tasks(), tower_hidden=[16])
+    model = build_model("escm2", input_dim=6, tasks=esmm_tasks(), tower_hidden=[16], counterfactual_mode=mode)
     result = Trainer(model, TrainerConfig(max_epochs=8, batch_size=256, learning_rate=1e-2, progress=False)).fit(data, data)
     valid = {task: [row for row in result.history if row["split"] == "valid" and row["task"] == task] for task in ("ctr", "cvr")}
     assert valid["cvr"][-1]["auc"] > 0.9  # scored on the clicked rows; trained only by the counterfactual risk and CTCVR
@@ -154,4 +224,5 @@ def test_escm2_on_the_ali_ccp_sample(shared_data, tmp_path):
 def test_the_counterfactual_example_runs():
     done = run_example("counterfactual_cvr.py", "--seeds", "1", "--rows", "3000", "--epochs", "1")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "escm2 (weight 0.1)" in done.stdout and "seeds where the model beats ESMM" in done.stdout
+    assert "escm2 (weight 0.1)" in done.stdout and "escm2-dr (weight 1)" in done.stdout
+    assert "seeds where the model beats ESMM" in done.stdout

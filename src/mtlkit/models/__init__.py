@@ -11,7 +11,8 @@ from mtlkit.models.adaptive_information_transfer import AdaptiveInformationTrans
 from mtlkit.models.base import ModelConfig, MultiTaskModel
 from mtlkit.models.cross_stitch import CrossStitchConfig, CrossStitchNetwork
 from mtlkit.models.esmm import EntireSpaceFunnelModel, EntireSpaceMultiTaskModel, ESMMConfig, FunnelESMMConfig, esmm_tasks
-from mtlkit.models.entire_space_counterfactual import ESCM2Config, EntireSpaceCounterfactualModel, inverse_propensity_risk
+from mtlkit.models.entire_space_counterfactual import (ESCM2Config, EntireSpaceCounterfactualModel, doubly_robust_risk,
+                                                     inverse_propensity_risk)
 from mtlkit.models.budget import count_model_parameters, match_parameter_budget
 from mtlkit.models.dselect_gates import DSelectKGateBank
 from mtlkit.models.experts import ExpertBank
@@ -45,7 +46,7 @@ __all__ = [
     "CGCConfig", "PLEConfig", "CustomizedGateControl", "ProgressiveLayeredExtraction", "AdaTTConfig", "AdaptiveTaskFusion",
     "STEMConfig", "SharedAndTaskSpecificEmbeddings",
     "ESMMConfig", "EntireSpaceMultiTaskModel", "esmm_tasks",
-    "ESCM2Config", "EntireSpaceCounterfactualModel", "inverse_propensity_risk",
+    "ESCM2Config", "EntireSpaceCounterfactualModel", "doubly_robust_risk", "inverse_propensity_risk",
     "TabularMultiTaskModel", "build_tabular_model", "apply_output_calibration", "IsotonicCalibration",
     "FunnelESMMConfig", "EntireSpaceFunnelModel",
     "CrossStitchConfig", "CrossStitchNetwork", "AITMConfig", "AdaptiveInformationTransferModel", "funnel_violation",
