@@ -212,8 +212,10 @@ def test_training_lowers_the_loss(mode):
     assert logged and all(value > 0 for value in logged)
 
 
-def test_escm2_on_the_ali_ccp_sample(shared_data, tmp_path):
-    run = train_run(_ali_ccp_config(shared_data, {"name": "escm2", "tower_hidden": [64, 32]}), tmp_path / "run")
+@pytest.mark.parametrize("mode", ["ips", "dr"])
+def test_escm2_on_the_ali_ccp_sample(shared_data, tmp_path, mode):
+    model = {"name": "escm2", "tower_hidden": [64, 32], "counterfactual_mode": mode}
+    run = train_run(_ali_ccp_config(shared_data, model), tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["cvr"]["count"] == 2  # CVR scored on the 2 clicked test rows
     assert metrics["test"]["ctcvr"]["count"] == 50
