@@ -6,7 +6,17 @@ them, so their ratios stay meaningful where absolute times move by several perce
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Callable, Sequence
+
+
+def add_alternation_arguments(parser: argparse.ArgumentParser, steps: int, steps_help: str = "steps per timing") -> None:
+    """The options of every script that times variants this way: ``--steps`` per timing (default
+    ``steps``), ``--rounds`` and ``--out`` (a JSON file for the timings)."""
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
 
 
 def time_alternating(run: Callable[[str, int], float], variants: Sequence[str], rounds: int,

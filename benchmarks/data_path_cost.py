@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.alternating import print_timings, time_alternating
+from benchmarks.alternating import add_alternation_arguments, print_timings, time_alternating
 from benchmarks.libraries import build_mtlkit
 from benchmarks.workloads import WORKLOADS, make_data
 
@@ -32,9 +31,7 @@ def main() -> None:
     parser.add_argument("--workload", default="W1")
     parser.add_argument("--model", default="shared_bottom")
     parser.add_argument("--batches", type=int, default=8, help="rows = batch size x this")
-    parser.add_argument("--steps", type=int, default=1000, help="steps per timing")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
+    add_alternation_arguments(parser, steps=1000)
     args = parser.parse_args()
     from mtlkit.data.tensors import Batch
     from mtlkit.files import write_json

@@ -12,9 +12,8 @@ drift spreads over all of them, and prints each one's time per step and its shar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from benchmarks.alternating import print_timings, time_alternating
+from benchmarks.alternating import add_alternation_arguments, print_timings, time_alternating
 from benchmarks.libraries import build_mtlkit, trainer_rates
 from benchmarks.workloads import WORKLOADS, make_data
 
@@ -31,9 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="W1", choices=sorted(WORKLOADS))
     parser.add_argument("--model", default="mmoe", help="a gated model: omoe, mmoe, cgc, ple")
-    parser.add_argument("--steps", type=int, default=200, help="trainer steps per timing")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
+    add_alternation_arguments(parser, steps=200, steps_help="trainer steps per timing")
     args = parser.parse_args()
     from mtlkit.files import write_json
 

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.alternating import print_timings, time_alternating
+from benchmarks.alternating import add_alternation_arguments, print_timings, time_alternating
 from benchmarks.libraries import build_mtlkit
 from benchmarks.workloads import WORKLOADS, make_data
 
@@ -39,9 +38,7 @@ VARIANTS = ("module path", "same ops, one function", "batch-last, one function",
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="steps per timing")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
+    add_alternation_arguments(parser, steps=300)
     args = parser.parse_args()
     from mtlkit.files import write_json
     from mtlkit.models.gates import mix_experts
