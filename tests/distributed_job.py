@@ -4,8 +4,8 @@ import sys
 
 import torch
 
-from mtlkit.data import make_funnel, make_synthetic
-from mtlkit.models import build_model
+from mtlkit.data import MultiTaskTensors, make_funnel, make_synthetic
+from mtlkit.models import build_model, esmm_tasks
 from mtlkit.training import Trainer, TrainerConfig, evaluate
 from mtlkit.training.distributed import init_distributed
 
@@ -14,7 +14,7 @@ rank = torch.distributed.get_rank()
 weighting = sys.argv[2] if len(sys.argv) > 2 else "fixed"
 model_name = sys.argv[3] if len(sys.argv) > 3 else "mmoe"
 precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
-if model_name == "aitm":  # a funnel of binary steps, so that the calibrator's auxiliary loss takes part
+if model_name in ("aitm", "escm2_dr"):  # a funnel of binary steps, so that the model's auxiliary loss takes part
     data = make_funnel(["click", "buy"], [0.4, 0.5], num_rows=4000, input_dim=20, seed=0)
     options = {"bottom_hidden": [16, 8], "calibration_weight": 1.0}
 else:
@@ -25,10 +25,16 @@ if model_name == "ple_dselect":  # DSelect-k gates: their penalty (codes of no e
                                   "gate_entropy_weight": 0.01}
 if model_name == "stem":  # each task's loss stops at the other tasks' experts
     options = {"num_shared_experts": 2, "num_task_experts": 1, "num_levels": 2}
-first = data.tasks[0].name
-train, valid = data.to_tensors().split([0.8, 0.2], seed=0)
+tasks, tensors = data.tasks, data.to_tensors()
+if model_name == "escm2_dr":  # ESCM2-DR: an imputation network that only its auxiliary loss trains
+    click, buy = tensors.labels[:, 0], tensors.labels[:, 1]
+    tasks, model_name, options = esmm_tasks(), "escm2", {"tower_hidden": [16, 8], "counterfactual_mode": "dr"}
+    tensors = MultiTaskTensors(tensors.inputs, torch.stack([click, torch.where(click > 0, buy, torch.nan), buy], 1),
+                               [t.name for t in tasks])
+first = tasks[0].name
+train, valid = tensors.split([0.8, 0.2], seed=0)
 torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
-model = build_model(model_name, input_dim=20, tasks=data.tasks, **options)
+model = build_model(model_name, input_dim=20, tasks=tasks, **options)
 before = evaluate(model, valid, model.tasks)[first]["loss"]
 trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting, precision=precision))
 result = trainer.fit(train, valid, state_file=f"{sys.argv[1]}/state.pt")  # rank 0 saves after each epoch

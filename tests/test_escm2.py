@@ -187,7 +187,9 @@ def test_escm2_dr_adds_an_imputation_network_that_only_trains():
                                           ({"propensity_floor": 1.5}, "propensity_floor"),
                                           ({"propensity_floor": "0.1"}, "propensity_floor"),
                                           ({"counterfactual_mode": "direct"}, "counterfactual_mode"),
-                                          ({"counterfactual_mode": "dr", "imputation_weight": -1.0}, "imputation_weight")])
+                                          ({"counterfactual_mode": "dr", "imputation_weight": -1.0}, "imputation_weight"),
+                                          ({"counterfactual_mode": "dr", "imputation_weight": 0}, "imputation_weight"),
+                                          ({"counterfactual_mode": "dr", "counterfactual_weight": 0}, "counterfactual_weight")])
 def test_invalid_settings_name_their_key(options, key):
     with pytest.raises(ConfigError, match=key):
         build_model("escm2", input_dim=4, tasks=esmm_tasks(), **options)

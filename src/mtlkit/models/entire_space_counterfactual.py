@@ -93,7 +93,7 @@ class ESCM2Config(ESMMConfig):
             (ESCM2-DR, :func:`doubly_robust_risk`, with an imputation network shaped like the CVR
             network: ``tower_hidden`` then one logit).
         imputation_weight: with ``"dr"``, the weight of the imputation's loss beside the risk (both
-            then scaled by ``counterfactual_weight``).
+            then scaled by ``counterfactual_weight``; with ``"dr"`` neither may be 0).
     """
 
     counterfactual_weight: float = 0.1
@@ -114,6 +114,12 @@ class ESCM2Config(ESMMConfig):
         weight = self.imputation_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"imputation_weight: expected a finite number >= 0, got {weight!r}")
+        if self.counterfactual_mode == "dr":
+            # Nothing would train the imputation network (and DDP refuses parameters without gradients).
+            for key in ("counterfactual_weight", "imputation_weight"):
+                if getattr(self, key) == 0:
+                    raise ConfigError(f"{key}: expected a number > 0 with counterfactual_mode dr, whose imputation network "
+                                      "it trains; got 0 (use counterfactual_mode ips, or esmm)")
 
 
 @register_model("escm2")
