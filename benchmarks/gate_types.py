@@ -1,7 +1,8 @@
 """What each gate type costs a training step, through mtlkit's own trainer.
 
 Softmax gates of the small mixtures, top-k and gate dropout included, run inside one autograd node
-(``models/small_mixture.py``); DSelect-k gates leave it and run through the modules, their gate one
+(``models/small_mixture.py``), and so do DSelect-k gates whose forward leaves no penalty (W1's 8
+experts without an entropy term); other DSelect-k gates run through the modules, the gate bank one
 node of its own. This script trains the same model (W1's MMoE by default) with each gate type, the
 trainer's data path included, alternating variant by variant in one process so that the machine's
 drift spreads over all of them, and prints each one's time per step and its share of softmax's speed:
@@ -22,6 +23,7 @@ VARIANTS = {
     "softmax, top 2": {"gate_top_k": 2},
     "softmax, dropout 0.1": {"gate_dropout": 0.1},
     "dselect-k, k 2": {"gate_type": "dselect_k", "gate_top_k": 2},
+    "dselect-k, k 2, entropy 0.01": {"gate_type": "dselect_k", "gate_top_k": 2, "gate_entropy_weight": 0.01},
     "dselect-k, k 2, task": {"gate_type": "dselect_k", "gate_top_k": 2, "gate_conditioning": "task"},
 }
 

@@ -84,7 +84,7 @@ def test_the_written_out_gate_matches_its_operators_forward_and_backward(num_cho
     torch.manual_seed(1)
     gates = 2 if choices is None else len(choices)
     bank = DSelectKGateBank(gates, 5, num_choices, k=k, shared_input=shared_input, choices=choices).double()
-    structure = bank._structure()
+    structure = bank.selector_structure()
     # Spread wide enough that some digits sit past the cubic region (zero slope) and some inside it.
     logits = (1.5 * torch.randn(gates, k * (bank.num_digits + 1), 7, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(lambda z: _DSelectKWeights.apply(z, *structure), (logits,))

@@ -48,6 +48,13 @@ CONFIGS = [
     ("mmoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,), gate_top_k=2, gate_temperature=0.7)),
     ("omoe", dict(num_experts=4, expert_hidden=(6,), tower_hidden=(4,), gate_top_k=1)),
     ("ple", dict(num_shared_experts=3, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,), gate_top_k=3)),
+    # DSelect-k gates without a penalty (every gate over a power of two of experts, no entropy term).
+    ("mmoe", dict(num_experts=4, expert_hidden=(6,), tower_hidden=(4,), gate_type="dselect_k", gate_top_k=2)),
+    ("omoe", dict(num_experts=8, expert_hidden=(6,), tower_hidden=(4,), gate_type="dselect_k", gate_top_k=1)),
+    ("cgc", dict(num_shared_experts=2, num_task_experts=2, expert_hidden=(6,), tower_hidden=(4,), gate_type="dselect_k",
+                 gate_top_k=2, gate_smooth_step_width=0.5)),
+    ("ple", dict(num_shared_experts=2, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,),
+                 gate_type="dselect_k", gate_top_k=3)),
 ]
 
 
@@ -221,7 +228,13 @@ def test_module_path_where_the_small_mixture_does_not_apply():
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, activation="gelu").takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, dropout=0.1).takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, norm="layer").takes_small_mixture_path(x)
-    assert not build_model("mmoe", input_dim=6, tasks=TASKS, gate_type="dselect_k", gate_top_k=2).takes_small_mixture_path(x)
+    # DSelect-k gates whose training forward leaves a penalty (entropy; codes of no expert) keep their modules then.
+    for options in ({"gate_entropy_weight": 0.1}, {"num_experts": 6}):
+        model = build_model("mmoe", input_dim=6, tasks=TASKS, gate_type="dselect_k", gate_top_k=2, **options)
+        assert not model.takes_small_mixture_path(x)
+        with torch.no_grad():
+            assert model.takes_small_mixture_path(x)
+        assert model.eval().takes_small_mixture_path(x)
     assert build_model("mmoe", input_dim=6, tasks=TASKS, gate_top_k=2).takes_small_mixture_path(x)
     assert build_model("ple", input_dim=6, tasks=TASKS, num_levels=2).takes_small_mixture_path(x)
     large = build_model("mmoe", input_dim=6, tasks=TASKS, num_experts=8, expert_hidden=(256,))

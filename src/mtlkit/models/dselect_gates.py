@@ -119,10 +119,10 @@ class DSelectKGateBank(GateBank):
         Shape: ``(B, in)`` or ``(B, G, in)`` ``-> (B, G, k, 2^m)`` and ``(B, G, k)``.
         """
         logits = self.linear.forward_batch_last(self.gate_input(x))
-        _, codes, mixture = _dselect_ops(logits, *self._structure())
+        _, codes, mixture = _dselect_ops(logits, *self.selector_structure())
         return codes.permute(3, 0, 1, 2), mixture.permute(2, 0, 1)
 
-    def _structure(self) -> tuple[int, int, float, torch.Tensor | None, torch.Tensor | None]:
+    def selector_structure(self) -> tuple[int, int, float, torch.Tensor | None, torch.Tensor | None]:
         """``(k, m, width, digit mask or None, code-to-expert map or None)``, None where a gate uses
         every digit or where code ``l`` is expert ``l`` for every gate (then nothing is multiplied)."""
         mask = None if self.all_digits_used else self.digit_mask.view(self.linear.num_stacks, 1, self.num_digits, 1)
@@ -132,9 +132,9 @@ class DSelectKGateBank(GateBank):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.linear.forward_batch_last(self.gate_input(x))  # (G, k (m + 1), B)
         if torch.compiler.is_compiling():
-            weights, codes, _ = _dselect_ops(logits, *self._structure())
+            weights, codes, _ = _dselect_ops(logits, *self.selector_structure())
         else:
-            weights, codes = _DSelectKWeights.apply(logits, *self._structure())
+            weights, codes = _DSelectKWeights.apply(logits, *self.selector_structure())
         if self.has_penalty and self.training and torch.is_grad_enabled():
             self.pending_penalty = self._penalty(codes)
         weights = weights.permute(2, 0, 1)
@@ -193,8 +193,65 @@ def _dselect_ops(logits: torch.Tensor, k: int, m: int, width: float, digit_mask:
     return weights, codes, mixture
 
 
+def dselect_weights_forward(logits: torch.Tensor, k: int, m: int, width: float, digit_mask: torch.Tensor | None,
+                            code_map: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """:func:`_dselect_ops`'s weights and codes without autograd, and what
+    :func:`dselect_weights_backward` needs (for :class:`_DSelectKWeights` and the small-mixture node)."""
+    gates, _, rows = logits.shape
+    u = logits[:, : k * m].reshape(gates, k, m, rows).div(width).clamp_(-0.5, 0.5)
+    steps = (u * u).mul_(-2.0).add_(1.5).mul_(u).add_(0.5)
+    if digit_mask is not None:
+        steps.mul_(digit_mask)
+    complements = 1.0 - steps
+    prefixes = []  # the codes before digit j, for j >= 1: (G, k, 2^j, B)
+    codes = torch.stack([complements[:, :, 0], steps[:, :, 0]], 2) if m else logits.new_ones(gates, k, 1, rows)
+    for j in range(1, m):
+        prefixes.append(codes)
+        codes = torch.cat([codes * complements[:, :, j: j + 1], codes * steps[:, :, j: j + 1]], dim=2)
+    mixture = torch.softmax(logits[:, k * m:], dim=1)
+    weights = (mixture.unsqueeze(2) * codes).sum(1)
+    if code_map is not None:
+        weights = torch.bmm(code_map, weights)
+    return weights, codes, (u, steps, complements, codes, mixture, digit_mask, code_map, *prefixes)
+
+
+def dselect_weights_backward(saved: Sequence[torch.Tensor | None], k: int, m: int, width: float,
+                             grad_weights: torch.Tensor | None, grad_codes: torch.Tensor | None) -> torch.Tensor | None:
+    """The logits' gradient ``(G, k (m + 1), B)`` from the weights' ``(G, E, B)`` and the codes'
+    (either may be None; None if both are), ``saved`` from :func:`dselect_weights_forward`."""
+    u, steps, complements, codes, mixture, digit_mask, code_map, *prefixes = saved
+    gates, _, rows = mixture.shape
+    grad_mixture = None
+    if grad_weights is not None:
+        # The weights leave as a permuted view: their gradient arrives strided, and is read twice.
+        grad_weights = grad_weights.contiguous()
+        grad_code_weights = grad_weights if code_map is None else torch.bmm(code_map.transpose(1, 2), grad_weights)
+        grad_code_weights = grad_code_weights.unsqueeze(1)  # (G, 1, 2^m, B)
+        grad_mixture = (grad_code_weights * codes).sum(2)
+        from_weights = mixture.unsqueeze(2) * grad_code_weights
+        grad_codes = from_weights if grad_codes is None else from_weights.add_(grad_codes)
+    if grad_codes is None:
+        return None
+    grad_steps = torch.empty_like(steps)
+    for j in range(m - 1, -1, -1):
+        half = 1 << j
+        low, high = grad_codes[:, :, :half], grad_codes[:, :, half:]
+        if j == 0:
+            torch.sub(high[:, :, 0], low[:, :, 0], out=grad_steps[:, :, 0])
+            break
+        torch.sum((high - low).mul_(prefixes[j - 1]), 2, out=grad_steps[:, :, j])
+        grad_codes = torch.addcmul(low * complements[:, :, j: j + 1], high, steps[:, :, j: j + 1])
+    if digit_mask is not None:
+        grad_steps.mul_(digit_mask)
+    grad_steps.mul_((u * u).mul_(-6.0 / width).add_(1.5 / width))
+    grad_selectors = torch.zeros_like(mixture) if grad_mixture is None else \
+        torch._softmax_backward_data(grad_mixture, mixture, 1, mixture.dtype)
+    return torch.cat([grad_steps.view(gates, k * m, rows), grad_selectors], 1)
+
+
 class _DSelectKWeights(torch.autograd.Function):
-    """:func:`_dselect_ops` as one autograd node with a written-out backward.
+    """:func:`_dselect_ops` as one autograd node with a written-out backward
+    (:func:`dselect_weights_forward`, :func:`dselect_weights_backward`).
 
     At W1's sizes (1,024 rows, 2 gates of 2 selectors over 8 experts) the gate is a few dozen
     operators on tensors of a few thousand floats, each an autograd node whose fixed cost outweighs
@@ -207,55 +264,14 @@ class _DSelectKWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, k, m, width, digit_mask, code_map):
-        gates, _, rows = logits.shape
-        u = logits[:, : k * m].reshape(gates, k, m, rows).div(width).clamp_(-0.5, 0.5)
-        steps = (u * u).mul_(-2.0).add_(1.5).mul_(u).add_(0.5)
-        if digit_mask is not None:
-            steps.mul_(digit_mask)
-        complements = 1.0 - steps
-        prefixes = []  # the codes before digit j, for j >= 1: (G, k, 2^j, B)
-        codes = torch.stack([complements[:, :, 0], steps[:, :, 0]], 2) if m else logits.new_ones(gates, k, 1, rows)
-        for j in range(1, m):
-            prefixes.append(codes)
-            codes = torch.cat([codes * complements[:, :, j: j + 1], codes * steps[:, :, j: j + 1]], dim=2)
-        mixture = torch.softmax(logits[:, k * m:], dim=1)
-        weights = (mixture.unsqueeze(2) * codes).sum(1)
-        if code_map is not None:
-            weights = torch.bmm(code_map, weights)
+        weights, codes, saved = dselect_weights_forward(logits, k, m, width, digit_mask, code_map)
         ctx.set_materialize_grads(False)
         ctx.structure = (k, m, width)
-        ctx.save_for_backward(u, steps, complements, codes, mixture, digit_mask, code_map, *prefixes)
+        ctx.save_for_backward(*saved)
         return weights, codes
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_weights, grad_codes):
-        k, m, width = ctx.structure
-        u, steps, complements, codes, mixture, digit_mask, code_map, *prefixes = ctx.saved_tensors
-        gates, _, rows = mixture.shape
-        grad_mixture = None
-        if grad_weights is not None:
-            # The weights left as a permuted view: their gradient arrives strided, and is read twice.
-            grad_weights = grad_weights.contiguous()
-            grad_code_weights = grad_weights if code_map is None else torch.bmm(code_map.transpose(1, 2), grad_weights)
-            grad_code_weights = grad_code_weights.unsqueeze(1)  # (G, 1, 2^m, B)
-            grad_mixture = (grad_code_weights * codes).sum(2)
-            from_weights = mixture.unsqueeze(2) * grad_code_weights
-            grad_codes = from_weights if grad_codes is None else from_weights.add_(grad_codes)
-        if grad_codes is None:
-            return None, None, None, None, None, None
-        grad_steps = torch.empty_like(steps)
-        for j in range(m - 1, -1, -1):
-            half = 1 << j
-            low, high = grad_codes[:, :, :half], grad_codes[:, :, half:]
-            if j == 0:
-                torch.sub(high[:, :, 0], low[:, :, 0], out=grad_steps[:, :, 0])
-                break
-            torch.sum((high - low).mul_(prefixes[j - 1]), 2, out=grad_steps[:, :, j])
-            grad_codes = torch.addcmul(low * complements[:, :, j: j + 1], high, steps[:, :, j: j + 1])
-        if digit_mask is not None:
-            grad_steps.mul_(digit_mask)
-        grad_steps.mul_((u * u).mul_(-6.0 / width).add_(1.5 / width))
-        grad_selectors = torch.zeros_like(mixture) if grad_mixture is None else \
-            torch._softmax_backward_data(grad_mixture, mixture, 1, mixture.dtype)
-        return torch.cat([grad_steps.view(gates, k * m, rows), grad_selectors], 1), None, None, None, None, None
+        grad_logits = dselect_weights_backward(ctx.saved_tensors, *ctx.structure, grad_weights, grad_codes)
+        return grad_logits, None, None, None, None, None

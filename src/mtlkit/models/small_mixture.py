@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module
 
 from mtlkit.models.fused_mlp import _add_relu_, _relu_grad_
+from mtlkit.models.dselect_gates import DSelectKGateBank, _dselect_ops, dselect_weights_backward, dselect_weights_forward
 from mtlkit.models.gates import GateBank, drop_choices, keep_top_k
 from mtlkit.tasks import TaskOutputs
 
@@ -102,18 +103,19 @@ class MixtureLevel(NamedTuple):
     gate_residual: torch.Tensor | None = None
     top_k: int | None = None
     dropout: float = 0.0
+    dselect: tuple | None = None
 
 
 class _SmallMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, structure, *params):
         # per level: (expert layers, gate mask, expert groups, temperature, group sizes,
-        # whether a gate residual follows the gate's parameters)
+        # whether a gate residual follows the gate's parameters, top k, gate dropout, DSelect-k structure)
         levels, towers_shared = structure
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
-        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout) in enumerate(levels):
+        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -128,14 +130,18 @@ class _SmallMixture(torch.autograd.Function):
             p += 2 * num_layers + 2 + has_residual
             bias = gate_bias if gate_mask is None else gate_bias + gate_mask
             logits = _layer(h if first else h[: bias.shape[0]], gate_weight, bias, shared=first)
-            if temperature != 1.0:
-                logits = logits / temperature
-            if dropout:
-                logits = drop_choices(logits, dropout, gate_mask)
-            if top_k is not None:
-                logits = keep_top_k(logits, top_k)
-            gates = torch.softmax(logits, dim=1)  # (G, E, B); 0 off a row's top k, whose backward then passes nothing
-            saved.append(gates)
+            if dselect is not None:  # (G, k (m + 1), B) selector logits -> (G, E, B) weights
+                gates, _, selector_saved = dselect_weights_forward(logits, *dselect)
+                saved += [gates, *selector_saved]
+            else:
+                if temperature != 1.0:
+                    logits = logits / temperature
+                if dropout:
+                    logits = drop_choices(logits, dropout, gate_mask)
+                if top_k is not None:
+                    logits = keep_top_k(logits, top_k)
+                gates = torch.softmax(logits, dim=1)  # (G, E, B); 0 off a row's top k, whose backward then passes nothing
+                saved.append(gates)
             mixing = gates if mixing_offset is None else gates + mixing_offset.unsqueeze(2)
             h = (mixing.unsqueeze(2) * out).sum(1)  # (G, D, B)
         # Towers: all tasks on one gate's mixture (OMoE: a shared first layer), or task k on gate k's.
@@ -174,11 +180,12 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual, _, _ = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _, _, dselect = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
-            k -= num_layers + 1 + above
+            selector_count = 0 if dselect is None else _selector_saved_count(dselect[1])
+            k -= num_layers + 1 + above + selector_count
             h = x.t() if first else saved[k]
             expert_input = h if first else saved[k + 1]
             outputs = saved[k + above : k + above + num_layers]
@@ -196,9 +203,13 @@ class _SmallMixture(torch.autograd.Function):
             grad_experts = mixing[0].unsqueeze(1) * grad_mixed[0]
             for g in range(1, mixing.shape[0]):
                 grad_experts.addcmul_(mixing[g].unsqueeze(1), grad_mixed[g])
-            grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
-            if temperature != 1.0:
-                grad_logits = grad_logits / temperature
+            if dselect is not None:
+                start = k + above + num_layers + 1
+                grad_logits = dselect_weights_backward(saved[start: start + selector_count], *dselect[:3], grad_gates, None)
+            else:
+                grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
+                if temperature != 1.0:
+                    grad_logits = grad_logits / temperature
             needs_input = not first or ctx.needs_input_grad[0]
             g = p + 2 * num_layers
             grad_gate_input, grads[g], grads[g + 1] = _layer_backward(
@@ -225,6 +236,11 @@ class _SmallMixture(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _selector_saved_count(num_digits: int) -> int:
+    """How many tensors :func:`dselect_weights_forward` saves for ``num_digits`` digits."""
+    return 7 + max(num_digits - 1, 0)
+
+
 def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor]) -> torch.Tensor:
     """:class:`_SmallMixture`'s forward in differentiable operators, for ``torch.compile`` to trace.
 
@@ -236,7 +252,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout) in enumerate(levels):
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -250,11 +266,14 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         if gate_mask is not None:
             bias = bias + gate_mask
         logits = _linear(h if first else h[: bias.shape[0]], params[p + 2 * num_layers], bias, shared=first)
-        if temperature != 1.0:
-            logits = logits / temperature
-        if dropout:
-            logits = drop_choices(logits, dropout, gate_mask)
-        gates = torch.softmax(logits if top_k is None else keep_top_k(logits, top_k), dim=1)
+        if dselect is not None:
+            gates = _dselect_ops(logits, *dselect)[0]
+        else:
+            if temperature != 1.0:
+                logits = logits / temperature
+            if dropout:
+                logits = drop_choices(logits, dropout, gate_mask)
+            gates = torch.softmax(logits if top_k is None else keep_top_k(logits, top_k), dim=1)
         if has_residual:
             gates = gates + params[p + 2 * num_layers + 2].unsqueeze(2)
         p += 2 * num_layers + 2 + has_residual
@@ -305,7 +324,9 @@ def small_mixture(
             optional) is added to the gate bias (``-inf`` excludes an expert from a gate);
             ``gate_residual`` (``[G, E]``, optional; AdaTT's native experts) to the gates' softmax
             weights before the mixing. ``dropout`` (training only) and ``top_k`` act on the logits
-            as :class:`~mtlkit.models.GateBank`'s do, with the same random draws.
+            as :class:`~mtlkit.models.GateBank`'s do, with the same random draws. ``dselect``
+            (:meth:`~mtlkit.models.DSelectKGateBank.selector_structure`) makes the gates DSelect-k
+            ones, whose weight ``[in, G * k (m + 1)]`` gives each gate its selectors' logits.
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
             ``towers_shared`` (one gate in the last level, ``G = 1``, read by every tower) the first
             is ``[D, K * out]``.
@@ -323,7 +344,7 @@ def small_mixture(
         if has_residual:
             params.append(level.gate_residual)
         structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
-                          level.top_k, float(level.dropout)))
+                          level.top_k, float(level.dropout), level.dselect))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -332,8 +353,8 @@ def small_mixture(
 def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", GateBank]], towers: "TaskTowers") -> bool:
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
-    dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k and gate dropout included) conditioned on
-    the row, experts small enough (see the module docstring), no gate recording and no forward hooks on the experts,
+    dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k and gate dropout included) or DSelect-k
+    gates without a pending penalty, conditioned on the row, experts small enough (see the module docstring), no gate recording and no forward hooks on the experts,
     gates or towers (their submodules' own hooks are not looked at: a model's ``small_mixture = False`` turns the
     path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
@@ -343,7 +364,12 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     for level, (experts, gates, *_) in enumerate(levels):
         first = level == 0
         linear = _member(gates, "linear")
-        if (type(gates) is not GateBank or not experts.fused or (_member(experts, "input_groups") is None) != first
+        if type(gates) is DSelectKGateBank:
+            if gates.has_penalty and gates.training and torch.is_grad_enabled():
+                return False  # its penalty reads the codes, which the node keeps to itself
+        elif type(gates) is not GateBank:
+            return False
+        if (not experts.fused or (_member(experts, "input_groups") is None) != first
                 or linear.shared_input != first or linear.in_features == 0 or gates.record):
             return False
         if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:
@@ -383,9 +409,13 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "Ta
         has_residual = bool(residual) and residual[0] is not None
         if has_residual:
             params.append(residual[0])
-        structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
-                          float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
-                          gates.dropout if gates.training else 0.0))
+        if type(gates) is DSelectKGateBank:  # its choices are in its codes, not in a logit mask
+            structure.append((len(linears), None, _member(experts, "input_groups"), 1.0, experts.group_sizes,
+                              has_residual, None, 0.0, gates.selector_structure()))
+        else:
+            structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
+                              float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
+                              gates.dropout if gates.training else 0.0, None))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
