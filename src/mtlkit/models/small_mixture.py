@@ -354,9 +354,9 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
     dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k and gate dropout included) or DSelect-k
-    gates without a pending penalty, conditioned on the row, experts small enough (see the module docstring), no gate recording and no forward hooks on the experts,
-    gates or towers (their submodules' own hooks are not looked at: a model's ``small_mixture = False`` turns the
-    path off)."""
+    gates whose forward leaves no penalty, conditioned on the row, experts small enough (see the module docstring),
+    no gate recording and no forward hooks on the experts, gates or towers (their submodules' own hooks are not
+    looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
         return False
     if _module._global_forward_hooks or _module._global_forward_pre_hooks or towers._forward_hooks or towers._forward_pre_hooks:
