@@ -115,6 +115,7 @@ class _SmallMixture(torch.autograd.Function):
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
+        selector_counts = []  # per level: how many tensors its DSelect-k gates saved (0 for softmax gates)
         for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
@@ -133,6 +134,7 @@ class _SmallMixture(torch.autograd.Function):
             if dselect is not None:  # (G, k (m + 1), B) selector logits -> (G, E, B) weights
                 gates, _, selector_saved = dselect_weights_forward(logits, *dselect)
                 saved += [gates, *selector_saved]
+                selector_counts.append(len(selector_saved))
             else:
                 if temperature != 1.0:
                     logits = logits / temperature
@@ -142,6 +144,7 @@ class _SmallMixture(torch.autograd.Function):
                     logits = keep_top_k(logits, top_k)
                 gates = torch.softmax(logits, dim=1)  # (G, E, B); 0 off a row's top k, whose backward then passes nothing
                 saved.append(gates)
+                selector_counts.append(0)
             mixing = gates if mixing_offset is None else gates + mixing_offset.unsqueeze(2)
             h = (mixing.unsqueeze(2) * out).sum(1)  # (G, D, B)
         # Towers: all tasks on one gate's mixture (OMoE: a shared first layer), or task k on gate k's.
@@ -152,7 +155,7 @@ class _SmallMixture(torch.autograd.Function):
                          relu=i < num_tower_layers - 1)
             tower_inputs.append(out)
         out = tower_inputs.pop()
-        ctx.structure, ctx.num_saved, ctx.level_params = structure, len(saved), p
+        ctx.structure, ctx.num_saved, ctx.level_params, ctx.selector_counts = structure, len(saved), p, selector_counts
         ctx.save_for_backward(x, *saved, *tower_inputs, *params)
         return out
 
@@ -184,7 +187,7 @@ class _SmallMixture(torch.autograd.Function):
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
-            selector_count = 0 if dselect is None else _selector_saved_count(dselect[1])
+            selector_count = ctx.selector_counts[level]
             k -= num_layers + 1 + above + selector_count
             h = x.t() if first else saved[k]
             expert_input = h if first else saved[k + 1]
@@ -234,11 +237,6 @@ class _SmallMixture(torch.autograd.Function):
             grad_mixed = torch.zeros_like(h).index_add_(0, groups, grad)
             grad_mixed[: grad_gate_input.shape[0]].add_(grad_gate_input)  # `+=` on a slice also copies it onto itself
         return (None, None, *grads)
-
-
-def _selector_saved_count(num_digits: int) -> int:
-    """How many tensors :func:`dselect_weights_forward` saves for ``num_digits`` digits."""
-    return 7 + max(num_digits - 1, 0)
 
 
 def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor]) -> torch.Tensor:
