@@ -245,6 +245,21 @@ def test_top_k_gates_mix_only_their_best_experts(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("num_experts", [3, 8, 16, 20])  # counted ranks up to 16 experts, topk above
+def test_keep_top_k_keeps_every_logit_at_or_above_the_kth_largest(num_experts):
+    from mtlkit.models.gates import keep_top_k
+
+    g = torch.Generator().manual_seed(num_experts)
+    logits = torch.randint(-3, 4, (2, num_experts, 50), generator=g).float()  # many ties
+    logits[0, 0, :10] = float("-inf")  # an excluded choice
+    for k in range(1, num_experts + 1):
+        kept = keep_top_k(logits, k)
+        kth = logits.sort(dim=1, descending=True).values[:, k - 1: k]
+        expected = logits.masked_fill(logits < kth, float("-inf"))
+        assert torch.equal(kept, expected), k
+        assert ((kept > float("-inf")).sum(1) >= torch.minimum(torch.tensor(k), torch.isfinite(logits).sum(1))).all()
+
+
 def test_bad_gate_top_k():
     from mtlkit import ConfigError
 

@@ -191,9 +191,19 @@ def drop_choices(logits: torch.Tensor, p: float, choice_mask: torch.Tensor | Non
     return logits.masked_fill(~keep, float("-inf"))
 
 
+# Up to this many experts a gate's top k is found by counting, for each logit, the logits above it.
+_RANK_BY_COUNTING = 16
+
+
 def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Logits below each gate's ``k``-th largest for a row set to -inf (ties at the threshold are
     all kept; an excluded choice's -inf stays -inf). Shape: batch-last ``(G, E, B) -> (G, E, B)``."""
+    if logits.shape[1] <= _RANK_BY_COUNTING:
+        # A logit is below the k-th largest exactly when at least k logits are above it. The E x E
+        # comparisons run along the batch; topk sorts each row of a few floats on its own (W1's
+        # (2, 8, 1,024): 52 against 66 us; 16 experts: 142 against 332 us).
+        above = (logits.unsqueeze(1) > logits.unsqueeze(2)).sum(2, dtype=torch.uint8)
+        return logits.masked_fill(above >= k, float("-inf"))
     threshold = logits.topk(k, dim=1).values[:, -1:]  # (G, 1, B)
     return logits.masked_fill(logits < threshold, float("-inf"))
 
