@@ -178,6 +178,18 @@ def test_escm2_dr_adds_an_imputation_network_that_only_trains():
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.imputation.parameters())
     with pytest.raises(ValueError, match="dr"):  # each training forward's imputation is taken once
         model.auxiliary_loss(outputs, labels, mask)
+    with torch.no_grad():  # a look at the losses without training (FAMO's after its step) has no term
+        assert model.auxiliary_loss(model(x), labels, mask) is None
+
+
+def test_escm2_dr_trains_with_a_weighting_that_looks_again_after_its_step():
+    x, labels, _ = _batch(rows=512, seed=4)
+    data = MultiTaskTensors(x, labels, ["ctr", "cvr", "ctcvr"])
+    torch.manual_seed(0)
+    model = build_model("escm2", input_dim=6, tasks=esmm_tasks(), tower_hidden=[8], counterfactual_mode="dr")
+    result = Trainer(model, TrainerConfig(max_epochs=2, batch_size=128, weighting="famo", progress=False)).fit(data)
+    logged = [row["auxiliary_loss"] for row in result.history if row["split"] == "train" and row["task"] == "ctr"]
+    assert result.steps == 8 and logged and all(value > 0 for value in logged)
 
 
 @pytest.mark.parametrize("options, key", [({"counterfactual_weight": -0.1}, "counterfactual_weight"),

@@ -163,7 +163,8 @@ class EntireSpaceCounterfactualModel(EntireSpaceMultiTaskModel):
         """``counterfactual_weight`` times the batch's counterfactual risk (None when the weight is
         0): :func:`inverse_propensity_risk`, or with ``dr`` :func:`doubly_robust_risk`'s risk plus
         ``imputation_weight`` times its imputation loss (from the imputation of the training forward
-        that made ``outputs``), over the rows where both the click and the CTCVR label are present.
+        that made ``outputs``; None without gradients and without one), over the rows where both the
+        click and the CTCVR label are present.
         ``labels`` and ``label_mask`` are ``(B, K)`` in task order; ``sample_weight`` ``(B,)``."""
         c = self.config
         imputation_logit, self._pending_imputation = self._pending_imputation, None
@@ -180,6 +181,8 @@ class EntireSpaceCounterfactualModel(EntireSpaceMultiTaskModel):
         cvr_logit = outputs[c.cvr_task].squeeze(-1)
         if self.imputation is None:
             return c.counterfactual_weight * inverse_propensity_risk(cvr_logit, conversion, click, propensity, row_weight)
+        if imputation_logit is None and not torch.is_grad_enabled():
+            return None  # a look at the losses without training (FAMO's after its step): no imputation ran
         if imputation_logit is None or imputation_logit.shape != cvr_logit.shape:
             raise ValueError("escm2 with counterfactual_mode dr: the auxiliary loss needs the imputation of a training "
                              "forward (train mode, gradients on) on the same batch")
