@@ -55,6 +55,12 @@ CONFIGS = [
                  gate_top_k=2, gate_smooth_step_width=0.5)),
     ("ple", dict(num_shared_experts=2, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,),
                  gate_type="dselect_k", gate_top_k=3)),
+    # Gates conditioned on the task alone: the logits are the bias.
+    ("mmoe", dict(num_experts=5, expert_hidden=(6,), tower_hidden=(4,), gate_conditioning="task")),
+    ("ple", dict(num_shared_experts=3, num_task_experts=2, num_levels=2, expert_hidden=(6,), tower_hidden=(4,),
+                 gate_conditioning="task", gate_top_k=2)),
+    ("cgc", dict(num_shared_experts=2, num_task_experts=2, expert_hidden=(6,), tower_hidden=(4,), gate_type="dselect_k",
+                 gate_top_k=2, gate_conditioning="task")),
 ]
 
 

@@ -104,19 +104,21 @@ class MixtureLevel(NamedTuple):
     top_k: int | None = None
     dropout: float = 0.0
     dselect: tuple | None = None
+    gates_read_input: bool = True
 
 
 class _SmallMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, structure, *params):
         # per level: (expert layers, gate mask, expert groups, temperature, group sizes,
-        # whether a gate residual follows the gate's parameters, top k, gate dropout, DSelect-k structure)
+        # whether a gate residual follows the gate's parameters, top k, gate dropout, DSelect-k structure,
+        # whether the gates read their input or only their task)
         levels, towers_shared = structure
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
         selector_counts = []  # per level: how many tensors its DSelect-k gates saved (0 for softmax gates)
-        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect) in enumerate(levels):
+        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect, reads) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -130,7 +132,7 @@ class _SmallMixture(torch.autograd.Function):
             mixing_offset = params[p + 2 * num_layers + 2] if has_residual else None
             p += 2 * num_layers + 2 + has_residual
             bias = gate_bias if gate_mask is None else gate_bias + gate_mask
-            logits = _layer(h if first else h[: bias.shape[0]], gate_weight, bias, shared=first)
+            logits = _layer(_gate_input(h, first, bias.shape[0], reads), gate_weight, bias, shared=first)
             if dselect is not None:  # (G, k (m + 1), B) selector logits -> (G, E, B) weights
                 gates, _, selector_saved = dselect_weights_forward(logits, *dselect)
                 saved += [gates, *selector_saved]
@@ -183,7 +185,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual, _, _, dselect = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -216,8 +218,8 @@ class _SmallMixture(torch.autograd.Function):
             needs_input = not first or ctx.needs_input_grad[0]
             g = p + 2 * num_layers
             grad_gate_input, grads[g], grads[g + 1] = _layer_backward(
-                grad_logits, h if first else h[: gates.shape[0]], params[g], shared=first,
-                needs_input=needs_input, needs_params=needs[g] or needs[g + 1])
+                grad_logits, _gate_input(h, first, gates.shape[0], reads), params[g], shared=first,
+                needs_input=needs_input and reads, needs_params=needs[g] or needs[g + 1])
             # Experts, last layer first.
             grad = _relu_grad_(grad_experts, experts)
             for i in range(num_layers - 1, -1, -1):
@@ -231,12 +233,21 @@ class _SmallMixture(torch.autograd.Function):
                 break
             if first:
                 # (in, B) from the experts and the gates, handed back batch-major.
-                return (grad.add_(grad_gate_input).t(), None, *grads)
+                return (grad if grad_gate_input is None else grad.add_(grad_gate_input)).t(), None, *grads
             # The level below's mixture: each of its outputs gets the gradients of the experts that
             # read it and of the gate that read it.
             grad_mixed = torch.zeros_like(h).index_add_(0, groups, grad)
-            grad_mixed[: grad_gate_input.shape[0]].add_(grad_gate_input)  # `+=` on a slice also copies it onto itself
+            if grad_gate_input is not None:
+                grad_mixed[: grad_gate_input.shape[0]].add_(grad_gate_input)  # `+=` on a slice also copies it onto itself
         return (None, None, *grads)
+
+
+def _gate_input(h: torch.Tensor, first: bool, num_gates: int, reads: bool) -> torch.Tensor:
+    """What a level's gates read: the level's input ``(in, B)`` (the first level) or each gate's own
+    mixture of the level below ``(G, D, B)``, none of its features (``(0, B)``, ``(G, 0, B)``) for
+    gates conditioned on the task only."""
+    h = h if first else h[:num_gates]
+    return h if reads else h[..., :0, :]
 
 
 def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -250,7 +261,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect) in enumerate(levels):
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect, reads) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -263,7 +274,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         bias = params[p + 2 * num_layers + 1]
         if gate_mask is not None:
             bias = bias + gate_mask
-        logits = _linear(h if first else h[: bias.shape[0]], params[p + 2 * num_layers], bias, shared=first)
+        logits = _linear(_gate_input(h, first, bias.shape[0], reads), params[p + 2 * num_layers], bias, shared=first)
         if dselect is not None:
             gates = _dselect_ops(logits, *dselect)[0]
         else:
@@ -324,7 +335,9 @@ def small_mixture(
             weights before the mixing. ``dropout`` (training only) and ``top_k`` act on the logits
             as :class:`~mtlkit.models.GateBank`'s do, with the same random draws. ``dselect``
             (:meth:`~mtlkit.models.DSelectKGateBank.selector_structure`) makes the gates DSelect-k
-            ones, whose weight ``[in, G * k (m + 1)]`` gives each gate its selectors' logits.
+            ones, whose weight ``[in, G * k (m + 1)]`` gives each gate its selectors' logits. With
+            ``gates_read_input`` false the gates are conditioned on the task only: their weight has
+            no input rows (``[0, G * E]``), the logits are the bias.
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
             ``towers_shared`` (one gate in the last level, ``G = 1``, read by every tower) the first
             is ``[D, K * out]``.
@@ -342,7 +355,7 @@ def small_mixture(
         if has_residual:
             params.append(level.gate_residual)
         structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
-                          level.top_k, float(level.dropout), level.dselect))
+                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -352,7 +365,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
     dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k and gate dropout included) or DSelect-k
-    gates whose forward leaves no penalty, conditioned on the row, experts small enough (see the module docstring),
+    gates whose forward leaves no penalty, on the row or the task alone, experts small enough (see the module docstring),
     no gate recording and no forward hooks on the experts, gates or towers (their submodules' own hooks are not
     looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
@@ -368,7 +381,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         elif type(gates) is not GateBank:
             return False
         if (not experts.fused or (_member(experts, "input_groups") is None) != first
-                or linear.shared_input != first or linear.in_features == 0 or gates.record):
+                or linear.shared_input != first or gates.record):
             return False
         if x.shape[0] * experts.max_activations_per_row > SMALL_MIXTURE_MAX_ACTIVATIONS:
             return False
@@ -407,13 +420,14 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "Ta
         has_residual = bool(residual) and residual[0] is not None
         if has_residual:
             params.append(residual[0])
+        reads = gates._modules["linear"].in_features > 0
         if type(gates) is DSelectKGateBank:  # its choices are in its codes, not in a logit mask
             structure.append((len(linears), None, _member(experts, "input_groups"), 1.0, experts.group_sizes,
-                              has_residual, None, 0.0, gates.selector_structure()))
+                              has_residual, None, 0.0, gates.selector_structure(), reads))
         else:
             structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
                               float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
-                              gates.dropout if gates.training else 0.0, None))
+                              gates.dropout if gates.training else 0.0, None, reads))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
