@@ -2,8 +2,8 @@
 
 Softmax gates of the small mixtures, top-k and gate dropout included, run inside one autograd node
 (``models/small_mixture.py``), and so do DSelect-k gates whose forward leaves no penalty (W1's 8
-experts without an entropy term); other DSelect-k gates run through the modules, the gate bank one
-node of its own. This script trains the same model (W1's MMoE by default) with each gate type, the
+experts without an entropy term) and gates conditioned on the task alone; other DSelect-k gates run
+through the modules, the gate bank one node of its own. This script trains the same model (W1's MMoE by default) with each gate type, the
 trainer's data path included, alternating variant by variant in one process so that the machine's
 drift spreads over all of them, and prints each one's time per step and its share of softmax's speed:
 
