@@ -228,19 +228,42 @@ def test_gate_dropout_on_the_node_draws_the_module_paths_masks(name, config):
     torch.testing.assert_close(_outputs_and_grads(model(x), x, params)[0], evaluated, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name,config", [
+    ("mmoe", dict(num_experts=4, expert_hidden=(6,), tower_hidden=(4,), gate_entropy_weight=0.1)),
+    ("mmoe", dict(num_experts=6, expert_hidden=(6,), tower_hidden=(4,))),  # codes of no expert
+    ("ple", dict(num_shared_experts=2, num_task_experts=1, num_levels=2, expert_hidden=(6,), tower_hidden=(4,),
+                 gate_entropy_weight=0.05)),
+])
+def test_dselect_penalty_from_the_node_equals_the_module_paths(name, config):
+    """The gates' penalty (entropy, weight on codes of no expert) from the node's codes output: its
+    value and the gradients of outputs plus penalty, float64, to 1e-12."""
+    torch.manual_seed(0)
+    model = build_model(name, input_dim=9, tasks=TASKS, gate_type="dselect_k", gate_top_k=2, **config).double()
+    x = torch.randn(13, 9, dtype=torch.double, requires_grad=True)
+    params = list(model.parameters())
+    assert model.takes_small_mixture_path(x)
+    results = []
+    for path in (model, lambda inputs: _module_path(model, inputs)):
+        outputs = path(x)
+        penalty = model.auxiliary_loss(outputs)
+        stacked = torch.cat([outputs[t.name] for t in TASKS], dim=1)
+        upstream = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(7), dtype=stacked.dtype)
+        results.append((penalty.detach(), torch.autograd.grad((stacked * upstream).sum() + penalty, [x, *params])))
+    (fast_penalty, fast_grads), (plain_penalty, plain_grads) = results
+    assert fast_penalty > 0
+    torch.testing.assert_close(fast_penalty, plain_penalty, atol=1e-12, rtol=0)
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-12, rtol=0)
+
+
 def test_module_path_where_the_small_mixture_does_not_apply():
     torch.manual_seed(5)
     x = torch.randn(4, 6)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, activation="gelu").takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, dropout=0.1).takes_small_mixture_path(x)
     assert not build_model("mmoe", input_dim=6, tasks=TASKS, norm="layer").takes_small_mixture_path(x)
-    # DSelect-k gates whose training forward leaves a penalty (entropy; codes of no expert) keep their modules then.
-    for options in ({"gate_entropy_weight": 0.1}, {"num_experts": 6}):
-        model = build_model("mmoe", input_dim=6, tasks=TASKS, gate_type="dselect_k", gate_top_k=2, **options)
-        assert not model.takes_small_mixture_path(x)
-        with torch.no_grad():
-            assert model.takes_small_mixture_path(x)
-        assert model.eval().takes_small_mixture_path(x)
+    for options in ({"gate_entropy_weight": 0.1}, {"num_experts": 6}):  # DSelect-k gates with a penalty too
+        assert build_model("mmoe", input_dim=6, tasks=TASKS, gate_type="dselect_k", gate_top_k=2, **options).takes_small_mixture_path(x)
     assert build_model("mmoe", input_dim=6, tasks=TASKS, gate_top_k=2).takes_small_mixture_path(x)
     assert build_model("ple", input_dim=6, tasks=TASKS, num_levels=2).takes_small_mixture_path(x)
     large = build_model("mmoe", input_dim=6, tasks=TASKS, num_experts=8, expert_hidden=(256,))

@@ -136,13 +136,13 @@ class DSelectKGateBank(GateBank):
         else:
             weights, codes = _DSelectKWeights.apply(logits, *self.selector_structure())
         if self.has_penalty and self.training and torch.is_grad_enabled():
-            self.pending_penalty = self._penalty(codes)
+            self.pending_penalty = self.penalty_of(codes)
         weights = weights.permute(2, 0, 1)
         if self.record:
             self.last_weights = weights.detach()
         return weights
 
-    def _penalty(self, codes: torch.Tensor) -> torch.Tensor:
+    def penalty_of(self, codes: torch.Tensor) -> torch.Tensor:
         """The regularisation terms of ``codes`` ``(G, k, 2^m, B)``: per row, summed over gates and
         selectors, then the mean over rows."""
         rows = codes.shape[-1]

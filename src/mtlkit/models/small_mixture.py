@@ -105,6 +105,7 @@ class MixtureLevel(NamedTuple):
     dropout: float = 0.0
     dselect: tuple | None = None
     gates_read_input: bool = True
+    returns_codes: bool = False
 
 
 class _SmallMixture(torch.autograd.Function):
@@ -112,13 +113,15 @@ class _SmallMixture(torch.autograd.Function):
     def forward(ctx, x, structure, *params):
         # per level: (expert layers, gate mask, expert groups, temperature, group sizes,
         # whether a gate residual follows the gate's parameters, top k, gate dropout, DSelect-k structure,
-        # whether the gates read their input or only their task)
+        # whether the gates read their input or only their task, whether the level's DSelect-k codes are an output)
         levels, towers_shared = structure
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
         selector_counts = []  # per level: how many tensors its DSelect-k gates saved (0 for softmax gates)
-        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect, reads) in enumerate(levels):
+        codes_out = []  # the codes of DSelect-k levels whose penalty reads them
+        for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect, reads,
+                    returns_codes) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -134,8 +137,10 @@ class _SmallMixture(torch.autograd.Function):
             bias = gate_bias if gate_mask is None else gate_bias + gate_mask
             logits = _layer(_gate_input(h, first, bias.shape[0], reads), gate_weight, bias, shared=first)
             if dselect is not None:  # (G, k (m + 1), B) selector logits -> (G, E, B) weights
-                gates, _, selector_saved = dselect_weights_forward(logits, *dselect)
+                gates, codes, selector_saved = dselect_weights_forward(logits, *dselect)
                 saved += [gates, *selector_saved]
+                if returns_codes:
+                    codes_out.append(codes)
                 selector_counts.append(len(selector_saved))
             else:
                 if temperature != 1.0:
@@ -159,11 +164,11 @@ class _SmallMixture(torch.autograd.Function):
         out = tower_inputs.pop()
         ctx.structure, ctx.num_saved, ctx.level_params, ctx.selector_counts = structure, len(saved), p, selector_counts
         ctx.save_for_backward(x, *saved, *tower_inputs, *params)
-        return out
+        return (out, *codes_out) if codes_out else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_codes):
         levels, towers_shared = ctx.structure
         x, *rest = ctx.saved_tensors
         saved, rest = rest[: ctx.num_saved], rest[ctx.num_saved :]
@@ -185,7 +190,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads, returns_codes = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -210,7 +215,10 @@ class _SmallMixture(torch.autograd.Function):
                 grad_experts.addcmul_(mixing[g].unsqueeze(1), grad_mixed[g])
             if dselect is not None:
                 start = k + above + num_layers + 1
-                grad_logits = dselect_weights_backward(saved[start: start + selector_count], *dselect[:3], grad_gates, None)
+                codes_grad = None
+                if returns_codes:  # the codes' outputs in level order: this one is the last not yet taken
+                    *grad_codes, codes_grad = grad_codes
+                grad_logits = dselect_weights_backward(saved[start: start + selector_count], *dselect[:3], grad_gates, codes_grad)
             else:
                 grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
                 if temperature != 1.0:
@@ -261,7 +269,9 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect, reads) in enumerate(levels):
+    codes_out = []
+    for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect,
+                reads, returns_codes) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -276,7 +286,9 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
             bias = bias + gate_mask
         logits = _linear(_gate_input(h, first, bias.shape[0], reads), params[p + 2 * num_layers], bias, shared=first)
         if dselect is not None:
-            gates = _dselect_ops(logits, *dselect)[0]
+            gates, codes, _ = _dselect_ops(logits, *dselect)
+            if returns_codes:
+                codes_out.append(codes)
         else:
             if temperature != 1.0:
                 logits = logits / temperature
@@ -293,7 +305,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         out = _linear(out, params[p + 2 * i], params[p + 2 * i + 1], shared=towers_shared and i == 0)
         if i < num_tower_layers - 1:
             out = torch.relu(out)
-    return out
+    return (out, *codes_out) if codes_out else out
 
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -355,7 +367,7 @@ def small_mixture(
         if has_residual:
             params.append(level.gate_residual)
         structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
-                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input))
+                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input, level.returns_codes))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -365,7 +377,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
     dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k and gate dropout included) or DSelect-k
-    gates whose forward leaves no penalty, on the row or the task alone, experts small enough (see the module docstring),
+    gates (their penalty from the node's codes), on the row or the task alone, experts small enough (see the module docstring),
     no gate recording and no forward hooks on the experts, gates or towers (their submodules' own hooks are not
     looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
@@ -375,10 +387,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     for level, (experts, gates, *_) in enumerate(levels):
         first = level == 0
         linear = _member(gates, "linear")
-        if type(gates) is DSelectKGateBank:
-            if gates.has_penalty and gates.training and torch.is_grad_enabled():
-                return False  # its penalty reads the codes, which the node keeps to itself
-        elif type(gates) is not GateBank:
+        if type(gates) is not GateBank and type(gates) is not DSelectKGateBank:
             return False
         if (not experts.fused or (_member(experts, "input_groups") is None) != first
                 or linear.shared_input != first or gates.record):
@@ -422,12 +431,13 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "Ta
             params.append(residual[0])
         reads = gates._modules["linear"].in_features > 0
         if type(gates) is DSelectKGateBank:  # its choices are in its codes, not in a logit mask
+            returns_codes = gates.has_penalty and gates.training and torch.is_grad_enabled()
             structure.append((len(linears), None, _member(experts, "input_groups"), 1.0, experts.group_sizes,
-                              has_residual, None, 0.0, gates.selector_structure(), reads))
+                              has_residual, None, 0.0, gates.selector_structure(), reads, returns_codes))
         else:
             structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
                               float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
-                              gates.dropout if gates.training else 0.0, None, reads))
+                              gates.dropout if gates.training else 0.0, None, reads, False))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
@@ -448,4 +458,9 @@ def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         out = _small_mixture_ops(x, structure, params)
     else:
         out = _SmallMixture.apply(x, structure, *params)
+    if isinstance(out, tuple):  # DSelect-k codes whose penalty their gates leave for the model to collect
+        out, *codes = out
+        penalised = [gates for (_, gates, *_), level in zip(levels, structure[0]) if level[-1]]
+        for gates, level_codes in zip(penalised, codes):
+            gates.pending_penalty = gates.penalty_of(level_codes)
     return TaskOutputs(out.transpose(1, 2), towers.task_names, towers.output_dims)
