@@ -10,7 +10,9 @@ Here every activation is stored features x batch, ``(stacks, width, B)``:
 
 * all experts' first layer is one ``mm`` ``W^T x^T`` and each deeper layer one ``bmm``, the bias
   added in the ReLU's pass (``aten::_add_relu_``); all gates one ``addmm``; the softmax over a
-  gate's experts a reduction over an outer dimension, vectorised along the batch;
+  gate's experts a reduction over an outer dimension, vectorised along the batch (top-k and gate
+  dropout mask its logits first); DSelect-k gates build their selectors' codes the same way
+  (:mod:`mtlkit.models.dselect_gates`), handing the codes out where their penalty reads them;
 * the mixing ``M[g] = sum_e P[g, e] * H[e]`` is one broadcast multiply and one sum, both along the
   batch; above PLE's first level, expert ``e`` reads mixture ``groups[e]`` of the level below (a
   gather of a few ``(D, B)`` blocks, one ``bmm``) and gate ``g`` mixture ``g``;
