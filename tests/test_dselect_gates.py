@@ -98,6 +98,23 @@ def test_the_written_out_gate_matches_its_operators_forward_and_backward(num_cho
         torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("num_choices, entropy_weight", [(6, 0.0), (8, 0.3), (6, 0.2), (5, 0.1)])
+def test_the_penalty_with_its_gradient_is_autograds(num_choices, entropy_weight):
+    """What the small-mixture node computes without autograd: the penalty and its gradient by the codes."""
+    torch.manual_seed(0)
+    bank = DSelectKGateBank(2, 5, num_choices, k=2, entropy_weight=entropy_weight).double()
+    with torch.no_grad():
+        bank.linear.weight.normal_(0, 1.0)
+    codes = _dselect_ops(bank.linear.forward_batch_last(torch.randn(7, 5, dtype=torch.float64)), *bank.selector_structure())[1]
+    codes = codes.detach()
+    codes[0, 0, 0, 0] = 0.0  # below the logarithm's floor
+    leaf = codes.clone().requires_grad_()
+    expected = bank.penalty_of(leaf)
+    value, gradient = bank.penalty_with_gradient(codes)
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(gradient, torch.autograd.grad(expected, leaf)[0])
+
+
 def test_compiled_dselect_model_is_one_graph_and_matches_eager():
     torch.manual_seed(0)
     model = build_model("ple", input_dim=6, tasks=["a", "b"], gate_type="dselect_k", gate_top_k=2,

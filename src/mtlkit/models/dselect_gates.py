@@ -155,6 +155,28 @@ class DSelectKGateBank(GateBank):
             terms.append(self.entropy_weight * entropy)
         return sum(terms)
 
+    def penalty_with_gradient(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`penalty_of` and its gradient with respect to ``codes``, without autograd (for the
+        small-mixture node, whose backward scales the gradient by the penalty's). Shapes: ``codes``
+        ``(G, k, 2^m, B)`` ``->`` a scalar and ``(G, k, 2^m, B)``."""
+        rows = codes.shape[-1]
+        value, gradient = codes.new_zeros(()), torch.zeros_like(codes)
+        if self.has_unreachable_codes:
+            reachable = self.reachable_codes[:, None, :, None]
+            on_experts = (codes * reachable).sum(2, keepdim=True)  # (G, k, 1, B)
+            floored = on_experts.clamp_min(_EPSILON)
+            value += (1.0 / floored - 1.0).sum() / rows
+            # d(1 / on - 1) / d code = -reachable / on^2 where on is not floored (clamp's own rule: >= passes).
+            slope = torch.where(on_experts >= _EPSILON, floored.square().reciprocal().neg_(), 0.0)
+            gradient.addcmul_(slope, reachable, value=1.0 / rows)
+        if self.entropy_weight > 0:
+            floored = codes.clamp_min(_EPSILON)
+            logs = floored.log()
+            value -= self.entropy_weight * (codes * logs).sum() / rows
+            # d(-c log max(c, eps)) / dc = -(log max(c, eps) + [c >= eps]).
+            gradient.sub_(logs.add_((codes >= _EPSILON).to(codes.dtype)), alpha=self.entropy_weight / rows)
+        return value, gradient
+
     def take_penalty(self) -> torch.Tensor | None:
         """The regularisation term of the last training forward, once: a second call returns None."""
         penalty, self.pending_penalty = self.pending_penalty, None

@@ -12,7 +12,7 @@ Here every activation is stored features x batch, ``(stacks, width, B)``:
   added in the ReLU's pass (``aten::_add_relu_``); all gates one ``addmm``; the softmax over a
   gate's experts a reduction over an outer dimension, vectorised along the batch (top-k and gate
   dropout mask its logits first); DSelect-k gates build their selectors' codes the same way
-  (:mod:`mtlkit.models.dselect_gates`), handing the codes out where their penalty reads them;
+  (:mod:`mtlkit.models.dselect_gates`), and their penalty, with its gradient, where they have one;
 * the mixing ``M[g] = sum_e P[g, e] * H[e]`` is one broadcast multiply and one sum, both along the
   batch; above PLE's first level, expert ``e`` reads mixture ``groups[e]`` of the level below (a
   gather of a few ``(D, B)`` blocks, one ``bmm``) and gate ``g`` mixture ``g``;
@@ -35,7 +35,7 @@ batch-major layouts suit them (from there on the fused path, :mod:`mtlkit.models
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -107,7 +107,7 @@ class MixtureLevel(NamedTuple):
     dropout: float = 0.0
     dselect: tuple | None = None
     gates_read_input: bool = True
-    returns_codes: bool = False
+    penalty: Callable | None = None
 
 
 class _SmallMixture(torch.autograd.Function):
@@ -115,15 +115,15 @@ class _SmallMixture(torch.autograd.Function):
     def forward(ctx, x, structure, *params):
         # per level: (expert layers, gate mask, expert groups, temperature, group sizes,
         # whether a gate residual follows the gate's parameters, top k, gate dropout, DSelect-k structure,
-        # whether the gates read their input or only their task, whether the level's DSelect-k codes are an output)
+        # whether the gates read their input or only their task, the DSelect-k penalty's value-and-gradient function)
         levels, towers_shared = structure
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
         p = 0
         selector_counts = []  # per level: how many tensors its DSelect-k gates saved (0 for softmax gates)
-        codes_out = []  # the codes of DSelect-k levels whose penalty reads them
+        penalties = []  # the penalty of each DSelect-k level that has one, in level order
         for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect, reads,
-                    returns_codes) in enumerate(levels):
+                    penalty) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -141,9 +141,11 @@ class _SmallMixture(torch.autograd.Function):
             if dselect is not None:  # (G, k (m + 1), B) selector logits -> (G, E, B) weights
                 gates, codes, selector_saved = dselect_weights_forward(logits, *dselect)
                 saved += [gates, *selector_saved]
-                if returns_codes:
-                    codes_out.append(codes)
-                selector_counts.append(len(selector_saved))
+                if penalty is not None:  # its value an output; its gradient, scaled by the value's, joins the codes'
+                    value, codes_gradient = penalty(codes)
+                    penalties.append(value)
+                    saved.append(codes_gradient)
+                selector_counts.append(len(selector_saved) + (penalty is not None))
             else:
                 if temperature != 1.0:
                     logits = logits / temperature
@@ -166,11 +168,11 @@ class _SmallMixture(torch.autograd.Function):
         out = tower_inputs.pop()
         ctx.structure, ctx.num_saved, ctx.level_params, ctx.selector_counts = structure, len(saved), p, selector_counts
         ctx.save_for_backward(x, *saved, *tower_inputs, *params)
-        return (out, *codes_out) if codes_out else out
+        return (out, *penalties) if penalties else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, *grad_codes):
+    def backward(ctx, grad_out, *grad_penalties):
         levels, towers_shared = ctx.structure
         x, *rest = ctx.saved_tensors
         saved, rest = rest[: ctx.num_saved], rest[ctx.num_saved :]
@@ -192,7 +194,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads, returns_codes = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads, penalty = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -217,10 +219,12 @@ class _SmallMixture(torch.autograd.Function):
                 grad_experts.addcmul_(mixing[g].unsqueeze(1), grad_mixed[g])
             if dselect is not None:
                 start = k + above + num_layers + 1
-                codes_grad = None
-                if returns_codes:  # the codes' outputs in level order: this one is the last not yet taken
-                    *grad_codes, codes_grad = grad_codes
-                grad_logits = dselect_weights_backward(saved[start: start + selector_count], *dselect[:3], grad_gates, codes_grad)
+                selector_saved, codes_grad = saved[start: start + selector_count], None
+                if penalty is not None:  # the penalties' outputs in level order: this one is the last not yet taken
+                    *selector_saved, codes_gradient = selector_saved
+                    *grad_penalties, grad_penalty = grad_penalties
+                    codes_grad = codes_gradient * grad_penalty
+                grad_logits = dselect_weights_backward(selector_saved, *dselect[:3], grad_gates, codes_grad)
             else:
                 grad_logits = torch._softmax_backward_data(grad_gates, gates, 1, gates.dtype)
                 if temperature != 1.0:
@@ -273,7 +277,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     h, p = x.t(), 0
     codes_out = []
     for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect,
-                reads, returns_codes) in enumerate(levels):
+                reads, penalty) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -289,7 +293,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         logits = _linear(_gate_input(h, first, bias.shape[0], reads), params[p + 2 * num_layers], bias, shared=first)
         if dselect is not None:
             gates, codes, _ = _dselect_ops(logits, *dselect)
-            if returns_codes:
+            if penalty is not None:
                 codes_out.append(codes)
         else:
             if temperature != 1.0:
@@ -349,7 +353,9 @@ def small_mixture(
             weights before the mixing. ``dropout`` (training only) and ``top_k`` act on the logits
             as :class:`~mtlkit.models.GateBank`'s do, with the same random draws. ``dselect``
             (:meth:`~mtlkit.models.DSelectKGateBank.selector_structure`) makes the gates DSelect-k
-            ones, whose weight ``[in, G * k (m + 1)]`` gives each gate its selectors' logits. With
+            ones, whose weight ``[in, G * k (m + 1)]`` gives each gate its selectors' logits; with
+            ``penalty`` (a bank's :meth:`~mtlkit.models.DSelectKGateBank.penalty_with_gradient`) the
+            node also returns that level's penalty, after the towers' output. With
             ``gates_read_input`` false the gates are conditioned on the task only: their weight has
             no input rows (``[0, G * E]``), the logits are the bias.
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
@@ -369,7 +375,7 @@ def small_mixture(
         if has_residual:
             params.append(level.gate_residual)
         structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
-                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input, level.returns_codes))
+                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input, level.penalty))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -379,7 +385,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     """Whether mixture levels ``[(experts, gates[, residual]), ...]`` and towers on input ``x`` can run as
     :func:`small_mixture`: a CPU batch of a shared input, not under autocast, ReLU experts and towers without norm or
     dropout, softmax gates (:class:`~mtlkit.models.GateBank` itself, top-k and gate dropout included) or DSelect-k
-    gates (their penalty from the node's codes), on the row or the task alone, experts small enough (see the module docstring),
+    gates (their penalty computed in the node), on the row or the task alone, experts small enough (see the module docstring),
     no gate recording and no forward hooks on the experts, gates or towers (their submodules' own hooks are not
     looked at: a model's ``small_mixture = False`` turns the path off)."""
     if x.dim() != 2 or x.device.type != "cpu" or not _member(towers, "net").fused or torch.is_autocast_enabled("cpu"):
@@ -433,13 +439,13 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "Ta
             params.append(residual[0])
         reads = gates._modules["linear"].in_features > 0
         if type(gates) is DSelectKGateBank:  # its choices are in its codes, not in a logit mask
-            returns_codes = gates.has_penalty and gates.training and torch.is_grad_enabled()
+            penalty = gates.penalty_with_gradient if gates.has_penalty and gates.training and torch.is_grad_enabled() else None
             structure.append((len(linears), None, _member(experts, "input_groups"), 1.0, experts.group_sizes,
-                              has_residual, None, 0.0, gates.selector_structure(), reads, returns_codes))
+                              has_residual, None, 0.0, gates.selector_structure(), reads, penalty))
         else:
             structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
                               float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
-                              gates.dropout if gates.training else 0.0, None, reads, False))
+                              gates.dropout if gates.training else 0.0, None, reads, None))
     tower_linears = list(towers._modules["net"]._modules["linears"]._modules.values())
     for layer in tower_linears:
         own = layer._parameters
@@ -460,9 +466,10 @@ def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         out = _small_mixture_ops(x, structure, params)
     else:
         out = _SmallMixture.apply(x, structure, *params)
-    if isinstance(out, tuple):  # DSelect-k codes whose penalty their gates leave for the model to collect
-        out, *codes = out
-        penalised = [gates for (_, gates, *_), level in zip(levels, structure[0]) if level[-1]]
-        for gates, level_codes in zip(penalised, codes):
-            gates.pending_penalty = gates.penalty_of(level_codes)
+    if isinstance(out, tuple):  # DSelect-k penalties, which their gates leave for the model to collect
+        out, *penalties = out
+        penalised = [gates for (_, gates, *_), level in zip(levels, structure[0]) if level[-1] is not None]
+        for gates, penalty in zip(penalised, penalties):
+            # The operator form hands out the codes, from which autograd takes the penalty's gradient.
+            gates.pending_penalty = gates.penalty_of(penalty) if penalty.dim() else penalty
     return TaskOutputs(out.transpose(1, 2), towers.task_names, towers.output_dims)
