@@ -230,7 +230,8 @@ def _print_entry(entry: dict) -> None:
     table = Table(title=f"{entry['workload']} {entry['model']}: {entry['flops_per_sample'] / 1e3:.1f} kFLOP/sample (train), "
                         f"roofline {_rate(entry['roofline_samples_per_s'])}, GEMM-only bound {_rate(entry['gemm_bound_samples_per_s'])}; "
                         f"inference {entry['inference_flops_per_sample'] / 1e3:.1f} kFLOP/sample, roofline "
-                        f"{_rate(entry['inference_roofline_samples_per_s'])}, GEMM-only bound {_rate(entry['inference_gemm_bound_samples_per_s'])}")
+                        f"{_rate(entry['inference_roofline_samples_per_s'])}, "
+                        f"GEMM-only bound {_rate(entry['inference_gemm_bound_samples_per_s'])}")
     gpu = any("peak_gpu_memory_mb_max" in slot for slot in entry["libraries"].values())
     columns = ["library", "trainer samples/s (median, min-max)", "model alone", "inference", "inference % roofline",
                "peak RSS MB"] + (["peak GPU MB"] if gpu else [])
@@ -262,7 +263,11 @@ def _print_summary(report: dict) -> None:
             if "trainer_median" not in ours:
                 continue
             derived = variant_shares(e, variant)
-            cell = lambda name: f"{derived[f'ratio_vs_{name}']['trainer']:.2f}x" if f"ratio_vs_{name}" in derived else e["libraries"].get(name, {}).get("error", "-")[:28]  # noqa: E731
+            def cell(name: str) -> str:  # a ratio to that library, or why there is none
+                if f"ratio_vs_{name}" in derived:
+                    return f"{derived[f'ratio_vs_{name}']['trainer']:.2f}x"
+                return e["libraries"].get(name, {}).get("error", "-")[:28]
+
             table.add_row(e["workload"], e["model"] + variant[len("mtlkit"):], f"{ours['trainer_median']:,.0f}",
                           _percent(derived['trainer_share_of_roofline']), _percent(derived['trainer_share_of_gemm_bound']),
                           f"{100 * derived['trainer_share_of_model_alone']:.0f}%", cell("torch_rechub"), cell("deepctr_torch"),

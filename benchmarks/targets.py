@@ -180,8 +180,9 @@ def print_verdicts(verdicts: list[dict], console: Console) -> None:
         percent = lambda key: f"{100 * v[key]:.0f}%" if key in v else ""  # noqa: E731
         rounds = v.get("measured_by_round") or []
         by_round = " ".join(f"{r:.2f}x" for r in rounds) + (f" ({v['rounds_met']} met)" if rounds else "")
-        table.add_row(v["workload"], v["model"] + v.get("mtlkit", "mtlkit")[len("mtlkit"):], v["target"], shown, by_round, v["status"], percent("needed_share_of_roofline"),
-                      percent("needed_share_of_gemm_bound"), percent("reference_share_of_roofline"))
+        table.add_row(v["workload"], v["model"] + v.get("mtlkit", "mtlkit")[len("mtlkit"):], v["target"], shown, by_round,
+                      v["status"], percent("needed_share_of_roofline"), percent("needed_share_of_gemm_bound"),
+                      percent("reference_share_of_roofline"))
     console.print(table)
 
 
