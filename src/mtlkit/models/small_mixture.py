@@ -35,7 +35,7 @@ batch-major layouts suit them (from there on the fused path, :mod:`mtlkit.models
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -107,7 +107,7 @@ class MixtureLevel(NamedTuple):
     dropout: float = 0.0
     dselect: tuple | None = None
     gates_read_input: bool = True
-    penalty: Callable | None = None
+    penalised_gates: DSelectKGateBank | None = None
 
 
 class _SmallMixture(torch.autograd.Function):
@@ -115,7 +115,7 @@ class _SmallMixture(torch.autograd.Function):
     def forward(ctx, x, structure, *params):
         # per level: (expert layers, gate mask, expert groups, temperature, group sizes,
         # whether a gate residual follows the gate's parameters, top k, gate dropout, DSelect-k structure,
-        # whether the gates read their input or only their task, the DSelect-k penalty's value-and-gradient function)
+        # whether the gates read their input or only their task, the DSelect-k bank whose penalty is an output)
         levels, towers_shared = structure
         saved: list[torch.Tensor] = []  # per level: [its input and the experts' gathered one, above the first], expert outputs, gates
         h = x.t()  # the first level's input (in, B); above it, (G, D, B): one input per gate of the level below
@@ -123,7 +123,7 @@ class _SmallMixture(torch.autograd.Function):
         selector_counts = []  # per level: how many tensors its DSelect-k gates saved (0 for softmax gates)
         penalties = []  # the penalty of each DSelect-k level that has one, in level order
         for level, (num_layers, gate_mask, groups, temperature, _, has_residual, top_k, dropout, dselect, reads,
-                    penalty) in enumerate(levels):
+                    penalised) in enumerate(levels):
             first = level == 0
             # Experts: (E, D, B) after every layer, ReLU in place on the GEMM's own output. Above the
             # first level expert e reads input groups[e]: a gather of a few small blocks.
@@ -141,11 +141,11 @@ class _SmallMixture(torch.autograd.Function):
             if dselect is not None:  # (G, k (m + 1), B) selector logits -> (G, E, B) weights
                 gates, codes, selector_saved = dselect_weights_forward(logits, *dselect)
                 saved += [gates, *selector_saved]
-                if penalty is not None:  # its value an output; its gradient, scaled by the value's, joins the codes'
-                    value, codes_gradient = penalty(codes)
+                if penalised is not None:  # its value an output; its gradient, scaled by the value's, joins the codes'
+                    value, codes_gradient = penalised.penalty_with_gradient(codes)
                     penalties.append(value)
                     saved.append(codes_gradient)
-                selector_counts.append(len(selector_saved) + (penalty is not None))
+                selector_counts.append(len(selector_saved) + (penalised is not None))
             else:
                 if temperature != 1.0:
                     logits = logits / temperature
@@ -194,7 +194,7 @@ class _SmallMixture(torch.autograd.Function):
         # Levels, last first: each turns the gradient of its mixture into that of its input.
         p, k = ctx.level_params, ctx.num_saved
         for level in range(len(levels) - 1, -1, -1):
-            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads, penalty = levels[level]
+            num_layers, _, groups, temperature, _, has_residual, _, _, dselect, reads, penalised = levels[level]
             first = level == 0
             p -= 2 * num_layers + 2 + has_residual
             above = 2 * (not first)  # the saved input and gathered input of a level above the first
@@ -220,7 +220,7 @@ class _SmallMixture(torch.autograd.Function):
             if dselect is not None:
                 start = k + above + num_layers + 1
                 selector_saved, codes_grad = saved[start: start + selector_count], None
-                if penalty is not None:  # the penalties' outputs in level order: this one is the last not yet taken
+                if penalised is not None:  # the penalties' outputs in level order: this one is the last not yet taken
                     *selector_saved, codes_gradient = selector_saved
                     *grad_penalties, grad_penalty = grad_penalties
                     codes_grad = codes_gradient * grad_penalty
@@ -275,9 +275,9 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
     """
     levels, towers_shared = structure
     h, p = x.t(), 0
-    codes_out = []
+    penalties = []
     for level, (num_layers, gate_mask, groups, temperature, group_sizes, has_residual, top_k, dropout, dselect,
-                reads, penalty) in enumerate(levels):
+                reads, penalised) in enumerate(levels):
         first = level == 0
         if first:
             out = h
@@ -293,8 +293,8 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         logits = _linear(_gate_input(h, first, bias.shape[0], reads), params[p + 2 * num_layers], bias, shared=first)
         if dselect is not None:
             gates, codes, _ = _dselect_ops(logits, *dselect)
-            if penalty is not None:
-                codes_out.append(codes)
+            if penalised is not None:
+                penalties.append(penalised.penalty_of(codes))
         else:
             if temperature != 1.0:
                 logits = logits / temperature
@@ -311,7 +311,7 @@ def _small_mixture_ops(x: torch.Tensor, structure, params: Sequence[torch.Tensor
         out = _linear(out, params[p + 2 * i], params[p + 2 * i + 1], shared=towers_shared and i == 0)
         if i < num_tower_layers - 1:
             out = torch.relu(out)
-    return (out, *codes_out) if codes_out else out
+    return (out, *penalties) if penalties else out
 
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -354,8 +354,8 @@ def small_mixture(
             as :class:`~mtlkit.models.GateBank`'s do, with the same random draws. ``dselect``
             (:meth:`~mtlkit.models.DSelectKGateBank.selector_structure`) makes the gates DSelect-k
             ones, whose weight ``[in, G * k (m + 1)]`` gives each gate its selectors' logits; with
-            ``penalty`` (a bank's :meth:`~mtlkit.models.DSelectKGateBank.penalty_with_gradient`) the
-            node also returns that level's penalty, after the towers' output. With
+            ``penalised_gates`` (the level's :class:`~mtlkit.models.DSelectKGateBank`) the node also
+            returns that bank's penalty, after the towers' output. With
             ``gates_read_input`` false the gates are conditioned on the task only: their weight has
             no input rows (``[0, G * E]``), the logits are the bias.
         tower_weights, tower_biases: per tower layer ``[S, in, out]`` and ``[S, out]``; with
@@ -375,7 +375,7 @@ def small_mixture(
         if has_residual:
             params.append(level.gate_residual)
         structure.append((len(level.expert_weights), level.gate_mask, level.expert_groups, float(level.temperature), None, has_residual,
-                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input, level.penalty))
+                          level.top_k, float(level.dropout), level.dselect, level.gates_read_input, level.penalised_gates))
     for weight, bias in zip(tower_weights, tower_biases):
         params += [weight, bias]
     return _SmallMixture.apply(x, (tuple(structure), towers_shared), *params)
@@ -395,7 +395,7 @@ def small_mixture_applies(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
     for level, (experts, gates, *_) in enumerate(levels):
         first = level == 0
         linear = _member(gates, "linear")
-        if type(gates) is not GateBank and type(gates) is not DSelectKGateBank:
+        if type(gates) not in (GateBank, DSelectKGateBank):
             return False
         if (not experts.fused or (_member(experts, "input_groups") is None) != first
                 or linear.shared_input != first or gates.record):
@@ -432,16 +432,16 @@ def _node_arguments(levels: Sequence[tuple["ExpertBank", GateBank]], towers: "Ta
         for layer in linears:
             own = layer._parameters
             params += (own["weight"], own["bias"])
-        own = gates._modules["linear"]._parameters
-        params += (own["weight"], own["bias"])
+        gate_linear = gates._modules["linear"]
+        params += (gate_linear._parameters["weight"], gate_linear._parameters["bias"])
         has_residual = bool(residual) and residual[0] is not None
         if has_residual:
             params.append(residual[0])
-        reads = gates._modules["linear"].in_features > 0
+        reads = gate_linear.in_features > 0
         if type(gates) is DSelectKGateBank:  # its choices are in its codes, not in a logit mask
-            penalty = gates.penalty_with_gradient if gates.has_penalty and gates.training and torch.is_grad_enabled() else None
+            penalised = gates if gates.has_penalty and gates.training and torch.is_grad_enabled() else None
             structure.append((len(linears), None, _member(experts, "input_groups"), 1.0, experts.group_sizes,
-                              has_residual, None, 0.0, gates.selector_structure(), reads, penalty))
+                              has_residual, None, 0.0, gates.selector_structure(), reads, penalised))
         else:
             structure.append((len(linears), _member(gates, "choice_mask"), _member(experts, "input_groups"),
                               float(gates.temperature), experts.group_sizes, has_residual, gates.top_k,
@@ -468,8 +468,7 @@ def small_mixture_outputs(x: torch.Tensor, levels: Sequence[tuple["ExpertBank", 
         out = _SmallMixture.apply(x, structure, *params)
     if isinstance(out, tuple):  # DSelect-k penalties, which their gates leave for the model to collect
         out, *penalties = out
-        penalised = [gates for (_, gates, *_), level in zip(levels, structure[0]) if level[-1] is not None]
+        penalised = [level[-1] for level in structure[0] if level[-1] is not None]
         for gates, penalty in zip(penalised, penalties):
-            # The operator form hands out the codes, from which autograd takes the penalty's gradient.
-            gates.pending_penalty = gates.penalty_of(penalty) if penalty.dim() else penalty
+            gates.pending_penalty = penalty
     return TaskOutputs(out.transpose(1, 2), towers.task_names, towers.output_dims)
