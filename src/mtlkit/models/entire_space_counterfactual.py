@@ -143,9 +143,8 @@ class EntireSpaceCounterfactualModel(EntireSpaceMultiTaskModel):
 
     def __init__(self, config: ESCM2Config) -> None:
         super().__init__(config)
-        names = self.task_names
-        self._ctr_column, self._ctcvr_column = names.index(config.ctr_task), names.index(config.ctcvr_task)
-        c = config
+        c, names = config, self.task_names
+        self._ctr_column, self._ctcvr_column = names.index(c.ctr_task), names.index(c.ctcvr_task)
         self.imputation = None if c.counterfactual_mode != "dr" else TaskTowers(
             [TaskSpec("imputation", "binary")], c.input_dim, c.tower_hidden, shared_input=True,
             activation=c.activation, dropout=c.dropout, norm=c.norm)
@@ -172,6 +171,8 @@ class EntireSpaceCounterfactualModel(EntireSpaceMultiTaskModel):
             return None
         if labels is None or label_mask is None:
             raise ValueError("escm2: the counterfactual risk needs the batch's labels and label mask")
+        if self.imputation is not None and imputation_logit is None and not torch.is_grad_enabled():
+            return None  # a look at the losses without training (FAMO's after its step): no imputation ran
         present = label_mask[:, self._ctr_column] & label_mask[:, self._ctcvr_column]
         click = torch.where(present, labels[:, self._ctr_column], 0.0)
         conversion = torch.where(present, labels[:, self._ctcvr_column], 0.0)
@@ -181,8 +182,6 @@ class EntireSpaceCounterfactualModel(EntireSpaceMultiTaskModel):
         cvr_logit = outputs[c.cvr_task].squeeze(-1)
         if self.imputation is None:
             return c.counterfactual_weight * inverse_propensity_risk(cvr_logit, conversion, click, propensity, row_weight)
-        if imputation_logit is None and not torch.is_grad_enabled():
-            return None  # a look at the losses without training (FAMO's after its step): no imputation ran
         if imputation_logit is None or imputation_logit.shape != cvr_logit.shape:
             raise ValueError("escm2 with counterfactual_mode dr: the auxiliary loss needs the imputation of a training "
                              "forward (train mode, gradients on) on the same batch")
