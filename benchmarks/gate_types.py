@@ -1,10 +1,11 @@
 """What each gate type costs a training step, through mtlkit's own trainer.
 
 Softmax gates of the small mixtures, top-k and gate dropout included, run inside one autograd node
-(``models/small_mixture.py``), and so do DSelect-k gates (the codes their penalty reads handed out
-of the node) and gates conditioned on the task alone. This script trains the same model (W1's MMoE by default) with each gate type, the
-trainer's data path included, alternating variant by variant in one process so that the machine's
-drift spreads over all of them, and prints each one's time per step and its share of softmax's speed:
+(``models/small_mixture.py``), and so do DSelect-k gates (their penalty computed there too) and
+gates conditioned on the task alone. This script trains the same model (W1's MMoE by default) with
+each gate type, the trainer's data path included, alternating variant by variant in one process so
+that the machine's drift spreads over all of them, and prints each one's time per step and its
+share of softmax's speed:
 
     python -m benchmarks.gate_types --model mmoe --steps 200 --rounds 5
 """
