@@ -11,6 +11,7 @@ how much longer it trains:
     python examples/pcgrad_synthetic.py --seeds 3
     python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda,cagrad,aligned_mtl,imtl,nash_mtl,upgrad,gradvac
     python examples/pcgrad_synthetic.py --seeds 3 --surgeries pcgrad,mgda --scope shared
+    python examples/pcgrad_synthetic.py --seeds 3 --surgeries db_mtl,moco --scope shared_fixed
     python examples/pcgrad_synthetic.py --seeds 3 --surgeries gradvac --options '{"per_layer": true}'
 
 About a minute on 2 cores with the defaults.
@@ -28,6 +29,7 @@ import torch
 from mtlkit.data import make_synthetic
 from mtlkit.models import build_model
 from mtlkit.training import Trainer, TrainerConfig
+from mtlkit.training.trainer import GRADIENT_SURGERY_SCOPES
 
 MODELS = {"shared_bottom": {"bottom_hidden": [64]}, "mmoe": {"num_experts": 8, "expert_hidden": [16]}}
 
@@ -38,8 +40,9 @@ def main() -> None:
     parser.add_argument("--correlations", default="0,0.5,0.9")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--surgeries", default="pcgrad", help="comma-separated gradient surgeries to compare with none")
-    parser.add_argument("--scope", default="all", choices=["all", "shared"],
-                        help="training.gradient_surgery_scope: every parameter, or only the coordinates tasks share")
+    parser.add_argument("--scope", default="all", choices=list(GRADIENT_SURGERY_SCOPES),
+                        help="training.gradient_surgery_scope: every parameter, only the coordinates tasks share this "
+                             "step, or those they shared in the first step")
     parser.add_argument("--options", default="{}", help="training.gradient_surgery_options for every surgery, as JSON")
     args = parser.parse_args()
     options = json.loads(args.options)

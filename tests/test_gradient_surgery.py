@@ -1,6 +1,7 @@
 """Gradient surgeries (PCGrad, MGDA, CAGrad, Aligned-MTL, IMTL-G, Nash-MTL, FairGrad, UPGrad, GradVac, DB-MTL, MetaBalance),
 alone and in the trainer."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -85,16 +86,17 @@ def test_the_trainer_steps_pcgrad_of_each_tasks_own_gradient():
     assert (own @ expected >= -1e-6).all()
 
 
+@pytest.mark.parametrize("scope", ["shared", "shared_fixed"])
 @pytest.mark.parametrize("model_name, shared_parts", [("mmoe", ["experts"]), ("omoe", ["experts", "gates"]),
                                                      ("shared_bottom", ["bottom"])])
-def test_a_shared_scope_leaves_each_tasks_own_coordinates_to_its_own_gradient(model_name, shared_parts, monkeypatch):
-    """``gradient_surgery_scope: shared``: the surgery sees only the coordinates both tasks' gradients
-    reach (experts, bottoms, OMoE's one gate); the towers' slices and MMoE's per-task gates take
-    the plain sum, which there is the one task's own gradient."""
+def test_a_shared_scope_leaves_each_tasks_own_coordinates_to_its_own_gradient(model_name, shared_parts, scope, monkeypatch):
+    """``gradient_surgery_scope: shared`` (and ``shared_fixed``'s first step): the surgery sees only the
+    coordinates both tasks' gradients reach (experts, bottoms, OMoE's one gate); the towers' slices
+    and MMoE's per-task gates take the plain sum, which there is the one task's own gradient."""
     torch.manual_seed(0)
     model = build_model(model_name, input_dim=8, tasks=TASKS)
     trainer = Trainer(model, TrainerConfig(max_steps=1, batch_size=100, progress=False, gradient_surgery="pcgrad",
-                                           gradient_surgery_scope="shared"))
+                                           gradient_surgery_scope=scope))
     seen = []
     monkeypatch.setattr(trainer, "_surgery", lambda grads, generator: seen.append(grads) or torch.zeros(grads.shape[1]))
     batch = next(iter(_data(-1.0).batches(100)))
@@ -114,6 +116,45 @@ def test_a_shared_scope_leaves_each_tasks_own_coordinates_to_its_own_gradient(mo
         else:
             assert not both.any(), name  # towers, MMoE's gates: one task's coordinates
     assert len(seen) == 1 and seen[0].shape == (2, shared_count)
+
+
+@pytest.mark.parametrize("scope, second_step_sees", [("shared", [1, 2]), ("shared_fixed", [0, 1])])
+def test_shared_fixed_keeps_the_first_steps_shared_coordinates(scope, second_step_sees, monkeypatch):
+    """``shared`` chooses the coordinates two tasks reach afresh every step; ``shared_fixed`` keeps the
+    first step's, so a surgery's per-coordinate state always lines up, and a coordinate outside them
+    takes the plain sum even in a step where both tasks reach it."""
+    trainer = Trainer(build_model("mmoe", input_dim=8, tasks=TASKS),
+                      TrainerConfig(max_steps=1, progress=False, gradient_surgery="pcgrad", gradient_surgery_scope=scope))
+    seen = []
+    monkeypatch.setattr(trainer, "_surgery", lambda grads, generator: seen.append(grads) or torch.zeros(grads.shape[1]))
+    first = torch.tensor([[1.0, 2.0, 0.0, 3.0], [4.0, 5.0, 0.0, 0.0]])  # both tasks reach coordinates 0 and 1
+    second = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 3.0, 4.0, 5.0]])  # ... then 1 and 2
+    torch.testing.assert_close(trainer._combine_task_gradients(first, ("a", "b"), [4], None), torch.tensor([0.0, 0.0, 0.0, 3.0]))
+    combined = trainer._combine_task_gradients(second, ("a", "b"), [4], None)
+    torch.testing.assert_close(seen[1], second[:, second_step_sees])
+    expected = second.sum(0)
+    expected[second_step_sees] = 0.0
+    torch.testing.assert_close(combined, expected)
+    with pytest.raises(RuntimeError, match="chosen among 4 parameter coordinates, but gradients over 5 came") if scope == "shared_fixed" \
+            else contextlib.nullcontext():
+        trainer._combine_task_gradients(torch.ones(2, 5), ("a", "b"), [5], None)
+
+
+@pytest.mark.parametrize("surgery", ["db_mtl", "moco"])
+def test_per_coordinate_surgeries_run_on_the_shared_parameters_alone_with_shared_fixed(surgery):
+    """DB-MTL and MoCo keep state per coordinate, so ``shared`` is refused; ``shared_fixed`` restricts
+    them to the experts, as the paper's code (LibMTL) applies them, and each task's own tower and gate
+    take its own gradient: a tower slice moves exactly as without the surgery's rescaling."""
+    torch.manual_seed(0)
+    model = build_model("mmoe", input_dim=8, tasks=TASKS)
+    trainer = Trainer(model, TrainerConfig(max_steps=4, batch_size=100, progress=False, gradient_surgery=surgery,
+                                           gradient_surgery_scope="shared_fixed"))
+    trainer.fit(_data(-1.0))
+    state = trainer._surgery.state_dict()
+    tracked = state["averages"] if surgery == "db_mtl" else state["tracked"]
+    shared = trainer._fixed_shared_coordinates
+    experts = sum(p.numel() for name, p in model.named_parameters() if name.startswith("experts"))
+    assert tracked.shape == (2, int(shared.sum())) and experts * 0.9 < int(shared.sum()) <= experts
 
 
 def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
@@ -144,7 +185,7 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
      r"unknown \['alpha'\] for 'gradvac'; allowed: \['beta', 'per_layer'\]"),
     (dict(gradient_surgery="gradvac", gradient_surgery_options={"beta": 1.5}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="nash_mtl", gradient_surgery_options={"beta": 0.5}), r"unknown \['beta'\] for 'nash_mtl'; allowed: \[\]"),
-    (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"), r"gradient_surgery_scope: expected one of \['all', 'shared'\]"),
+    (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"), r"gradient_surgery_scope: expected one of \['all', 'shared', 'shared_fixed'\]"),
     (dict(gradient_surgery_scope="shared"), "gradient_surgery_scope: 'shared' given without a gradient_surgery"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta": 1.0}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta_sigma": -1}), "options.beta_sigma: expected a number >= 0"),
@@ -758,9 +799,9 @@ def test_the_objectives_command_lists_every_method_with_its_options():
     rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") >= 4}
     for name in list_gradient_surgeries():
         assert name in rows, name
-    assert "main_task (needed), relax_factor=0.7, beta=0.9" in rows["metabalance"] and rows["metabalance"].rstrip("│ ").endswith("shared")
+    assert "main_task (needed), relax_factor=0.7, beta=0.9" in rows["metabalance"] and rows["metabalance"].rstrip("│ ").endswith("│ shared, shared_fixed")
     assert "PCGrad (\"projecting conflicting gradients\", Yu et al., NeurIPS 2020)" in rows["pcgrad"]
     assert "alpha=1.0" in rows["fairgrad"] and "beta=0.01, per_layer=False" in rows["gradvac"]
-    assert rows["db_mtl"].rstrip("│ ").endswith("│ all") and rows["pcgrad"].rstrip("│ ").endswith("all, shared")
+    assert rows["db_mtl"].rstrip("│ ").endswith("│ all, shared_fixed") and rows["pcgrad"].rstrip("│ ").endswith("all, shared, shared_fixed")
     for name, options in (("dwa", "temperature=2.0"), ("famo", "learning_rate=0.025"), ("uncertainty", "│ -")):
         assert name in rows and options in rows[name], name

@@ -46,6 +46,8 @@ def _fit(tasks, train, valid, state_file=None, stop_at=None, model_name="mmoe", 
     {"gradient_surgery": "metabalance", "gradient_surgery_options": {"main_task": "y2"},  # its averages of the layers' norms
      "gradient_surgery_scope": "shared"},
     {"gradient_surgery": "moco", "gradient_surgery_options": {"gamma": 0.3}},  # its tracked gradients, weights and step count
+    # and the shared coordinates it was restricted to in the first step
+    {"gradient_surgery": "db_mtl", "gradient_surgery_scope": "shared_fixed"},
     {"weighting": "famo", "weighting_options": {"learning_rate": 0.05}},  # its logits and their Adam moments
 ])
 def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path, options):

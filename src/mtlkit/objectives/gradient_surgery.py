@@ -11,8 +11,8 @@ instances are called the same way and keep state from step to step (GradVac's ta
 saves its ``state_dict()`` with the training state). A class may set ``log_losses`` (the trainer then
 hands it the gradients of ``w_k log L_k``, DB-MTL) and ``per_coordinate_state`` (its state follows
 each coordinate, so ``gradient_surgery_scope: shared``, whose coordinates change from step to step,
-is refused). An instance whose ``uses_layout`` is true is called with a third argument, a
-:class:`GradientLayout` (the tasks' names in row order and how many columns each parameter tensor
+is refused; ``shared_fixed`` keeps its first step's). An instance whose ``uses_layout`` is true is
+called with a third argument, a :class:`GradientLayout` (the tasks' names in row order and how many columns each parameter tensor
 has: MetaBalance, GradVac per layer), and one whose ``uses_losses`` is true with a keyword argument
 ``losses``, the ``(K,)`` weighted losses ``w_k L_k`` (MoCo). A class may also set ``needs_shared_scope`` (it is defined on
 the parameters the tasks share, MetaBalance) and a ``check_tasks(task_names)`` method the trainer
@@ -475,7 +475,8 @@ class DualBalancing:
 
     Shape: ``grads`` ``(K, P)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, P)`` averages and the
     step count; the averages are per coordinate, so the set of coordinates must stay the same
-    (``gradient_surgery_scope: all``).
+    (``gradient_surgery_scope: all``, or ``shared_fixed`` for the shared parameters alone, as the paper
+    and LibMTL apply it).
     """
 
     log_losses = True
@@ -591,7 +592,8 @@ class MoCo:
 
     Shape: ``grads`` ``(K, P)``, ``losses`` ``(K,)`` -> ``(P,)``. ``state_dict()`` holds the ``(K, P)``
     tracked gradients, the ``(K,)`` weights and the step count; the tracking is per coordinate, so
-    the coordinates must stay the same (``gradient_surgery_scope: all``).
+    the coordinates must stay the same (``gradient_surgery_scope: all``, or ``shared_fixed`` for the
+    shared parameters alone, as LibMTL applies it).
     """
 
     uses_losses = True
@@ -702,11 +704,11 @@ def refused_scopes(surgery: object) -> dict[str, str]:
     """The ``gradient_surgery_scope`` values ``surgery`` (registered, or an instance) refuses, each with why."""
     refused = {}
     if getattr(surgery, "per_coordinate_state", False):
-        refused["shared"] = ("keeps a moving average per coordinate, and the shared coordinates change from step to step; "
-                             "use scope 'all'")
+        refused["shared"] = ("keeps a moving average per coordinate, and scope 'shared' chooses its coordinates afresh every "
+                             "step; use 'shared_fixed' (the shared coordinates of the first step, for the whole run) or 'all'")
     if getattr(surgery, "needs_shared_scope", False):
         refused["all"] = ("adjusts the tasks' gradients on the layers they share, and leaves each task's own layers its own "
-                          "gradient; set gradient_surgery_scope: shared")
+                          "gradient; set gradient_surgery_scope: shared (or shared_fixed)")
     return refused
 
 

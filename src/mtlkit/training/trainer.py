@@ -37,7 +37,7 @@ from mtlkit.training.progress import progress_bar
 __all__ = ["TrainerConfig", "FitResult", "Trainer", "evaluate", "forward_outputs", "score_outputs"]
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-GRADIENT_SURGERY_SCOPES = ("all", "shared")
+GRADIENT_SURGERY_SCOPES = ("all", "shared", "shared_fixed")
 # training.precision -> the autocast dtype of the training forward (None: no autocast).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -86,7 +86,10 @@ class TrainerConfig:
         gradient_surgery_scope: ``"all"``: the surgery combines the tasks' gradients over every
             parameter; ``"shared"``: only over the coordinates where at least two tasks have a non-zero
             gradient this step (shared experts and bottoms, OMoE's gate), as LibMTL restricts it to
-            the shared parameters, while each task's own tower and gate take its gradient as it is.
+            the shared parameters, while each task's own tower and gate take its gradient as it is;
+            ``"shared_fixed"``: over the coordinates at least two tasks reached in the surgery's first
+            step, the same set for the rest of the run (saved with the training state), so a surgery
+            that keeps state per coordinate (DB-MTL, MoCo) can be restricted to the shared parameters.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
             On a GPU the training and validation tables are moved there once when each fits in half
             its free memory (batches are then gathered on the GPU), else each batch is copied over.
@@ -409,6 +412,7 @@ class Trainer:
         own = list(self.weighting.parameters())  # learned weights (uncertainty, gradnorm)
         self._weighting_parameters = own
         self._surgery = None
+        self._fixed_shared_coordinates: torch.Tensor | None = None  # (P,) bool: scope shared_fixed's, from its first step
         if self.config.gradient_surgery is not None:
             if self.distributed:
                 raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
@@ -492,10 +496,17 @@ class Trainer:
         ``parameter_sizes`` of them each; ``losses``: the ``(K,)`` weighted losses they are the gradients of,
         for a surgery that ``uses_losses``, else None)."""
         shared = None
-        if self.config.gradient_surgery_scope == "shared":
+        if self.config.gradient_surgery_scope != "all":
             # Coordinates only one task reaches (its slice of the stacked towers, its own gate) carry no
             # conflict: they take the plain sum, and the surgery sees the rest.
-            shared = (grads != 0).sum(0) >= 2
+            shared = self._fixed_shared_coordinates
+            if shared is None:
+                shared = (grads != 0).sum(0) >= 2
+                if self.config.gradient_surgery_scope == "shared_fixed":
+                    self._fixed_shared_coordinates = shared
+            elif shared.shape[0] != grads.shape[1]:
+                raise RuntimeError(f"gradient_surgery_scope shared_fixed: its shared coordinates were chosen among "
+                                   f"{shared.shape[0]} parameter coordinates, but gradients over {grads.shape[1]} came")
             if not bool(shared.any()):
                 return grads.sum(0)
         arguments = [grads if shared is None else grads[:, shared], self._surgery_generator]
@@ -748,7 +759,8 @@ class Trainer:
                 "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "surgery_generator": self._surgery_generator.get_state() if self._surgery is not None else None,
-                "surgery": self._surgery.state_dict() if hasattr(self._surgery, "state_dict") else None})
+                "surgery": self._surgery.state_dict() if hasattr(self._surgery, "state_dict") else None,
+                "surgery_coordinates": None if self._fixed_shared_coordinates is None else self._fixed_shared_coordinates.cpu()})
         if self.distributed:
             dist.barrier()  # no rank moves on before the file is whole
 
@@ -776,4 +788,6 @@ class Trainer:
             self._surgery_generator.set_state(state["surgery_generator"])
         if state.get("surgery") is not None and hasattr(self._surgery, "load_state_dict"):  # GradVac's targets, DB-MTL's averages
             self._surgery.load_state_dict(state["surgery"])
+        if state.get("surgery_coordinates") is not None and self._surgery is not None:  # scope shared_fixed's set
+            self._fixed_shared_coordinates = state["surgery_coordinates"].to(self.device)
         return state["loop"]
