@@ -185,7 +185,8 @@ def test_tasks_of_weight_zero_take_no_backward_pass(monkeypatch):
      r"unknown \['alpha'\] for 'gradvac'; allowed: \['beta', 'per_layer'\]"),
     (dict(gradient_surgery="gradvac", gradient_surgery_options={"beta": 1.5}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="nash_mtl", gradient_surgery_options={"beta": 0.5}), r"unknown \['beta'\] for 'nash_mtl'; allowed: \[\]"),
-    (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"), r"gradient_surgery_scope: expected one of \['all', 'shared', 'shared_fixed'\]"),
+    (dict(gradient_surgery="pcgrad", gradient_surgery_scope="towers"),
+     r"gradient_surgery_scope: expected one of \['all', 'shared', 'shared_fixed'\]"),
     (dict(gradient_surgery_scope="shared"), "gradient_surgery_scope: 'shared' given without a gradient_surgery"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta": 1.0}), r"options.beta: expected a number in \[0, 1\)"),
     (dict(gradient_surgery="db_mtl", gradient_surgery_options={"beta_sigma": -1}), "options.beta_sigma: expected a number >= 0"),
@@ -799,7 +800,8 @@ def test_the_objectives_command_lists_every_method_with_its_options():
     rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") >= 4}
     for name in list_gradient_surgeries():
         assert name in rows, name
-    assert "main_task (needed), relax_factor=0.7, beta=0.9" in rows["metabalance"] and rows["metabalance"].rstrip("│ ").endswith("│ shared, shared_fixed")
+    assert "main_task (needed), relax_factor=0.7, beta=0.9" in rows["metabalance"]
+    assert rows["metabalance"].rstrip("│ ").endswith("│ shared, shared_fixed")
     assert "PCGrad (\"projecting conflicting gradients\", Yu et al., NeurIPS 2020)" in rows["pcgrad"]
     assert "alpha=1.0" in rows["fairgrad"] and "beta=0.01, per_layer=False" in rows["gradvac"]
     assert rows["db_mtl"].rstrip("│ ").endswith("│ all, shared_fixed") and rows["pcgrad"].rstrip("│ ").endswith("all, shared, shared_fixed")

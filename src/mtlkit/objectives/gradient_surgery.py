@@ -12,16 +12,16 @@ saves its ``state_dict()`` with the training state). A class may set ``log_losse
 hands it the gradients of ``w_k log L_k``, DB-MTL) and ``per_coordinate_state`` (its state follows
 each coordinate, so ``gradient_surgery_scope: shared``, whose coordinates change from step to step,
 is refused; ``shared_fixed`` keeps its first step's). An instance whose ``uses_layout`` is true is
-called with a third argument, a :class:`GradientLayout` (the tasks' names in row order and how many columns each parameter tensor
-has: MetaBalance, GradVac per layer), and one whose ``uses_losses`` is true with a keyword argument
-``losses``, the ``(K,)`` weighted losses ``w_k L_k`` (MoCo). A class may also set ``needs_shared_scope`` (it is defined on
-the parameters the tasks share, MetaBalance) and a ``check_tasks(task_names)`` method the trainer
-calls once with the weighted tasks' names.
-``TrainerConfig.gradient_surgery`` names one, and ``gradient_surgery_options`` its
-options. Each surgery here is scaled so that where every task has the same gradient it returns
-their sum, the gradient of ``sum_k w_k L_k`` (CAGrad: at ``alpha`` 0; DB-MTL: of ``sum_k w_k log
-L_k``), so learning rates carry over from training without surgery; MoCo alone returns a weighted
-mean of the gradients rescaled to the losses' sizes, as its authors' code does.
+called with a third argument, a :class:`GradientLayout` (the tasks' names in row order and how many
+columns each parameter tensor has: MetaBalance, GradVac per layer), and one whose ``uses_losses`` is
+true with a keyword argument ``losses``, the ``(K,)`` weighted losses ``w_k L_k`` (MoCo). A class may
+also set ``needs_shared_scope`` (it is defined on the parameters the tasks share, MetaBalance) and a
+``check_tasks(task_names)`` method the trainer calls once with the weighted tasks' names.
+``TrainerConfig.gradient_surgery`` names one, and ``gradient_surgery_options`` its options. Each
+surgery here is scaled so that where every task has the same gradient it returns their sum, the
+gradient of ``sum_k w_k L_k`` (CAGrad: at ``alpha`` 0; DB-MTL: of ``sum_k w_k log L_k``), so
+learning rates carry over from training without surgery; MoCo alone returns a weighted mean of the
+gradients rescaled to the losses' sizes, as its authors' code does.
 """
 
 from __future__ import annotations
@@ -353,8 +353,8 @@ class GradientLayout:
     """What the rows and columns of a surgery's ``grads`` ``(K, P)`` are, for a surgery that sets
     ``uses_layout``: ``task_names``, the ``K`` tasks in row order, and ``segment_sizes``, one count per
     trainable parameter tensor in ``model.parameters()`` order, of the columns that are its coordinates
-    (summing to ``P``; under ``gradient_surgery_scope: shared`` only its shared coordinates, 0 where it
-    has none this step)."""
+    (summing to ``P``; under ``gradient_surgery_scope: shared`` or ``shared_fixed`` only its shared
+    coordinates, 0 where it has none)."""
 
     task_names: tuple[str, ...]
     segment_sizes: tuple[int, ...]
