@@ -14,6 +14,8 @@ rank = torch.distributed.get_rank()
 weighting = sys.argv[2] if len(sys.argv) > 2 else "fixed"
 model_name = sys.argv[3] if len(sys.argv) > 3 else "mmoe"
 precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
+surgery, _, scope = (sys.argv[5] if len(sys.argv) > 5 else "none").partition(":")  # "moco:shared_fixed"
+surgery_options = {} if surgery == "none" else {"gradient_surgery": surgery, "gradient_surgery_scope": scope or "all"}
 if model_name in ("aitm", "escm2_dr"):  # a funnel of binary steps, so that the model's auxiliary loss takes part
     data = make_funnel(["click", "buy"], [0.4, 0.5], num_rows=4000, input_dim=20, seed=0)
     options = {"bottom_hidden": [16, 8], "calibration_weight": 1.0}
@@ -36,10 +38,12 @@ train, valid = tensors.split([0.8, 0.2], seed=0)
 torch.manual_seed(rank)  # different initialisations: DDP must broadcast rank 0's
 model = build_model(model_name, input_dim=20, tasks=tasks, **options)
 before = evaluate(model, valid, model.tasks)[first]["loss"]
-trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting, precision=precision))
+trainer = Trainer(model, TrainerConfig(max_epochs=5, batch_size=64, patience=None, weighting=weighting, precision=precision,
+                                       **surgery_options))
 result = trainer.fit(train, valid, state_file=f"{sys.argv[1]}/state.pt")  # rank 0 saves after each epoch
 after = evaluate(model, valid, model.tasks)[first]["loss"]
 torch.save({"state": model.state_dict(), "steps": result.steps, "before": before, "after": after,
-            "weights": trainer.weighting.current_weights(), "weighting": trainer.weighting.state_dict()},
+            "weights": trainer.weighting.current_weights(), "weighting": trainer.weighting.state_dict(),
+            "surgery": trainer._surgery.state_dict() if hasattr(trainer._surgery, "state_dict") else None},
            f"{sys.argv[1]}/rank{rank}.pt")
 torch.distributed.destroy_process_group()

@@ -9,20 +9,24 @@ from mtlkit import ConfigError
 from mtlkit.training import distributed
 
 
-@pytest.mark.parametrize("weighting, port, model, precision", [
-    ("fixed", 29533, "mmoe", "fp32"), ("dwa", 29534, "mmoe", "fp32"), ("gradnorm", 29535, "mmoe", "fp32"),
-    ("fixed", 29536, "aitm", "bf16"),  # a model's auxiliary loss and autocast under DDP
-    ("fixed", 29537, "ple_dselect", "fp32"),  # the gates' penalty under DDP
-    ("famo", 29538, "mmoe", "fp32"),  # FAMO's logits, updated from each rank's own losses
-    ("fixed", 29539, "stem", "fp32"),  # gradients stopped at other tasks' experts: every parameter still gets one
-    ("fixed", 29540, "escm2_dr", "fp32"),  # an imputation network that only the model's auxiliary loss trains
+@pytest.mark.parametrize("weighting, port, model, precision, surgery", [
+    ("fixed", 29533, "mmoe", "fp32", "none"), ("dwa", 29534, "mmoe", "fp32", "none"), ("gradnorm", 29535, "mmoe", "fp32", "none"),
+    ("fixed", 29536, "aitm", "bf16", "none"),  # a model's auxiliary loss and autocast under DDP
+    ("fixed", 29537, "ple_dselect", "fp32", "none"),  # the gates' penalty under DDP
+    ("famo", 29538, "mmoe", "fp32", "none"),  # FAMO's logits, updated from each rank's own losses
+    ("fixed", 29539, "stem", "fp32", "none"),  # gradients stopped at other tasks' experts: every parameter still gets one
+    ("fixed", 29540, "escm2_dr", "fp32", "none"),  # an imputation network that only the model's auxiliary loss trains
+    ("uncertainty", 29541, "mmoe", "fp32", "none"),  # learned weights outside DDP's module: their gradients averaged too
+    ("uncertainty", 29542, "mmoe", "fp32", "pcgrad"),  # a surgery of the tasks' gradients averaged over the ranks
+    ("fixed", 29543, "mmoe", "fp32", "db_mtl:shared_fixed"),  # with state per coordinate, on the first step's shared set
 ])
-def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision):
+def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision, surgery):
     # On the CPU through Gloo; on a one-GPU machine both ranks share the GPU, through Gloo too.
     # The adaptive weightings read each rank's own losses; they must still agree across ranks.
     script = Path(__file__).with_name("distributed_job.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                           str(script), str(tmp_path), weighting, model, precision], capture_output=True, text=True, timeout=300)
+                           str(script), str(tmp_path), weighting, model, precision, surgery],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # Each rank trains on half of every epoch: 3200 rows / 2 ranks / 64 = 25 steps per epoch.
@@ -36,6 +40,10 @@ def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision
         torch.testing.assert_close(ranks[0]["weighting"]["logits"], ranks[1]["weighting"]["logits"], rtol=0, atol=0)
     else:
         assert ranks[0]["weights"] == ranks[1]["weights"]
+    if surgery.startswith("db_mtl"):  # the same averages on every rank, over the experts' coordinates alone
+        averages = ranks[0]["surgery"]["averages"]
+        torch.testing.assert_close(ranks[1]["surgery"]["averages"], averages, rtol=0, atol=0)
+        assert 0 < averages.shape[1] < sum(v.numel() for v in ranks[0]["state"].values())
     assert torch.load(tmp_path / "state.pt", weights_only=True)["loop"]["epoch"] == 4  # saved after epochs 1-4 of 5
     assert (set(ranks[0]["weights"].values()) - {0.0} == {1.0}) == (weighting == "fixed")  # esmm_tasks: cvr weight 0
 

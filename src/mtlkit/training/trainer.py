@@ -8,6 +8,7 @@ early-stopping decision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -78,8 +79,9 @@ class TrainerConfig:
             ``"fairgrad"``, ``"upgrad"``, ``"gradvac"``, ``"db_mtl"``, ``"metabalance"``; :mod:`mtlkit.objectives.gradient_surgery`)
             instead of summing them: one backward pass per task. Works with the weightings that learn nothing from the
             gradients (not ``gradnorm``; ``uncertainty``'s scales learn from its objective as usual, and
-            with ``"imtl"`` make the IMTL paper's hybrid) and in one process (not under torchrun). None:
-            the weighted sum's gradient.
+            with ``"imtl"`` make the IMTL paper's hybrid). Under torchrun each task's gradient is averaged
+            over the replicas (their rows together, as DDP's gradient would be) and every replica runs the
+            same surgery on it. None: the weighted sum's gradient.
         gradient_surgery_options: options of the surgery (``{"alpha": 0.4}`` for ``cagrad``,
             ``{"beta": 0.05, "per_layer": True}`` for ``gradvac``, ``{"main_task": "purchase"}`` for
             ``metabalance``, which needs it).
@@ -411,11 +413,15 @@ class Trainer:
                 self._losses = _compiled(self._forward_losses)
         own = list(self.weighting.parameters())  # learned weights (uncertainty, gradnorm)
         self._weighting_parameters = own
+        # DDP averages the model's gradients alone; weights learned from the objective (uncertainty's) need
+        # the same, or each replica drifts to its own weights. GradNorm averages its own in balance().
+        self._replica_averaged_weighting = own if self.distributed and not self.weighting.balances_gradients else []
         self._surgery = None
+        # Under DDP a surgery takes each task's gradient itself (torch.autograd.grad, which DDP's reducer never
+        # sees) and averages them over the replicas, so the forward must not leave DDP waiting for a backward.
+        self._replica_forward = contextlib.nullcontext
         self._fixed_shared_coordinates: torch.Tensor | None = None  # (P,) bool: scope shared_fixed's, from its first step
         if self.config.gradient_surgery is not None:
-            if self.distributed:
-                raise ConfigError("training.gradient_surgery: not available under torchrun (DDP reduces one gradient per step)")
             if own and self.weighting.balances_gradients:
                 raise ConfigError(f"training.gradient_surgery: weighting {self.config.weighting!r} learns its weights from the "
                                   "tasks' gradients, which the surgery replaces; use a weighting that learns from the "
@@ -435,6 +441,8 @@ class Trainer:
                     raise ConfigError(f"training.gradient_surgery: {self.config.gradient_surgery!r} takes the log of every "
                                       f"task's loss, and task(s) {', '.join(negative)} may have a negative one")
             self._surgery_generator = torch.Generator().manual_seed(self.config.seed)
+            if self.distributed:
+                self._replica_forward = self.train_module.no_sync
         if self.config.weighting_learning_rate is None:
             parameters, groups = list(self.model.parameters()) + own, ()
         elif not own:
@@ -549,15 +557,40 @@ class Trainer:
             return torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(-1)
                               for p, g in zip(parameters, grads)])
 
-        flat = [flat_gradient(term, k < len(terms) - 1 or auxiliary is not None) for k, term in enumerate(terms)]
+        task_grads = torch.stack([flat_gradient(term, k < len(terms) - 1 or auxiliary is not None)
+                                  for k, term in enumerate(terms)]) if terms else None
         stacked_losses = torch.stack([term.detach() for term in terms]) if self._surgery_uses_losses and terms else None
-        combined = (self._combine_task_gradients(torch.stack(flat), tuple(weighted), [p.numel() for p in parameters],
-                                                 stacked_losses) if flat else 0.0)
-        if auxiliary is not None:
-            combined = combined + flat_gradient(auxiliary, False)
+        auxiliary_grad = flat_gradient(auxiliary, False) if auxiliary is not None else None
+        if self.distributed:
+            # Each replica's gradients are of its own rows; their mean is the whole batch's, as DDP's would be, and
+            # every replica then runs the same surgery on the same numbers (its generator seeded alike).
+            task_grads, stacked_losses, auxiliary_grad = (None if t is None else self._replica_mean(t)
+                                                          for t in (task_grads, stacked_losses, auxiliary_grad))
+        combined = (self._combine_task_gradients(task_grads, tuple(weighted), [p.numel() for p in parameters],
+                                                 stacked_losses) if task_grads is not None else 0.0)
+        if auxiliary_grad is not None:
+            combined = combined + auxiliary_grad
         offset = 0
         for p in parameters:
             _set_gradient(p, combined[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def _replica_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s mean over the DDP replicas (every replica passes its own of the same shape)."""
+        tensor = tensor.contiguous()
+        dist.all_reduce(tensor)
+        return tensor.div_(self.world_size)
+
+    def _average_over_replicas(self, parameters: list[torch.Tensor]) -> None:
+        """Replace each parameter's gradient by its mean over the DDP replicas, in one all-reduce (a
+        parameter without a gradient on every replica is left as it is)."""
+        with_grad = [p for p in parameters if p.grad is not None]
+        if not with_grad:
+            return
+        flat = self._replica_mean(torch.cat([p.grad.reshape(-1) for p in with_grad]))
+        offset = 0
+        for p in with_grad:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
     @property
@@ -655,7 +688,8 @@ class Trainer:
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
                     if copy_batches:
                         batch = batch.to(self.device)
-                    total, losses, auxiliary = self._step_objective(batch)
+                    with self._replica_forward():
+                        total, losses, auxiliary = self._step_objective(batch)
                     self._zero_grad()
                     if self._balanced_parameters is not None:
                         self.weighting.balance(losses, self._balanced_parameters)
@@ -663,6 +697,8 @@ class Trainer:
                         total.backward()
                     else:
                         self._surgery_backward(losses, auxiliary)
+                    if self._replica_averaged_weighting:
+                        self._average_over_replicas(self._replica_averaged_weighting)
                     if c.gradient_clip is not None:
                         nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
                     self._optimizer_step()
