@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["results"].append(entry)
             _print_entry(entry)
     report["seconds"] = time.perf_counter() - started
+    report["round_drift"] = round_drift(report["results"])
     report["targets"] = judge(report) if on_cpu else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     _print_summary(report)
     if on_cpu:
         print_verdicts(report["targets"], console)
+    _print_drift(report["round_drift"])
     console.print(f"wrote {out} ({report['seconds']:.0f} s)")
     return report
 
@@ -224,6 +226,41 @@ def _ratios_by_round(ours: list[float], theirs: list[float], windows: int | None
         return []
     return [statistics.median(ours[i : i + windows]) / statistics.median(theirs[i : i + windows])
             for i in range(0, len(ours), windows)]
+
+
+def round_drift(results: list[dict]) -> dict | None:
+    """How far mtlkit's own trainer rate moved between the A B rounds of the run, the host's drift:
+    the same code on the same data, so any change is the machine's. Returns the largest spread,
+    ``max / min - 1`` of the rounds' median rates, with the entry it was seen on and those medians
+    (None with fewer than two rounds)."""
+    worst = None
+    for entry in results:
+        windows = entry.get("windows_per_round")
+        rates = entry["libraries"].get("mtlkit", {}).get("trainer", [])
+        if not windows or len(rates) < 2 * windows or len(rates) % windows:
+            continue
+        medians = [statistics.median(rates[i : i + windows]) for i in range(0, len(rates), windows)]
+        spread = max(medians) / min(medians) - 1
+        if worst is None or spread > worst["spread"]:
+            worst = {"spread": spread, "workload": entry["workload"], "model": entry["model"], "round_medians": medians}
+    return worst
+
+
+# Above this spread between rounds the host, not the code, moves the ratios by more than the targets' margins.
+NOISY_DRIFT = 0.10
+
+
+def _print_drift(drift: dict | None) -> None:
+    if drift is None:
+        return
+    rounds = ", ".join(f"{m:,.0f}/s" for m in drift["round_medians"])
+    line = (f"host drift: mtlkit's own trainer rate moved by up to {100 * drift['spread']:.0f} % between rounds "
+            f"({drift['workload']} {drift['model']}: {rounds})")
+    if drift["spread"] > NOISY_DRIFT:
+        console.print(f"[yellow]{line}; the machine changed speed during the run: where a target's by-round ratios fall "
+                      "on both sides of its line, this run does not decide it (rerun with more --rounds)[/]")
+    else:
+        console.print(line)
 
 
 def _print_entry(entry: dict) -> None:

@@ -1,6 +1,7 @@
 """The benchmark suite runs end to end on a tiny size (timings are not tested: they belong to the suite)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,21 @@ def test_ratios_by_round_pair_each_round_of_the_two_libraries():
     ours, theirs = [10.0, 12.0, 11.0, 30.0, 20.0, 20.0], [5.0, 5.0, 6.0, 10.0, 8.0, 40.0]
     assert _ratios_by_round(ours, theirs, 3) == [11.0 / 5.0, 20.0 / 10.0]
     assert _ratios_by_round(ours, theirs[:3], 3) == []  # a round that failed on one side pairs nothing
+
+
+def test_round_drift_is_mtlkits_own_largest_move_between_rounds():
+    from benchmarks.run import round_drift
+
+    def entry(model, trainer):
+        return {"workload": "W1", "model": model, "windows_per_round": 2, "libraries": {"mtlkit": {"trainer": trainer}}}
+
+    results = [entry("mmoe", [100.0, 110.0, 104.0, 106.0]),  # round medians 105 and 105: no move
+               entry("omoe", [400.0, 420.0, 650.0, 610.0]),  # 410 then 630
+               entry("ple", [50.0, 60.0])]  # one round: nothing to compare
+    drift = round_drift(results)
+    assert drift["model"] == "omoe" and drift["round_medians"] == [410.0, 630.0]
+    assert math.isclose(drift["spread"], 630 / 410 - 1)
+    assert round_drift([entry("ple", [50.0, 60.0])]) is None
 
 
 def test_targets_cover_every_model_a_target_names():
