@@ -40,6 +40,8 @@ def test_torchrun_ddp_with_two_ranks(tmp_path, weighting, port, model, precision
         torch.testing.assert_close(ranks[0]["weighting"]["logits"], ranks[1]["weighting"]["logits"], rtol=0, atol=0)
     else:
         assert ranks[0]["weights"] == ranks[1]["weights"]
+    if weighting == "gradnorm":  # the first step's losses, its reference, averaged over the ranks
+        torch.testing.assert_close(ranks[0]["weighting"]["initial_losses"], ranks[1]["weighting"]["initial_losses"], rtol=0, atol=0)
     if surgery.startswith("db_mtl"):  # the same averages on every rank, over the experts' coordinates alone
         averages = ranks[0]["surgery"]["averages"]
         torch.testing.assert_close(ranks[1]["surgery"]["averages"], averages, rtol=0, atol=0)

@@ -261,7 +261,12 @@ class GradNormWeighting(LossWeighting):
         with torch.no_grad():
             if not self._has_initial_losses:  # a Python flag: no host sync per step after the first
                 if torch.isnan(self.initial_losses).any():  # not restored from a saved state
-                    self.initial_losses.copy_(vector.detach())
+                    initial = vector.detach().clone()
+                    if dist.is_available() and dist.is_initialized():
+                        # One reference on every replica, the one a resumed run restores (rank 0 saves it).
+                        dist.all_reduce(initial)
+                        initial /= dist.get_world_size()
+                    self.initial_losses.copy_(initial)
                 self._has_initial_losses = True
             ratio = vector.detach() / self.initial_losses.clamp_min(torch.finfo(vector.dtype).tiny)
         active = self.base_weights > 0  # a task of weight 0 has no gradient to balance
