@@ -235,6 +235,27 @@ def test_ratios_by_round_pair_each_round_of_the_two_libraries():
     assert _ratios_by_round(ours, theirs[:3], 3) == []  # a round that failed on one side pairs nothing
 
 
+def test_gemm_backends_times_each_gemm_of_the_step_through_both_libraries(tmp_path):
+    from benchmarks.gemm_backends import _onednn_matmul, onednn_available, onednn_version
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    torch.testing.assert_close(_onednn_matmul(a, b), a @ b)
+    stacked_a, stacked_b = torch.randn(2, 5, 7), torch.randn(2, 7, 3).transpose(1, 2).contiguous().transpose(1, 2)
+    products = onednn_version(torch.ops.aten.bmm.default, [stacked_a, stacked_b])()
+    torch.testing.assert_close(torch.stack(products), torch.bmm(stacked_a, stacked_b))
+    assert onednn_version(torch.ops.aten.bmm.default, [a.expand(2, 5, 7), stacked_b]) is None  # expanded along the batch
+    out = tmp_path / "gemm_backends.json"
+    done = run_module("benchmarks.gemm_backends", "--workload", "W2", "--model", "mmoe", "--batch-size", "64",
+                      "--repeats", "1", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert all(g["mkl_ms"] > 0 for g in report["gemms"]) and any(g["op"] == "mm" and g["onednn_ms"] for g in report["gemms"])
+    assert report["faster_of_two_ms"] <= min(report["mkl_ms"], report["onednn_ms"]) + 1e-9
+    assert "the faster of the two for each" in done.stdout
+
+
 def test_round_drift_is_mtlkits_own_largest_move_between_rounds():
     from benchmarks.run import round_drift
 
