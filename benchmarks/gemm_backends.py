@@ -25,18 +25,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.libraries import build_mtlkit
-from benchmarks.machine import GemmRecorder, _best_seconds, matmul_peak_gflops
+from benchmarks.machine import GemmRecorder, _best_seconds, matmul_peaks_gflops, onednn_matmul
 from benchmarks.workloads import WORKLOADS, make_data
-
-
-def onednn_available() -> bool:
-    """Whether this torch build offers oneDNN's linear on the CPU."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` through oneDNN: a linear layer of weight ``b^T`` (``[M, K] @ [K, N] -> [M, N]``)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
 
 
 # A oneDNN call this many times slower than MKL's is timed once, not in rounds.
@@ -54,11 +44,11 @@ def onednn_version(func, operands: list[torch.Tensor]):
     name = func.name().split("::")[-1].split(".")[0]
     a, b = operands[-2:]
     if name in ("mm", "addmm"):
-        return lambda: _onednn_matmul(a, b)
+        return lambda: onednn_matmul(a, b)
     if name in ("bmm", "baddbmm"):
         if a.shape[0] > MAX_BATCH_FOR_ONEDNN or 0 in (a.stride(0), b.stride(0)):
             return None
-        return lambda: [_onednn_matmul(a[i], b[i]) for i in range(a.shape[0])]
+        return lambda: [onednn_matmul(a[i], b[i]) for i in range(a.shape[0])]
     return None
 
 
@@ -76,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="calls per timing round (best of 3 rounds)")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
-    if not onednn_available():
+    from mtlkit.models import cpu_gemm
+
+    if not cpu_gemm._onednn_available():
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     from mtlkit.objectives import FixedWeighting, task_losses
     from mtlkit.training.memory import keep_freed_memory
@@ -94,15 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     step()
     recorder = GemmRecorder()
-    with recorder:
+    with recorder, cpu_gemm.forced_cpu_gemm_library("mkl"):  # aten's GEMMs, as the step's forms run them through MKL
         step()
     calls: dict[tuple, int] = {}
     for func, shapes, strides, _ in recorder.calls:
         calls[(func, shapes, strides)] = calls.get((func, shapes, strides), 0) + 1
 
-    a, b = torch.randn(2048, 512), torch.randn(512, 2048)
-    peaks = {"mkl": matmul_peak_gflops(),
-             "onednn": 2 * 2048 * 512 * 2048 / _best_seconds(lambda: _onednn_matmul(a, b), 10) / 1e9}
+    peaks = matmul_peaks_gflops()
     rows = []
     for (func, shapes, strides), count in calls.items():
         operands = [_operand(s, st) for s, st in zip(shapes, strides)]

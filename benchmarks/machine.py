@@ -47,8 +47,26 @@ def cpu_description() -> str:
     return ", ".join([name, *caches])
 
 
+def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D) through oneDNN, the CPU GEMM library beside MKL in torch's wheel."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+def matmul_peaks_gflops(m: int = 2048, k: int = 512, n: int = 2048) -> dict[str, float]:
+    """The CPU's fp32 matmul peak through each GEMM library torch carries: ``{"mkl": ..., "onednn": ...}``
+    (oneDNN where this build has it). Which is faster depends on the CPU (``mtlkit.models.cpu_gemm``)."""
+    from mtlkit.models import cpu_gemm
+
+    peaks = {"mkl": matmul_peak_gflops(m, k, n)}
+    if cpu_gemm._onednn_available():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        peaks["onednn"] = 2 * m * k * n / _best_seconds(lambda: onednn_matmul(a, b), 10) / 1e9
+    return peaks
+
+
 def matmul_peak_gflops(m: int = 2048, k: int = 512, n: int = 2048, device: str = "cpu") -> float:
-    """fp32 GFLOP/s of a large square-ish matmul (the machine's practical peak) on ``device``."""
+    """fp32 GFLOP/s of a large square-ish matmul (the machine's practical peak) on ``device``
+    (on the CPU through MKL, what ``torch.mm`` runs; :func:`matmul_peaks_gflops` for every library)."""
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
     if torch.device(device).type == "cuda":  # queued kernels: time a synchronised batch of them
         def product() -> None:
@@ -87,23 +105,52 @@ def step_profile(step) -> tuple[float, list[tuple]]:
     """FLOPs of one training step's maths (forward + backward) and the GEMM calls it makes.
 
     The FLOPs are counted with mtlkit's padding of small mixings off (``models/gates.py``): its zero
-    rows are work the code executes, not work the model needs. The GEMM calls are the executed ones.
+    rows are work the code executes, not work the model needs. The GEMM calls are the executed ones,
+    all run through MKL here: the FLOP counter and the recorder see aten's GEMMs only, and oneDNN's
+    calls (``mtlkit.models.cpu_gemm``) compute the same products; :func:`gemm_seconds` then times each
+    in the faster library.
     """
-    from mtlkit.models import gates
+    from mtlkit.models import cpu_gemm, gates
 
     counter = FlopCounterMode(display=False)
-    with counter, mock.patch.object(gates, "_PAD_MIXING_FROM", float("inf")):
+    with counter, mock.patch.object(gates, "_PAD_MIXING_FROM", float("inf")), cpu_gemm.forced_cpu_gemm_library("mkl"):
         step()
     recorder = GemmRecorder()
-    with recorder:
+    with recorder, cpu_gemm.forced_cpu_gemm_library("mkl"):
         step()
     return counter.get_total_flops(), recorder.calls
 
 
+def _single_gemm_shape(func, shapes: tuple, strides: tuple) -> tuple[int, int, int] | None:
+    """``(m, k, n)`` of the one 2-D GEMM that computes the call: itself for ``mm`` / ``addmm``; for a
+    batched call whose first operand is one matrix expanded over the batch (stride 0),
+    ``A @ [B_1 ... B_S]``; None otherwise."""
+    name = func.overloadpacket.__name__
+    a, b = shapes[-2], shapes[-1]
+    if name in ("mm", "addmm"):
+        return a[0], a[1], b[1]
+    if name in ("bmm", "baddbmm") and strides[-2][0] == 0:
+        return a[1], a[2], b[0] * b[2]
+    return None
+
+
 def gemm_seconds(calls: list[tuple]) -> float:
-    """Time of the step's GEMMs alone, each run in isolation at its real shape."""
+    """Time of the step's GEMMs alone, each run in isolation at its real shape, in the fastest form
+    this machine offers: as recorded (MKL), and where the call is one 2-D GEMM (or a batch sharing its
+    first operand, which is one), that GEMM through MKL and through oneDNN (on an AMD EPYC oneDNN ran
+    W2's first layer 1.2-1.3x faster; ``mtlkit.models.cpu_gemm``)."""
+    from mtlkit.models import cpu_gemm
+
     total = 0.0
-    for func, shapes, *_ in calls:
+    for func, shapes, strides, *_ in calls:
         operands = [torch.randn(s) for s in shapes]
-        total += _best_seconds(lambda: func(*operands), 20, rounds=3)
+        seconds = _best_seconds(lambda: func(*operands), 20, rounds=3)
+        single = _single_gemm_shape(func, shapes, strides)
+        if single is not None:
+            a, b = torch.randn(single[:2]), torch.randn(single[1:])
+            if func.overloadpacket.__name__ in ("bmm", "baddbmm"):
+                seconds = min(seconds, _best_seconds(lambda: torch.mm(a, b), 20, rounds=3))
+            if cpu_gemm._onednn_available() and single[0] * single[1] * single[2] >= cpu_gemm._MIN_ONEDNN_WORK:
+                seconds = min(seconds, _best_seconds(lambda: onednn_matmul(a, b), 20, rounds=3))
+        total += seconds
     return total

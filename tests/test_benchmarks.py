@@ -236,12 +236,14 @@ def test_ratios_by_round_pair_each_round_of_the_two_libraries():
 
 
 def test_gemm_backends_times_each_gemm_of_the_step_through_both_libraries(tmp_path):
-    from benchmarks.gemm_backends import _onednn_matmul, onednn_available, onednn_version
+    from benchmarks.gemm_backends import onednn_version
+    from benchmarks.machine import onednn_matmul
+    from mtlkit.models import cpu_gemm
 
-    if not onednn_available():
+    if not cpu_gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN linear")
     a, b = torch.randn(5, 7), torch.randn(7, 3)
-    torch.testing.assert_close(_onednn_matmul(a, b), a @ b)
+    torch.testing.assert_close(onednn_matmul(a, b), a @ b)
     stacked_a, stacked_b = torch.randn(2, 5, 7), torch.randn(2, 7, 3).transpose(1, 2).contiguous().transpose(1, 2)
     products = onednn_version(torch.ops.aten.bmm.default, [stacked_a, stacked_b])()
     torch.testing.assert_close(torch.stack(products), torch.bmm(stacked_a, stacked_b))

@@ -244,3 +244,72 @@ def test_table_rows_gradient_is_index_select_gradient():
     assert torch.equal(ours, theirs)
     double = torch.randn(6, 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: table_rows(t, torch.tensor([0, 5, 5, 2])), (double,))
+
+
+def _fused_stack_results(stack: StackedMLP, x: torch.Tensor) -> list[torch.Tensor]:
+    params = list(stack.parameters())
+    out = stack(x)
+    with torch.inference_mode():
+        inference = stack(x)
+    return [out.detach(), inference, *_grads(out, [x, *params])]
+
+
+def test_onednn_gemms_give_the_stack_mkls_numbers(monkeypatch):
+    """With oneDNN for the large GEMMs (the first layer's forward, its weight and input gradients, the
+    inference GEMM) the fused stack's forward, inference and every gradient equal MKL's to float32
+    rounding, and oneDNN really ran."""
+    from mtlkit.models import cpu_gemm
+
+    if not cpu_gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.manual_seed(0)
+    stack = StackedMLP(8, 271, (64, 32), shared_input=True, activate_last=True)
+    stack.FUSED_MIN_ACTIVATIONS = 0
+    x = torch.randn(512, 271, requires_grad=True)  # 512 x 272 x 520: above oneDNN's minimum work
+    with cpu_gemm.forced_cpu_gemm_library("mkl"):
+        expected = _fused_stack_results(stack, x)
+    decisions = []
+    uses_onednn = cpu_gemm.uses_onednn
+    monkeypatch.setattr(cpu_gemm, "uses_onednn", lambda a, b: decisions.append(uses_onednn(a, b)) or decisions[-1])
+    with cpu_gemm.forced_cpu_gemm_library("onednn"):
+        got = _fused_stack_results(stack, x)
+    # The forward, the weight gradient (asked before the choice of form, then in its matmul), the input
+    # gradient and the inference GEMM.
+    assert decisions == [True] * 5
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gemm_library_is_fixed_per_machine_and_forced_by_name(monkeypatch):
+    from mtlkit import ConfigError
+    from mtlkit.models import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "_onednn_available", lambda: True)
+    for vendor, expected in (("AuthenticAMD", "onednn"), ("GenuineIntel", "mkl"), ("", "mkl")):
+        monkeypatch.setattr(cpu_gemm, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.delenv("MTLKIT_CPU_GEMM", raising=False)
+        assert cpu_gemm.cpu_gemm_library() == expected
+        monkeypatch.setenv("MTLKIT_CPU_GEMM", "mkl")
+        assert cpu_gemm.cpu_gemm_library() == "mkl"
+        with cpu_gemm.forced_cpu_gemm_library("onednn"):
+            assert cpu_gemm.cpu_gemm_library() == "onednn"
+    monkeypatch.setattr(cpu_gemm, "_onednn_available", lambda: False)
+    with cpu_gemm.forced_cpu_gemm_library("onednn"):
+        assert cpu_gemm.cpu_gemm_library() == "mkl"  # a torch without oneDNN keeps MKL
+    monkeypatch.setenv("MTLKIT_CPU_GEMM", "blas")
+    with pytest.raises(ConfigError, match=r"MTLKIT_CPU_GEMM: expected one of \['auto', 'mkl', 'onednn'\], got 'blas'"):
+        cpu_gemm.cpu_gemm_library()
+
+
+def test_onednn_gets_plain_large_float32_matrices_only():
+    from mtlkit.models import cpu_gemm
+
+    big, wide = torch.randn(1024, 272), torch.randn(272, 2056)
+    with cpu_gemm.forced_cpu_gemm_library("onednn"):
+        assert cpu_gemm.uses_onednn(big, wide) == cpu_gemm._onednn_available()
+        assert not cpu_gemm.uses_onednn(big, torch.randn(272, 4112)[:, :2056])  # a slice out of wider rows
+        assert not cpu_gemm.uses_onednn(big[:8], wide[:, :8].contiguous())  # too little work
+        assert not cpu_gemm.uses_onednn(big.double(), wide.double())
+    with cpu_gemm.forced_cpu_gemm_library("mkl"):
+        assert not cpu_gemm.uses_onednn(big, wide)
+        torch.testing.assert_close(cpu_gemm.matmul(big, wide), big @ wide)

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from mtlkit.models import cpu_gemm
+
 __all__ = ["stacked_relu_mlp"]
 
 
@@ -116,12 +118,16 @@ class _StackedReluMLP(torch.autograd.Function):
             if i == 0 and group_sizes is not None:
                 # Stacks reading one input (all of them, or a run of them) share one GEMM.
                 width = bias.shape[1] + extend
-                out = x.new_empty(batch, num_stacks, width)
-                flat_out, start = out.view(batch, -1), 0
-                for g, size in enumerate(group_sizes):
-                    first_inputs.append(_with_ones_column(x if shared else x[:, g]))
-                    torch.mm(first_inputs[-1], first_matrices[g], out=flat_out[:, start * width : (start + size) * width])
-                    start += size
+                if len(group_sizes) == 1:  # one GEMM writes the whole layer, through the machine's library
+                    first_inputs.append(_with_ones_column(x if shared else x[:, 0]))
+                    out = cpu_gemm.matmul(first_inputs[-1], first_matrices[0]).view(batch, num_stacks, width)
+                else:
+                    out = x.new_empty(batch, num_stacks, width)
+                    flat_out, start = out.view(batch, -1), 0
+                    for g, size in enumerate(group_sizes):
+                        first_inputs.append(_with_ones_column(x[:, g]))
+                        torch.mm(first_inputs[-1], first_matrices[g], out=flat_out[:, start * width : (start + size) * width])
+                        start += size
             elif i == 0:
                 bias = torch.cat([bias, bias.new_ones(num_stacks, 1)], dim=1) if extend else bias
                 out = torch.baddbmm(bias.unsqueeze(1), x.transpose(0, 1), matrices[0]).transpose(0, 1)
@@ -230,7 +236,14 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
     for g, size in enumerate(group_sizes):
         part = flat[:, start * width : (start + size) * width]
         if needs_params:
-            if shared:
+            if shared and cpu_gemm.uses_onednn(first_inputs[g].t(), part):
+                # oneDNN has no call for the per-stack form below: one GEMM over every column, the
+                # constant columns then dropped in a 2.2 MB copy (W2 MMoE on an AMD EPYC: 13.7 ms
+                # against 17.3 through MKL; docs/performance-log.md, round 33).
+                full = cpu_gemm.matmul(first_inputs[g].t(), part).view(in_features + 1, size, width)
+                both = full[:, :, :out].contiguous()
+                grad_weight, grad_bias = both[:-1].view(in_features, -1), both[-1]
+            elif shared:
                 # One GEMM per stack, written straight into the parameters' [in (+ 1), S * out] layout
                 # and skipping the constant columns: one mm over all columns needs its result copied
                 # out (W2's first layer: the bmm as fast as that mm, and no 2.2 MB copy).
@@ -245,7 +258,7 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
         if needs_input:
             matrix = first_matrices[g]
             if aligned:
-                product = torch.mm(part, matrix.t())[:, :-1]
+                product = cpu_gemm.matmul(part, matrix.t())[:, :-1]
                 if shared:
                     grad_x = product
                 else:
@@ -266,7 +279,7 @@ def _forward_without_grad(x: torch.Tensor, weights, biases, activate_last: bool,
     h = None  # stack-major (S, B, width), any strides
     for i, (weight, bias) in enumerate(zip(weights, biases)):
         if i == 0 and x.dim() == 2:
-            out = torch.mm(x, weight)  # [B, S * out]
+            out = cpu_gemm.matmul(x, weight)  # [B, S * out]
             bias = bias.view(-1)
         elif i == 0 and group_sizes is not None:
             out = x.new_empty(num_stacks, batch, bias.shape[1])
