@@ -313,3 +313,20 @@ def test_onednn_gets_plain_large_float32_matrices_only():
     with cpu_gemm.forced_cpu_gemm_library("mkl"):
         assert not cpu_gemm.uses_onednn(big, wide)
         torch.testing.assert_close(cpu_gemm.matmul(big, wide), big @ wide)
+
+
+def test_a_traced_graph_keeps_atens_gemm():
+    """Under torch.export (and compile) the stack's GEMMs stay aten's, whatever the library: no guard on
+    the dynamic batch size, and the exported program serves where oneDNN is absent."""
+    from mtlkit.models import cpu_gemm
+
+    torch.manual_seed(0)
+    stack = StackedMLP(8, 271, (64,), shared_input=True, activate_last=True).eval()
+    stack.FUSED_MIN_ACTIVATIONS = 0
+    x = torch.randn(512, 271)
+    with cpu_gemm.forced_cpu_gemm_library("onednn"), torch.no_grad():
+        program = torch.export.export(stack, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
+        expected = stack(x)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in target for target in targets) and any("mm" in target for target in targets)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)

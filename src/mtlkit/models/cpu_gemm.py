@@ -82,7 +82,11 @@ def _plain_matrix(t: torch.Tensor) -> bool:
 
 
 def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether :func:`matmul` runs ``a @ b`` through oneDNN."""
+    """Whether :func:`matmul` runs ``a @ b`` through oneDNN: never in a graph being traced (compile,
+    ``torch.export``), which keeps aten's GEMM (no guard on a dynamic batch size, and an exported
+    program that serves anywhere)."""
+    if torch.compiler.is_compiling():
+        return False
     return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 2
             and a.shape[0] * a.shape[1] * b.shape[1] >= _MIN_ONEDNN_WORK and _plain_matrix(a) and _plain_matrix(b)
             and cpu_gemm_library() == "onednn")
