@@ -238,8 +238,8 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
         if needs_params:
             if shared and cpu_gemm.uses_onednn(first_inputs[g].t(), part):
                 # oneDNN has no call for the per-stack form below: one GEMM over every column, the
-                # constant columns then dropped in a 2.2 MB copy (W2 MMoE on an AMD EPYC: 13.7 ms
-                # against 17.3 through MKL; docs/performance-log.md, round 33).
+                # constant columns then dropped in a 2.2 MB copy (W2 MMoE on an AMD EPYC: 12.3 ms
+                # against 13.7 for the bmm below through MKL, timed together; performance log, round 33).
                 full = cpu_gemm.matmul(first_inputs[g].t(), part).view(in_features + 1, size, width)
                 both = full[:, :, :out].contiguous()
                 grad_weight, grad_bias = both[:-1].view(in_features, -1), both[-1]
