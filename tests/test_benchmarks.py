@@ -258,6 +258,18 @@ def test_gemm_backends_times_each_gemm_of_the_step_through_both_libraries(tmp_pa
     assert "the faster of the two for each" in done.stdout
 
 
+def test_the_gemm_bound_times_a_batch_sharing_its_first_operand_as_one_gemm():
+    from benchmarks.machine import _single_gemm_shape
+
+    aten = torch.ops.aten
+    assert _single_gemm_shape(aten.mm.default, ((2048, 272), (272, 2056)), ((272, 1), (2056, 1))) == (2048, 272, 2056)
+    assert _single_gemm_shape(aten.addmm.default, ((16, 1), (16, 271), (271, 2048)), ((1, 1), (271, 1), (2048, 1))) == (16, 271, 2048)
+    # W2's first-layer weight gradient: X^T expanded over 8 stacks (stride 0), so X^T @ [G_1 ... G_8]
+    shared = ((8, 272, 2048), (8, 2048, 256))
+    assert _single_gemm_shape(aten.bmm.default, shared, ((0, 1, 272), (257, 2056, 1))) == (272, 2048, 8 * 256)
+    assert _single_gemm_shape(aten.bmm.default, shared, ((557056, 2048, 1), (524288, 256, 1))) is None
+
+
 def test_round_drift_is_mtlkits_own_largest_move_between_rounds():
     from benchmarks.run import round_drift
 
