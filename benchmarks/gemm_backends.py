@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.libraries import build_mtlkit
-from benchmarks.machine import GemmRecorder, _best_seconds, matmul_peaks_gflops, onednn_matmul
+from benchmarks.machine import GemmRecorder, _best_seconds, matmul_peaks_gflops
 from benchmarks.workloads import WORKLOADS, make_data
+from mtlkit.models import cpu_gemm
 
 
 # A oneDNN call this many times slower than MKL's is timed once, not in rounds.
@@ -41,14 +42,14 @@ def onednn_version(func, operands: list[torch.Tensor]):
     ``addmm`` / ``baddbmm`` forms: the GEMM alone), or None where there is no fair call: a form it
     has none for, a batch of more than ``MAX_BATCH_FOR_ONEDNN`` entries, or an operand expanded
     along the batch (stride 0), which oneDNN reorders per entry and ran 1,000 times slower."""
-    name = func.name().split("::")[-1].split(".")[0]
+    name = func.overloadpacket.__name__
     a, b = operands[-2:]
     if name in ("mm", "addmm"):
-        return lambda: onednn_matmul(a, b)
+        return lambda: cpu_gemm.onednn_matmul(a, b)
     if name in ("bmm", "baddbmm"):
         if a.shape[0] > MAX_BATCH_FOR_ONEDNN or 0 in (a.stride(0), b.stride(0)):
             return None
-        return lambda: [onednn_matmul(a[i], b[i]) for i in range(a.shape[0])]
+        return lambda: [cpu_gemm.onednn_matmul(a[i], b[i]) for i in range(a.shape[0])]
     return None
 
 
@@ -66,8 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="calls per timing round (best of 3 rounds)")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
-    from mtlkit.models import cpu_gemm
-
     if not cpu_gemm._onednn_available():
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     from mtlkit.objectives import FixedWeighting, task_losses

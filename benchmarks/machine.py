@@ -47,11 +47,6 @@ def cpu_description() -> str:
     return ", ".join([name, *caches])
 
 
-def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-D) through oneDNN, the CPU GEMM library beside MKL in torch's wheel."""
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-
-
 def matmul_peaks_gflops(m: int = 2048, k: int = 512, n: int = 2048) -> dict[str, float]:
     """The CPU's fp32 matmul peak through each GEMM library torch carries: ``{"mkl": ..., "onednn": ...}``
     (oneDNN where this build has it). Which is faster depends on the CPU (``mtlkit.models.cpu_gemm``)."""
@@ -60,7 +55,7 @@ def matmul_peaks_gflops(m: int = 2048, k: int = 512, n: int = 2048) -> dict[str,
     peaks = {"mkl": matmul_peak_gflops(m, k, n)}
     if cpu_gemm._onednn_available():
         a, b = torch.randn(m, k), torch.randn(k, n)
-        peaks["onednn"] = 2 * m * k * n / _best_seconds(lambda: onednn_matmul(a, b), 10) / 1e9
+        peaks["onednn"] = 2 * m * k * n / _best_seconds(lambda: cpu_gemm.onednn_matmul(a, b), 10) / 1e9
     return peaks
 
 
@@ -151,6 +146,6 @@ def gemm_seconds(calls: list[tuple]) -> float:
             if func.overloadpacket.__name__ in ("bmm", "baddbmm"):
                 seconds = min(seconds, _best_seconds(lambda: torch.mm(a, b), 20, rounds=3))
             if cpu_gemm._onednn_available() and single[0] * single[1] * single[2] >= cpu_gemm._MIN_ONEDNN_WORK:
-                seconds = min(seconds, _best_seconds(lambda: onednn_matmul(a, b), 20, rounds=3))
+                seconds = min(seconds, _best_seconds(lambda: cpu_gemm.onednn_matmul(a, b), 20, rounds=3))
         total += seconds
     return total

@@ -237,8 +237,8 @@ def test_ratios_by_round_pair_each_round_of_the_two_libraries():
 
 def test_gemm_backends_times_each_gemm_of_the_step_through_both_libraries(tmp_path):
     from benchmarks.gemm_backends import onednn_version
-    from benchmarks.machine import onednn_matmul
     from mtlkit.models import cpu_gemm
+    from mtlkit.models.cpu_gemm import onednn_matmul
 
     if not cpu_gemm._onednn_available():
         pytest.skip("this torch build has no oneDNN linear")

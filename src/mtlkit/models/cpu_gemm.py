@@ -26,7 +26,7 @@ import torch
 
 from mtlkit.errors import ConfigError
 
-__all__ = ["CPU_GEMM_LIBRARIES", "cpu_gemm_library", "forced_cpu_gemm_library", "matmul", "uses_onednn"]
+__all__ = ["CPU_GEMM_LIBRARIES", "cpu_gemm_library", "forced_cpu_gemm_library", "matmul", "onednn_matmul", "uses_onednn"]
 
 CPU_GEMM_LIBRARIES = ("auto", "mkl", "onednn")
 # Below this many multiply-adds (m * k * n) a GEMM stays with MKL: W2's large GEMMs are about 10^9.
@@ -92,9 +92,12 @@ def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
             and cpu_gemm_library() == "onednn")
 
 
+def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D) through oneDNN, whatever the process's library: a linear layer of weight
+    ``b^T``, ``[M, K] @ ([N, K])^T``."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (``[M, K] @ [K, N] -> [M, N]``, a new contiguous tensor) through this process's library."""
-    if uses_onednn(a, b):
-        # A linear layer of weight b^T: [M, K] @ ([N, K])^T.
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return torch.mm(a, b)
+    return onednn_matmul(a, b) if uses_onednn(a, b) else torch.mm(a, b)
