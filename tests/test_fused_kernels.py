@@ -280,6 +280,70 @@ def test_onednn_gemms_give_the_stack_mkls_numbers(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("input_kind", ["shared", "grouped", "per_stack"])
+def test_onednn_batched_and_sliced_gemms_give_the_stack_mkls_numbers(monkeypatch, input_kind):
+    """With every GEMM oneDNN can take sent to it (its size floor lifted), also the batched layers (one
+    call per stack, written into place by the ReLU, its gradient mask or the bias) and a grouped first
+    layer writing column slices, the fused stack's forward, inference and every gradient equal MKL's
+    to float32 rounding, and oneDNN ran once per stack of each batched GEMM."""
+    from mtlkit.models import cpu_gemm
+
+    if not cpu_gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(cpu_gemm, "_MIN_ONEDNN_WORK", 0)
+    torch.manual_seed(0)
+    num_stacks, batch, width, hidden = 6, 64, 20, (24, 16, 12)
+    stack = StackedMLP(num_stacks, width, hidden, shared_input=input_kind == "shared", activate_last=True)
+    groups = (2, 3, 1) if input_kind == "grouped" else None
+    shape = {"shared": (batch, width), "grouped": (batch, len(groups or ()), width), "per_stack": (batch, num_stacks, width)}[input_kind]
+    x = torch.randn(shape, requires_grad=True)
+    params = list(stack.parameters())
+
+    def results() -> list[torch.Tensor]:
+        out = stack.fused_forward(x, groups)
+        with torch.inference_mode():
+            inference = stack.fused_forward(x, groups)
+        return [out.detach(), inference, *_grads(out, [x, *params])]
+
+    with cpu_gemm.forced_cpu_gemm_library("mkl"):
+        expected = results()
+    calls = []
+    onednn_matmul = cpu_gemm.onednn_matmul
+    monkeypatch.setattr(cpu_gemm, "onednn_matmul", lambda a, b: calls.append(a.shape) or onednn_matmul(a, b))
+    with cpu_gemm.forced_cpu_gemm_library("onednn"):
+        got = results()
+    # Two batched layers, each run forward, backward into its input and at inference: 3 x 2 x 6 calls at
+    # least, besides the first layer's.
+    assert len(calls) >= 6 * num_stacks
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_into_writes_through_the_pointwise_pass_under_both_libraries(monkeypatch):
+    """``matmul_into`` / ``bmm_into`` give ``pointwise(a @ b)`` in the caller's (strided) output under
+    either library, the pass told which batch entry it writes (None: the whole output)."""
+    from mtlkit.models import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "_MIN_ONEDNN_WORK", 0)
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 32, 10), torch.randn(4, 10, 7)
+    offsets = torch.arange(4.0).view(4, 1, 1)
+
+    def add_offset(src, dst, entry):
+        torch.add(src, offsets if entry is None else offsets[entry], out=dst)
+
+    for library in ("mkl", "onednn"):
+        with cpu_gemm.forced_cpu_gemm_library(library):
+            wide = torch.zeros(32, 4, 9)
+            cpu_gemm.bmm_into(a, b, wide[:, :, :7].transpose(0, 1), add_offset)
+            torch.testing.assert_close(wide[:, :, :7].transpose(0, 1), a @ b + offsets)
+            assert torch.equal(wide[:, :, 7:], torch.zeros(32, 4, 2))
+            columns = torch.zeros(32, 20)
+            cpu_gemm.matmul_into(a[0], b[0], columns[:, 5:12])
+            torch.testing.assert_close(columns[:, 5:12], a[0] @ b[0])
+            assert columns[:, :5].abs().sum() == 0 and columns[:, 12:].abs().sum() == 0
+
+
 def test_cpu_gemm_library_is_fixed_per_machine_and_forced_by_name(monkeypatch):
     from mtlkit import ConfigError
     from mtlkit.models import cpu_gemm
@@ -307,7 +371,13 @@ def test_onednn_gets_plain_large_float32_matrices_only():
     big, wide = torch.randn(1024, 272), torch.randn(272, 2056)
     with cpu_gemm.forced_cpu_gemm_library("onednn"):
         assert cpu_gemm.uses_onednn(big, wide) == cpu_gemm._onednn_available()
-        assert not cpu_gemm.uses_onednn(big, torch.randn(272, 4112)[:, :2056])  # a slice out of wider rows
+        assert not cpu_gemm.uses_onednn(big, torch.randn(272, 4112)[:, :2056])  # a second operand out of wider rows
+        rows = torch.randn(1024, 544)[:, :272]
+        assert cpu_gemm.uses_onednn(rows, wide) == cpu_gemm._onednn_available()  # a first one is fine
+        assert not cpu_gemm.uses_onednn(torch.randn(2056, 544)[:, :272].t(), big.t())  # transposed out of wider rows
+        assert cpu_gemm.uses_onednn_batched(rows.expand(8, -1, -1), torch.randn(272, 512).expand(8, -1, -1)) == cpu_gemm._onednn_available()
+        assert not cpu_gemm.uses_onednn_batched(rows[:2].expand(100, -1, -1), wide.expand(100, -1, -1))  # too many entries
+        assert not cpu_gemm.uses_onednn_batched(rows[:8].expand(8, -1, -1), wide.expand(8, -1, -1))  # too little work each
         assert not cpu_gemm.uses_onednn(big[:8], wide[:, :8].contiguous())  # too little work
         assert not cpu_gemm.uses_onednn(big.double(), wide.double())
     with cpu_gemm.forced_cpu_gemm_library("mkl"):

@@ -10,9 +10,16 @@ different orders.
 The library is chosen once per process, by the CPU's vendor, never by timing each run: a seeded run
 then gives the same numbers on every run of one machine. ``MTLKIT_CPU_GEMM=mkl`` or ``onednn``
 forces one (``auto``, the default: oneDNN on AMD CPUs, MKL elsewhere). oneDNN gets only the GEMMs
-it is fast on: fp32 CPU matrices large enough that its call overhead does not show, each operand a
-contiguous matrix or the transpose of one (a slice out of wider rows sent it to a path 700 times
-slower than MKL's).
+it is fast on: fp32 CPU matrices large enough that its call overhead does not show, the second
+operand a contiguous matrix or the transpose of one, the first one too or rows out of wider rows (a
+second operand sliced out of wider rows, or a first one transposed out of them, sent it to a path 700
+times slower than MKL's).
+
+oneDNN takes one matrix per call, so a batched GEMM becomes one call per batch entry, each writing a
+new matrix. :func:`matmul_into` and :func:`bmm_into` place those into the caller's output through a
+``pointwise`` pass of the caller's (a ReLU, a ReLU's gradient mask, a bias), which the caller makes
+anyway: the copy rides on it. On a Zen 5 EPYC oneDNN ran an 8-expert ``[2048, 257] @ [257, 128]``
+layer this way, ReLU included, in 3.6 ms against MKL's 7.4 (performance log, round 34).
 """
 
 from __future__ import annotations
@@ -21,16 +28,20 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mtlkit.errors import ConfigError
 
-__all__ = ["CPU_GEMM_LIBRARIES", "cpu_gemm_library", "forced_cpu_gemm_library", "matmul", "onednn_matmul", "uses_onednn"]
+__all__ = ["CPU_GEMM_LIBRARIES", "Pointwise", "bmm_into", "cpu_gemm_library", "forced_cpu_gemm_library", "matmul", "matmul_into",
+           "onednn_matmul", "uses_onednn", "uses_onednn_batched"]
 
 CPU_GEMM_LIBRARIES = ("auto", "mkl", "onednn")
 # Below this many multiply-adds (m * k * n) a GEMM stays with MKL: W2's large GEMMs are about 10^9.
 _MIN_ONEDNN_WORK = 1 << 26
+# A batched GEMM of more entries than this (the mixing's small product per row) stays one MKL call.
+_MAX_ONEDNN_BATCH = 64
 _forced: str | None = None
 
 
@@ -75,20 +86,35 @@ def forced_cpu_gemm_library(name: str):
         _forced = before
 
 
-def _plain_matrix(t: torch.Tensor) -> bool:
-    """A contiguous matrix or the transpose of one."""
+def _readable(t: torch.Tensor, first: bool) -> bool:
+    """Whether oneDNN reads ``t`` on its fast path: a contiguous matrix or the transpose of one, or, as
+    a first operand, rows out of wider rows."""
     rows, cols = t.shape
-    return t.stride() in ((cols, 1), (1, rows))
+    strides = t.stride()
+    return strides in ((cols, 1), (1, rows)) or (first and strides[1] == 1 and strides[0] >= cols)
+
+
+def _fits_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a @ b`` (2-D) is float32 on the CPU, large enough and laid out for oneDNN's fast path."""
+    return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+            and a.shape[0] * a.shape[1] * b.shape[1] >= _MIN_ONEDNN_WORK and _readable(a, True) and _readable(b, False))
 
 
 def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether :func:`matmul` runs ``a @ b`` through oneDNN: never in a graph being traced (compile,
-    ``torch.export``), which keeps aten's GEMM (no guard on a dynamic batch size, and an exported
-    program that serves anywhere)."""
+    """Whether :func:`matmul` runs ``a @ b`` (2-D) through oneDNN: never in a graph being traced
+    (compile, ``torch.export``), which keeps aten's GEMM (no guard on a dynamic batch size, and an
+    exported program that serves anywhere)."""
     if torch.compiler.is_compiling():
         return False
-    return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.dim() == b.dim() == 2
-            and a.shape[0] * a.shape[1] * b.shape[1] >= _MIN_ONEDNN_WORK and _plain_matrix(a) and _plain_matrix(b)
+    return a.dim() == b.dim() == 2 and _fits_onednn(a, b) and cpu_gemm_library() == "onednn"
+
+
+def uses_onednn_batched(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether :func:`bmm_into` runs ``a @ b`` (3-D) as one oneDNN call per batch entry: each entry as
+    :func:`uses_onednn` would take it, and at most a few dozen entries."""
+    if torch.compiler.is_compiling():
+        return False
+    return (a.dim() == b.dim() == 3 and 0 < a.shape[0] <= _MAX_ONEDNN_BATCH and _fits_onednn(a[0], b[0])
             and cpu_gemm_library() == "onednn")
 
 
@@ -101,3 +127,43 @@ def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (``[M, K] @ [K, N] -> [M, N]``, a new contiguous tensor) through this process's library."""
     return onednn_matmul(a, b) if uses_onednn(a, b) else torch.mm(a, b)
+
+
+Pointwise = Callable[[torch.Tensor, torch.Tensor, "int | None"], object]
+"""``pointwise(src, dst, entry)`` writes an elementwise function of ``src`` into ``dst`` (``src`` may
+be ``dst``): ``entry`` is the batch index of ``dst`` in a batched output, or None when ``dst`` is the
+whole output, so the caller can pick the matching slice of any other operand (a mask, a bias)."""
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pointwise: Pointwise | None = None) -> torch.Tensor:
+    """``out = pointwise(a @ b)`` (2-D; ``out`` any view, a column slice say) through this process's
+    library; without ``pointwise`` the product itself. Returns ``out``."""
+    if uses_onednn(a, b):
+        product = onednn_matmul(a, b)
+        if pointwise:
+            pointwise(product, out, None)
+        else:
+            out.copy_(product)
+    else:
+        torch.mm(a, b, out=out)
+        if pointwise:
+            pointwise(out, out, None)
+    return out
+
+
+def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pointwise: Pointwise | None = None) -> torch.Tensor:
+    """``out = pointwise(a @ b)`` batched (``[S, M, K] @ [S, K, N] -> [S, M, N]``, any strides): one MKL
+    ``bmm`` and then ``pointwise`` over the whole output, or one oneDNN GEMM per entry, each written
+    into place by ``pointwise`` (module docstring). Returns ``out``."""
+    if uses_onednn_batched(a, b):
+        for entry in range(a.shape[0]):
+            product = onednn_matmul(a[entry], b[entry])
+            if pointwise:
+                pointwise(product, out[entry], entry)
+            else:
+                out[entry].copy_(product)
+    else:
+        torch.bmm(a, b, out=out)
+        if pointwise:
+            pointwise(out, out, None)
+    return out

@@ -48,6 +48,33 @@ def _add_relu_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._add_relu_(out, bias)
 
 
+def _relu_into(src: torch.Tensor, dst: torch.Tensor, entry: int | None = None) -> None:
+    """``dst = relu(src)`` (a :data:`~mtlkit.models.cpu_gemm.Pointwise`)."""
+    torch.clamp_min(src, 0, out=dst)
+
+
+def _relu_mask_into(activated: torch.Tensor) -> cpu_gemm.Pointwise:
+    """The pointwise ``dst = src * (activated > 0)``: a gradient through the ReLU whose output is
+    ``activated`` (the whole batched output's, sliced per entry)."""
+    def write(src: torch.Tensor, dst: torch.Tensor, entry: int | None) -> None:
+        torch.ops.aten.threshold_backward.grad_input(src, activated if entry is None else activated[entry], 0, grad_input=dst)
+    return write
+
+
+def _bias_into(bias: torch.Tensor, relu: bool) -> cpu_gemm.Pointwise:
+    """The pointwise ``dst = src + bias``, then the ReLU if ``relu``, in one pass (``bias`` broadcast to
+    the whole output's shape, sliced per entry)."""
+    def write(src: torch.Tensor, dst: torch.Tensor, entry: int | None) -> None:
+        entry_bias = bias if entry is None else bias[entry]
+        if relu and src is dst:  # the in-place form, which torch.export also traces
+            _add_relu_(dst, entry_bias)
+        elif relu:
+            torch.ops.aten._add_relu.out(src, entry_bias, out=dst)
+        else:
+            torch.add(src, entry_bias, out=dst)
+    return write
+
+
 def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
     """``[x, 1]``: the bias becomes one more row of the weight, so one GEMM does both."""
     return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
@@ -115,26 +142,33 @@ class _StackedReluMLP(torch.autograd.Function):
         h = x
         for i, bias in enumerate(biases):
             extend = i < num_layers - 1
+            relu = extend or activate_last
+            # Where the GEMM's result is written into place, the ReLU is that write.
+            write = _relu_into if relu else None
             if i == 0 and group_sizes is not None:
                 # Stacks reading one input (all of them, or a run of them) share one GEMM.
                 width = bias.shape[1] + extend
                 if len(group_sizes) == 1:  # one GEMM writes the whole layer, through the machine's library
                     first_inputs.append(_with_ones_column(x if shared else x[:, 0]))
                     out = cpu_gemm.matmul(first_inputs[-1], first_matrices[0]).view(batch, num_stacks, width)
+                    if relu:
+                        out.relu_()
                 else:
                     out = x.new_empty(batch, num_stacks, width)
                     flat_out, start = out.view(batch, -1), 0
                     for g, size in enumerate(group_sizes):
                         first_inputs.append(_with_ones_column(x[:, g]))
-                        torch.mm(first_inputs[-1], first_matrices[g], out=flat_out[:, start * width : (start + size) * width])
+                        columns = flat_out[:, start * width : (start + size) * width]
+                        cpu_gemm.matmul_into(first_inputs[-1], first_matrices[g], columns, write)
                         start += size
             elif i == 0:
                 bias = torch.cat([bias, bias.new_ones(num_stacks, 1)], dim=1) if extend else bias
                 out = torch.baddbmm(bias.unsqueeze(1), x.transpose(0, 1), matrices[0]).transpose(0, 1)
+                if relu:
+                    out.relu_()
             else:
-                out = torch.bmm(h.transpose(0, 1), matrices[i - (group_sizes is not None)]).transpose(0, 1)
-            if extend or activate_last:
-                out.relu_()
+                matrix = matrices[i - (group_sizes is not None)]
+                out = cpu_gemm.bmm_into(h.transpose(0, 1), matrix, x.new_empty(num_stacks, batch, matrix.shape[2]), write).transpose(0, 1)
             activations.append(out)
             h = out
         ctx.group_sizes, ctx.activate_last, ctx.num_layers = group_sizes, activate_last, num_layers
@@ -158,22 +192,21 @@ class _StackedReluMLP(torch.autograd.Function):
         # A batched layer's gradient is kept stack-major, [S, B, out] contiguous, which its two
         # batched GEMMs read fastest; a first layer of GEMMs on shared inputs reads it batch-major.
         grad = grad_out  # [B, S, out (+ 1)], any layout, read-only unless owned
+        # owned: ``grad`` is a buffer of this function's, written by the layer above with this layer's
+        # ReLU mask already applied (every layer below the last has a ReLU).
         owned = False
         for i in range(num_layers - 1, -1, -1):
             relu = i < num_layers - 1 or ctx.activate_last
             extend = i < num_layers - 1
             out = activations[i].shape[2] - extend  # this layer's real width
             if i == 0 and group_sizes is not None:
-                if relu:
-                    grad = _relu_grad_(grad, activations[0]) if owned else torch.ops.aten.threshold_backward(grad, activations[0], 0)
+                if relu and not owned:
+                    grad = torch.ops.aten.threshold_backward(grad, activations[0], 0)
                 grad_x, grads[0], grads[1] = _grouped_first_layer_backward(
                     grad, first_inputs, first_matrices, group_sizes, ctx.input_shape, out, needs[0], needs[3] or needs[4])
                 break
             stacked = grad.transpose(0, 1)
-            if owned:
-                if relu:
-                    _relu_grad_(stacked, activations[i].transpose(0, 1))
-            else:
+            if not owned:
                 # Move into a stack-major buffer of our own, with the ReLU mask applied on the way.
                 moved = torch.empty(stacked.shape, dtype=grad.dtype, device=grad.device)
                 if relu:
@@ -202,8 +235,10 @@ class _StackedReluMLP(torch.autograd.Function):
             else:
                 below_grad = torch.empty(num_stacks, batch, width, dtype=grad.dtype, device=grad.device).transpose(0, 1)
             weight_rows = width - (i > 0)
-            # Only the weight rows: the constant column's gradient is not the model's, it is zero.
-            torch.bmm(stacked, matrix[:, :weight_rows].transpose(1, 2), out=below_grad[:, :, :weight_rows].transpose(0, 1))
+            # Only the weight rows: the constant column's gradient is not the model's, it is zero. The
+            # layer below's ReLU mask is applied as the product is written.
+            mask = _relu_mask_into(activations[i - 1][:, :, :weight_rows].transpose(0, 1)) if i > 0 else None
+            cpu_gemm.bmm_into(stacked, matrix[:, :weight_rows].transpose(1, 2), below_grad[:, :, :weight_rows].transpose(0, 1), mask)
             if i > 0:
                 below_grad[:, :, weight_rows].zero_()
             if i == 0:
@@ -264,7 +299,7 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
                 else:
                     grad_x[:, g] = product
             else:
-                torch.mm(part, matrix[:-1].t(), out=grad_x if shared else grad_x[:, g])
+                cpu_gemm.matmul_into(part, matrix[:-1].t(), grad_x if shared else grad_x[:, g])
         start += size
     return grad_x, grad_weight, grad_bias
 
@@ -278,28 +313,26 @@ def _forward_without_grad(x: torch.Tensor, weights, biases, activate_last: bool,
     num_stacks = biases[0].shape[0]
     h = None  # stack-major (S, B, width), any strides
     for i, (weight, bias) in enumerate(zip(weights, biases)):
+        relu = i < num_layers - 1 or activate_last
+        # addmm / baddbmm would first copy the bias into every row of the output and then have the GEMM
+        # read it back: W2's first layer (2048 x 2048) spent 0.3 ms on that on the Intel host.
         if i == 0 and x.dim() == 2:
             out = cpu_gemm.matmul(x, weight)  # [B, S * out]
-            bias = bias.view(-1)
-        elif i == 0 and group_sizes is not None:
-            out = x.new_empty(num_stacks, batch, bias.shape[1])
-            bias = bias.unsqueeze(1)
+            _bias_into(bias.view(-1), relu)(out, out, None)
+            h = out.view(batch, num_stacks, -1).transpose(0, 1)
+            continue
+        out = x.new_empty(num_stacks, batch, bias.shape[1])
+        if i == 0 and group_sizes is not None:
             start = 0
             for g, size in enumerate(group_sizes):
                 stop = start + size
                 # The group's stacks read one input: a batch of stride 0, no copy.
-                torch.bmm(x[:, g].expand(size, batch, x.shape[2]), weight[start:stop], out=out[start:stop])
+                cpu_gemm.bmm_into(x[:, g].expand(size, batch, x.shape[2]), weight[start:stop], out[start:stop],
+                                  _bias_into(bias[start:stop].unsqueeze(1), relu))
                 start = stop
         else:
-            out = torch.bmm(x.transpose(0, 1) if i == 0 else h, weight)
-            bias = bias.unsqueeze(1)
-        # addmm / baddbmm would first copy the bias into every row of the output and then have the GEMM
-        # read it back: W2's first layer (2048 x 2048) spent 0.3 ms on that on the Intel host.
-        if i < num_layers - 1 or activate_last:
-            _add_relu_(out, bias)
-        else:
-            out.add_(bias)
-        h = out.view(batch, num_stacks, -1).transpose(0, 1) if out.dim() == 2 else out
+            cpu_gemm.bmm_into(x.transpose(0, 1) if i == 0 else h, weight, out, _bias_into(bias.unsqueeze(1), relu))
+        h = out
     return h.transpose(0, 1)
 
 
