@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -129,23 +130,35 @@ def _single_gemm_shape(func, shapes: tuple, strides: tuple) -> tuple[int, int, i
     return None
 
 
-def gemm_seconds(calls: list[tuple]) -> float:
-    """Time of the step's GEMMs alone, each run in isolation at its real shape, in the fastest form
-    this machine offers: as recorded (MKL), and where the call is one 2-D GEMM (or a batch sharing its
-    first operand, which is one), that GEMM through MKL and through oneDNN (on an AMD EPYC oneDNN ran
-    W2's first layer 1.2-1.3x faster; ``mtlkit.models.cpu_gemm``)."""
+def gemm_forms(func, shapes: tuple, strides: tuple) -> list[Callable[[], object]]:
+    """The ways this machine offers to compute one recorded GEMM call, each on fresh operands of the
+    call's shapes: as recorded (MKL); where the call is one 2-D GEMM (or a batch sharing its first
+    operand, which is one), that GEMM through MKL and through oneDNN (on an AMD EPYC oneDNN ran W2's
+    first layer 1.2-2.3x faster; ``mtlkit.models.cpu_gemm``); and a batch of a few large entries as
+    one oneDNN call per entry, as mtlkit runs it there."""
     from mtlkit.models import cpu_gemm
 
-    total = 0.0
-    for func, shapes, strides, *_ in calls:
-        operands = [torch.randn(s) for s in shapes]
-        seconds = _best_seconds(lambda: func(*operands), 20, rounds=3)
-        single = _single_gemm_shape(func, shapes, strides)
-        if single is not None:
-            a, b = torch.randn(single[:2]), torch.randn(single[1:])
-            if func.overloadpacket.__name__ in ("bmm", "baddbmm"):
-                seconds = min(seconds, _best_seconds(lambda: torch.mm(a, b), 20, rounds=3))
-            if cpu_gemm._onednn_available() and single[0] * single[1] * single[2] >= cpu_gemm._MIN_ONEDNN_WORK:
-                seconds = min(seconds, _best_seconds(lambda: cpu_gemm.onednn_matmul(a, b), 20, rounds=3))
-        total += seconds
-    return total
+    operands = [torch.randn(s) for s in shapes]
+    forms = [lambda: func(*operands)]
+    onednn = cpu_gemm._onednn_available()
+    single = _single_gemm_shape(func, shapes, strides)
+    batched = func.overloadpacket.__name__ in ("bmm", "baddbmm")
+    if single is not None:
+        a, b = torch.randn(single[:2]), torch.randn(single[1:])
+        if batched:
+            forms.append(lambda: torch.mm(a, b))
+        if onednn and single[0] * single[1] * single[2] >= cpu_gemm._MIN_ONEDNN_WORK:
+            forms.append(lambda: cpu_gemm.onednn_matmul(a, b))
+    elif batched and onednn:
+        (entries, m, k), n = shapes[-2], shapes[-1][2]
+        if entries <= cpu_gemm._MAX_ONEDNN_BATCH and m * k * n >= cpu_gemm._MIN_ONEDNN_WORK:
+            stacked_a, stacked_b = operands[-2:]
+            forms.append(lambda: [cpu_gemm.onednn_matmul(stacked_a[i], stacked_b[i]) for i in range(entries)])
+    return forms
+
+
+def gemm_seconds(calls: list[tuple]) -> float:
+    """Time of the step's GEMMs alone, each run in isolation at its real shape in the fastest of its
+    :func:`gemm_forms`."""
+    return sum(min(_best_seconds(form, 20, rounds=3) for form in gemm_forms(func, shapes, strides))
+               for func, shapes, strides, *_ in calls)

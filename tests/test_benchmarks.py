@@ -270,6 +270,24 @@ def test_the_gemm_bound_times_a_batch_sharing_its_first_operand_as_one_gemm():
     assert _single_gemm_shape(aten.bmm.default, shared, ((557056, 2048, 1), (524288, 256, 1))) is None
 
 
+def test_the_gemm_bound_also_times_a_batch_of_large_entries_as_one_onednn_call_each(monkeypatch):
+    from benchmarks.machine import gemm_forms
+    from mtlkit.models import cpu_gemm
+
+    if not cpu_gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    aten = torch.ops.aten
+    monkeypatch.setattr(cpu_gemm, "_MIN_ONEDNN_WORK", 1000)
+    shapes = ((4, 32, 16), (4, 16, 8))  # 4096 multiply-adds an entry
+    forms = gemm_forms(aten.bmm.default, shapes, ((512, 16, 1), (128, 8, 1)))
+    assert len(forms) == 2
+    torch.testing.assert_close(torch.stack(forms[1]()), forms[0]())
+    monkeypatch.setattr(cpu_gemm, "_MIN_ONEDNN_WORK", 5000)  # too little work an entry
+    assert len(gemm_forms(aten.bmm.default, shapes, ((512, 16, 1), (128, 8, 1)))) == 1
+    mixing = ((2048, 8, 2), (2048, 2, 128))  # the mixing's small product per row: too many entries
+    assert len(gemm_forms(aten.bmm.default, mixing, ((16, 2, 1), (256, 128, 1)))) == 1
+
+
 def test_round_drift_is_mtlkits_own_largest_move_between_rounds():
     from benchmarks.run import round_drift
 
