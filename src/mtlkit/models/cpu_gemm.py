@@ -2,18 +2,19 @@
 
 ``torch.mm`` runs MKL on the CPU. torch's wheel also carries oneDNN, reachable through
 ``torch.ops.mkldnn._linear_pointwise`` (the call inductor's CPU code makes for a linear layer). On
-an AMD EPYC with AVX-512 oneDNN ran W2's large GEMMs 1.2-1.3x faster than MKL and reached 182-204
-GFLOP/s where MKL reached 125-164; on the Intel Xeons of earlier rounds it was the slower one
-(``docs/performance-log.md``, rounds 16 and 33). Both compute the same fp32 products, summed in
-different orders.
+an AMD EPYC with AVX-512 (Zen 4) oneDNN ran W2's large GEMMs 1.2-1.3x faster than MKL and reached
+182-204 GFLOP/s where MKL reached 125-164; on a Zen 5 EPYC it reached 346-437 GFLOP/s against MKL's
+156-183; on the Intel Xeons of earlier rounds it was the slower one (``docs/performance-log.md``,
+rounds 16, 33 and 34). Both compute the same fp32 products, summed in different orders.
 
 The library is chosen once per process, by the CPU's vendor, never by timing each run: a seeded run
 then gives the same numbers on every run of one machine. ``MTLKIT_CPU_GEMM=mkl`` or ``onednn``
 forces one (``auto``, the default: oneDNN on AMD CPUs, MKL elsewhere). oneDNN gets only the GEMMs
-it is fast on: fp32 CPU matrices large enough that its call overhead does not show, the second
-operand a contiguous matrix or the transpose of one, the first one too or rows out of wider rows (a
-second operand sliced out of wider rows, or a first one transposed out of them, sent it to a path 700
-times slower than MKL's).
+it is fast on: fp32 CPU matrices large enough that its call overhead does not show, whose second
+operand (the linear layer's weight) is a contiguous matrix or the transpose of one; one sliced out
+of wider rows sent it to a path 700 times slower than MKL's. The linear call copies a first operand
+that is not contiguous before the GEMM; that costs little for rows out of wider rows, but a
+transposed slice made the call no faster than MKL's, so such a first operand stays with MKL.
 
 oneDNN takes one matrix per call, so a batched GEMM becomes one call per batch entry, each writing a
 new matrix. :func:`matmul_into` and :func:`bmm_into` place those into the caller's output through a
@@ -87,8 +88,8 @@ def forced_cpu_gemm_library(name: str):
 
 
 def _readable(t: torch.Tensor, first: bool) -> bool:
-    """Whether oneDNN reads ``t`` on its fast path: a contiguous matrix or the transpose of one, or, as
-    a first operand, rows out of wider rows."""
+    """Whether oneDNN takes ``t`` on its fast path: a contiguous matrix or the transpose of one, or, as
+    a first operand (which the call copies when it is not contiguous), rows out of wider rows."""
     rows, cols = t.shape
     strides = t.stride()
     return strides in ((cols, 1), (1, rows)) or (first and strides[1] == 1 and strides[0] >= cols)
