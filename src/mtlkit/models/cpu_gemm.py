@@ -157,8 +157,10 @@ def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pointwise: Poi
     ``bmm`` and then ``pointwise`` over the whole output, or one oneDNN GEMM per entry, each written
     into place by ``pointwise`` (module docstring). Returns ``out``."""
     if uses_onednn_batched(a, b):
+        # One copy of a first operand the entries share (stride 0), not one per call.
+        shared = a[0].contiguous() if a.stride(0) == 0 else None
         for entry in range(a.shape[0]):
-            product = onednn_matmul(a[entry], b[entry])
+            product = onednn_matmul(a[entry] if shared is None else shared, b[entry])
             if pointwise:
                 pointwise(product, out[entry], entry)
             else:

@@ -222,6 +222,8 @@ class _StackedReluMLP(torch.autograd.Function):
                     grads[0] = torch.bmm(x.transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
             elif needs[3 + 2 * i] or needs[4 + 2 * i]:
                 # One GEMM: the constant column of the input gives the bias gradient as its last row.
+                # MKL's bmm on any library: oneDNN would first copy the transposed slices into place,
+                # which cost what it saved (W2 MMoE on a Zen 5 EPYC, performance log round 34).
                 both = torch.bmm(activations[i - 1].transpose(0, 1).transpose(1, 2), stacked)[:, :, :out]
                 grads[2 * i], grads[2 * i + 1] = both[:, :-1], both[:, -1]
             if i == 0 and not needs[0]:
