@@ -6,15 +6,16 @@ every activation gradient, and between batched layers it moves activations betwe
 activations are the largest tensors of the step (W2 in ``benchmarks/``: 2048 x 2048 floats), so that
 memory traffic costs as much as a third of the GEMM time. Here:
 
-* the ReLU runs in place on the buffer the GEMM has just written;
+* the ReLU runs in place on the buffer the GEMM has just written, or is the pass that writes it
+  there (where oneDNN runs a batched GEMM as one call per stack, ``models/cpu_gemm.py``);
 * a shared-input first layer is ``[x, 1] @ [W; b]``, and every layer below the last also writes a
   constant-1 column (weight 0, bias 1, kept by the ReLU), so every layer's bias is one more row of its
   GEMM operand: no broadcast copy of the bias into the output, and one GEMM gives both gradients;
 * every batched matmul reads its operands through strided views (CPU BLAS takes any leading
   dimension); a batched layer's gradient is moved once into stack-major ``[S, B, D]``, with the ReLU
-  mask applied on the way, and the gradient flowing into a batch-major layer below is written by
-  ``bmm(out=...)`` straight into the layout that layer reads, so no other layout copy is made;
-* the ReLU mask is applied in place to gradients this function has itself allocated.
+  mask applied on the way, and the gradient flowing into a layer below is written straight into the
+  layout that layer reads, with that layer's ReLU mask applied as it is written, so no other layout
+  copy or mask pass is made.
 
 Forwards that record no gradient (evaluation, prediction, serving) need none of this: there every
 GEMM runs on the parameters as stored, without a bias, and the bias is added in the ReLU's own pass
