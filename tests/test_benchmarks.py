@@ -247,7 +247,10 @@ def test_gemm_backends_times_each_gemm_of_the_step_through_both_libraries(tmp_pa
     stacked_a, stacked_b = torch.randn(2, 5, 7), torch.randn(2, 7, 3).transpose(1, 2).contiguous().transpose(1, 2)
     products = onednn_version(torch.ops.aten.bmm.default, [stacked_a, stacked_b])()
     torch.testing.assert_close(torch.stack(products), torch.bmm(stacked_a, stacked_b))
-    assert onednn_version(torch.ops.aten.bmm.default, [a.expand(2, 5, 7), stacked_b]) is None  # expanded along the batch
+    shared_first = onednn_version(torch.ops.aten.bmm.default, [a.expand(2, 5, 7), stacked_b])()  # expanded along the batch
+    torch.testing.assert_close(torch.stack(shared_first), torch.bmm(a.expand(2, 5, 7), stacked_b))
+    sliced = torch.randn(2, 7, 6)[:, :, :3]  # second operands out of wider rows: oneDNN's slow path
+    assert onednn_version(torch.ops.aten.bmm.default, [stacked_a, sliced]) is None
     out = tmp_path / "gemm_backends.json"
     done = run_module("benchmarks.gemm_backends", "--workload", "W2", "--model", "mmoe", "--batch-size", "64",
                       "--repeats", "1", "--out", str(out))
