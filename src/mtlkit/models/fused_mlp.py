@@ -278,7 +278,7 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
                 # oneDNN has no call for the per-stack form below: one GEMM over every column, the
                 # constant columns then dropped in a 2.2 MB copy (W2 MMoE on an AMD EPYC: 12.3 ms
                 # against 13.7 for the bmm below through MKL, timed together; performance log, round 33).
-                full = cpu_gemm.matmul(first_inputs[g].t(), part).view(in_features + 1, size, width)
+                full = cpu_gemm.onednn_matmul(first_inputs[g].t(), part).view(in_features + 1, size, width)
                 both = full[:, :, :out].contiguous()
                 grad_weight, grad_bias = both[:-1].view(in_features, -1), both[-1]
             elif shared:
