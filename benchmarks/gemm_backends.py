@@ -32,23 +32,21 @@ from mtlkit.models import cpu_gemm
 
 # A oneDNN call this many times slower than MKL's is timed once, not in rounds.
 SLOW_PATH = 20
-# A batched GEMM of more entries than this (the mixing's one small product per row) is no case for one
-# oneDNN call per entry.
-MAX_BATCH_FOR_ONEDNN = cpu_gemm._MAX_ONEDNN_BATCH
 
 
 def onednn_version(func, operands: list[torch.Tensor]):
     """The recorded aten GEMM ``func`` on ``operands`` as oneDNN calls (a bias term dropped from the
     ``addmm`` / ``baddbmm`` forms: the GEMM alone), or None where there is no fair call: a form it
-    has none for, a batch of more than ``MAX_BATCH_FOR_ONEDNN`` entries, or entries whose second
-    operand is sliced out of wider rows, which sends oneDNN to a path 1,000 times slower (the
-    first-layer weight gradient's per-stack form; ``mtlkit.models.cpu_gemm``)."""
+    has none for, a batch of more entries than mtlkit sends to oneDNN one by one (the mixing's small
+    product per row), or entries whose second operand is sliced out of wider rows, which sends oneDNN
+    to a path 1,000 times slower (the first-layer weight gradient's per-stack form;
+    ``mtlkit.models.cpu_gemm``)."""
     name = func.overloadpacket.__name__
     a, b = operands[-2:]
     if name in ("mm", "addmm"):
         return lambda: cpu_gemm.onednn_matmul(a, b)
     if name in ("bmm", "baddbmm"):
-        if a.shape[0] > MAX_BATCH_FOR_ONEDNN or not cpu_gemm._readable(b[0], first=False):
+        if a.shape[0] > cpu_gemm._MAX_ONEDNN_BATCH or not cpu_gemm._readable(b[0], first=False):
             return None
         return lambda: [cpu_gemm.onednn_matmul(a[i], b[i]) for i in range(a.shape[0])]
     return None

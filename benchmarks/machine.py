@@ -143,16 +143,18 @@ def gemm_forms(func, shapes: tuple, strides: tuple) -> list[Callable[[], object]
     onednn = cpu_gemm._onednn_available()
     single = _single_gemm_shape(func, shapes, strides)
     batched = func.overloadpacket.__name__ in ("bmm", "baddbmm")
+    # oneDNN forms where mtlkit would take them on an AMD CPU (its size and batch rules), whatever this
+    # process's library.
     if single is not None:
         a, b = torch.randn(single[:2]), torch.randn(single[1:])
         if batched:
             forms.append(lambda: torch.mm(a, b))
-        if onednn and single[0] * single[1] * single[2] >= cpu_gemm._MIN_ONEDNN_WORK:
+        if onednn and cpu_gemm._fits_onednn(a, b):
             forms.append(lambda: cpu_gemm.onednn_matmul(a, b))
     elif batched and onednn:
-        (entries, m, k), n = shapes[-2], shapes[-1][2]
-        if entries <= cpu_gemm._MAX_ONEDNN_BATCH and m * k * n >= cpu_gemm._MIN_ONEDNN_WORK:
-            stacked_a, stacked_b = operands[-2:]
+        stacked_a, stacked_b = operands[-2:]
+        entries = stacked_a.shape[0]
+        if entries <= cpu_gemm._MAX_ONEDNN_BATCH and cpu_gemm._fits_onednn(stacked_a[0], stacked_b[0]):
             forms.append(lambda: [cpu_gemm.onednn_matmul(stacked_a[i], stacked_b[i]) for i in range(entries)])
     return forms
 

@@ -136,19 +136,21 @@ be ``dst``): ``entry`` is the batch index of ``dst`` in a batched output, or Non
 whole output, so the caller can pick the matching slice of any other operand (a mask, a bias)."""
 
 
+def _copy_into(src: torch.Tensor, dst: torch.Tensor, entry: int | None) -> None:
+    """The pointwise pass of a bare product: a copy, none when the GEMM wrote ``dst`` itself."""
+    if src is not dst:
+        dst.copy_(src)
+
+
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pointwise: Pointwise | None = None) -> torch.Tensor:
     """``out = pointwise(a @ b)`` (2-D; ``out`` any view, a column slice say) through this process's
     library; without ``pointwise`` the product itself. Returns ``out``."""
+    pointwise = pointwise or _copy_into
     if uses_onednn(a, b):
-        product = onednn_matmul(a, b)
-        if pointwise:
-            pointwise(product, out, None)
-        else:
-            out.copy_(product)
+        pointwise(onednn_matmul(a, b), out, None)
     else:
         torch.mm(a, b, out=out)
-        if pointwise:
-            pointwise(out, out, None)
+        pointwise(out, out, None)
     return out
 
 
@@ -156,17 +158,13 @@ def bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, pointwise: Poi
     """``out = pointwise(a @ b)`` batched (``[S, M, K] @ [S, K, N] -> [S, M, N]``, any strides): one MKL
     ``bmm`` and then ``pointwise`` over the whole output, or one oneDNN GEMM per entry, each written
     into place by ``pointwise`` (module docstring). Returns ``out``."""
+    pointwise = pointwise or _copy_into
     if uses_onednn_batched(a, b):
         # One copy of a first operand the entries share (stride 0), not one per call.
         shared = a[0].contiguous() if a.stride(0) == 0 else None
         for entry in range(a.shape[0]):
-            product = onednn_matmul(a[entry] if shared is None else shared, b[entry])
-            if pointwise:
-                pointwise(product, out[entry], entry)
-            else:
-                out[entry].copy_(product)
+            pointwise(onednn_matmul(a[entry] if shared is None else shared, b[entry]), out[entry], entry)
     else:
         torch.bmm(a, b, out=out)
-        if pointwise:
-            pointwise(out, out, None)
+        pointwise(out, out, None)
     return out

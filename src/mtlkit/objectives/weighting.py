@@ -11,12 +11,12 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mtlkit.configuration import check_count, check_non_negative, check_positive
 from mtlkit.errors import ConfigError
 from mtlkit.objectives.losses import TaskLosses
+from mtlkit.objectives.replicas import mean_over_replicas
 from mtlkit.tasks import TaskSpec
 
 __all__ = [
@@ -170,10 +170,7 @@ class DynamicWeightAverage(FixedWeighting):
     def on_epoch_end(self, epoch: int) -> None:
         if self._sums is None:
             return
-        means = self._sums / self._steps
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
+        means = mean_over_replicas(self._sums / self._steps)
         self.epoch_means = (self.epoch_means + [means.cpu()])[-2:]  # one host copy an epoch
         self._sums, self._steps = None, 0
         if len(self.epoch_means) == 2:
@@ -261,12 +258,8 @@ class GradNormWeighting(LossWeighting):
         with torch.no_grad():
             if not self._has_initial_losses:  # a Python flag: no host sync per step after the first
                 if torch.isnan(self.initial_losses).any():  # not restored from a saved state
-                    initial = vector.detach().clone()
-                    if dist.is_available() and dist.is_initialized():
-                        # One reference on every replica, the one a resumed run restores (rank 0 saves it).
-                        dist.all_reduce(initial)
-                        initial /= dist.get_world_size()
-                    self.initial_losses.copy_(initial)
+                    # One reference on every replica, the one a resumed run restores (rank 0 saves it).
+                    self.initial_losses.copy_(mean_over_replicas(vector.detach().clone()))
                 self._has_initial_losses = True
             ratio = vector.detach() / self.initial_losses.clamp_min(torch.finfo(vector.dtype).tiny)
         active = self.base_weights > 0  # a task of weight 0 has no gradient to balance
@@ -276,9 +269,7 @@ class GradNormWeighting(LossWeighting):
             relative = ratio[active] / ratio[active].mean()
             target = (gradient_norms.mean() * relative ** self.alpha).detach()
             (grad,) = torch.autograd.grad((gradient_norms - target).abs().sum(), self.logits)
-        if dist.is_available() and dist.is_initialized():  # the same weights on every replica
-            dist.all_reduce(grad)
-            grad /= dist.get_world_size()
+        grad = mean_over_replicas(grad)  # the same weights on every replica
         if self.logits.grad is None:
             self.logits.grad = grad
         else:
@@ -450,9 +441,7 @@ class FastAdaptiveWeighting(LossWeighting):
         (previous, was_present), (now, present) = self._previous, self._log_gaps(losses)
         improvement = torch.where(was_present & present, previous - now.detach(), 0.0)
         self._previous = None
-        if dist.is_available() and dist.is_initialized():  # the same logits on every replica
-            dist.all_reduce(improvement)
-            improvement /= dist.get_world_size()
+        improvement = mean_over_replicas(improvement)  # the same logits on every replica
         mix = self._mix()
         # J' delta for J = diag(z) - z z', the softmax's Jacobian; then Adam with L2 decay (torch.optim.Adam's form).
         grad = mix * (improvement - (mix * improvement).sum()) + self.weight_decay * self.logits

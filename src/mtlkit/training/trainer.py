@@ -27,6 +27,7 @@ from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
 from mtlkit.objectives import (GradientLayout, LossWeighting, build_gradient_surgery, build_weighting, refused_scopes,
                                task_losses)
+from mtlkit.objectives.replicas import mean_over_replicas
 from mtlkit.objectives.weighting import tasks_with_possibly_negative_loss
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
@@ -564,7 +565,7 @@ class Trainer:
         if self.distributed:
             # Each replica's gradients are of its own rows; their mean is the whole batch's, as DDP's would be, and
             # every replica then runs the same surgery on the same numbers (its generator seeded alike).
-            task_grads, stacked_losses, auxiliary_grad = (None if t is None else self._replica_mean(t)
+            task_grads, stacked_losses, auxiliary_grad = (None if t is None else mean_over_replicas(t)
                                                           for t in (task_grads, stacked_losses, auxiliary_grad))
         combined = (self._combine_task_gradients(task_grads, tuple(weighted), [p.numel() for p in parameters],
                                                  stacked_losses) if task_grads is not None else 0.0)
@@ -575,19 +576,13 @@ class Trainer:
             _set_gradient(p, combined[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
-    def _replica_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``'s mean over the DDP replicas (every replica passes its own of the same shape)."""
-        tensor = tensor.contiguous()
-        dist.all_reduce(tensor)
-        return tensor.div_(self.world_size)
-
     def _average_over_replicas(self, parameters: list[torch.Tensor]) -> None:
         """Replace each parameter's gradient by its mean over the DDP replicas, in one all-reduce (a
         parameter without a gradient on every replica is left as it is)."""
         with_grad = [p for p in parameters if p.grad is not None]
         if not with_grad:
             return
-        flat = self._replica_mean(torch.cat([p.grad.reshape(-1) for p in with_grad]))
+        flat = mean_over_replicas(torch.cat([p.grad.reshape(-1) for p in with_grad]))
         offset = 0
         for p in with_grad:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
