@@ -6,7 +6,8 @@ import torch
 from mtlkit import ConfigError, TaskSpec
 from mtlkit.data import MultiTaskTensors, make_synthetic
 from mtlkit.features import EncoderConfig, FeatureEncoder
-from mtlkit.models import TabularMultiTaskModel, build_model
+from mtlkit.models import ExpertBank, TabularMultiTaskModel, build_model
+from mtlkit.models.layers import StackedMLP
 from mtlkit.training import Trainer, TrainerConfig
 
 
@@ -38,15 +39,59 @@ def test_bf16_runs_the_layers_in_bf16_and_trains_like_fp32(name):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
 
 
-def test_the_fused_paths_step_aside_under_autocast():
+def test_the_small_mixture_steps_aside_under_autocast_and_large_stacks_stay_fused():
     model = build_model("mmoe", input_dim=100, tasks=["a", "b"])
     x = torch.randn(1024, 100)
     assert model.takes_small_mixture_path(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not model.takes_small_mixture_path(x)
-        assert not model.experts.takes_fused_path(torch.randn(4096, 100))
         outputs = model(x)
     assert all(v.dtype == torch.bfloat16 for v in outputs.values())
+    large = build_model("mmoe", input_dim=100, tasks=["a", "b"], expert_hidden=(256, 128))
+    rows = torch.randn(1024, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert large.experts.takes_fused_path(rows)
+        assert large.experts(rows).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.float16):  # only bf16 is offered; anything else takes the modules
+        assert not large.experts.takes_fused_path(rows)
+
+
+@pytest.mark.parametrize("input_kind", ["shared", "grouped", "per_stack"])
+def test_under_bf16_autocast_a_fused_stack_runs_in_bf16_like_the_modules(input_kind):
+    """Under bf16 autocast a fused ReLU stack (shared input, PLE's grouped input, one input per stack) runs
+    forward and backward in bf16 on one cast of its input and parameters; its output and every gradient
+    match autograd's modules under the same autocast to bf16's precision, the parameters' gradients in
+    fp32, and both sit as close to the fp32 result."""
+    torch.manual_seed(0)
+    batch, width, hidden = 64, 20, (24, 16)
+    if input_kind == "grouped":
+        groups = [0, 0, 1, 1, 1, 2]
+        stack = ExpertBank(len(groups), width, hidden, input_groups=groups)
+        x = torch.randn(3, batch, width).transpose(0, 1).requires_grad_()  # strided, like a mixing output
+    else:
+        stack = StackedMLP(6, width, hidden, shared_input=input_kind == "shared", activate_last=True)
+        x = torch.randn((batch, width) if input_kind == "shared" else (batch, 6, width), requires_grad=True)
+    stack.FUSED_MIN_ACTIVATIONS = 0  # fused at any size
+    params = list(stack.parameters())
+    upstream = torch.randn(batch, 6, hidden[-1])
+
+    def run(fused: bool, precision: torch.dtype | None) -> list[torch.Tensor]:
+        stack.fused = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is not None):
+            assert stack.takes_fused_path(x) == fused
+            out = stack(x)
+        assert out.dtype == (precision or torch.float32)
+        grads = torch.autograd.grad(out, [x, *params], upstream.to(out.dtype))
+        assert all(g.dtype == torch.float32 for g in grads)  # the input's and the parameters' own dtype
+        return [out.detach().float(), *grads]
+
+    fused, modules, exact = run(True, torch.bfloat16), run(False, torch.bfloat16), run(False, None)
+    for a, b, reference in zip(fused, modules, exact):
+        # A ReLU whose input bf16 rounds across 0 changes a gradient element by a whole term, so the
+        # comparisons count the elements off by more than rounding instead of taking the largest.
+        scale = float(reference.abs().max())
+        assert ((a - b).abs() > 0.01 * scale).float().mean() <= 0.01  # as the modules round (mostly bit for bit)
+        assert ((a - reference).abs() > 0.05 * scale).float().mean() <= 0.05  # and near fp32's
 
 
 def test_bf16_with_embeddings_and_compile():

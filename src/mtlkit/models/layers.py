@@ -246,20 +246,34 @@ class StackedMLP(nn.Module):
     FUSED_MIN_ACTIVATIONS = 1 << 20
 
     def takes_fused_path(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` runs the fused ReLU stack (on the CPU, not under autocast, ReLU, no norm,
-        no dropout; large enough, or at any size when no gradient is recorded)."""
+        """Whether ``forward(x)`` runs the fused ReLU stack (on the CPU, in fp32 or under bf16 autocast
+        outside ``torch.compile``, ReLU, no norm, no dropout; large enough, or at any size when no
+        gradient is recorded)."""
         # Without gradients the fused path is plain GEMMs with the bias added in the ReLU's pass, which
         # beats addmm's broadcast bias copy and an out-of-place ReLU at every size measured (inference,
         # round 19: W1 Shared-Bottom 121 -> 103 us a batch, W2 Shared-Bottom 2.46 -> 2.23 ms, W2 MMoE's
         # towers about 0.07 ms); the size threshold is about the fused backward's Python.
-        # Under autocast (training.precision: bf16) autograd's modules run, in the autocast dtype.
-        return (self.fused and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if torch.is_autocast_enabled("cpu") and (torch.get_autocast_dtype("cpu") != torch.bfloat16 or torch.compiler.is_compiling()):
+            return False  # autograd's modules, in the autocast dtype
+        return (self.fused and x.device.type == "cpu"
                 and (not torch.is_grad_enabled() or x.shape[0] * self.max_activations_per_row >= self.FUSED_MIN_ACTIVATIONS))
 
     def fused_forward(self, x: torch.Tensor, input_group_sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """The fused path, optionally with stacks reading runs of a grouped input (see ``stacked_relu_mlp``)."""
-        return stacked_relu_mlp(x, [lin.weight for lin in self.linears], [lin.bias for lin in self.linears],
-                                activate_last=self.activate_last, input_group_sizes=input_group_sizes)
+        """The fused path, optionally with stacks reading runs of a grouped input (see ``stacked_relu_mlp``).
+
+        Under bf16 autocast (``training.precision: bf16``) the input and parameters are cast once and the
+        whole stack, forward and backward, runs in bf16 (autocast's own dtype for these matmuls), its
+        parameters' gradients cast back to fp32 by autograd. W2 MMoE's model step on a Xeon with AMX:
+        35.9 ms through autograd's modules under autocast, 26.7 ms this way, 46.0 ms in fp32
+        (docs/performance-log.md, round 35).
+        """
+        weights, biases = [lin.weight for lin in self.linears], [lin.bias for lin in self.linears]
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weights, biases = x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
+            with torch.autocast("cpu", enabled=False):  # already in bf16; nothing inside is to be cast again
+                return stacked_relu_mlp(x, weights, biases, activate_last=self.activate_last, input_group_sizes=input_group_sizes)
+        return stacked_relu_mlp(x, weights, biases, activate_last=self.activate_last, input_group_sizes=input_group_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, stack_major = self._run(x)
