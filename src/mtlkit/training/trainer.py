@@ -107,9 +107,10 @@ class TrainerConfig:
         precision: ``"fp32"``, or ``"bf16"``: the training forward under ``torch.autocast`` with
             bfloat16 (matmuls in bf16, reductions and the losses in fp32; weights, gradients and
             Adam's state stay fp32, so no loss scaling is needed). For GPUs with bf16 tensor cores;
-            evaluation, prediction and export stay in fp32. On the CPU the fused ReLU paths, written
-            for fp32, step aside for autograd's own modules, and bf16 measured slower than fp32
-            (0.52-0.54x on an AVX-512 BF16 Xeon without AMX, ``python -m benchmarks.precision``; README, "GPUs and several machines").
+            evaluation, prediction and export stay in fp32. On the CPU the small-mixture node steps
+            aside for autograd's modules and the large fused ReLU stacks run in bf16; bf16 measured
+            0.52-0.54x fp32 on an AVX-512 BF16 Xeon without AMX and 1.53-1.76x on W2 with AMX
+            (``python -m benchmarks.precision``; README, "GPUs and several machines").
         keep_freed_memory: on Linux with glibc, keep the memory a step frees for the next step
             instead of returning it to the kernel and page-faulting it back
             (:func:`mtlkit.training.memory.keep_freed_memory`; process-wide).
