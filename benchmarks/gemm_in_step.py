@@ -4,7 +4,8 @@ The GEMM-only bound of ``benchmarks.run`` times every GEMM of a step in isolatio
 contiguous operands that stay in cache between repetitions. Inside a real step the same GEMMs read
 activations written long before (or strided views of them) and run slower; this script shows by how
 much, GEMM by GEMM, so the share of the bound that eager execution can reach is measured, not
-guessed:
+guessed. Where oneDNN runs the large GEMMs (``mtlkit.models.cpu_gemm``, AMD CPUs) its linear calls
+are listed as ``_linear_pointwise``, each with the copy it makes of a strided first operand:
 
     python -m benchmarks.gemm_in_step --workload W2 --model mmoe
 """
@@ -12,12 +13,26 @@ guessed:
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 
 from benchmarks.libraries import build_mtlkit
 from benchmarks.machine import GemmRecorder, _best_seconds
 from benchmarks.workloads import WORKLOADS, make_data
+
+
+def gemm_alone(func, shapes: tuple) -> Callable[[], torch.Tensor]:
+    """The recorded GEMM call on fresh contiguous operands of its shapes; oneDNN's linear as
+    ``mtlkit.models.cpu_gemm`` calls it, ``[M, K] @ [K, N]`` with the weight ``[N, K]`` its transpose."""
+    from mtlkit.models.cpu_gemm import onednn_matmul
+
+    operands = [torch.randn(s) for s in shapes]
+    if func.overloadpacket is torch.ops.mkldnn._linear_pointwise:
+        a, weight = operands[:2]
+        b = weight.t().contiguous()
+        return lambda: onednn_matmul(a, b)
+    return lambda: func(*operands)
 
 
 def main() -> None:
@@ -47,7 +62,7 @@ def main() -> None:
     for _ in range(3):
         step()
     step_seconds = _best_seconds(step, args.steps, rounds=3)
-    recorder = GemmRecorder()
+    recorder = GemmRecorder(with_onednn=True)
     with recorder:
         for _ in range(args.steps):
             step()
@@ -56,15 +71,14 @@ def main() -> None:
         seconds_by_call.setdefault((func, shapes, strides), []).append(seconds)
     in_step_total = isolated_total = 0.0
     # A shape can occur several times per step (one per layer or level): each call counts.
-    print(f"{'GEMM':<10} {'shapes':<52} {'calls':>5} {'in step ms':>10} {'alone ms':>9}")
+    print(f"{'GEMM':<17} {'shapes':<52} {'calls':>5} {'in step ms':>10} {'alone ms':>9}")
     for (func, shapes, _), seconds in sorted(seconds_by_call.items(), key=lambda kv: -sum(kv[1])):
         calls_per_step = len(seconds) // args.steps
         in_step = sorted(seconds)[len(seconds) // 2] * calls_per_step
-        operands = [torch.randn(s) for s in shapes]
-        alone = _best_seconds(lambda: func(*operands), 10, rounds=3) * calls_per_step
+        alone = _best_seconds(gemm_alone(func, shapes), 10, rounds=3) * calls_per_step
         in_step_total += in_step
         isolated_total += alone
-        print(f"{func.name().split('::')[-1]:<10} {str(list(shapes)):<52} {calls_per_step:>5} "
+        print(f"{func.name().split('::')[-1]:<17} {str(list(shapes)):<52} {calls_per_step:>5} "
               f"{1e3 * in_step:>10.3f} {1e3 * alone:>9.3f}")
     print(f"GEMMs per step: {1e3 * in_step_total:.2f} ms in the step, {1e3 * isolated_total:.2f} ms alone "
           f"(the GEMM-only bound); whole step {1e3 * step_seconds:.2f} ms.")

@@ -78,15 +78,19 @@ class GemmRecorder(TorchDispatchMode):
     """Records every GEMM a block of code runs: ``(plain overload, shapes, strides, seconds)``.
 
     The plain overload is kept also when the model called the ``out=`` one, so each call can be
-    re-timed on fresh operands; ``seconds`` is the call's own time where it ran.
+    re-timed on fresh operands; ``seconds`` is the call's own time where it ran. ``with_onednn`` also
+    records oneDNN's linear, ``mkldnn::_linear_pointwise(input [M, K], weight [N, K], ...)``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, with_onednn: bool = False) -> None:
         super().__init__()
         self.calls: list[tuple] = []
+        # oneDNN's linear (``mtlkit.models.cpu_gemm`` on AMD CPUs) is recorded only on request: the FLOP
+        # count and the bound see the step with MKL forced, where it does not run.
+        self._recorded = GEMMS | ({torch.ops.mkldnn._linear_pointwise} if with_onednn else set())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket not in GEMMS:
+        if func.overloadpacket not in self._recorded:
             return func(*args, **(kwargs or {}))
         start = time.perf_counter()
         result = func(*args, **(kwargs or {}))

@@ -355,3 +355,26 @@ def test_deepctr_torchs_crash_on_more_shared_than_task_experts_is_named():
     workload = WORKLOADS["W1"]
     with pytest.raises(RuntimeError, match="4 shared > 2 task experts"):
         deepctr_measure(workload, "cgc", make_data(workload, rows=64), windows=1, steps=1, warmup=0)
+
+
+def test_gemm_in_step_records_and_retimes_onednns_linear_where_it_runs():
+    from benchmarks.gemm_in_step import gemm_alone
+    from benchmarks.machine import GemmRecorder
+    from mtlkit.models import cpu_gemm
+
+    if not cpu_gemm._onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    a, b = torch.randn(512, 384), torch.randn(384, 512)  # 2^26.6 multiply-adds: above oneDNN's floor
+    with cpu_gemm.forced_cpu_gemm_library("onednn"):
+        default, with_onednn = GemmRecorder(), GemmRecorder(with_onednn=True)
+        with default:
+            cpu_gemm.matmul(a, b)
+        with with_onednn:
+            product = cpu_gemm.matmul(a, b)
+    assert default.calls == []  # the bound's recorder (MKL forced there) is unchanged
+    [(func, shapes, _, seconds)] = with_onednn.calls
+    assert func.overloadpacket is torch.ops.mkldnn._linear_pointwise and seconds > 0
+    assert shapes == ((512, 384), (512, 384))  # input [M, K], weight [N, K]
+    assert gemm_alone(func, shapes)().shape == product.shape == (512, 512)
+    mm_shapes = ((512, 384), (384, 512))
+    assert gemm_alone(torch.ops.aten.mm.default, mm_shapes)().shape == (512, 512)
