@@ -94,6 +94,39 @@ def test_under_bf16_autocast_a_fused_stack_runs_in_bf16_like_the_modules(input_k
         assert ((a - reference).abs() > 0.05 * scale).float().mean() <= 0.05  # and near fp32's
 
 
+def test_bf16_first_layer_weight_gradient_is_one_gemm_without_an_expanded_batch():
+    """aten's bf16 bmm copies a batch operand expanded with stride 0 once per stack, so under bf16 the
+    shared-input first layer's weight gradient is one GEMM over every stack's columns (as on oneDNN),
+    not the per-stack bmm of ``x^T`` expanded that fp32 on MKL runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ExpandedBatches(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+                self.count += any(isinstance(a, torch.Tensor) and a.dim() == 3 and a.stride(0) == 0 for a in args)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    stack = StackedMLP(6, 20, (24, 16), shared_input=True, activate_last=True)
+    stack.FUSED_MIN_ACTIVATIONS = 0
+    x = torch.randn(64, 20)
+    counts = {}
+    for precision in (torch.bfloat16, None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is not None):
+            out = stack(x)
+        mode = ExpandedBatches()
+        with mode:
+            out.float().sum().backward()
+        counts[precision] = mode.count
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stack.takes_fused_path(x)
+    assert counts == {torch.bfloat16: 0, None: 1}  # fp32 (MKL here, below oneDNN's size floor) keeps the bmm
+
+
 def test_bf16_with_embeddings_and_compile():
     tasks = [TaskSpec("click", "binary"), TaskSpec("watch", "regression")]
     torch.manual_seed(1)

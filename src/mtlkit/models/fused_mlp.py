@@ -274,11 +274,14 @@ def _grouped_first_layer_backward(grad, first_inputs, first_matrices, group_size
     for g, size in enumerate(group_sizes):
         part = flat[:, start * width : (start + size) * width]
         if needs_params:
-            if shared and cpu_gemm.uses_onednn(first_inputs[g].t(), part):
-                # oneDNN has no call for the per-stack form below: one GEMM over every column, the
-                # constant columns then dropped in a 2.2 MB copy (W2 MMoE on an AMD EPYC: 12.3 ms
-                # against 13.7 for the bmm below through MKL, timed together; performance log, round 33).
-                full = cpu_gemm.onednn_matmul(first_inputs[g].t(), part).view(in_features + 1, size, width)
+            onednn = shared and cpu_gemm.uses_onednn(first_inputs[g].t(), part)
+            if onednn or (shared and cpu_gemm.copies_strided_operands(part)):
+                # oneDNN has no call for the per-stack form below (and aten's bf16 bmm would copy its
+                # expanded first operand once per stack): one GEMM over every column, the constant
+                # columns then dropped in a 2.2 MB copy (W2 MMoE on an AMD EPYC: 12.3 ms against 13.7
+                # for the bmm below through MKL, timed together; performance log, round 33).
+                product = cpu_gemm.onednn_matmul if onednn else torch.mm
+                full = product(first_inputs[g].t(), part).view(in_features + 1, size, width)
                 both = full[:, :, :out].contiguous()
                 grad_weight, grad_bias = both[:-1].view(in_features, -1), both[-1]
             elif shared:
