@@ -1,6 +1,6 @@
 """Training throughput in fp32 and in bf16 (``training.precision``) through mtlkit's trainer.
 
-    python -m benchmarks.precision --workloads W1,W2 --models mmoe --repeats 2 --out precision.json
+    python -m benchmarks.precision --workloads W1,W2 --models mmoe --repeats 2 --out runs/precision.json
 
 Each (workload, model, precision) trains ``--steps`` steps on a fresh model; the rate is taken over
 the steps after the first third (warm-up). Precisions alternate, fp32 first, ``--repeats`` times,
@@ -10,13 +10,13 @@ so drift of a shared machine shows as spread rather than as a difference.
 from __future__ import annotations
 
 import argparse
-import json
 
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.libraries import build_mtlkit, trainer_rates
 from benchmarks.workloads import WORKLOADS, make_data
+from mtlkit.files import write_json
 
 
 def measure(workload_name: str, model_name: str, precision: str, steps: int, device: str) -> float:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="precision.json")
+    parser.add_argument("--out", default="runs/precision.json", help="the JSON file (default under runs/, which git ignores)")
     args = parser.parse_args()
     results = []
     for workload in args.workloads.split(","):
@@ -55,8 +55,7 @@ def main() -> None:
         table.add_row(r["workload"], r["model"], ", ".join(f"{v:,.0f}" for v in fp32), ", ".join(f"{v:,.0f}" for v in bf16),
                       f"{r['bf16_over_fp32']:.2f}-{r['bf16_over_fp32_best']:.2f}x")
     Console().print(table)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
