@@ -85,8 +85,11 @@ class GemmRecorder(TorchDispatchMode):
     def __init__(self, with_onednn: bool = False) -> None:
         super().__init__()
         self.calls: list[tuple] = []
+        from mtlkit.models import cpu_gemm
+
         # oneDNN's linear (``mtlkit.models.cpu_gemm`` on AMD CPUs) is recorded only on request: the FLOP
         # count and the bound see the step with MKL forced, where it does not run.
+        with_onednn = with_onednn and cpu_gemm._onednn_available()
         self._recorded = GEMMS | ({torch.ops.mkldnn._linear_pointwise} if with_onednn else set())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
