@@ -98,17 +98,7 @@ def test_bf16_first_layer_weight_gradient_is_one_gemm_without_an_expanded_batch(
     """aten's bf16 bmm copies a batch operand expanded with stride 0 once per stack, so under bf16 the
     shared-input first layer's weight gradient is one GEMM over every stack's columns (as on oneDNN),
     not the per-stack bmm of ``x^T`` expanded that fp32 on MKL runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class ExpandedBatches(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
-                self.count += any(isinstance(a, torch.Tensor) and a.dim() == 3 and a.stride(0) == 0 for a in args)
-            return func(*args, **(kwargs or {}))
+    from benchmarks.machine import GemmRecorder
 
     torch.manual_seed(0)
     stack = StackedMLP(6, 20, (24, 16), shared_input=True, activate_last=True)
@@ -118,10 +108,10 @@ def test_bf16_first_layer_weight_gradient_is_one_gemm_without_an_expanded_batch(
     for precision in (torch.bfloat16, None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is not None):
             out = stack(x)
-        mode = ExpandedBatches()
-        with mode:
+        recorder = GemmRecorder()
+        with recorder:
             out.float().sum().backward()
-        counts[precision] = mode.count
+        counts[precision] = sum(any(len(st) == 3 and st[0] == 0 for st in strides) for _, _, strides, _ in recorder.calls)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert stack.takes_fused_path(x)
     assert counts == {torch.bfloat16: 0, None: 1}  # fp32 (MKL here, below oneDNN's size floor) keeps the bmm
