@@ -1,15 +1,22 @@
 """One adapter per library: build the workload's model the library's own way and time it.
 
-Every adapter returns throughputs (samples/s) for windows of steps:
-- ``train``: through the library's own trainer and data path (what a user gets);
-- ``model``: forward + loss + backward + Adam step on one fixed batch (the model alone);
-- ``infer``: forward only, in inference mode.
+Every adapter builds a measuring session: the model, its data and its trainer, warmed up, and one
+window timer per kind of measurement, which times one window of steps when called and returns its
+throughput (samples/s):
+- ``trainer``: one epoch over the window's rows through the library's own trainer and data path
+  (what a user gets; ``steps`` optimizer steps);
+- ``model_alone``: forward + loss + backward + Adam step on one fixed batch (the model alone);
+- ``inference``: forward only, in inference mode.
+``benchmarks.run`` asks the sessions of all libraries for their windows in turn, so the libraries
+are timed seconds apart and the machine's drift falls on all of them alike.
 """
 
 from __future__ import annotations
 
-import io
+import atexit
 import contextlib
+import io
+import shutil
 import tempfile
 import time
 from typing import Callable
@@ -42,20 +49,33 @@ def synchronizer(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def _windows(run_step: Callable[[], None], batch: int, windows: int, steps: int, warmup: int,
-             device: str = "cpu") -> list[float]:
+WindowTimer = Callable[[], float]
+"""Times one window of steps when called: its throughput in samples/s."""
+
+KINDS = ("trainer", "model_alone", "inference")
+
+
+def window_timer(run_step: Callable[[], None], samples_per_step: int, steps: int, warmup: int,
+                 device: str = "cpu", prepare: Callable[[], object] | None = None) -> WindowTimer:
+    """Runs ``warmup`` steps now and returns the timer of a window of ``steps`` more; ``prepare``
+    (a module's ``train()`` or ``eval()``, say) runs before each window's clock starts."""
     sync = synchronizer(device)
+    if prepare is not None:
+        prepare()
     for _ in range(warmup):
         run_step()
-    rates = []
-    for _ in range(windows):
+
+    def window() -> float:
+        if prepare is not None:
+            prepare()
         sync()
         start = time.perf_counter()
         for _ in range(steps):
             run_step()
         sync()
-        rates.append(steps * batch / (time.perf_counter() - start))
-    return rates
+        return steps * samples_per_step / (time.perf_counter() - start)
+
+    return window
 
 
 # --------------------------------------------------------------------------------------------- mtlkit
@@ -89,8 +109,8 @@ def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData, **over
 def trainer_rates(model: torch.nn.Module, dataset, batch: int, windows: int, steps: int, warmup: int, device: str = "cpu",
                   **options):
     """Samples/s of ``windows`` windows of ``steps`` optimizer steps each through mtlkit's own
-    trainer (timed by its step callback, the device synchronised at each mark), after ``warmup``
-    steps; ``options`` are further ``TrainerConfig`` fields (``compile``, ``precision``).
+    trainer, in one fit (timed by its step callback, the device synchronised at each mark), after
+    ``warmup`` steps; ``options`` are further ``TrainerConfig`` fields (``compile``, ``precision``).
     Returns ``(trainer, rates)``."""
     from mtlkit.training import Trainer, TrainerConfig
 
@@ -109,36 +129,37 @@ def trainer_rates(model: torch.nn.Module, dataset, batch: int, windows: int, ste
     return trainer, [steps * batch / (b - a) for a, b in zip(marks, marks[1:])]
 
 
-def mtlkit_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int, warmup: int,
-                   compile_model: bool = False, device: str = "cpu") -> dict[str, list[float]]:
-    from mtlkit.training.optimizer import build_adam
+def mtlkit_session(workload: Workload, model_name: str, data: WorkloadData, steps: int, warmup: int,
+                   compile_model: bool = False, device: str = "cpu") -> dict[str, WindowTimer]:
+    from mtlkit.training import Trainer, TrainerConfig
 
     batch = workload.batch_size
     model, tasks, dataset = build_mtlkit(workload, model_name, data)
-    trainer, train = trainer_rates(model, dataset, batch, windows, steps, warmup, device, compile=compile_model)
+    # A trainer window is one fit of `steps` steps over the window's rows, one epoch, as a reference's
+    # is one epoch of its own fit (each includes its trainer's per-fit work).
+    trainer = Trainer(model, TrainerConfig(batch_size=batch, max_steps=steps, max_epochs=None, eval_every=steps,
+                                           patience=None, progress=False, device=device, compile=compile_model))
+    if trainer.device.type != "cpu":  # moved there once, as one long fit would (each window's fit finds it there)
+        dataset = dataset.to(trainer.device)
+    fit = window_timer(lambda: trainer.fit(dataset), steps * batch, steps=1, warmup=1, device=device)
 
-    # The model alone: the same step (the trainer's own forward, losses and weighting, compiled or
-    # not) on one fixed batch, no data path.
+    # The model alone: the trainer's own step (its forward, losses and weighting, compiled or not,
+    # and its optimizer) on one fixed batch, no data path.
     fixed = dataset.subset(slice(0, batch)).to(trainer.device)
     fixed_batch = next(fixed.batches(batch))
-    _, zero_grad, optimizer_step = build_adam(list(model.parameters()), 1e-3, 0.0, trainer.device)  # as the trainer's
 
     def model_step() -> None:
         total_loss, _ = trainer.batch_objective(fixed_batch)
-        zero_grad()
+        trainer._zero_grad()
         total_loss.backward()
-        optimizer_step()
-
-    model.train()
-    alone = _windows(model_step, batch, windows, steps, warmup, device)
-    model.eval()
+        trainer._optimizer_step()
 
     def infer_step() -> None:
         with torch.inference_mode():
             model(fixed.inputs)
 
-    infer = _windows(infer_step, batch, windows, steps, warmup, device)
-    return {"trainer": train, "model_alone": alone, "inference": infer}
+    return {"trainer": fit, "model_alone": window_timer(model_step, batch, steps, warmup, device, model.train),
+            "inference": window_timer(infer_step, batch, steps, warmup, device, model.eval)}
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -146,14 +167,14 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def _timed_trainer_windows(one_window: Callable[[], None], rows: int, windows: int, device: str = "cpu") -> list[float]:
-    """Samples/s of whole calls of a reference trainer (each call is one epoch over ``rows``, one
-    of them a warm-up)."""
-    return _windows(one_window, rows, windows, steps=1, warmup=1, device=device)
+def _trainer_window(one_epoch: Callable[[], None], rows: int, device: str = "cpu") -> WindowTimer:
+    """The timer of whole calls of a reference trainer, each one epoch over ``rows`` (one call now,
+    as the warm-up)."""
+    return window_timer(one_epoch, rows, steps=1, warmup=1, device=device)
 
 
 def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.Tensor, loss_fn, batch: int,
-                               windows: int, steps: int, warmup: int, device: str = "cpu") -> dict[str, list[float]]:
+                               steps: int, warmup: int, device: str = "cpu") -> dict[str, WindowTimer]:
     """A reference model's own step (forward, mean of the task losses, backward, Adam) and its inference."""
     model.to(device)
     fixed_x = fixed_x.to(device) if isinstance(fixed_x, torch.Tensor) else {k: v.to(device) for k, v in fixed_x.items()}
@@ -171,14 +192,12 @@ def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.T
         with torch.inference_mode():
             model(fixed_x)
 
-    model.train()
-    alone = _windows(model_step, batch, windows, steps, warmup, device)
-    model.eval()
-    return {"model_alone": alone, "inference": _windows(infer_step, batch, windows, steps, warmup, device)}
+    return {"model_alone": window_timer(model_step, batch, steps, warmup, device, model.train),
+            "inference": window_timer(infer_step, batch, steps, warmup, device, model.eval)}
 
 
-def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
-                   warmup: int, device: str = "cpu") -> dict[str, list[float]]:
+def rechub_session(workload: Workload, model_name: str, data: WorkloadData, steps: int, warmup: int,
+                   device: str = "cpu") -> dict[str, WindowTimer]:
     from torch_rechub.basic.features import DenseFeature, SparseFeature
     from torch_rechub.models.multi_task import AITM, ESMM, MMOE, PLE, SharedBottom
     from torch_rechub.trainers import MTLTrainer
@@ -222,24 +241,25 @@ def rechub_measure(workload: Workload, model_name: str, data: WorkloadData, wind
     x_val = {k: v[:batch] for k, v in x.items()}
     loaders = DataGenerator(x_window, y[:rows]).generate_dataloader(x_val=x_val, y_val=y[:batch], x_test=x_val,
                                                                     y_test=y[:batch], batch_size=batch)
-    # Its trainer saves the model into model_path: a folder that is removed afterwards.
-    with tempfile.TemporaryDirectory(prefix="rechub-bench-") as folder:
-        trainer = MTLTrainer(model, task_types=[task_type] * 2, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
-                             n_epoch=1, earlystop_patience=10_000, device=device, model_path=folder)
+    # Its trainer saves the model into model_path: a folder removed when the measuring process exits.
+    folder = tempfile.mkdtemp(prefix="rechub-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    trainer = MTLTrainer(model, task_types=[task_type] * 2, optimizer_params={"lr": 1e-3, "weight_decay": 0.0},
+                         n_epoch=1, earlystop_patience=10_000, device=device, model_path=folder)
 
-        def one_window() -> None:
-            with _quiet():
-                trainer.fit(loaders[0], loaders[1])
+    def one_epoch() -> None:
+        with _quiet():
+            trainer.fit(loaders[0], loaders[1])
 
-        train = _timed_trainer_windows(one_window, rows, windows, device)
+    train = _trainer_window(one_epoch, rows, device)
     fixed_x = {k: torch.as_tensor(v[:batch]) for k, v in x.items()}
     loss_fn = F.mse_loss if task_type == "regression" else F.binary_cross_entropy
     return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.as_tensor(y[:batch]), loss_fn,
-                                                           batch, windows, steps, warmup, device)}
+                                                           batch, steps, warmup, device)}
 
 
-def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, windows: int, steps: int,
-                    warmup: int, device: str = "cpu") -> dict[str, list[float]]:
+def deepctr_session(workload: Workload, model_name: str, data: WorkloadData, steps: int, warmup: int,
+                    device: str = "cpu") -> dict[str, WindowTimer]:
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import ESMM, MMOE, PLE, SharedBottom
 
@@ -285,16 +305,16 @@ def deepctr_measure(workload: Workload, model_name: str, data: WorkloadData, win
     rows = steps * batch
     x_window = {k: v[:rows] for k, v in x.items()}
 
-    def one_window() -> None:
+    def one_epoch() -> None:
         model.fit(x_window, y[:rows], batch_size=batch, epochs=1, verbose=0)
 
-    train = _timed_trainer_windows(one_window, rows, windows, device)
+    train = _trainer_window(one_epoch, rows, device)
     # deepctr models take one concatenated float tensor in feature-index order.
     fixed_x = torch.from_numpy(np.concatenate([np.asarray(x[name][:batch], dtype=np.float32).reshape(batch, -1)
                                                for name in model.feature_index], axis=1))
     loss_fn = F.mse_loss if workload.task_type == "regression" else F.binary_cross_entropy
     return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.from_numpy(y[:batch]), loss_fn,
-                                                           batch, windows, steps, warmup, device)}
+                                                           batch, steps, warmup, device)}
 
 
-MEASURE = {"mtlkit": mtlkit_measure, "torch_rechub": rechub_measure, "deepctr_torch": deepctr_measure}
+SESSIONS = {"mtlkit": mtlkit_session, "torch_rechub": rechub_session, "deepctr_torch": deepctr_session}

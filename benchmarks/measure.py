@@ -1,6 +1,12 @@
-"""One measurement in a fresh process (so peak RSS is this library's alone). Prints one JSON line.
+"""One library's measuring session in a process of its own (so peak RSS is that library's alone).
 
     python -m benchmarks.measure '{"library": "mtlkit", "workload": "W1", "model": "mmoe", ...}'
+
+The process builds the library's model, data and trainer and warms them up, answers ``ready``, then
+times one window for each line it reads on stdin (``trainer``, ``model_alone`` or ``inference``)
+and answers its samples/s; on ``done`` it answers its peak memory and exits. ``benchmarks.run``
+keeps one such process per library and asks them for windows in turn. Every answer is one line of
+JSON after :data:`REPLY` (the libraries print lines of their own).
 """
 
 from __future__ import annotations
@@ -29,12 +35,26 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
+REPLY = "@@measure "
+
+
+def _reply(message: dict) -> None:
+    print(REPLY + json.dumps(message), flush=True)
+
+
+def _error(error: Exception) -> dict:
+    """A library crashing is a result, not a benchmark failure: its first line, and the traceback."""
+    if isinstance(error, NotImplementedError):
+        return {"error": f"not available: {error}"}
+    return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200], "traceback": traceback.format_exc()[-2000:]}
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     import torch
 
     torch.set_num_threads(spec.get("threads", 2))
-    from benchmarks.libraries import MEASURE
+    from benchmarks.libraries import KINDS, SESSIONS
     from benchmarks.workloads import WORKLOADS, make_data
 
     workload = WORKLOADS[spec["workload"]]
@@ -46,21 +66,29 @@ def main() -> None:
     # trainers are timed one epoch per window), so data memory is equal in the RSS comparison.
     rows = spec.get("rows") or workload.batch_size * spec["steps"]
     data = make_data(workload, rows)
-    result = {"library": spec["library"], "workload": spec["workload"], "model": spec["model"]}
+    device = spec.get("device", "cpu")
     try:
         kwargs = {"compile_model": True} if spec.get("compile") else {}
-        device = spec.get("device", "cpu")
-        result.update(MEASURE[spec["library"]](workload, spec["model"], data, spec["windows"], spec["steps"],
-                                               spec["warmup"], device=device, **kwargs))
-        if torch.device(device).type == "cuda":
-            result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    except NotImplementedError as error:
-        result["error"] = f"not available: {error}"
-    except Exception as error:  # a reference library crashing is a result, not a benchmark failure
-        result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-        result["traceback"] = traceback.format_exc()[-2000:]
-    result["peak_rss_mb"] = peak_rss_mb()
-    print(json.dumps(result))
+        session = SESSIONS[spec["library"]](workload, spec["model"], data, spec["steps"], spec["warmup"], device=device, **kwargs)
+        _reply({"ready": True})
+    except Exception as error:
+        session = None
+        _reply(_error(error))
+    while session is not None:
+        kind = sys.stdin.readline().strip()
+        if kind in ("done", ""):  # "": the runner is gone
+            break
+        if kind not in KINDS:
+            _reply({"error": f"unknown window kind {kind!r}: expected one of {list(KINDS)}"})
+            continue
+        try:
+            _reply({"rate": session[kind]()})
+        except Exception as error:
+            _reply(_error(error))
+    usage = {"peak_rss_mb": peak_rss_mb()}
+    if torch.device(device).type == "cuda":
+        usage["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    _reply(usage)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
     python -m benchmarks.run --compile W1,W2      # mtlkit also with training.compile on both (default: W1)
     python -m benchmarks.run --device cuda        # every library on the GPU (no targets: issue 4's are the CPU's)
 
-Each (library, workload, model) is measured in a fresh process (so its peak RSS is its own), and
-libraries alternate round by round (A B A B) so machine drift hits all of them alike. The same run
+Each (library, workload, model) is measured in a process of its own (so its peak RSS is its own),
+fresh for every round; within a round the libraries' processes, all set up and warmed up first, take
+turns window by window (A B C, C B A, ...), so the machine's drift hits all of them alike. The same run
 measures this machine's matmul peak and, for every model, its FLOPs per sample and the time of its
 GEMMs alone, so results are also shown as a share of the roofline and of the GEMM-only bound.
 Results print as tables and are written as JSON, with issue 4's targets judged on the run
@@ -22,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,23 +31,89 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.libraries import LIBRARIES, build_mtlkit, import_error
+from benchmarks.libraries import KINDS, LIBRARIES, build_mtlkit, import_error
 from benchmarks.machine import cpu_description, gemm_seconds, matmul_peak_gflops, matmul_peaks_gflops, step_profile
+from benchmarks.measure import REPLY
 from benchmarks.targets import judge, print_verdicts, variant_shares
 from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
-KINDS = ("trainer", "model_alone", "inference")
 MTLKIT_VARIANTS = ("mtlkit", "mtlkit (compiled)")
 
 
-def _measure(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=1800)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {**spec, "error": f"process failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"}
-    return json.loads(lines[-1])
+class _MeasuringProcess:
+    """One library's ``benchmarks.measure`` session for one round: set up and warmed up when made,
+    then one timed window per :meth:`window` call, and its peak memory at :meth:`finish`."""
+
+    # Between two windows, so the previous process's idle OpenMP threads have stopped spinning.
+    PAUSE_SECONDS = 0.02
+
+    def __init__(self, spec: dict) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block it
+        self._process = subprocess.Popen([sys.executable, "-m", "benchmarks.measure", json.dumps(spec)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                         cwd=Path(__file__).resolve().parents[1])
+        ready = self._answer()
+        self.error: str | None = ready.get("error")
+        self._usage: dict | None = None
+        if self.error:
+            # Ended now: a process tearing torch down takes a core for a second, which the next
+            # library's windows would pay for.
+            self.finish()
+
+    def _answer(self) -> dict:
+        for line in self._process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+        self._stderr.seek(0)
+        last = self._stderr.read().strip().splitlines()[-1:]
+        return {"error": f"process failed: {last}"}
+
+    def window(self, kind: str) -> float | None:
+        """Samples/s of one window of ``kind``; None (and :attr:`error` set) when the library failed."""
+        if self.error:
+            return None
+        time.sleep(self.PAUSE_SECONDS)
+        self._process.stdin.write(kind + "\n")
+        self._process.stdin.flush()
+        answer = self._answer()
+        self.error = answer.get("error")
+        return answer.get("rate")
+
+    def finish(self) -> dict:
+        """The process's peak memory (``peak_rss_mb``, and ``peak_gpu_memory_mb`` on a GPU), once it has ended."""
+        if self._usage is None:
+            try:
+                self._process.stdin.write("done\n")
+                self._process.stdin.flush()
+            except BrokenPipeError:  # it ended on its own (its set-up failed)
+                pass
+            self._usage = self._answer()
+            self._process.wait()
+            self._stderr.close()
+        return self._usage
+
+
+def _measure_round(specs: dict[str, dict], windows: int) -> dict[str, dict]:
+    """One round: a process per library (``specs`` by name), set up one after the other, then
+    ``windows`` windows of each kind from each, taking turns window by window, the order reversed on
+    every other turn so a steady drift falls on all of them alike. Returns per name the windows'
+    rates by kind and the peak memory, or the error."""
+    processes = {name: _MeasuringProcess(spec) for name, spec in specs.items()}
+    rates: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in KINDS} for name in specs}
+    turn = 0
+    for kind in KINDS:
+        for _ in range(windows):
+            for name in (list(processes) if turn % 2 == 0 else list(processes)[::-1]):
+                rate = processes[name].window(kind)
+                if rate is not None:
+                    rates[name][kind].append(rate)
+            turn += 1
+    results = {}
+    for name, process in processes.items():
+        error, usage = process.error, process.finish()  # every process is ended, failed or not
+        results[name] = {"error": error} if error else {**rates[name], **usage}
+    return results
 
 
 def _roofline(workload_name: str, model_name: str, batch_size: int | None, gemm_bound: bool = True) -> dict:
@@ -93,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workloads", default="W1,W2")
     parser.add_argument("--models", default=None, help="comma-separated (default: each workload's list)")
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
-    parser.add_argument("--rounds", type=int, default=2, help="A B A B rounds per (workload, model)")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per (workload, model), each with fresh processes")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows of each kind per library and round")
     parser.add_argument("--window-seconds", type=float, default=1.0, help="target length of one window")
     parser.add_argument("--compile", default="W1", help="workloads on which mtlkit is also measured with training.compile "
                                                          "(torch.compile of its forward, losses and weighting; '' for none)")
@@ -144,14 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
             variants = [(lib, False) for lib in libraries]
             if "mtlkit" in libraries and workload_name in compiled_on:
                 variants.insert(1, ("mtlkit", True))
+            specs = {library + (" (compiled)" if compiled else ""):
+                     {"library": library, "workload": workload_name, "model": model_name, "steps": steps,
+                      "warmup": 1 if args.tiny else 3, "compile": compiled, "batch_size": batch_size,
+                      "rows": 512 if args.tiny else None, "device": args.device}
+                     for library, compiled in variants}
             for round_index in range(1 if args.tiny else args.rounds):
-                for library, compiled in variants:
-                    key = library + (" (compiled)" if compiled else "")
-                    spec = {"library": library, "workload": workload_name, "model": model_name, "steps": steps,
-                            "windows": 1 if args.tiny else args.windows, "warmup": 1 if args.tiny else 3,
-                            "compile": compiled, "batch_size": batch_size, "rows": 512 if args.tiny else None,
-                            "device": args.device}
-                    result = _measure(spec)
+                for key, result in _measure_round(specs, entry["windows_per_round"]).items():
                     slot = entry["libraries"].setdefault(key, {k: [] for k in KINDS} | {"peak_rss_mb": []})
                     if "error" in result:
                         slot["error"] = result["error"]

@@ -235,6 +235,47 @@ def test_ratios_by_round_pair_each_round_of_the_two_libraries():
     assert _ratios_by_round(ours, theirs[:3], 3) == []  # a round that failed on one side pairs nothing
 
 
+def test_a_round_takes_windows_from_the_libraries_in_turn_reversing_the_order(monkeypatch):
+    from benchmarks import run
+
+    calls = []
+
+    class Recording:  # stands in for a measuring process
+        def __init__(self, spec):
+            self.name, self.error = spec["library"], "boom" if spec["library"] == "broken" else None
+
+        def window(self, kind):
+            calls.append((self.name, kind))
+            return None if self.error else float(len(calls))
+
+        def finish(self):
+            calls.append((self.name, "finish"))
+            return {"peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(run, "_MeasuringProcess", Recording)
+    results = run._measure_round({"a": {"library": "a"}, "b": {"library": "b"}, "broken": {"library": "broken"}}, windows=2)
+    taken = [(name, kind) for name, kind in calls if name != "broken" and kind != "finish"]
+    assert taken == [("a", "trainer"), ("b", "trainer"), ("b", "trainer"), ("a", "trainer"),
+                     ("a", "model_alone"), ("b", "model_alone"), ("b", "model_alone"), ("a", "model_alone"),
+                     ("a", "inference"), ("b", "inference"), ("b", "inference"), ("a", "inference")]
+    assert {name for name, kind in calls if kind == "finish"} == {"a", "b", "broken"}
+    assert results["broken"] == {"error": "boom"}
+    assert results["a"]["trainer"] == [1.0, 6.0] and results["b"]["model_alone"] == [8.0, 11.0]
+    assert results["a"]["peak_rss_mb"] == 1.0
+
+
+def test_measuring_processes_answer_windows_and_a_failed_set_up_is_a_result():
+    from benchmarks.run import _measure_round
+
+    spec = {"library": "mtlkit", "workload": "W1", "model": "mmoe", "steps": 2, "warmup": 1, "compile": False,
+            "batch_size": 64, "rows": 256, "device": "cpu"}
+    results = _measure_round({"mtlkit": spec, "no such model": {**spec, "model": "no_such_model"}}, windows=2)
+    ours = results["mtlkit"]
+    assert all(len(ours[kind]) == 2 and min(ours[kind]) > 0 for kind in ("trainer", "model_alone", "inference"))
+    assert ours["peak_rss_mb"] > 0
+    assert "no_such_model" in results["no such model"]["error"]
+
+
 def test_gemm_backends_times_each_gemm_of_the_step_through_both_libraries(tmp_path):
     from benchmarks.gemm_backends import onednn_version
     from mtlkit.models import cpu_gemm
@@ -349,12 +390,12 @@ def test_precision_benchmark_runs_on_a_tiny_size(tmp_path):
 
 def test_deepctr_torchs_crash_on_more_shared_than_task_experts_is_named():
     pytest.importorskip("deepctr_torch", reason="deepctr-torch is in benchmarks/requirements.txt, not installed here")
-    from benchmarks.libraries import deepctr_measure
+    from benchmarks.libraries import deepctr_session
     from benchmarks.workloads import WORKLOADS, make_data
 
     workload = WORKLOADS["W1"]
     with pytest.raises(RuntimeError, match="4 shared > 2 task experts"):
-        deepctr_measure(workload, "cgc", make_data(workload, rows=64), windows=1, steps=1, warmup=0)
+        deepctr_session(workload, "cgc", make_data(workload, rows=64), steps=1, warmup=0)
 
 
 def test_gemm_in_step_records_and_retimes_onednns_linear_where_it_runs():
