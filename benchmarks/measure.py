@@ -43,10 +43,12 @@ def _reply(message: dict) -> None:
 
 
 def _error(error: Exception) -> dict:
-    """A library crashing is a result, not a benchmark failure: its first line, and the traceback."""
+    """A library crashing is a result, not a benchmark failure: its first line (the traceback goes
+    to stderr)."""
     if isinstance(error, NotImplementedError):
         return {"error": f"not available: {error}"}
-    return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200], "traceback": traceback.format_exc()[-2000:]}
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
 
 
 def main() -> None:

@@ -111,7 +111,8 @@ def _measure_round(specs: dict[str, dict], windows: int) -> dict[str, dict]:
             turn += 1
     results = {}
     for name, process in processes.items():
-        error, usage = process.error, process.finish()  # every process is ended, failed or not
+        usage = process.finish()  # every process is ended, failed or not
+        error = process.error or usage.get("error")
         results[name] = {"error": error} if error else {**rates[name], **usage}
     return results
 

@@ -250,17 +250,19 @@ def test_a_round_takes_windows_from_the_libraries_in_turn_reversing_the_order(mo
 
         def finish(self):
             calls.append((self.name, "finish"))
-            return {"peak_rss_mb": 1.0}
+            return {"error": "process failed: []"} if self.name == "died" else {"peak_rss_mb": 1.0}
 
     monkeypatch.setattr(run, "_MeasuringProcess", Recording)
-    results = run._measure_round({"a": {"library": "a"}, "b": {"library": "b"}, "broken": {"library": "broken"}}, windows=2)
-    taken = [(name, kind) for name, kind in calls if name != "broken" and kind != "finish"]
+    results = run._measure_round({"a": {"library": "a"}, "b": {"library": "b"}, "broken": {"library": "broken"},
+                                  "died": {"library": "died"}}, windows=2)
+    assert results["died"] == {"error": "process failed: []"}  # its windows answered, then it crashed
+    taken = [(name, kind) for name, kind in calls if name in ("a", "b") and kind != "finish"]
     assert taken == [("a", "trainer"), ("b", "trainer"), ("b", "trainer"), ("a", "trainer"),
                      ("a", "model_alone"), ("b", "model_alone"), ("b", "model_alone"), ("a", "model_alone"),
                      ("a", "inference"), ("b", "inference"), ("b", "inference"), ("a", "inference")]
-    assert {name for name, kind in calls if kind == "finish"} == {"a", "b", "broken"}
+    assert {name for name, kind in calls if kind == "finish"} == {"a", "b", "broken", "died"}
     assert results["broken"] == {"error": "boom"}
-    assert results["a"]["trainer"] == [1.0, 6.0] and results["b"]["model_alone"] == [8.0, 11.0]
+    assert results["a"]["trainer"] == [1.0, 8.0] and results["b"]["model_alone"] == [10.0, 15.0]
     assert results["a"]["peak_rss_mb"] == 1.0
 
 
