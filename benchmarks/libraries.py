@@ -78,6 +78,12 @@ def window_timer(run_step: Callable[[], None], samples_per_step: int, steps: int
     return window
 
 
+def trainer_window(one_epoch: Callable[[], None], rows: int, device: str = "cpu") -> WindowTimer:
+    """The timer of whole calls of a library's trainer, each one epoch over ``rows`` (one call now,
+    as the warm-up): every library's trainer window, its per-fit work included."""
+    return window_timer(one_epoch, rows, steps=1, warmup=1, device=device)
+
+
 # --------------------------------------------------------------------------------------------- mtlkit
 def build_mtlkit(workload: Workload, model_name: str, data: WorkloadData, **overrides):
     """mtlkit's model for the workload, its tasks and the data as :class:`MultiTaskTensors`;
@@ -135,13 +141,12 @@ def mtlkit_session(workload: Workload, model_name: str, data: WorkloadData, step
 
     batch = workload.batch_size
     model, tasks, dataset = build_mtlkit(workload, model_name, data)
-    # A trainer window is one fit of `steps` steps over the window's rows, one epoch, as a reference's
-    # is one epoch of its own fit (each includes its trainer's per-fit work).
+    # A trainer window is one fit of `steps` steps: one epoch over the window's rows.
     trainer = Trainer(model, TrainerConfig(batch_size=batch, max_steps=steps, max_epochs=None, eval_every=steps,
                                            patience=None, progress=False, device=device, compile=compile_model))
     if trainer.device.type != "cpu":  # moved there once, as one long fit would (each window's fit finds it there)
         dataset = dataset.to(trainer.device)
-    fit = window_timer(lambda: trainer.fit(dataset), steps * batch, steps=1, warmup=1, device=device)
+    fit = trainer_window(lambda: trainer.fit(dataset), steps * batch, device)
 
     # The model alone: the trainer's own step (its forward, losses and weighting, compiled or not,
     # and its optimizer) on one fixed batch, no data path.
@@ -165,12 +170,6 @@ def mtlkit_session(workload: Workload, model_name: str, data: WorkloadData, step
 # ------------------------------------------------------------------------------------------ references
 def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
-
-
-def _trainer_window(one_epoch: Callable[[], None], rows: int, device: str = "cpu") -> WindowTimer:
-    """The timer of whole calls of a reference trainer, each one epoch over ``rows`` (one call now,
-    as the warm-up)."""
-    return window_timer(one_epoch, rows, steps=1, warmup=1, device=device)
 
 
 def _model_alone_and_inference(model: torch.nn.Module, fixed_x, fixed_y: torch.Tensor, loss_fn, batch: int,
@@ -251,7 +250,7 @@ def rechub_session(workload: Workload, model_name: str, data: WorkloadData, step
         with _quiet():
             trainer.fit(loaders[0], loaders[1])
 
-    train = _trainer_window(one_epoch, rows, device)
+    train = trainer_window(one_epoch, rows, device)
     fixed_x = {k: torch.as_tensor(v[:batch]) for k, v in x.items()}
     loss_fn = F.mse_loss if task_type == "regression" else F.binary_cross_entropy
     return {"trainer": train, **_model_alone_and_inference(model, fixed_x, torch.as_tensor(y[:batch]), loss_fn,
@@ -308,7 +307,7 @@ def deepctr_session(workload: Workload, model_name: str, data: WorkloadData, ste
     def one_epoch() -> None:
         model.fit(x_window, y[:rows], batch_size=batch, epochs=1, verbose=0)
 
-    train = _trainer_window(one_epoch, rows, device)
+    train = trainer_window(one_epoch, rows, device)
     # deepctr models take one concatenated float tensor in feature-index order.
     fixed_x = torch.from_numpy(np.concatenate([np.asarray(x[name][:batch], dtype=np.float32).reshape(batch, -1)
                                                for name in model.feature_index], axis=1))

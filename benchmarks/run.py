@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "warmup": 1 if args.tiny else 3, "compile": compiled, "batch_size": batch_size,
                       "rows": 512 if args.tiny else None, "device": args.device}
                      for library, compiled in variants}
-            for round_index in range(1 if args.tiny else args.rounds):
+            for _ in range(1 if args.tiny else args.rounds):
                 for key, result in _measure_round(specs, entry["windows_per_round"]).items():
                     slot = entry["libraries"].setdefault(key, {k: [] for k in KINDS} | {"peak_rss_mb": []})
                     if "error" in result:
