@@ -153,17 +153,11 @@ def mtlkit_session(workload: Workload, model_name: str, data: WorkloadData, step
     fixed = dataset.subset(slice(0, batch)).to(trainer.device)
     fixed_batch = next(fixed.batches(batch))
 
-    def model_step() -> None:
-        total_loss, _ = trainer.batch_objective(fixed_batch)
-        trainer._zero_grad()
-        total_loss.backward()
-        trainer._optimizer_step()
-
     def infer_step() -> None:
         with torch.inference_mode():
             model(fixed.inputs)
 
-    return {"trainer": fit, "model_alone": window_timer(model_step, batch, steps, warmup, device, model.train),
+    return {"trainer": fit, "model_alone": window_timer(lambda: trainer.train_step(fixed_batch), batch, steps, warmup, device, model.train),
             "inference": window_timer(infer_step, batch, steps, warmup, device, model.eval)}
 
 

@@ -36,6 +36,38 @@ def test_same_seed_same_numbers():
     assert result_c.history != result_a.history
 
 
+@pytest.mark.parametrize("weighting, gates", [("fixed", {}), ("famo", dict(gate_type="dselect_k", gate_top_k=2, gate_entropy_weight=0.1))])
+def test_a_loop_of_train_steps_is_fit(weighting, gates):
+    """``Trainer.train_step`` over the batches fit would draw (same generator, same seed) leaves the
+    same weights and the same mean losses as ``fit``: fit's step is the public one. FAMO updates its
+    weights after each step; DSelect-k gates add an auxiliary loss."""
+    tasks, (train, _) = synthetic_splits(rows=600)
+    config = TrainerConfig(max_steps=10, max_epochs=None, eval_every=10, batch_size=64, seed=3, progress=False,
+                           weighting=weighting)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4, dropout=0.1, **gates)
+
+    fitted = model()
+    history = Trainer(fitted, config).fit(train).history
+    stepped = model()
+    trainer = Trainer(stepped, config)
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(3)
+    two_epochs = [b for _ in range(2) for b in train.batches(64, shuffle=True, generator=generator)]  # 8 batches each
+    batches = two_epochs[:10]
+    steps = [trainer.train_step(batch) for batch in batches]
+    for (name, a), (_, b) in zip(fitted.state_dict().items(), stepped.state_dict().items()):
+        assert torch.equal(a, b), name
+    for task in tasks:
+        losses = torch.stack([step.tasks[task.name] for step in steps])
+        assert not losses.requires_grad
+        assert [r["loss"] for r in history if r["task"] == task.name] == pytest.approx([losses.mean().item()], rel=1e-6)
+    auxiliary = [step.auxiliary for step in steps]
+    assert all(a is None for a in auxiliary) if not gates else all(a.ndim == 0 and not a.requires_grad for a in auxiliary)
+
+
 def test_training_reduces_the_validation_loss():
     tasks, (train, valid) = synthetic_splits()
     model = build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4)

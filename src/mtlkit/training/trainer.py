@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -201,6 +201,18 @@ class TrainerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class StepLosses(NamedTuple):
+    """What :meth:`Trainer.train_step` returns: detached 0-d tensors on the trainer's device.
+
+    Attributes:
+        tasks: each task's loss on the batch, by task name.
+        auxiliary: the model's own term of the objective (AITM's calibrator, a gate's penalty), or None.
+    """
+
+    tasks: dict[str, torch.Tensor]
+    auxiliary: torch.Tensor | None
 
 
 @dataclass
@@ -466,6 +478,38 @@ class Trainer:
         stays eager)."""
         return self._step_objective(batch)[:2]
 
+    def train_step(self, batch: Batch) -> StepLosses:
+        """One optimizer step on ``batch`` (already on the trainer's device), exactly as :meth:`fit` takes
+        it: the forward and the weighted objective (compiled with ``compile``), the backward (or the
+        gradient surgery's per-task backwards), the replicas' averaging under DDP, gradient clipping, the
+        optimizer's step and the weighting's own update (FAMO's). No host sync: the losses come back as
+        detached 0-d tensors on the device. The learning-rate schedule is :meth:`fit`'s (this step uses
+        the optimizer's current rate), and so is the module's train/eval mode.
+
+        Returns:
+            each task's loss (name -> 0-d tensor) and the model's auxiliary loss (None without one).
+        """
+        with self._replica_forward():
+            total, losses, auxiliary = self._step_objective(batch)
+        self._zero_grad()
+        if self._balanced_parameters is not None:
+            self.weighting.balance(losses, self._balanced_parameters)
+        if self._surgery is None:
+            total.backward()
+        else:
+            self._surgery_backward(losses, auxiliary)
+        if self._replica_averaged_weighting:
+            self._average_over_replicas(self._replica_averaged_weighting)
+        if self.config.gradient_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.gradient_clip)
+        self._optimizer_step()
+        if self.weighting.updates_after_step:  # FAMO: the step's effect on this batch's losses
+            with torch.no_grad():
+                self.weighting.after_step(self._losses(batch.inputs, batch.labels, batch.label_mask,
+                                                       batch.sample_weight, batch.all_labelled)[0])
+        return StepLosses({name: loss.detach() for name, loss in losses.items()},
+                          None if auxiliary is None else auxiliary.detach())
+
     def _step_objective(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """:meth:`batch_objective` plus the auxiliary term on its own (None without one)."""
         return self._objective(batch.inputs, batch.labels, batch.label_mask, batch.sample_weight, batch.all_labelled)
@@ -684,31 +728,14 @@ class Trainer:
                 for batch in shard.batches(c.batch_size, shuffle=True, generator=generator):
                     if copy_batches:
                         batch = batch.to(self.device)
-                    with self._replica_forward():
-                        total, losses, auxiliary = self._step_objective(batch)
-                    self._zero_grad()
-                    if self._balanced_parameters is not None:
-                        self.weighting.balance(losses, self._balanced_parameters)
-                    if self._surgery is None:
-                        total.backward()
-                    else:
-                        self._surgery_backward(losses, auxiliary)
-                    if self._replica_averaged_weighting:
-                        self._average_over_replicas(self._replica_averaged_weighting)
-                    if c.gradient_clip is not None:
-                        nn.utils.clip_grad_norm_(self.model.parameters(), c.gradient_clip)
-                    self._optimizer_step()
+                    losses, auxiliary = self.train_step(batch)
                     if scheduler is not None:
                         scheduler.step()
-                    if self.weighting.updates_after_step:  # FAMO: the step's effect on this batch's losses
-                        with torch.no_grad():
-                            self.weighting.after_step(self._losses(batch.inputs, batch.labels, batch.label_mask,
-                                                                   batch.sample_weight, batch.all_labelled)[0])
-                    torch._foreach_add_(running, [loss.detach() for loss in losses.values()])
+                    torch._foreach_add_(running, list(losses.values()))
                     if auxiliary is not None:
                         if running_auxiliary is None:
                             running_auxiliary = torch.zeros((), device=self.device)
-                        running_auxiliary.add_(auxiliary.detach())
+                        running_auxiliary.add_(auxiliary)
                     running_steps += 1
                     step += 1
                     advance(1)
