@@ -5,7 +5,8 @@ window timer per kind of measurement, which times one window of steps when calle
 throughput (samples/s):
 - ``trainer``: one epoch over the window's rows through the library's own trainer and data path
   (what a user gets; ``steps`` optimizer steps);
-- ``model_alone``: forward + loss + backward + Adam step on one fixed batch (the model alone);
+- ``model_alone``: forward + loss + backward + Adam step on one fixed batch (the model alone;
+  mtlkit's is ``Trainer.train_step``, the step its ``fit`` takes);
 - ``inference``: forward only, in inference mode.
 ``benchmarks.run`` asks the sessions of all libraries for their windows in turn, so the libraries
 are timed seconds apart and the machine's drift falls on all of them alike.
@@ -148,16 +149,17 @@ def mtlkit_session(workload: Workload, model_name: str, data: WorkloadData, step
         dataset = dataset.to(trainer.device)
     fit = trainer_window(lambda: trainer.fit(dataset), steps * batch, device)
 
-    # The model alone: the trainer's own step (its forward, losses and weighting, compiled or not,
-    # and its optimizer) on one fixed batch, no data path.
+    # The model alone: the step fit takes (Trainer.train_step: forward, losses and weighting, compiled
+    # or not, backward, the trainer's optimizer) on one fixed batch, no data path.
     fixed = dataset.subset(slice(0, batch)).to(trainer.device)
     fixed_batch = next(fixed.batches(batch))
+    model_step = lambda: trainer.train_step(fixed_batch)  # noqa: E731
 
     def infer_step() -> None:
         with torch.inference_mode():
             model(fixed.inputs)
 
-    return {"trainer": fit, "model_alone": window_timer(lambda: trainer.train_step(fixed_batch), batch, steps, warmup, device, model.train),
+    return {"trainer": fit, "model_alone": window_timer(model_step, batch, steps, warmup, device, model.train),
             "inference": window_timer(infer_step, batch, steps, warmup, device, model.eval)}
 
 
