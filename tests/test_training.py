@@ -50,7 +50,8 @@ def test_a_loop_of_train_steps_is_fit(weighting, gates):
         return build_model("mmoe", input_dim=20, tasks=tasks, num_experts=4, dropout=0.1, **gates)
 
     fitted = model()
-    history = Trainer(fitted, config).fit(train).history
+    fitting = Trainer(fitted, config)
+    history = fitting.fit(train).history
     stepped = model()
     trainer = Trainer(stepped, config)
     torch.manual_seed(3)
@@ -60,6 +61,7 @@ def test_a_loop_of_train_steps_is_fit(weighting, gates):
     steps = [trainer.train_step(batch) for batch in batches]
     for (name, a), (_, b) in zip(fitted.state_dict().items(), stepped.state_dict().items()):
         assert torch.equal(a, b), name
+    torch.testing.assert_close(trainer.weighting.state_dict(), fitting.weighting.state_dict(), rtol=0, atol=0)  # FAMO's logits
     for task in tasks:
         losses = torch.stack([step.tasks[task.name] for step in steps])
         assert not losses.requires_grad
