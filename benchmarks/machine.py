@@ -166,8 +166,30 @@ def gemm_forms(func, shapes: tuple, strides: tuple) -> list[Callable[[], object]
     return forms
 
 
-def gemm_seconds(calls: list[tuple]) -> float:
-    """Time of the step's GEMMs alone, each run in isolation at its real shape in the fastest of its
-    :func:`gemm_forms`."""
-    return sum(min(_best_seconds(form, 20, rounds=3) for form in gemm_forms(func, shapes, strides))
-               for func, shapes, strides, *_ in calls)
+def fastest_gemm_forms(calls: list[tuple]) -> tuple[float, list[Callable[[], object]]]:
+    """The step's GEMMs alone: each recorded call run in isolation at its real shape in each of its
+    :func:`gemm_forms`, best of 3 x 20 runs. Returns the sum of the fastest forms' times (seconds a
+    step, the GEMM-only bound at the host's fastest moment) and those forms, one per call."""
+    total, chosen = 0.0, []
+    for func, shapes, strides, *_ in calls:
+        seconds, form = min(((_best_seconds(form, 20, rounds=3), form) for form in gemm_forms(func, shapes, strides)),
+                            key=lambda timed: timed[0])
+        total += seconds
+        chosen.append(form)
+    return total, chosen
+
+
+def gemm_bound_window(forms: list[Callable[[], object]], samples_per_step: int, steps: int) -> Callable[[], float]:
+    """The timer of one window of the GEMM-only bound, taken as the libraries' windows are: each form
+    (:func:`fastest_gemm_forms`) run ``steps`` times in a row, as :func:`gemm_seconds` runs it, and the
+    window's samples/s for ``steps`` steps. ``benchmarks.run`` takes these windows between the
+    libraries' own, so the bound and the trainer meet the host at the same moments."""
+
+    def window() -> float:
+        start = time.perf_counter()
+        for form in forms:
+            for _ in range(steps):
+                form()
+        return steps * samples_per_step / (time.perf_counter() - start)
+
+    return window

@@ -39,6 +39,12 @@ def test_benchmark_suite_runs_on_a_tiny_size(tmp_path):
     # shares do not.
     verdicts = {v["target"]: v for v in report["targets"] if v["model"] == "mmoe"}
     assert verdicts["trainer >= 80 % of GEMM-only bound"]["measured"] == entry["trainer_share_of_gemm_bound"]
+    # The share is of the bound's own windows, taken beside the trainer's (one round of one window here).
+    assert [len(entry["gemm_bound_windows"][kind]) for kind in ("trainer", "inference")] == [1, 1]
+    assert entry["gemm_bound_interleaved_samples_per_s"] == entry["gemm_bound_windows"]["trainer"][0] > 0
+    assert entry["trainer_share_of_gemm_bound"] == ours["trainer_median"] / entry["gemm_bound_interleaved_samples_per_s"]
+    assert entry["trainer_share_of_best_gemm_bound"] == ours["trainer_median"] / entry["gemm_bound_samples_per_s"]
+    assert verdicts["trainer >= 80 % of GEMM-only bound"]["measured_against_best_bound"] == entry["trainer_share_of_best_gemm_bound"]
     assert verdicts["trainer >= 2.2x torch_rechub"]["status"] == "not judged: torch_rechub not measured"
     # STEM's embedding copies add lookups, not GEMMs: its experts cost what MMoE's eight do.
     stem = report["results"][1]
@@ -264,6 +270,51 @@ def test_a_round_takes_windows_from_the_libraries_in_turn_reversing_the_order(mo
     assert results["broken"] == {"error": "boom"}
     assert results["a"]["trainer"] == [1.0, 8.0] and results["b"]["model_alone"] == [10.0, 15.0]
     assert results["a"]["peak_rss_mb"] == 1.0
+
+
+def test_the_gemm_bound_takes_its_turn_beside_the_libraries_windows(monkeypatch):
+    from benchmarks import run
+
+    calls = []
+
+    class Recording:  # stands in for a measuring process
+        def __init__(self, spec):
+            self.name, self.error = spec["library"], None
+
+        def window(self, kind):
+            calls.append((self.name, kind))
+            return 1.0
+
+        def finish(self):
+            return {"peak_rss_mb": 1.0}
+
+    def bound_window(kind):
+        return lambda: calls.append(("bound", kind)) or 5.0
+
+    monkeypatch.setattr(run, "_MeasuringProcess", Recording)
+    monkeypatch.setattr(run, "WINDOW_PAUSE_SECONDS", 0.0)
+    results = run._measure_round({"a": {"library": "a"}, "b": {"library": "b"}}, windows=2,
+                                 bound={"trainer": bound_window("trainer"), "inference": bound_window("inference")})
+    assert calls == [("a", "trainer"), ("b", "trainer"), ("bound", "trainer"), ("bound", "trainer"), ("b", "trainer"),
+                     ("a", "trainer"), ("a", "model_alone"), ("b", "model_alone"), ("b", "model_alone"), ("a", "model_alone"),
+                     ("a", "inference"), ("b", "inference"), ("bound", "inference"), ("bound", "inference"),
+                     ("b", "inference"), ("a", "inference")]
+    assert results[run.GEMM_BOUND] == {"trainer": [5.0, 5.0], "inference": [5.0, 5.0]}
+    assert set(results) == {"a", "b", run.GEMM_BOUND}
+
+
+def test_a_gemm_bound_window_runs_each_gemm_its_steps_in_a_row():
+    from benchmarks.machine import gemm_bound_window
+    from benchmarks.targets import gemm_bound
+
+    ran = []
+    rate = gemm_bound_window([lambda: ran.append("first"), lambda: ran.append("second")], samples_per_step=64, steps=3)()
+    assert ran == ["first"] * 3 + ["second"] * 3 and rate > 0
+    best_only = {"gemm_bound_samples_per_s": 100.0, "inference_gemm_bound_samples_per_s": 300.0}
+    assert gemm_bound(best_only) == 100.0 and gemm_bound(best_only, "inference") == 300.0  # a report from before the windows
+    both = {**best_only, "gemm_bound_interleaved_samples_per_s": 80.0, "inference_gemm_bound_interleaved_samples_per_s": 270.0}
+    assert gemm_bound(both) == 80.0 and gemm_bound(both, "inference") == 270.0
+    assert gemm_bound({"gemm_bound_samples_per_s": None}) is None  # a GPU run
 
 
 def test_measuring_processes_answer_windows_and_a_failed_set_up_is_a_result():
