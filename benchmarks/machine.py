@@ -110,7 +110,7 @@ def step_profile(step) -> tuple[float, list[tuple]]:
     The FLOPs are counted with mtlkit's padding of small mixings off (``models/gates.py``): its zero
     rows are work the code executes, not work the model needs. The GEMM calls are the executed ones,
     all run through MKL here: the FLOP counter and the recorder see aten's GEMMs only, and oneDNN's
-    calls (``mtlkit.models.cpu_gemm``) compute the same products; :func:`gemm_seconds` then times each
+    calls (``mtlkit.models.cpu_gemm``) compute the same products; :func:`fastest_gemm_forms` then times each
     in the faster library.
     """
     from mtlkit.models import cpu_gemm, gates
@@ -181,7 +181,7 @@ def fastest_gemm_forms(calls: list[tuple]) -> tuple[float, list[Callable[[], obj
 
 def gemm_bound_window(forms: list[Callable[[], object]], samples_per_step: int, steps: int) -> Callable[[], float]:
     """The timer of one window of the GEMM-only bound, taken as the libraries' windows are: each form
-    (:func:`fastest_gemm_forms`) run ``steps`` times in a row, as :func:`gemm_seconds` runs it, and the
+    (:func:`fastest_gemm_forms`) run ``steps`` times in a row, as that function times it, and the
     window's samples/s for ``steps`` steps. ``benchmarks.run`` takes these windows between the
     libraries' own, so the bound and the trainer meet the host at the same moments."""
 
