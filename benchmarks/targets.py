@@ -164,7 +164,10 @@ def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
 
 def judge(report: dict, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
     """Every target's verdict on every (workload, model) of ``report`` it applies to, for mtlkit's
-    defaults and every other variant measured there (its compiled one)."""
+    defaults and every other variant measured there (its compiled one). Issue 4's targets are the
+    CPU's: a report of another device (``--device cuda``) gets none."""
+    if report.get("machine", {}).get("device", "cpu") != "cpu":
+        return []
     verdicts = []
     for target in targets:
         for entry in report["results"]:
@@ -204,8 +207,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", default="benchmarks/results.json", help="a JSON report of benchmarks.run")
     args = parser.parse_args(argv)
-    verdicts = judge(json.loads(Path(args.results).read_text()))
-    print_verdicts(verdicts, Console(width=200))
+    report = json.loads(Path(args.results).read_text())
+    verdicts = judge(report)
+    if verdicts:
+        print_verdicts(verdicts, Console(width=200))
+    else:
+        print(f"no targets judged: issue 4's targets are the CPU's, and this run was on {report['machine'].get('device')!r}")
     return verdicts
 
 

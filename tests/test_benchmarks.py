@@ -233,6 +233,15 @@ def test_targets_say_how_far_a_miss_is_from_the_roofline():
     assert share["status"] == "missed" and share["measured"] == 230 / 250
 
 
+def test_a_stored_gpu_run_gets_no_verdicts(tmp_path, capsys):
+    from benchmarks.targets import main
+
+    gpu_run = ROOT / "benchmarks" / "results_gpu_w2.json"  # a real --device cuda report: no GEMM-only bound
+    assert json.loads(gpu_run.read_text())["machine"]["device"] == "cuda"
+    assert main([str(gpu_run)]) == []
+    assert "issue 4's targets are the CPU's" in capsys.readouterr().out
+
+
 def test_ratios_by_round_pair_each_round_of_the_two_libraries():
     from benchmarks.run import _ratios_by_round
 
