@@ -40,7 +40,7 @@ from benchmarks.libraries import KINDS, LIBRARIES, build_mtlkit, import_error
 from benchmarks.machine import (cpu_description, fastest_gemm_forms, gemm_bound_window, matmul_peak_gflops, matmul_peaks_gflops,
                                 step_profile)
 from benchmarks.measure import REPLY
-from benchmarks.targets import gemm_bound, judge, paired_ratio, print_verdicts, variant_shares
+from benchmarks.targets import gemm_bound, gemm_bound_key, judge, paired_ratio, print_verdicts, variant_shares
 from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps,
                      "windows_per_round": 1 if args.tiny else args.windows, "libraries": {},
                      "gemm_bound_windows": {kind: [] for kind in bound_forms}}
-            bound = {kind: gemm_bound_window(forms, workload.batch_size if batch_size is None else batch_size, steps)
+            bound = {kind: gemm_bound_window(forms, batch_size or workload.batch_size, steps)
                      for kind, forms in bound_forms.items()}
             variants = [(lib, False) for lib in libraries]
             if "mtlkit" in libraries and workload_name in compiled_on:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _summarise_entry(entry: dict) -> None:
     for kind, rates in entry.get("gemm_bound_windows", {}).items():
         if rates:  # the bound as the trainer is measured: the median of windows taken beside the libraries'
-            entry[f"{'' if kind == 'trainer' else kind + '_'}gemm_bound_interleaved_samples_per_s"] = statistics.median(rates)
+            entry[gemm_bound_key(kind, interleaved=True)] = statistics.median(rates)
     for slot in entry["libraries"].values():
         if "error" in slot and not slot["trainer"]:
             continue
@@ -372,7 +372,7 @@ def _print_drift(drift: dict | None) -> None:
 
 def _print_entry(entry: dict) -> None:
     def bound(measure: str) -> str:
-        best = entry[f"{'' if measure == 'trainer' else measure + '_'}gemm_bound_samples_per_s"]
+        best = entry[gemm_bound_key(measure)]
         median = gemm_bound(entry, measure)
         return _rate(best) if median == best else f"{_rate(median)} (best-of {_rate(best)})"
 

@@ -108,12 +108,18 @@ def paired_ratio(ours: dict, theirs: dict, measure: str) -> float:
     return ours[f"{measure}_median"] / theirs[f"{measure}_median"]
 
 
+def gemm_bound_key(measure: str, interleaved: bool = False) -> str:
+    """The report's key of the GEMM-only bound for ``trainer`` or ``inference``: its best-of timing,
+    or (``interleaved``) the median of its windows beside the libraries'."""
+    prefix = "" if measure == "trainer" else f"{measure}_"
+    return f"{prefix}gemm_bound{'_interleaved' if interleaved else ''}_samples_per_s"
+
+
 def gemm_bound(entry: dict, measure: str = "trainer") -> float | None:
     """The GEMM-only bound (samples/s) a ``trainer`` or ``inference`` throughput of ``entry`` is set
     against: the median of its windows beside the libraries' where the run took them, else its
     best-of timing (the host's fastest moment); None where none was measured (a GPU run)."""
-    prefix = "" if measure == "trainer" else f"{measure}_"
-    return entry.get(f"{prefix}gemm_bound_interleaved_samples_per_s") or entry.get(f"{prefix}gemm_bound_samples_per_s")
+    return entry.get(gemm_bound_key(measure, interleaved=True)) or entry.get(gemm_bound_key(measure))
 
 
 def variant_shares(entry: dict, variant: str) -> dict:
