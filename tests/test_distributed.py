@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtlkit import ConfigError
+from mtlkit.objectives.replicas import mean_gradients_over_replicas
 from mtlkit.training import distributed
 
 
@@ -63,3 +64,43 @@ def test_a_bad_backend_override_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MTLKIT_DISTRIBUTED_BACKEND", "mpi")
     with pytest.raises(ConfigError, match="MTLKIT_DISTRIBUTED_BACKEND.*'mpi'"):
         distributed.init_distributed()
+
+
+_GRADIENTS_JOB = """
+import sys, torch, torch.distributed as dist
+from mtlkit.objectives.replicas import mean_gradients_over_replicas
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+both, only_rank0, neither, scalar = (torch.zeros(3), torch.zeros(2, 2), torch.zeros(4), torch.zeros(()))
+both.grad = torch.full((3,), 1.0 + rank)  # 1 and 2: mean 1.5
+if rank == 0:
+    only_rank0.grad = torch.tensor([[4.0, 8.0], [-2.0, 6.0]])  # rank 1 counts zeros: mean is half
+scalar.grad = torch.tensor(3.0 * rank)
+mean_gradients_over_replicas([both, only_rank0, neither, scalar])
+torch.save({"both": both.grad, "only_rank0": only_rank0.grad, "neither": neither.grad, "scalar": scalar.grad},
+           f"{sys.argv[1]}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_gradients_averaged_over_replicas_that_lack_some(tmp_path):
+    # A learned weight that only one replica's batch reached: before, each replica concatenated only the
+    # gradients it had, and the all-reduce of two different sizes failed or hung.
+    script = tmp_path / "job.py"
+    script.write_text(_GRADIENTS_JOB)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(grads["both"], torch.full((3,), 1.5))
+        torch.testing.assert_close(grads["only_rank0"], torch.tensor([[2.0, 4.0], [-1.0, 3.0]]))
+        assert grads["neither"] is None
+        torch.testing.assert_close(grads["scalar"], torch.tensor(1.5))
+
+
+def test_gradients_outside_a_distributed_job_are_left_alone():
+    weight = torch.zeros(2)
+    weight.grad = torch.tensor([1.0, -2.0])
+    mean_gradients_over_replicas([weight, torch.zeros(1)])
+    torch.testing.assert_close(weight.grad, torch.tensor([1.0, -2.0]))

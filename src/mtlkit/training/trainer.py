@@ -27,7 +27,7 @@ from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
 from mtlkit.objectives import (GradientLayout, LossWeighting, build_gradient_surgery, build_weighting, refused_scopes,
                                task_losses)
-from mtlkit.objectives.replicas import mean_over_replicas
+from mtlkit.objectives.replicas import mean_gradients_over_replicas, mean_over_replicas
 from mtlkit.objectives.weighting import tasks_with_possibly_negative_loss
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
@@ -499,7 +499,7 @@ class Trainer:
         else:
             self._surgery_backward(losses, auxiliary)
         if self._replica_averaged_weighting:
-            self._average_over_replicas(self._replica_averaged_weighting)
+            mean_gradients_over_replicas(self._replica_averaged_weighting)
         if self.config.gradient_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.gradient_clip)
         self._optimizer_step()
@@ -619,18 +619,6 @@ class Trainer:
         offset = 0
         for p in parameters:
             _set_gradient(p, combined[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-    def _average_over_replicas(self, parameters: list[torch.Tensor]) -> None:
-        """Replace each parameter's gradient by its mean over the DDP replicas, in one all-reduce (a
-        parameter without a gradient on every replica is left as it is)."""
-        with_grad = [p for p in parameters if p.grad is not None]
-        if not with_grad:
-            return
-        flat = mean_over_replicas(torch.cat([p.grad.reshape(-1) for p in with_grad]))
-        offset = 0
-        for p in with_grad:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
     @property
