@@ -499,3 +499,23 @@ def test_gemm_in_step_records_and_retimes_onednns_linear_where_it_runs():
     assert gemm_alone(func, shapes)().shape == product.shape == (512, 512)
     mm_shapes = ((512, 384), (384, 512))
     assert gemm_alone(torch.ops.aten.mm.default, mm_shapes)().shape == (512, 512)
+
+
+def test_the_bound_share_pairs_each_turns_windows():
+    """The 80 % share is judged as the ratio targets are: the trainer's window over the bound's window of
+    the same turn (0.85, 0.9, 0.825, 0.92 here, the host at half speed in the second and fourth turns),
+    where the windows' medians (128.5 / 150) mix turns at both speeds."""
+    from benchmarks.targets import Target, gemm_bound_share, judge_entry
+
+    ours = {"trainer": [170.0, 90.0, 165.0, 92.0], "trainer_median": 128.5, "model_alone_median": 128.5}
+    bound = [200.0, 100.0, 200.0, 100.0]
+    entry = {"workload": "W2", "model": "ple", "gemm_bound_samples_per_s": 250.0, "gemm_bound_interleaved_samples_per_s": 150.0,
+             "gemm_bound_windows": {"trainer": bound}, "libraries": {"mtlkit": ours}}
+    assert gemm_bound_share(entry, ours) == pytest.approx(0.875)
+    verdict = judge_entry(entry, Target("W2", None, "gemm_bound_share", 0.86))
+    assert verdict["status"] == "met" and verdict["measured"] == pytest.approx(0.875)
+    assert verdict["measured_pooled"] == 128.5 / 150.0 < 0.86  # the medians' share would have missed
+    assert verdict["measured_against_best_bound"] == 128.5 / 250.0
+    # Windows that do not pair (a variant that failed mid-run): the medians' share.
+    assert gemm_bound_share({**entry, "gemm_bound_windows": {"trainer": bound[:3]}}, ours) == 128.5 / 150.0
+    assert gemm_bound_share({"gemm_bound_samples_per_s": None}, ours) is None  # a GPU run
