@@ -22,9 +22,11 @@ over the turns, of mtlkit's trainer window over the bound's window of the same t
 windows' medians and that of the bound's best-of timing are reported beside it.
 
 The suite (``benchmarks.run``) judges every run and stores the verdicts under ``"targets"`` in its
-JSON; a stored run can be judged again:
+JSON; a stored run can be judged again, and several runs at once give each target's count of runs met
+and its range (:func:`tally`):
 
     python -m benchmarks.targets benchmarks/results.json
+    python -m benchmarks.targets run1.json run2.json run3.json
 """
 
 from __future__ import annotations
@@ -232,12 +234,7 @@ def print_verdicts(verdicts: list[dict], console: Console) -> None:
         table.add_column(column, justify="left" if column in ("target", "status") else "right")
     for v in verdicts:
         measured = v.get("measured")
-        if measured is None:
-            shown = "-"
-        elif "share" in v["target"] or "%" in v["target"]:
-            shown = f"{100 * measured:.0f}%"
-        else:
-            shown = f"{measured:.2f}x"
+        shown = "-" if measured is None else _shown(v["target"], measured)
         percent = lambda key: f"{100 * v[key]:.0f}%" if key in v else ""  # noqa: E731
         rounds = v.get("measured_by_round") or []
         by_round = " ".join(f"{r:.2f}x" for r in rounds) + (f" ({v['rounds_met']} met)" if rounds else "")
@@ -251,14 +248,56 @@ def print_verdicts(verdicts: list[dict], console: Console) -> None:
     console.print(table)
 
 
+def tally(runs: list[list[dict]]) -> list[dict]:
+    """Each target's verdicts over several runs (each run's :func:`judge`), in the order first seen: in
+    how many runs it was judged and met, and the range of what was measured. On a host whose speed
+    moves between runs, a target near its line is met in some runs and missed in others; this says how
+    often, rather than what one run decided."""
+    rows: dict[tuple, dict] = {}
+    for verdicts in runs:
+        for v in verdicts:
+            row = rows.setdefault((v["workload"], v["model"], v.get("mtlkit", "mtlkit"), v["target"]),
+                                  {"workload": v["workload"], "model": v["model"], "mtlkit": v.get("mtlkit", "mtlkit"),
+                                   "target": v["target"], "judged": 0, "met": 0, "measured": []})
+            if v["status"].startswith("not judged"):
+                continue
+            row["judged"] += 1
+            row["met"] += v["status"] == "met"
+            row["measured"].append(v["measured"])
+    return [row for row in rows.values() if row["judged"]]
+
+
+def _shown(target: str, measured: float) -> str:
+    return f"{100 * measured:.0f}%" if "share" in target or "%" in target else f"{measured:.2f}x"
+
+
+def print_tally(rows: list[dict], runs: int, console: Console) -> None:
+    """:func:`tally`'s rows as a table."""
+    table = Table(title=f"issue 4's targets over {runs} runs (met in how many of the runs that judged it; measured range)")
+    for column in ("workload", "model", "target", "met", "measured (min-max)"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for row in rows:
+        low, high = min(row["measured"]), max(row["measured"])
+        table.add_row(row["workload"], row["model"] + row["mtlkit"][len("mtlkit"):], row["target"],
+                      f"{row['met']} of {row['judged']}", f"{_shown(row['target'], low)}-{_shown(row['target'], high)}")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="?", default="benchmarks/results.json", help="a JSON report of benchmarks.run")
+    parser.add_argument("results", nargs="*", default=["benchmarks/results.json"],
+                        help="JSON reports of benchmarks.run; with several, each target's count of runs met and its range")
     args = parser.parse_args(argv)
-    report = json.loads(Path(args.results).read_text())
+    reports = [json.loads(Path(path).read_text()) for path in args.results]
+    console = Console(width=200)
+    if len(reports) > 1:
+        rows = tally([judge(report) for report in reports])
+        print_tally(rows, len(reports), console)
+        return rows
+    report = reports[0]
     verdicts = judge(report)
     if verdicts:
-        print_verdicts(verdicts, Console(width=200))
+        print_verdicts(verdicts, console)
     else:
         print(f"no targets judged: issue 4's targets are the CPU's, and this run was on {report['machine'].get('device')!r}")
     return verdicts

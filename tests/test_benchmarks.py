@@ -519,3 +519,22 @@ def test_the_bound_share_pairs_each_turns_windows():
     # Windows that do not pair (a variant that failed mid-run): the medians' share.
     assert gemm_bound_share({**entry, "gemm_bound_windows": {"trainer": bound[:3]}}, ours) == 128.5 / 150.0
     assert gemm_bound_share({"gemm_bound_samples_per_s": None}, ours) is None  # a GPU run
+
+
+def test_several_runs_tally_each_targets_verdicts(tmp_path, capsys):
+    from benchmarks.targets import main, tally
+
+    def verdict(measured, status, model="mmoe", variant="mtlkit"):
+        return {"workload": "W1", "model": model, "mtlkit": variant, "target": "trainer >= 8x torch_rechub",
+                "measured": measured, "status": status}
+
+    rows = tally([[verdict(8.7, "met"), verdict(0.0, "not judged: torch_rechub not measured", "ple")],
+                  [verdict(7.3, "missed"), verdict(6.5, "missed", "ple")],
+                  [verdict(7.99, "missed"), verdict(9.2, "met", variant="mtlkit (compiled)")]])
+    assert [(r["model"], r["mtlkit"], r["judged"], r["met"], r["measured"]) for r in rows] == [
+        ("mmoe", "mtlkit", 3, 1, [8.7, 7.3, 7.99]), ("ple", "mtlkit", 1, 0, [6.5]), ("mmoe", "mtlkit (compiled)", 1, 1, [9.2])]
+    # The stored run twice: every target it judges is met in both or in neither, its range one value.
+    stored = ROOT / "benchmarks" / "results.json"
+    rows = main([str(stored), str(stored)])
+    assert rows and all(r["judged"] == 2 and r["met"] in (0, 2) and r["measured"][0] == r["measured"][1] for r in rows)
+    assert "over 2 runs" in capsys.readouterr().out
