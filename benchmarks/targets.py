@@ -225,6 +225,10 @@ def judge(report: dict, targets: tuple[Target, ...] = TARGETS) -> list[dict]:
     return verdicts
 
 
+def _shown(target: str, measured: float) -> str:
+    return f"{100 * measured:.0f}%" if "share" in target or "%" in target else f"{measured:.2f}x"
+
+
 def print_verdicts(verdicts: list[dict], console: Console) -> None:
     """The verdicts as a table."""
     table = Table(title="issue 4's targets on this run (needs: the throughput the target asks for, as a share of "
@@ -265,10 +269,6 @@ def tally(runs: list[list[dict]]) -> list[dict]:
             row["met"] += v["status"] == "met"
             row["measured"].append(v["measured"])
     return [row for row in rows.values() if row["judged"]]
-
-
-def _shown(target: str, measured: float) -> str:
-    return f"{100 * measured:.0f}%" if "share" in target or "%" in target else f"{measured:.2f}x"
 
 
 def print_tally(rows: list[dict], runs: int, console: Console) -> None:
