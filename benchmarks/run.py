@@ -40,7 +40,8 @@ from benchmarks.libraries import KINDS, LIBRARIES, build_mtlkit, import_error
 from benchmarks.machine import (cpu_description, fastest_gemm_forms, gemm_bound_window, matmul_peak_gflops, matmul_peaks_gflops,
                                 step_profile)
 from benchmarks.measure import REPLY
-from benchmarks.targets import gemm_bound, gemm_bound_key, gemm_bound_share, judge, paired_ratio, print_verdicts, variant_shares
+from benchmarks.targets import (gemm_bound, gemm_bound_key, gemm_bound_share, judge, model_alone_share, paired_ratio,
+                                print_verdicts, variant_shares)
 from benchmarks.workloads import WORKLOADS, make_data
 
 console = Console(width=200)
@@ -105,7 +106,9 @@ def _measure_round(specs: dict[str, dict], windows: int,
                    bound: dict[str, Callable[[], float]] | None = None) -> dict[str, dict]:
     """One round: a process per library (``specs`` by name), set up one after the other, then
     ``windows`` windows of each kind from each, taking turns window by window, the order reversed on
-    every other turn so a steady drift falls on all of them alike. ``bound`` (by kind: ``trainer``,
+    every other turn so a steady drift falls on all of them alike. A turn is one kind; the kinds follow
+    each other turn by turn (trainer, model alone, inference, trainer, ...), so a library's trainer
+    window and its model-alone window of the same index are a turn apart. ``bound`` (by kind: ``trainer``,
     ``inference``): timers of the GEMM-only bound's windows (``benchmarks.machine.gemm_bound_window``),
     run here, in this process, as one more participant of those kinds' turns. Returns per name the
     windows' rates by kind and the peak memory, or the error; under :data:`GEMM_BOUND` the bound's
@@ -115,8 +118,8 @@ def _measure_round(specs: dict[str, dict], windows: int,
     rates: dict[str, dict[str, list[float]]] = {name: {kind: [] for kind in KINDS} for name in specs}
     bound_rates: dict[str, list[float]] = {kind: [] for kind in bound}
     turn = 0
-    for kind in KINDS:
-        for _ in range(windows):
+    for _ in range(windows):
+        for kind in KINDS:
             participants = list(processes) + ([GEMM_BOUND] if kind in bound else [])
             for name in (participants if turn % 2 == 0 else participants[::-1]):
                 if name == GEMM_BOUND:
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             rate = roof["gemm_bound_samples_per_s"] / 3 / workload.batch_size if on_cpu else 400
             steps = 2 if args.tiny else max(5, int(args.window_seconds * rate))
             entry = {"workload": workload_name, "model": model_name, **roof, "steps_per_window": steps,
-                     "windows_per_round": 1 if args.tiny else args.windows, "libraries": {},
+                     "windows_per_round": 1 if args.tiny else args.windows, "libraries": {}, "kinds_take_turns": True,
                      "gemm_bound_windows": {kind: [] for kind in bound_forms}}
             bound = {kind: gemm_bound_window(forms, batch_size or workload.batch_size, steps)
                      for kind, forms in bound_forms.items()}
@@ -300,7 +303,8 @@ def _summarise_entry(entry: dict) -> None:
                        "trainer_share_of_gemm_bound": gemm_bound_share(entry, ours),
                        "trainer_share_of_gemm_bound_pooled": _share(ours["trainer_median"], gemm_bound(entry, "trainer")),
                        "trainer_share_of_best_gemm_bound": _share(ours["trainer_median"], entry["gemm_bound_samples_per_s"]),
-                       "trainer_share_of_model_alone": ours["trainer_median"] / ours["model_alone_median"]}
+                       "trainer_share_of_model_alone": model_alone_share(entry, ours),
+                       "trainer_share_of_model_alone_pooled": ours["trainer_median"] / ours["model_alone_median"]}
             for name, slot in entry["libraries"].items():
                 if name not in MTLKIT_VARIANTS and "trainer_median" in slot:
                     derived[f"ratio_vs_{name}"] = {k: paired_ratio(ours, slot, k) for k in KINDS}
