@@ -13,8 +13,9 @@ measures this machine's matmul peak and, for every model, its FLOPs per sample a
 GEMMs alone, so results are also shown as a share of the roofline and of the GEMM-only bound. The
 bound is timed twice: best of 3 x 20 runs of each GEMM before the rounds (the host's fastest moment),
 and in windows of its own that take their turn beside the libraries' trainer and inference windows
-(each GEMM run the window's steps times in a row); the trainer's share of it is the median of those
-windows', so that on a drifting host the bound and the trainer are measured alike.
+(each GEMM run the window's steps times in a row); the trainer's share of it is the median, over the
+turns, of the trainer's window over the bound's window of the same turn, so that on a drifting host the
+bound and the trainer are measured alike.
 Results print as tables and are written as JSON, with issue 4's targets judged on the run
 (``benchmarks/targets.py``) for mtlkit's defaults and, where measured, for ``mtlkit (compiled)``.
 """

@@ -105,15 +105,20 @@ def _reference(entry: dict, target: Target) -> tuple[str | None, dict | None, st
     return None, None, f"{target.reference}: {slot['error'][:60]}" if slot and "error" in slot else f"{target.reference} not measured"
 
 
+def _median_of_pairs(mine: list[float], other: list[float], unpaired: float) -> float:
+    """The median of ``mine[i] / other[i]``; ``unpaired`` where the two lists do not pair."""
+    if mine and len(mine) == len(other):
+        return statistics.median(a / b for a, b in zip(mine, other))
+    return unpaired
+
+
 def paired_ratio(ours: dict, theirs: dict, measure: str) -> float:
     """mtlkit's ``measure`` throughput (``trainer``, ``model_alone``, ``inference``) over a reference's:
     the median, over the turns, of mtlkit's window over the reference's window of the same turn (taken
     seconds apart). Where the windows do not pair (a stored run without them, a library that failed
     mid-run), the ratio of the two medians over all windows."""
-    mine, other = ours.get(measure) or [], theirs.get(measure) or []
-    if mine and len(mine) == len(other):
-        return statistics.median(a / b for a, b in zip(mine, other))
-    return ours[f"{measure}_median"] / theirs[f"{measure}_median"]
+    return _median_of_pairs(ours.get(measure) or [], theirs.get(measure) or [],
+                            ours[f"{measure}_median"] / theirs[f"{measure}_median"])
 
 
 def gemm_bound_key(measure: str, interleaved: bool = False) -> str:
@@ -140,7 +145,7 @@ def gemm_bound_share(entry: dict, ours: dict, measure: str = "trainer") -> float
     if bound is None:
         return None
     windows = entry.get("gemm_bound_windows", {}).get(measure) or []
-    return paired_ratio(ours, {measure: windows, f"{measure}_median": bound}, measure)
+    return _median_of_pairs(ours.get(measure) or [], windows, ours[f"{measure}_median"] / bound)
 
 
 def model_alone_share(entry: dict, ours: dict) -> float:
@@ -148,9 +153,8 @@ def model_alone_share(entry: dict, ours: dict) -> float:
     (``kinds_take_turns``: a trainer window and the model-alone window of the same index a turn apart),
     the median of each such pair's ratio; in runs before that, or where the windows do not pair, the
     ratio of the two medians."""
-    if entry.get("kinds_take_turns"):
-        return paired_ratio(ours, {"trainer": ours["model_alone"], "trainer_median": ours["model_alone_median"]}, "trainer")
-    return ours["trainer_median"] / ours["model_alone_median"]
+    medians = ours["trainer_median"] / ours["model_alone_median"]
+    return _median_of_pairs(ours["trainer"], ours["model_alone"], medians) if entry.get("kinds_take_turns") else medians
 
 
 def variant_shares(entry: dict, variant: str) -> dict:
