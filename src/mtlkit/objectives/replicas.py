@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["mean_gradients_over_replicas", "mean_over_replicas"]
+__all__ = ["assign_gradient", "mean_gradients_over_replicas", "mean_over_replicas"]
+
+
+def assign_gradient(parameter: torch.Tensor, gradient: torch.Tensor) -> None:
+    """Write ``gradient`` into ``parameter.grad`` in place when it exists: for small models it is a view
+    of the optimizer's flat gradient buffer, which a new tensor would leave behind; else a copy of it."""
+    if parameter.grad is None:
+        parameter.grad = gradient.clone()
+    else:
+        parameter.grad.copy_(gradient)
 
 
 def mean_over_replicas(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,10 +50,7 @@ def mean_gradients_over_replicas(parameters: list[torch.Tensor]) -> None:
     # Reading the counts syncs with the device: only needed where this replica lacks a gradient.
     held = present if all(present) else (flat[-len(parameters):] > 0).tolist()
     offset = 0
-    for p, has, anywhere in zip(parameters, present, held):
-        mean = flat[offset : offset + p.numel()].view_as(p)
+    for p, anywhere in zip(parameters, held):
+        if anywhere:
+            assign_gradient(p, flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
-        if has:
-            p.grad.copy_(mean)
-        elif anywhere:
-            p.grad = mean.clone()

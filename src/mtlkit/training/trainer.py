@@ -27,7 +27,7 @@ from mtlkit.data.tensors import Batch, MultiTaskTensors, map_inputs
 from mtlkit.errors import ConfigError, DataError, TrainingDivergedError
 from mtlkit.objectives import (GradientLayout, LossWeighting, build_gradient_surgery, build_weighting, refused_scopes,
                                task_losses)
-from mtlkit.objectives.replicas import mean_gradients_over_replicas, mean_over_replicas
+from mtlkit.objectives.replicas import assign_gradient, mean_gradients_over_replicas, mean_over_replicas
 from mtlkit.objectives.weighting import tasks_with_possibly_negative_loss
 from mtlkit.tasks import TaskSpec, in_float32
 from mtlkit.training.checkpoint import load_training_state, save_training_state
@@ -363,15 +363,6 @@ def evaluate(model: nn.Module, data: MultiTaskTensors, tasks: tuple[TaskSpec, ..
     return score_outputs(forward_outputs(model, data, tasks, batch_size, device), data, tasks, groups)
 
 
-def _set_gradient(parameter: torch.Tensor, gradient: torch.Tensor) -> None:
-    """Write ``gradient`` into ``parameter.grad`` in place when it exists: for small models it is a view
-    of the optimizer's flat gradient buffer, which a new tensor would leave behind."""
-    if parameter.grad is None:
-        parameter.grad = gradient.clone()
-    else:
-        parameter.grad.copy_(gradient)
-
-
 class Trainer:
     """Trains a multi-task model on :class:`MultiTaskTensors`.
 
@@ -587,7 +578,7 @@ class Trainer:
             # uncertainty's scales learn from its own objective, as without a surgery (with imtl: the
             # paper's IMTL, IMTL-L's scales and IMTL-G's direction); the model's gradient is the surgery's.
             for p, g in zip(self._weighting_parameters, torch.autograd.grad(total, self._weighting_parameters, retain_graph=True)):
-                _set_gradient(p, g)
+                assign_gradient(p, g)
         if self._surgery_log_losses:
             # DB-MTL's loss-scale balancing: a loss's scale no longer sets its gradient's (the reference's 1e-8
             # keeps a task without labelled rows, loss exactly 0, finite; its gradient is then 0).
@@ -618,7 +609,7 @@ class Trainer:
             combined = combined + auxiliary_grad
         offset = 0
         for p in parameters:
-            _set_gradient(p, combined[offset : offset + p.numel()].view_as(p))
+            assign_gradient(p, combined[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
     @property
