@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtlkit import ConfigError
-from mtlkit.objectives.replicas import mean_gradients_over_replicas
+from mtlkit.objectives.replicas import assign_gradient, mean_gradients_over_replicas
 from mtlkit.training import distributed
 
 
@@ -68,7 +68,7 @@ def test_a_bad_backend_override_is_a_clear_error(monkeypatch):
 
 _GRADIENTS_JOB = """
 import sys, torch, torch.distributed as dist
-from mtlkit.objectives.replicas import mean_gradients_over_replicas
+from mtlkit.objectives.replicas import assign_gradient, mean_gradients_over_replicas
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 both, only_rank0, neither, scalar = (torch.zeros(3), torch.zeros(2, 2), torch.zeros(4), torch.zeros(()))
@@ -104,3 +104,19 @@ def test_gradients_outside_a_distributed_job_are_left_alone():
     weight.grad = torch.tensor([1.0, -2.0])
     mean_gradients_over_replicas([weight, torch.zeros(1)])
     torch.testing.assert_close(weight.grad, torch.tensor([1.0, -2.0]))
+
+
+def test_an_assigned_gradient_is_written_into_the_existing_buffer():
+    # Small models' gradients are views of the optimizer's flat buffer: a new tensor would leave the
+    # buffer (what the fused Adam reads) behind.
+    flat = torch.zeros(5)
+    weight = torch.zeros(2, requires_grad=True)
+    weight.grad = flat[1:3]
+    assign_gradient(weight, torch.tensor([1.0, -2.0]))
+    assert weight.grad.data_ptr() == flat[1:3].data_ptr()
+    torch.testing.assert_close(flat, torch.tensor([0.0, 1.0, -2.0, 0.0, 0.0]))
+    bias = torch.zeros(2, requires_grad=True)
+    source = torch.tensor([3.0, 4.0])
+    assign_gradient(bias, source)
+    source.zero_()  # without a gradient of its own, the parameter gets a copy, not the caller's tensor
+    torch.testing.assert_close(bias.grad, torch.tensor([3.0, 4.0]))
