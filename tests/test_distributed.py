@@ -68,7 +68,7 @@ def test_a_bad_backend_override_is_a_clear_error(monkeypatch):
 
 _GRADIENTS_JOB = """
 import sys, torch, torch.distributed as dist
-from mtlkit.objectives.replicas import assign_gradient, mean_gradients_over_replicas
+from mtlkit.objectives.replicas import mean_gradients_over_replicas
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 both, only_rank0, neither, scalar = (torch.zeros(3), torch.zeros(2, 2), torch.zeros(4), torch.zeros(()))
