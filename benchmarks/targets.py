@@ -177,7 +177,6 @@ def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
     ours = entry["libraries"].get(variant, {})
     if "trainer_median" not in ours:
         return {**verdict, "status": f"not judged: {variant} {ours.get('error', 'not measured')[:60]}"}
-    derived = variant_shares(entry, variant)
     verdict["required"] = target.factor
     if target.measure == "model_alone_share":
         verdict["measured"] = model_alone_share(entry, ours)
@@ -205,7 +204,7 @@ def judge_entry(entry: dict, target: Target, variant: str = "mtlkit") -> dict:
     measure = target.measure
     roofline_key = "roofline_samples_per_s" if measure == "trainer" else "inference_roofline_samples_per_s"
     needed = target.factor * slot[f"{measure}_median"]
-    by_round = derived.get(f"ratio_vs_{name}_by_round", {}).get(measure, [])
+    by_round = variant_shares(entry, variant).get(f"ratio_vs_{name}_by_round", {}).get(measure, [])
     verdict |= {
         "measured": paired_ratio(ours, slot, measure),
         "measured_pooled": ours[f"{measure}_median"] / slot[f"{measure}_median"],
