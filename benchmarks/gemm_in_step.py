@@ -4,7 +4,7 @@ The GEMM-only bound of ``benchmarks.run`` times every GEMM of a step in isolatio
 contiguous operands that stay in cache between repetitions. Inside a real step the same GEMMs read
 activations written long before (or strided views of them) and run slower; this script shows by how
 much, GEMM by GEMM, so the share of the bound that eager execution can reach is measured, not
-guessed. Where oneDNN runs the large GEMMs (``mtlkit.models.cpu_gemm``, AMD CPUs) its linear calls
+guessed. Where oneDNN runs the large GEMMs (``mtlkit.models.cpu_gemm``, AMD CPUs with AVX-512) its linear calls
 are listed as ``_linear_pointwise``, each with the copy it makes of a strided first operand:
 
     python -m benchmarks.gemm_in_step --workload W2 --model mmoe

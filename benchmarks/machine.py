@@ -87,7 +87,7 @@ class GemmRecorder(TorchDispatchMode):
         self.calls: list[tuple] = []
         from mtlkit.models import cpu_gemm
 
-        # oneDNN's linear (``mtlkit.models.cpu_gemm`` on AMD CPUs) is recorded only on request: the FLOP
+        # oneDNN's linear (``mtlkit.models.cpu_gemm`` on AMD CPUs with AVX-512) is recorded only on request: the FLOP
         # count and the bound see the step with MKL forced, where it does not run.
         with_onednn = with_onednn and cpu_gemm._onednn_available()
         self._recorded = GEMMS | ({torch.ops.mkldnn._linear_pointwise} if with_onednn else set())
@@ -150,7 +150,7 @@ def gemm_forms(func, shapes: tuple, strides: tuple) -> list[Callable[[], object]
     onednn = cpu_gemm._onednn_available()
     single = _single_gemm_shape(func, shapes, strides)
     batched = func.overloadpacket.__name__ in ("bmm", "baddbmm")
-    # oneDNN forms where mtlkit would take them on an AMD CPU (its size and batch rules), whatever this
+    # oneDNN forms where mtlkit would take them on an AVX-512 AMD CPU (its size and batch rules), whatever this
     # process's library.
     if single is not None:
         a, b = torch.randn(single[:2]), torch.randn(single[1:])

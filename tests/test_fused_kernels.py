@@ -348,8 +348,12 @@ def test_cpu_gemm_library_is_fixed_per_machine_and_forced_by_name(monkeypatch):
     from mtlkit.models import cpu_gemm
 
     monkeypatch.setattr(cpu_gemm, "_onednn_available", lambda: True)
-    for vendor, expected in (("AuthenticAMD", "onednn"), ("GenuineIntel", "mkl"), ("", "mkl")):
-        monkeypatch.setattr(cpu_gemm, "_cpu_vendor", lambda vendor=vendor: vendor)
+    zen4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    zen3 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu sse avx2 fma\n"
+    xeon = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    # oneDNN only where it was measured faster: AMD CPUs with AVX-512 (Zen 4, Zen 5), not Zen 3 or Xeons
+    for cpuinfo, expected in ((zen4, "onednn"), (zen3, "mkl"), (xeon, "mkl"), ("", "mkl")):
+        monkeypatch.setattr(cpu_gemm, "_cpuinfo", lambda cpuinfo=cpuinfo: cpuinfo)
         monkeypatch.delenv("MTLKIT_CPU_GEMM", raising=False)
         assert cpu_gemm.cpu_gemm_library() == expected
         monkeypatch.setenv("MTLKIT_CPU_GEMM", "mkl")

@@ -4,12 +4,13 @@
 ``torch.ops.mkldnn._linear_pointwise`` (the call inductor's CPU code makes for a linear layer). On
 an AMD EPYC with AVX-512 (Zen 4) oneDNN ran W2's large GEMMs 1.2-1.3x faster than MKL and reached
 182-204 GFLOP/s where MKL reached 125-164; on a Zen 5 EPYC it reached 346-437 GFLOP/s against MKL's
-156-183; on the Intel Xeons of earlier rounds it was the slower one (``docs/performance-log.md``,
-rounds 16, 33 and 34). Both compute the same fp32 products, summed in different orders.
+156-183; on the Intel Xeons of earlier rounds, and on a Zen 3 EPYC without AVX-512, it was the
+slower one (W2 MMoE's training step 4-11 % slower there; ``docs/performance-log.md``, rounds 16, 33,
+34 and 49). Both compute the same fp32 products, summed in different orders.
 
-The library is chosen once per process, by the CPU's vendor, never by timing each run: a seeded run
-then gives the same numbers on every run of one machine. ``MTLKIT_CPU_GEMM=mkl`` or ``onednn``
-forces one (``auto``, the default: oneDNN on AMD CPUs, MKL elsewhere). oneDNN gets only the GEMMs
+The library is chosen once per process, by the CPU's vendor and its AVX-512, never by timing each
+run: a seeded run then gives the same numbers on every run of one machine. ``MTLKIT_CPU_GEMM=mkl`` or
+``onednn`` forces one (``auto``, the default: oneDNN on AMD CPUs with AVX-512, MKL elsewhere). oneDNN gets only the GEMMs
 it is fast on: fp32 CPU matrices large enough that its call overhead does not show, whose second
 operand (the linear layer's weight) is a contiguous matrix or the transpose of one; one sliced out
 of wider rows sent it to a path 700 times slower than MKL's. The linear call copies a first operand
@@ -47,14 +48,28 @@ _forced: str | None = None
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_vendor() -> str:
+def _cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux
-        pass
+        return ""
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in ``/proc/cpuinfo`` ("" where there is none, or no such file)."""
+    for line in _cpuinfo().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
     return ""
+
+
+def _cpu_vendor() -> str:
+    return _cpuinfo_field("vendor_id")
+
+
+def _cpu_has_avx512() -> bool:
+    return "avx512f" in _cpuinfo_field("flags").split()
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,12 +79,13 @@ def _onednn_available() -> bool:
 
 def cpu_gemm_library() -> str:
     """The library the fused stacks' large CPU GEMMs run through in this process: ``"mkl"`` or
-    ``"onednn"`` (``MTLKIT_CPU_GEMM``, or by the CPU's vendor; MKL where this torch has no oneDNN)."""
+    ``"onednn"`` (``MTLKIT_CPU_GEMM``, or by the CPU: oneDNN on AMD CPUs with AVX-512; MKL where this
+    torch has no oneDNN)."""
     choice = _forced or os.environ.get("MTLKIT_CPU_GEMM", "auto")
     if choice not in CPU_GEMM_LIBRARIES:
         raise ConfigError(f"MTLKIT_CPU_GEMM: expected one of {list(CPU_GEMM_LIBRARIES)}, got {choice!r}")
     if choice == "auto":
-        choice = "onednn" if _cpu_vendor() == "AuthenticAMD" else "mkl"
+        choice = "onednn" if _cpu_vendor() == "AuthenticAMD" and _cpu_has_avx512() else "mkl"
     return choice if choice == "mkl" or _onednn_available() else "mkl"
 
 
